@@ -1,0 +1,1 @@
+//! Harness for Ferry's end-to-end tests: runs the real binaries.
