@@ -6,11 +6,13 @@ PostgreSQL part of the dataset is handled by those scripts.
 
     files.py generate DIR SCALE
     files.py mutate DIR SEED
+    files.py manifest DIR      (used by run.sh to check restores)
 
 Every byte depends only on the seed and SCALE, so two machines generating
 the same scale get the same tree (except timestamps and inode numbers).
 """
 
+import hashlib
 import json
 import os
 import random
@@ -201,9 +203,46 @@ def mutate(root, seed):
         f.write(rng.randbytes(256 << 10))
 
 
+def manifest(root):
+    """Print one line per entry: what a faithful restore must reproduce."""
+    inode_names = {}
+    lines = []
+    for dp, dns, fns in os.walk(root):
+        dns.sort()
+        for name in sorted(dns) + sorted(fns):
+            p = os.path.join(dp, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            meta = "%o %d:%d" % (st.st_mode, st.st_uid, st.st_gid)
+            if os.path.islink(p):
+                lines.append("%s l %s -> %s" % (rel, meta, os.readlink(p)))
+            elif os.path.isdir(p):
+                lines.append("%s d %s" % (rel, meta))
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while True:
+                        b = f.read(4 * MIB)
+                        if not b:
+                            break
+                        h.update(b)
+                key = (st.st_dev, st.st_ino)
+                link = ""
+                if st.st_nlink > 1:
+                    first = inode_names.setdefault(key, rel)
+                    link = " hardlink-group=%s" % first
+                lines.append("%s f %s %d %d %s%s" % (rel, meta, st.st_size,
+                                                     int(st.st_mtime), h.hexdigest(), link))
+    lines.sort()
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "manifest":
+        manifest(sys.argv[2])
+        return
     if len(sys.argv) != 4 or sys.argv[1] not in ("generate", "mutate"):
-        sys.exit("usage: files.py generate DIR SCALE | files.py mutate DIR SEED")
+        sys.exit("usage: files.py generate DIR SCALE | files.py mutate DIR SEED | files.py manifest DIR")
     if sys.argv[1] == "generate":
         generate(sys.argv[2], float(sys.argv[3]))
     else:

@@ -1,0 +1,309 @@
+#!/usr/bin/env bash
+# Ferry vs restic vs borg: one benchmark run on this machine.
+#
+#   bench/run.sh [--runs N] [--scale S[,S2…]] [--tools "ferry restic borg"]
+#                [--work DIR] [--results DIR] [--ferry-bin PATH]
+#
+# For every scale and every run (default 3 runs of scale 1), each tool goes
+# through the same cycle on the same copy of the dataset:
+#   initial backup → (dataset mutated by bench/mutate.sh) → incremental backup
+#   → no-change backup → repository size → full restore into a fresh directory,
+# each step under /usr/bin/time (wall seconds, peak RSS). Backups start from a
+# warm page cache for every tool; restores read a warm repository. Every
+# restore is checked against the source tree (content, modes, owners, mtimes,
+# symlinks, hard links). The machine limit is measured in the same run: disk
+# read speed of the dataset (cold cache when /proc/sys/vm/drop_caches is
+# writable) and `ferry-agent snapshot create --dry-run` on a warm cache.
+#
+# Compression: ferry (its default), restic `--compression auto` on a v2
+# repository, borg `--compression zstd,3` with `repokey` (AES-CTR + HMAC-SHA256).
+#
+# Raw results (raw.jsonl, machine.json) and the summary (summary.json,
+# summary.md) go to the results directory, by default
+# ~/.cache/ferry-bench/results/<timestamp>. The work directory (datasets,
+# repositories) defaults to /var/tmp/ferry-bench; generated datasets are kept
+# there and reused by later runs of the same scale.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+REPO_ROOT=$(cd "$BENCH_DIR/.." && pwd)
+
+RUNS=3
+SCALES=1
+TOOLS="ferry restic borg"
+WORK=${FERRY_BENCH_WORK:-/var/tmp/ferry-bench}
+RESULTS=""
+FERRY_BIN=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) RUNS=${2:?--runs needs a value}; shift 2 ;;
+        --scale) SCALES=${2:?--scale needs a value}; shift 2 ;;
+        --tools) TOOLS=${2:?--tools needs a value}; shift 2 ;;
+        --work) WORK=${2:?--work needs a value}; shift 2 ;;
+        --results) RESULTS=${2:?--results needs a value}; shift 2 ;;
+        --ferry-bin) FERRY_BIN=${2:?--ferry-bin needs a value}; shift 2 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs '$RUNS' is not a positive integer"
+for t in $TOOLS; do
+    case $t in ferry|restic|borg) ;; *) die "unknown tool '$t' (ferry, restic, borg)" ;; esac
+done
+IFS=',' read -r -a SCALE_LIST <<<"$SCALES"
+for s in "${SCALE_LIST[@]}"; do
+    [[ $s =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "scale '$s' is not a positive number"
+done
+[ "$(id -u)" = 0 ] || die "run.sh runs as root (PostgreSQL as the postgres user, drop_caches, file owners)"
+
+ensure_packages
+RESULTS=${RESULTS:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry-bench/results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$WORK" "$RESULTS"
+chmod 755 "$WORK"
+RAW=$RESULTS/raw.jsonl
+: >"$RAW"
+
+# Password-free on the command line: every tool reads it from its environment.
+BENCH_PASSWORD=$(head -c 24 /dev/urandom | base64)
+export RESTIC_PASSWORD=$BENCH_PASSWORD BORG_PASSPHRASE=$BENCH_PASSWORD FERRY_REPO_PASSWORD=$BENCH_PASSWORD
+export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_CHECK_I_KNOW_WHAT_I_AM_DOING=YES
+
+RUN_TMP=$(mktemp -d "$WORK/run.XXXXXX")
+chmod 755 "$RUN_TMP"
+cleanup() {
+    pg_stop
+    rm -rf "$RUN_TMP"
+}
+trap cleanup EXIT
+
+# ---- ferry binary -----------------------------------------------------------
+if [[ " $TOOLS " == *" ferry "* ]]; then
+    if [ -z "$FERRY_BIN" ]; then
+        command -v cargo >/dev/null || die "cargo not found: install Rust or pass --ferry-bin"
+        log "building ferry-agent (release)"
+        (cd "$REPO_ROOT" && cargo build --release -q -p ferry-agent) || die "cargo build --release -p ferry-agent failed"
+        FERRY_BIN=$REPO_ROOT/target/release/ferry-agent
+    fi
+    [ -x "$FERRY_BIN" ] || die "ferry-agent binary $FERRY_BIN is not executable"
+    "$FERRY_BIN" snapshot create --help >/dev/null 2>&1 \
+        || die "$FERRY_BIN has no 'snapshot create' command yet; run with --tools 'restic borg'"
+fi
+
+# ---- machine description ------------------------------------------------------
+DROP_CACHES=no
+if (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then DROP_CACHES=yes; fi
+DISK_DEV=$(df --output=source "$WORK" | tail -n1)
+python3 - "$RESULTS/machine.json" <<EOF
+import json, os, subprocess, sys
+def sh(c):
+    try:
+        return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return ""
+cpu = sh("sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1")
+m = {
+  "cpu_model": cpu, "cores": os.cpu_count(),
+  "mem_total": sh("sed -n 's/^MemTotal: *//p' /proc/meminfo"),
+  "kernel": sh("uname -r"),
+  "disk_device": "$DISK_DEV",
+  "disk_model": sh("lsblk -dno NAME,SIZE,ROTA,MODEL '$DISK_DEV' 2>/dev/null"),
+  "filesystem": sh("df --output=fstype '$WORK' | tail -n1"),
+  "drop_caches": "$DROP_CACHES" == "yes",
+  "restic": sh("restic version"), "borg": sh("borg --version"),
+  "ferry": sh("'$FERRY_BIN' --version") if "$FERRY_BIN" else "",
+  "ferry_commit": sh("git -C '$REPO_ROOT' rev-parse --short HEAD"),
+  "runs": $RUNS, "scales": "$SCALES", "tools": "$TOOLS",
+}
+json.dump(m, open(sys.argv[1], "w"), indent=2)
+EOF
+
+# ---- measurement helpers ------------------------------------------------------
+
+# record KEY=VALUE… : append one JSON object to raw.jsonl
+record() {
+    python3 - "$@" >>"$RAW" <<'EOF'
+import json, sys
+o = {}
+for kv in sys.argv[1:]:
+    k, v = kv.split("=", 1)
+    try:
+        v = int(v)
+    except ValueError:
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    o[k] = v
+print(json.dumps(o))
+EOF
+}
+
+warm() { find "$1" -type f -print0 | xargs -0 -r -n 256 -P 2 cat >/dev/null; }
+
+# timed SCALE RUN TOOL STEP CMD… : run CMD under /usr/bin/time, record seconds
+# and peak RSS; its output goes to $RUN_TMP/last.out. Returns CMD's status.
+timed() {
+    local scale=$1 run=$2 tool=$3 step=$4
+    shift 4
+    local tf=$RUN_TMP/time.out load status=0
+    sync
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    /usr/bin/time -f '%e %M %U %S' -o "$tf" "$@" >"$RUN_TMP/last.out" 2>&1 || status=$?
+    if [ $status -ne 0 ]; then
+        log "$tool $step failed (exit $status):"
+        tail -n 20 "$RUN_TMP/last.out" >&2
+        record scale="$scale" run="$run" tool="$tool" step="$step" ok=false exit="$status"
+        return $status
+    fi
+    local secs rss user sys
+    read -r secs rss user sys < <(tail -n1 "$tf")
+    record scale="$scale" run="$run" tool="$tool" step="$step" ok=true seconds="$secs" \
+        rss_kib="$rss" user_s="$user" sys_s="$sys" bytes="$DATA_BYTES" load1="$load"
+    log "$tool $step: ${secs}s, peak RSS ${rss} KiB, cpu user ${user}s sys ${sys}s"
+}
+
+# ---- per-tool adapters ----------------------------------------------------------
+# Each runs in a fresh bash under /usr/bin/time and ends in `exec`, so the
+# measured process is the tool itself. Backups run from inside the dataset
+# with the path `.` (restic, borg) so restores land directly in the target.
+tool_init() { # TOOL
+    local repo=$RUN_TMP/repo-$1
+    case $1 in
+        ferry) FERRY_REPO=$repo exec "$FERRY_BIN" repo init ;;
+        restic) exec restic -q -r "$repo" init --repository-version 2 ;;
+        borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg init -e repokey "$repo" ;;
+    esac
+}
+tool_backup() { # TOOL ARCHIVE-NAME
+    local repo=$RUN_TMP/repo-$1
+    cd "$DATA"
+    case $1 in
+        ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot create "$DATA" --json ;;
+        restic) exec restic -q -r "$repo" --cache-dir "$RUN_TMP/restic-cache" backup --compression auto . ;;
+        borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg create --compression zstd,3 "$repo::$2" . ;;
+    esac
+}
+tool_restore() { # TOOL TARGET
+    local repo=$RUN_TMP/repo-$1
+    mkdir -p "$2"
+    cd "$2"
+    case $1 in
+        ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot restore "$FERRY_LAST_ID" --target "$2" ;;
+        restic) exec restic -q -r "$repo" --cache-dir "$RUN_TMP/restic-cache" restore latest --target "$2" ;;
+        borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg extract --sparse "$repo::nochange" ;;
+    esac
+}
+ferry_dry_run() { cd "$DATA" && FERRY_REPO=$RUN_TMP/repo-ferry exec "$FERRY_BIN" snapshot create "$DATA" --dry-run; }
+read_all() { find "$DATA" -type f -print0 | xargs -0 -r -n 256 -P 2 cat >/dev/null; }
+export -f tool_init tool_backup tool_restore ferry_dry_run read_all
+export RUN_TMP FERRY_BIN
+
+# The id of the snapshot the last `ferry-agent snapshot create --json` made.
+ferry_snapshot_id() {
+    python3 - "$RUN_TMP/last.out" <<'EOF'
+import json, sys
+for line in reversed(open(sys.argv[1]).read().splitlines()):
+    try:
+        o = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(o, dict):
+        for k in ("snapshot_id", "id", "snapshot"):
+            if isinstance(o.get(k), str):
+                print(o[k]); sys.exit(0)
+sys.exit("no snapshot id in ferry-agent output")
+EOF
+}
+
+# ---- the benchmark --------------------------------------------------------------
+gen_version=$(cat "$BENCH_DIR/files.py" "$BENCH_DIR/dataset.sh" | sha256sum | cut -c1-16)
+for SCALE in "${SCALE_LIST[@]}"; do
+    PRISTINE=$WORK/dataset-s$SCALE
+    if [ "$(cat "$PRISTINE.ok" 2>/dev/null || true)" != "$gen_version" ]; then
+        rm -rf "$PRISTINE" "$PRISTINE.ok"
+        log "generating dataset scale $SCALE in $PRISTINE"
+        "$BENCH_DIR/dataset.sh" "$PRISTINE" "$SCALE"
+        echo "$gen_version" >"$PRISTINE.ok"
+    fi
+
+    for RUN in $(seq 1 "$RUNS"); do
+        log "scale $SCALE run $RUN/$RUNS"
+        export DATA=$RUN_TMP/data
+        rm -rf "$DATA" "$RUN_TMP"/repo-* "$RUN_TMP"/restore-* "$RUN_TMP/borg-base" "$RUN_TMP/restic-cache"
+        cp -a --sparse=always "$PRISTINE" "$DATA"
+        DATA_BYTES=$(tree_bytes "$DATA")
+        record scale="$SCALE" run="$RUN" step=dataset bytes="$DATA_BYTES" \
+            allocated_bytes="$(($(du -s --block-size=1 "$DATA" | cut -f1)))" \
+            entries="$(find "$DATA" | wc -l)"
+        # rotate the order of the tools from run to run
+        read -r -a order <<<"$TOOLS"
+        for _ in $(seq 2 "$RUN"); do order=("${order[@]:1}" "${order[0]}"); done
+        declare -A failed=()
+
+        # machine limit 1: disk read speed of the dataset
+        if [ "$DROP_CACHES" = yes ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
+        timed "$SCALE" "$RUN" machine disk_read bash -c read_all || true
+        warm "$DATA"
+
+        for t in "${order[@]}"; do
+            bash -c 'tool_init "$1"' _ "$t" >"$RUN_TMP/init-$t.out" 2>&1 \
+                || { log "$t init failed: $(tail -n5 "$RUN_TMP/init-$t.out")"; failed[$t]=1; }
+        done
+
+        # machine limit 2: what two cores can chunk+hash+compress+encrypt
+        if [ -z "${failed[ferry]:-}" ] && [[ " $TOOLS " == *" ferry "* ]]; then
+            warm "$DATA"
+            timed "$SCALE" "$RUN" machine cpu_dry_run bash -c ferry_dry_run || true
+        fi
+
+        step_all() { # STEP NAME
+            local step=$1 name=$2 t
+            for t in "${order[@]}"; do
+                [ -z "${failed[$t]:-}" ] || continue
+                warm "$DATA"
+                if timed "$SCALE" "$RUN" "$t" "$step" bash -c 'tool_backup "$1" "$2"' _ "$t" "$name"; then
+                    if [ "$t" = ferry ]; then
+                        FERRY_LAST_ID=$(ferry_snapshot_id) || { log "ferry: $(tail -n3 "$RUN_TMP/last.out")"; failed[$t]=1; }
+                    fi
+                else
+                    failed[$t]=1
+                fi
+            done
+        }
+        step_all initial initial
+        "$BENCH_DIR/mutate.sh" "$DATA" "$RUN"
+        DATA_BYTES=$(tree_bytes "$DATA")
+        step_all incremental incremental
+        step_all nochange nochange
+
+        for t in "${order[@]}"; do
+            [ -z "${failed[$t]:-}" ] || continue
+            record scale="$SCALE" run="$RUN" tool="$t" step=repo_size \
+                bytes="$(du -sb "$RUN_TMP/repo-$t" | cut -f1)"
+        done
+
+        # reference manifest of the source, then one restore per tool
+        python3 "$BENCH_DIR/files.py" manifest "$DATA" >"$RUN_TMP/source.manifest"
+        for t in "${order[@]}"; do
+            [ -z "${failed[$t]:-}" ] || continue
+            target=$RUN_TMP/restore-$t
+            rm -rf "$target"
+            export FERRY_LAST_ID
+            if timed "$SCALE" "$RUN" "$t" restore \
+                bash -c 'tool_restore "$1" "$2"' _ "$t" "$target"; then
+                python3 "$BENCH_DIR/files.py" manifest "$target" >"$RUN_TMP/restore-$t.manifest"
+                ndiff=$( (diff "$RUN_TMP/source.manifest" "$RUN_TMP/restore-$t.manifest" || true) | grep -c '^[<>]' || true)
+                if [ "$ndiff" != 0 ]; then
+                    diff "$RUN_TMP/source.manifest" "$RUN_TMP/restore-$t.manifest" >"$RESULTS/restore-diff-s$SCALE-r$RUN-$t.txt" || true
+                    log "$t restore differs from the source in $ndiff manifest lines (see $RESULTS/restore-diff-s$SCALE-r$RUN-$t.txt)"
+                fi
+                record scale="$SCALE" run="$RUN" tool="$t" step=restore_check manifest_diff_lines="$ndiff" \
+                    allocated_bytes="$(du -s --block-size=1 "$target" | cut -f1)"
+            fi
+            rm -rf "$target"
+        done
+        unset failed
+    done
+done
+
+python3 "$BENCH_DIR/report.py" "$RESULTS" | tee "$RESULTS/summary.md"
+log "results in $RESULTS"
