@@ -1,0 +1,674 @@
+//! The backup pipeline.
+//!
+//! ```text
+//! walker thread: walk → stat → (unchanged? reuse parent chunk list)
+//!                read → chunk (FastCDC) → hash (keyed BLAKE3) → dedup
+//!      │ bounded channel of new blobs
+//!      ▼
+//! N worker threads: compress (zstd, probe first) → encrypt → pack
+//!      │ bounded channel of finished packs
+//!      ▼
+//! uploader task: bounded number of concurrent uploads
+//! ```
+//! Then one index object for the new packs, then the snapshot manifest
+//! (the commit point). Memory is bounded by the channel depths and the pack
+//! size, whatever the number or size of files.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::chunker::Chunker;
+use super::crypto::MasterKey;
+use super::format::{BlobId, BlobKind, MARKS_PREFIX, PackId, SnapshotId, id_from_key};
+use super::index::{Index, IndexedPack};
+use super::pack::{BlobEncoder, FinishedPack, PackBuilder};
+use super::snapshot::{BackupSummary, Snapshot};
+use super::tree::{Node, NodeKind, Timestamp, Tree};
+use super::{RepoError, Repository, object_key, with_retry};
+
+/// Progress of a running backup or restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgressInfo {
+    pub bytes: u64,
+    pub files: u64,
+    pub elapsed: Duration,
+}
+
+impl ProgressInfo {
+    /// Bytes per second since the start.
+    pub fn rate(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 { self.bytes as f64 / s } else { 0.0 }
+    }
+}
+
+/// Receives progress reports (at most a few per second).
+pub trait Progress: Send + Sync {
+    fn update(&self, info: &ProgressInfo);
+}
+
+impl<F: Fn(&ProgressInfo) + Send + Sync> Progress for F {
+    fn update(&self, info: &ProgressInfo) {
+        self(info)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    pub tags: BTreeMap<String, String>,
+    /// Explicit parent; otherwise the latest snapshot of the same host,
+    /// path and tags.
+    pub parent: Option<SnapshotId>,
+    /// Do not use any parent (read everything).
+    pub no_parent: bool,
+    /// Run the whole pipeline but store nothing.
+    pub dry_run: bool,
+    /// Host name recorded in the snapshot (default: this machine's).
+    pub host: Option<String>,
+    /// Concurrent pack uploads (default 4).
+    pub upload_concurrency: Option<usize>,
+}
+
+/// The result of a backup: the snapshot id is `None` on a dry run.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    pub id: Option<SnapshotId>,
+    pub snapshot: Snapshot,
+}
+
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t =
+        time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+struct BlobJob {
+    id: BlobId,
+    kind: BlobKind,
+    data: Vec<u8>,
+}
+
+/// Keeps the first error raised by any stage.
+#[derive(Clone, Default)]
+struct FirstError(Arc<Mutex<Option<RepoError>>>);
+
+impl FirstError {
+    fn set(&self, e: RepoError) {
+        if let Ok(mut g) = self.0.lock()
+            && g.is_none()
+        {
+            *g = Some(e);
+        }
+    }
+    fn take(&self) -> Option<RepoError> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+impl Repository {
+    /// Adds packs that exist in storage but are in no index (left by an
+    /// interrupted backup) to the index, writing an index object for them
+    /// unless `dry_run`. Unreadable packs are skipped (prune removes them).
+    pub async fn recover_unindexed_packs(
+        &self,
+        index: &mut Index,
+        dry_run: bool,
+    ) -> Result<usize, RepoError> {
+        let mut found = Vec::new();
+        for (id, size) in self.list_packs().await? {
+            if index.has_pack(&id) {
+                continue;
+            }
+            match self.read_pack_header(id, size).await {
+                Ok(entries) => found.push(IndexedPack { id, blobs: entries }),
+                Err(e) => {
+                    tracing::warn!(pack = %id, error = %e, "ignoring unreadable unindexed pack")
+                }
+            }
+        }
+        let n = found.len();
+        if n > 0 {
+            for p in &found {
+                index.add_pack(p.id, &p.blobs);
+            }
+            if !dry_run {
+                self.write_index(found).await?;
+            }
+            tracing::info!(packs = n, "recovered packs of an interrupted backup");
+        }
+        Ok(n)
+    }
+
+    /// Packs currently marked for deletion by prune.
+    pub async fn marked_packs(&self) -> Result<HashSet<PackId>, RepoError> {
+        Ok(self
+            .store()
+            .list(MARKS_PREFIX)
+            .await?
+            .iter()
+            .filter_map(|o| id_from_key(o.key.as_str()))
+            .collect())
+    }
+
+    /// Backs up the directory `path` and commits a snapshot.
+    pub async fn backup(
+        &self,
+        path: &Path,
+        opts: BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<BackupOutcome, RepoError> {
+        let started = Instant::now();
+        let start_unix = super::crypto::now_unix();
+        let meta = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
+        if !meta.is_dir() {
+            return Err(RepoError::InvalidInput(format!(
+                "{} is not a directory",
+                path.display()
+            )));
+        }
+        let host = opts.host.clone().unwrap_or_else(hostname);
+        let path_str = path.display().to_string();
+
+        let mut index = self.load_index().await?;
+        self.recover_unindexed_packs(&mut index, opts.dry_run)
+            .await?;
+        let marked = self.marked_packs().await?;
+        // Never reuse blobs of packs that prune may delete.
+        let dedup = if marked.is_empty() {
+            index.clone()
+        } else {
+            index.without_packs(|p| marked.contains(p))
+        };
+
+        let parent = if opts.no_parent {
+            None
+        } else if let Some(p) = opts.parent {
+            Some((p, self.load_snapshot(p).await?))
+        } else {
+            self.list_snapshots()
+                .await?
+                .into_iter()
+                .rev()
+                .find(|(_, s)| s.host == host && s.path == path_str && s.tags == opts.tags)
+        };
+        let parent_tree = match &parent {
+            Some((_, s)) => Some(self.load_tree(&index, &s.tree).await?),
+            None => None,
+        };
+
+        let lock = if opts.dry_run {
+            None
+        } else {
+            Some(super::prune::Lock::acquire_shared(self, "backup").await?)
+        };
+
+        let result = self
+            .run_pipeline(path, index, dedup, parent_tree, &opts, progress, started)
+            .await;
+        let (root, mut summary, new_packs) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(l) = lock {
+                    l.release(self).await;
+                }
+                return Err(e);
+            }
+        };
+        summary.duration_ms = started.elapsed().as_millis() as u64;
+        let snapshot = Snapshot {
+            version: 1,
+            time: rfc3339(start_unix),
+            time_unix: start_unix,
+            host,
+            path: path_str,
+            tags: opts.tags.clone(),
+            parent: parent.map(|(id, _)| id),
+            tree: root,
+            summary,
+        };
+        let id = if opts.dry_run {
+            None
+        } else {
+            let res: Result<SnapshotId, RepoError> = async {
+                if !new_packs.is_empty() {
+                    self.write_index(new_packs).await?;
+                }
+                self.save_snapshot(&snapshot).await
+            }
+            .await;
+            if let Some(l) = lock {
+                l.release(self).await;
+            }
+            Some(res?)
+        };
+        if let Some(id) = id {
+            tracing::info!(snapshot = %id, files = snapshot.summary.files, bytes_new = snapshot.summary.bytes_new, "snapshot committed");
+        }
+        Ok(BackupOutcome { id, snapshot })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_pipeline(
+        &self,
+        path: &Path,
+        index: Index,
+        dedup: Index,
+        parent_tree: Option<Tree>,
+        opts: &BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+        started: Instant,
+    ) -> Result<(BlobId, BackupSummary, Vec<IndexedPack>), RepoError> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 16);
+        let concurrency = opts.upload_concurrency.unwrap_or(4).max(1);
+        let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
+        let errors = FirstError::default();
+
+        let uploader = {
+            let repo = self.clone();
+            let dry_run = opts.dry_run;
+            tokio::spawn(async move { upload_packs(repo, pack_rx, dry_run, concurrency).await })
+        };
+
+        let repo = self.clone();
+        let path = path.to_path_buf();
+        let handle = tokio::runtime::Handle::current();
+        let errs = errors.clone();
+        let walk = tokio::task::spawn_blocking(move || {
+            let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
+                .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
+            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(workers * 2);
+            std::thread::scope(|s| {
+                let mut joins = Vec::new();
+                for _ in 0..workers {
+                    let rx = blob_rx.clone();
+                    let tx = pack_tx.clone();
+                    let key = repo.key().clone();
+                    let level = repo.config().compression_level;
+                    let pack_size = repo.config().pack_size as usize;
+                    let errs = errs.clone();
+                    joins.push(s.spawn(move || {
+                        if let Err(e) = pack_worker(&key, level, pack_size, rx, tx) {
+                            errs.set(e);
+                        }
+                    }));
+                }
+                drop(blob_rx);
+                drop(pack_tx);
+                let mut walker = Walker {
+                    repo: &repo,
+                    index: &index,
+                    dedup: &dedup,
+                    sent: HashSet::new(),
+                    chunker,
+                    blob_tx,
+                    handle,
+                    summary: BackupSummary::default(),
+                    progress,
+                    started,
+                    last_progress: started,
+                    buf: Vec::new(),
+                    zero_ids: HashMap::new(),
+                    zeros: Vec::new(),
+                };
+                let res = walker.walk_dir(&path, parent_tree.as_ref());
+                let summary = std::mem::take(&mut walker.summary);
+                drop(walker);
+                for j in joins {
+                    let _ = j.join();
+                }
+                res.map(|root| (root, summary))
+            })
+        });
+        let walked = walk.await.map_err(|e| RepoError::Task(e.to_string()))?;
+        let uploaded = uploader.await.map_err(|e| RepoError::Task(e.to_string()))?;
+        // The first failure is the cause; later ones are consequences.
+        if let Some(e) = errors.take() {
+            return Err(e);
+        }
+        let (packs, stored, n_packs) = uploaded?;
+        let (root, mut summary) = walked?;
+        summary.bytes_stored = stored;
+        summary.packs_written = n_packs;
+        Ok((root, summary, packs))
+    }
+}
+
+fn pack_worker(
+    key: &MasterKey,
+    level: i32,
+    pack_size: usize,
+    rx: crossbeam_channel::Receiver<BlobJob>,
+    tx: mpsc::Sender<FinishedPack>,
+) -> Result<(), RepoError> {
+    let mut enc = BlobEncoder::new(level).map_err(|e| RepoError::Io {
+        op: "create",
+        path: "zstd compressor".into(),
+        source: e,
+    })?;
+    let cap = pack_size + pack_size / 8;
+    let mut pb = PackBuilder::with_capacity(cap);
+    let send = |pb: PackBuilder| {
+        tx.blocking_send(pb.finish(key))
+            .map_err(|_| RepoError::Task("pack upload stopped".into()))
+    };
+    for job in rx {
+        pb.add(&mut enc, key, job.id, job.kind, &job.data);
+        if pb.len() >= pack_size {
+            send(std::mem::replace(&mut pb, PackBuilder::with_capacity(cap)))?;
+        }
+    }
+    if !pb.is_empty() {
+        send(pb)?;
+    }
+    Ok(())
+}
+
+async fn upload_packs(
+    repo: Repository,
+    mut rx: mpsc::Receiver<FinishedPack>,
+    dry_run: bool,
+    concurrency: usize,
+) -> Result<(Vec<IndexedPack>, u64, u64), RepoError> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut done = Vec::new();
+    let mut bytes = 0u64;
+    let mut count = 0u64;
+    let collect = |r: Result<Result<(IndexedPack, u64), RepoError>, tokio::task::JoinError>,
+                   done: &mut Vec<IndexedPack>,
+                   bytes: &mut u64,
+                   count: &mut u64|
+     -> Result<(), RepoError> {
+        let (p, n) = r.map_err(|e| RepoError::Task(e.to_string()))??;
+        if !dry_run {
+            done.push(p);
+        }
+        *bytes += n;
+        *count += 1;
+        Ok(())
+    };
+    while let Some(pack) = rx.recv().await {
+        while set.len() >= concurrency {
+            if let Some(r) = set.join_next().await {
+                collect(r, &mut done, &mut bytes, &mut count)?;
+            }
+        }
+        let repo = repo.clone();
+        set.spawn(async move {
+            let len = pack.data.len() as u64;
+            if !dry_run {
+                let key = object_key(&pack.id.object_key())?;
+                let data = Bytes::from(pack.data);
+                with_retry(|| repo.store().put(&key, data.clone())).await?;
+                tracing::debug!(pack = %pack.id, bytes = len, "pack uploaded");
+            }
+            Ok((
+                IndexedPack {
+                    id: pack.id,
+                    blobs: pack.entries,
+                },
+                len,
+            ))
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        collect(r, &mut done, &mut bytes, &mut count)?;
+    }
+    Ok((done, bytes, count))
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    /// Full index, to read parent trees.
+    index: &'a Index,
+    /// Blobs that may be reused.
+    dedup: &'a Index,
+    sent: HashSet<BlobId>,
+    chunker: Chunker,
+    blob_tx: crossbeam_channel::Sender<BlobJob>,
+    handle: tokio::runtime::Handle,
+    summary: BackupSummary,
+    progress: Option<Arc<dyn Progress>>,
+    started: Instant,
+    last_progress: Instant,
+    buf: Vec<u8>,
+    zero_ids: HashMap<usize, BlobId>,
+    zeros: Vec<u8>,
+}
+
+fn ts(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, std::io::Error> {
+    let mut names = vec![0u8; 1024];
+    let n = loop {
+        match rustix::fs::llistxattr(path, &mut names[..]) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let mut value = vec![0u8; 256];
+        let len = loop {
+            match rustix::fs::lgetxattr(path, OsStr::from_bytes(name), &mut value[..]) {
+                Ok(len) => break Some(len),
+                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
+                Err(rustix::io::Errno::NODATA) => break None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if let Some(len) = len {
+            value.truncate(len);
+            out.push((name.to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn base_node(name: &[u8], md: &Metadata, kind: NodeKind, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: ts(md.mtime(), md.mtime_nsec()),
+        ctime: ts(md.ctime(), md.ctime_nsec()),
+        inode: md.ino(),
+        dev: md.dev(),
+        size: md.len(),
+        xattrs,
+    }
+}
+
+impl Walker<'_> {
+    fn is_known(&self, id: &BlobId) -> bool {
+        self.dedup.contains(id) || self.sent.contains(id)
+    }
+
+    fn submit(&mut self, id: BlobId, kind: BlobKind, data: Vec<u8>) -> Result<(), RepoError> {
+        if self.is_known(&id) {
+            return Ok(());
+        }
+        self.sent.insert(id);
+        self.summary.blobs_new += 1;
+        self.summary.bytes_new += data.len() as u64;
+        self.blob_tx
+            .send(BlobJob { id, kind, data })
+            .map_err(|_| RepoError::Task("blob workers stopped".into()))
+    }
+
+    fn report(&mut self, force: bool) {
+        if let Some(p) = &self.progress {
+            let now = Instant::now();
+            if force || now.duration_since(self.last_progress) >= Duration::from_millis(200) {
+                self.last_progress = now;
+                p.update(&ProgressInfo {
+                    bytes: self.summary.bytes_read,
+                    files: self.summary.files,
+                    elapsed: now.duration_since(self.started),
+                });
+            }
+        }
+    }
+
+    fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId, RepoError> {
+        let mut entries: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(|e| RepoError::io("read directory", dir, e))? {
+            let e = e.map_err(|e| RepoError::io("read directory", dir, e))?;
+            entries.push((e.file_name().as_bytes().to_vec(), e.path()));
+        }
+        entries.sort();
+        let parent_nodes: HashMap<&[u8], &Node> = parent
+            .map(|t| t.nodes.iter().map(|n| (n.name.as_slice(), n)).collect())
+            .unwrap_or_default();
+        let mut tree = Tree::default();
+        for (name, path) in entries {
+            let md = match std::fs::symlink_metadata(&path) {
+                Ok(md) => md,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %path.display(), "file vanished during backup");
+                    continue;
+                }
+                Err(e) => return Err(RepoError::io("stat", &path, e)),
+            };
+            let xattrs =
+                read_xattrs(&path).map_err(|e| RepoError::io("read xattrs of", &path, e))?;
+            let ft = md.file_type();
+            let prev = parent_nodes.get(name.as_slice()).copied();
+            let node = if ft.is_dir() {
+                self.summary.dirs += 1;
+                let prev_tree = match prev.map(|n| &n.kind) {
+                    Some(NodeKind::Dir { subtree }) => Some(
+                        self.handle
+                            .block_on(self.repo.load_tree(self.index, subtree))?,
+                    ),
+                    _ => None,
+                };
+                let subtree = self.walk_dir(&path, prev_tree.as_ref())?;
+                base_node(&name, &md, NodeKind::Dir { subtree }, xattrs)
+            } else if ft.is_file() {
+                let hardlink = (md.nlink() > 1).then(|| md.ino() ^ md.dev().rotate_left(32));
+                let content = match prev {
+                    Some(p) if self.unchanged(p, &md) => {
+                        self.summary.files_unchanged += 1;
+                        match &p.kind {
+                            NodeKind::File { content, .. } => content.clone(),
+                            _ => Vec::new(),
+                        }
+                    }
+                    _ => match self.read_file(&path, &md)? {
+                        Some(c) => c,
+                        None => continue,
+                    },
+                };
+                self.summary.files += 1;
+                self.summary.bytes_total += md.len();
+                self.report(false);
+                let mut n = base_node(&name, &md, NodeKind::File { content, hardlink }, xattrs);
+                n.size = md.len();
+                n
+            } else if ft.is_symlink() {
+                let target =
+                    std::fs::read_link(&path).map_err(|e| RepoError::io("read link", &path, e))?;
+                let target = target.as_os_str().as_bytes().to_vec();
+                base_node(&name, &md, NodeKind::Symlink { target }, xattrs)
+            } else if ft.is_fifo() {
+                base_node(&name, &md, NodeKind::Fifo, xattrs)
+            } else {
+                tracing::warn!(path = %path.display(), "skipping socket or device file");
+                continue;
+            };
+            tree.nodes.push(node);
+        }
+        let data = tree.encode();
+        let id = self.repo.key().blob_id(&data);
+        self.submit(id, BlobKind::Tree, data)?;
+        Ok(id)
+    }
+
+    fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
+        let same = matches!(prev.kind, NodeKind::File { .. })
+            && prev.size == md.len()
+            && prev.inode == md.ino()
+            && prev.mtime == ts(md.mtime(), md.mtime_nsec())
+            && prev.ctime == ts(md.ctime(), md.ctime_nsec());
+        same && match &prev.kind {
+            NodeKind::File { content, .. } => content.iter().all(|c| self.is_known(c)),
+            _ => false,
+        }
+    }
+
+    /// Reads, chunks and hashes one file; `None` when it vanished.
+    fn read_file(&mut self, path: &Path, md: &Metadata) -> Result<Option<Vec<BlobId>>, RepoError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(RepoError::io("open", path, e)),
+        };
+        let mut content = Vec::with_capacity((md.len() / (1 << 20)) as usize + 1);
+        let chunker = self.chunker.clone();
+        let mut buf = std::mem::take(&mut self.buf);
+        let res = chunker.chunk_reader(
+            file,
+            &mut buf,
+            |chunk| {
+                self.summary.bytes_read += chunk.len() as u64;
+                let id = self.chunk_id(chunk);
+                content.push(id);
+                if !self.is_known(&id) {
+                    self.submit(id, BlobKind::Data, chunk.to_vec())?;
+                }
+                self.report(false);
+                Ok(())
+            },
+            |e| RepoError::io("read", path, e),
+        );
+        self.buf = buf;
+        res?;
+        Ok(Some(content))
+    }
+
+    /// The blob id of a chunk; all-zero chunks (holes) are cached by length.
+    fn chunk_id(&mut self, chunk: &[u8]) -> BlobId {
+        if self.zeros.len() < chunk.len() {
+            self.zeros.resize(chunk.len(), 0);
+        }
+        if chunk == &self.zeros[..chunk.len()] {
+            if let Some(id) = self.zero_ids.get(&chunk.len()) {
+                return *id;
+            }
+            let id = self.repo.key().blob_id(chunk);
+            self.zero_ids.insert(chunk.len(), id);
+            return id;
+        }
+        self.repo.key().blob_id(chunk)
+    }
+}
