@@ -1,0 +1,486 @@
+//! One grammar for every capability: `ferryctl NOUN VERB [NAME] [flags]`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_proto::v1;
+use serde::Serialize;
+
+use crate::config::{self, Effective, Given};
+use crate::connect::{self, CliError};
+use crate::output::{Format, Table, when};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "Back up, restore and migrate whole applications with Ferry"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Noun,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Controller address, e.g. https://ferry.example.com:7443
+    #[arg(long, env = "FERRY_CONTROLLER", global = true)]
+    controller: Option<String>,
+    /// The controller's CA certificate (PEM)
+    #[arg(long, env = "FERRY_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Operator client certificate (PEM)
+    #[arg(long, env = "FERRY_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Operator client key (PEM)
+    #[arg(long, env = "FERRY_KEY", global = true)]
+    key: Option<PathBuf>,
+    /// Config file [default: ~/.config/ferry/ferryctl.toml]
+    #[arg(long, env = "FERRY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Output format
+    #[arg(
+        short,
+        long,
+        value_enum,
+        env = "FERRY_OUTPUT",
+        default_value = "table",
+        global = true
+    )]
+    output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+enum Noun {
+    /// Clusters known to the controller
+    #[command(subcommand)]
+    Cluster(ClusterVerb),
+    /// Agents: one per cluster or node
+    #[command(subcommand)]
+    Agent(AgentVerb),
+    /// Applications reported by the agents
+    #[command(subcommand)]
+    App(AppVerb),
+    /// Join tokens for enrolling agents
+    #[command(subcommand)]
+    Token(TokenVerb),
+    /// Show the connection settings in effect and where they come from
+    Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterVerb {
+    /// List clusters
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentVerb {
+    /// List agents, online or not
+    Ls {
+        /// Only this cluster's agents
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AppVerb {
+    /// List applications
+    Ls {
+        /// Only this cluster's apps
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this team's apps
+        #[arg(long)]
+        team: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenVerb {
+    /// Issue a single-use, expiring join token for a cluster (created when new)
+    Create {
+        /// The cluster the enrolled agent will belong to
+        #[arg(long)]
+        cluster: String,
+        /// How long the token stays valid, e.g. 30m, 2h, 1d [default: the controller's, 1h]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+    },
+}
+
+/// Parses `90s`, `30m`, `2h`, `1d` (or bare seconds) into seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 2h or 1d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit {unit:?}; use s, m, h or d"
+            ));
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("{s:?} is not a positive duration")),
+        Some(v) => Ok(v),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed {
+        message: format!("cannot encode output as JSON: {e}"),
+    })?;
+    println!("{text}");
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let g = &cli.global;
+    let effective = config::resolve(&Given {
+        config: g.config.clone(),
+        controller: g.controller.clone(),
+        ca: g.ca.clone(),
+        cert: g.cert.clone(),
+        key: g.key.clone(),
+    })?;
+    let out = g.output;
+    match cli.command {
+        Noun::Config => show_config(&effective, out),
+        Noun::Cluster(ClusterVerb::Ls) => cluster_ls(&effective, out).await,
+        Noun::Agent(AgentVerb::Ls { cluster }) => agent_ls(&effective, out, cluster).await,
+        Noun::App(AppVerb::Ls { cluster, team }) => app_ls(&effective, out, cluster, team).await,
+        Noun::Token(TokenVerb::Create { cluster, ttl }) => {
+            token_create(&effective, out, cluster, ttl).await
+        }
+    }
+}
+
+fn show_config(eff: &Effective, out: Format) -> Result<(), CliError> {
+    if out == Format::Json {
+        return print_json(eff);
+    }
+    let mut t = Table::new(vec!["SETTING", "VALUE", "FROM"]);
+    let file = eff
+        .config_file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "-".into());
+    t.row(vec!["config".into(), file, "-".into()]);
+    let src = |s: config::Source| {
+        match s {
+            config::Source::Flag => "flag or environment",
+            config::Source::File => "config file",
+        }
+        .to_string()
+    };
+    let mut add = |name: &str, v: Option<(String, config::Source)>| match v {
+        Some((value, s)) => t.row(vec![name.into(), value, src(s)]),
+        None => t.row(vec![name.into(), "(not set)".into(), "-".into()]),
+    };
+    add(
+        "controller",
+        eff.controller.as_ref().map(|s| (s.value.clone(), s.source)),
+    );
+    for (name, v) in [("ca", &eff.ca), ("cert", &eff.cert), ("key", &eff.key)] {
+        add(
+            name,
+            v.as_ref()
+                .map(|s| (s.value.display().to_string(), s.source)),
+        );
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let clusters = client
+        .list_clusters(v1::ListClustersRequest {})
+        .await
+        .map_err(|s| CliError::from_status(&conn.controller, s))?
+        .into_inner()
+        .clusters;
+    let agents = client
+        .list_agents(v1::ListAgentsRequest::default())
+        .await
+        .map_err(|s| CliError::from_status(&conn.controller, s))?
+        .into_inner()
+        .agents;
+    #[derive(Serialize)]
+    struct Row {
+        name: String,
+        created_unix_ms: i64,
+        agents: usize,
+        agents_online: usize,
+    }
+    let rows: Vec<Row> = clusters
+        .into_iter()
+        .map(|c| {
+            let mine = agents.iter().filter(|a| a.cluster == c.name);
+            let (n, online) = mine.fold((0, 0), |(n, o), a| (n + 1, o + usize::from(a.online)));
+            Row {
+                name: c.name,
+                created_unix_ms: c.created_unix_ms,
+                agents: n,
+                agents_online: online,
+            }
+        })
+        .collect();
+    if out == Format::Json {
+        return print_json(&rows);
+    }
+    let now = now_ms();
+    let mut t = Table::new(vec!["NAME", "AGENTS", "ONLINE", "CREATED"]);
+    for r in rows {
+        t.row(vec![
+            r.name,
+            r.agents.to_string(),
+            r.agents_online.to_string(),
+            when(r.created_unix_ms, now),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn agent_ls(eff: &Effective, out: Format, cluster: Option<String>) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let agents = client
+        .list_agents(v1::ListAgentsRequest {
+            cluster: cluster.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&conn.controller, s))?
+        .into_inner()
+        .agents;
+    if out == Format::Json {
+        #[derive(Serialize)]
+        struct Row<'a> {
+            cluster: &'a str,
+            node: &'a str,
+            online: bool,
+            last_seen_unix_ms: i64,
+            version: &'a str,
+            platform: &'a str,
+            enrolled_unix_ms: i64,
+        }
+        let rows: Vec<Row<'_>> = agents
+            .iter()
+            .map(|a| Row {
+                cluster: &a.cluster,
+                node: &a.node,
+                online: a.online,
+                last_seen_unix_ms: a.last_seen_unix_ms,
+                version: &a.version,
+                platform: &a.platform,
+                enrolled_unix_ms: a.enrolled_unix_ms,
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    let now = now_ms();
+    let mut t = Table::new(vec![
+        "CLUSTER",
+        "NODE",
+        "STATUS",
+        "LAST SEEN",
+        "VERSION",
+        "PLATFORM",
+    ]);
+    for a in agents {
+        t.row(vec![
+            a.cluster,
+            a.node,
+            if a.online { "online" } else { "offline" }.into(),
+            when(a.last_seen_unix_ms, now),
+            a.version,
+            a.platform,
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+async fn app_ls(
+    eff: &Effective,
+    out: Format,
+    cluster: Option<String>,
+    team: Option<String>,
+) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let apps = client
+        .list_apps(v1::ListAppsRequest {
+            cluster: cluster.unwrap_or_default(),
+            team: team.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&conn.controller, s))?
+        .into_inner()
+        .apps;
+    #[derive(Serialize)]
+    struct Component {
+        name: String,
+        kind: String,
+        stateful: bool,
+        state: &'static str,
+        volumes: Vec<String>,
+    }
+    #[derive(Serialize)]
+    struct Row {
+        cluster: String,
+        node: String,
+        team: String,
+        name: String,
+        components: Vec<Component>,
+    }
+    let rows: Vec<Row> = apps
+        .into_iter()
+        .filter_map(|r| {
+            let app = r.app?;
+            Some(Row {
+                cluster: r.cluster,
+                node: r.node,
+                team: app.team,
+                name: app.name,
+                components: app
+                    .components
+                    .into_iter()
+                    .map(|c| Component {
+                        state: state_name(c.state),
+                        name: c.name,
+                        kind: c.kind,
+                        stateful: c.stateful,
+                        volumes: c.volumes,
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    if out == Format::Json {
+        return print_json(&rows);
+    }
+    let mut t = Table::new(vec![
+        "CLUSTER",
+        "TEAM",
+        "APP",
+        "COMPONENTS",
+        "STATEFUL",
+        "VOLUMES",
+    ]);
+    for r in rows {
+        let running = r.components.iter().filter(|c| c.state == "running").count();
+        let stateful: Vec<&str> = r
+            .components
+            .iter()
+            .filter(|c| c.stateful)
+            .map(|c| c.name.as_str())
+            .collect();
+        let volumes: usize = r.components.iter().map(|c| c.volumes.len()).sum();
+        t.row(vec![
+            r.cluster,
+            r.team,
+            r.name,
+            format!("{} ({} running)", r.components.len(), running),
+            if stateful.is_empty() {
+                "-".into()
+            } else {
+                stateful.join(",")
+            },
+            volumes.to_string(),
+        ]);
+    }
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match v1::ComponentState::try_from(state) {
+        Ok(v1::ComponentState::Running) => "running",
+        Ok(v1::ComponentState::Stopped) => "stopped",
+        _ => "unknown",
+    }
+}
+
+async fn token_create(
+    eff: &Effective,
+    out: Format,
+    cluster: String,
+    ttl: Option<u64>,
+) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let resp = client
+        .create_join_token(v1::CreateJoinTokenRequest {
+            cluster,
+            ttl_seconds: ttl.unwrap_or(0),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&conn.controller, s))?
+        .into_inner();
+    if out == Format::Json {
+        #[derive(Serialize)]
+        struct Token<'a> {
+            token: &'a str,
+            cluster: &'a str,
+            expires_unix_ms: i64,
+            ca_fingerprint: &'a str,
+        }
+        return print_json(&Token {
+            token: &resp.token,
+            cluster: &resp.cluster,
+            expires_unix_ms: resp.expires_unix_ms,
+            ca_fingerprint: &resp.ca_fingerprint,
+        });
+    }
+    println!("token:          {}", resp.token);
+    println!("cluster:        {}", resp.cluster);
+    println!("expires:        {}", when(resp.expires_unix_ms, now_ms()));
+    println!("ca fingerprint: {}", resp.ca_fingerprint);
+    println!();
+    println!("enrol an agent of this cluster with (the token works once):");
+    println!(
+        "  ferry-agent join --controller {} --token {} --ca-fingerprint {}",
+        conn.controller, resp.token, resp.ca_fingerprint
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert_eq!(parse_duration("1d"), Ok(86_400));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}
