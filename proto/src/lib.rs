@@ -4,3 +4,5 @@ pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("ferry.v1");
 }
+
+pub mod tls;
