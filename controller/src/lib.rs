@@ -1,1 +1,2 @@
 //! Ferry controller.
+pub mod catalog;

@@ -1,0 +1,207 @@
+//! The controller's durable catalog: clusters, agents, teams, apps and their
+//! inventory, join tokens.
+//!
+//! [`Catalog`] is the interface the rest of the controller uses. It is async
+//! so a networked store (etcd) fits behind it; the embedded engines run their
+//! blocking work on `spawn_blocking` threads. Every write is durable when the
+//! call returns. [`open`] picks an engine: `redb` (default) or `sled`
+//! (cargo feature `sled`). See `docs/catalog.md` for the measurements behind
+//! that choice, the record format and versioning.
+
+mod error;
+mod name;
+mod record;
+mod store;
+
+mod redb;
+#[cfg(feature = "sled")]
+mod sled;
+
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use error::CatalogError;
+pub use name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
+pub use record::{
+    AgentRecord, AppFilter, AppInventory, AppRecord, ClusterRecord, Component, ComponentKind,
+    RECORD_VERSION, TeamRecord, Timestamp, TokenRecord, TokenUse, Volume,
+};
+
+/// The controller's durable state. All writes are durable on return.
+#[async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    /// Creates a cluster, or returns the existing record unchanged.
+    async fn create_cluster(
+        &self,
+        name: &ClusterName,
+        now: Timestamp,
+    ) -> Result<ClusterRecord, CatalogError>;
+
+    /// The cluster, if it exists.
+    async fn get_cluster(&self, name: &ClusterName) -> Result<Option<ClusterRecord>, CatalogError>;
+
+    /// All clusters, ordered by name.
+    async fn list_clusters(&self) -> Result<Vec<ClusterRecord>, CatalogError>;
+
+    /// Creates a team, or returns the existing record unchanged.
+    async fn create_team(&self, name: &TeamName, now: Timestamp)
+    -> Result<TeamRecord, CatalogError>;
+
+    /// All teams, ordered by name. Teams named in a reported inventory are
+    /// created on the way.
+    async fn list_teams(&self) -> Result<Vec<TeamRecord>, CatalogError>;
+
+    /// Stores a new join token. Fails if its cluster is unknown or the hash
+    /// is already stored.
+    async fn put_join_token(&self, token: TokenRecord) -> Result<(), CatalogError>;
+
+    /// Atomically checks that the token is known, unexpired and unused, and
+    /// marks it used by `node`. Exactly one of any number of concurrent
+    /// callers succeeds. Returns the cluster the token enrols into.
+    async fn consume_join_token(
+        &self,
+        hash: &TokenHash,
+        now: Timestamp,
+        node: &NodeName,
+    ) -> Result<ClusterName, CatalogError>;
+
+    /// Join tokens (used or not), optionally of one cluster, ordered by hash.
+    async fn list_join_tokens(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Result<Vec<TokenRecord>, CatalogError>;
+
+    /// Removes a join token; false if it did not exist.
+    async fn remove_join_token(&self, hash: &TokenHash) -> Result<bool, CatalogError>;
+
+    /// Inserts or replaces an agent. The cluster must exist. A different
+    /// agent id already holding the same (cluster, node) is replaced, with
+    /// its inventory kept for the new agent of that node.
+    async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), CatalogError>;
+
+    /// The agent, if it exists.
+    async fn get_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, CatalogError>;
+
+    /// Records that agents were seen, in one durable write. Fails without
+    /// changing anything if one of them is unknown. `last_seen` never moves
+    /// backwards.
+    async fn touch_agents(&self, seen: &[(AgentId, Timestamp)]) -> Result<(), CatalogError>;
+
+    /// Records that one agent was seen.
+    async fn touch_agent(&self, id: &AgentId, last_seen: Timestamp) -> Result<(), CatalogError> {
+        self.touch_agents(&[(id.clone(), last_seen)]).await
+    }
+
+    /// Agents, optionally of one cluster, ordered by id.
+    async fn list_agents(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Result<Vec<AgentRecord>, CatalogError>;
+
+    /// Removes an agent and the inventory its node reported; false if it
+    /// did not exist.
+    async fn remove_agent(&self, id: &AgentId) -> Result<bool, CatalogError>;
+
+    /// Atomically replaces every app that `node` of `cluster` reported with
+    /// `apps`. Fails, changing nothing, if the cluster is unknown, an app is
+    /// invalid or listed twice, or another node of the cluster already
+    /// reports an app with the same (team, name).
+    async fn replace_inventory(
+        &self,
+        cluster: &ClusterName,
+        node: &NodeName,
+        apps: Vec<AppInventory>,
+        now: Timestamp,
+    ) -> Result<(), CatalogError>;
+
+    /// One app, if it exists.
+    async fn get_app(
+        &self,
+        cluster: &ClusterName,
+        team: &TeamName,
+        app: &AppName,
+    ) -> Result<Option<AppRecord>, CatalogError>;
+
+    /// Apps matching the filter, ordered by (cluster, team, name).
+    async fn list_apps(&self, filter: &AppFilter) -> Result<Vec<AppRecord>, CatalogError>;
+}
+
+/// Which embedded engine holds the catalog.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// redb: one file, copy-on-write B-trees, immediate durability.
+    #[default]
+    Redb,
+    /// sled: a directory, log-structured; needs cargo feature `sled`.
+    Sled,
+}
+
+impl Engine {
+    /// The engine's name as used in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Redb => "redb",
+            Self::Sled => "sled",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Engine {
+    type Err = CatalogError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redb" => Ok(Self::Redb),
+            "sled" => Ok(Self::Sled),
+            other => Err(CatalogError::UnknownEngine {
+                name: other.chars().take(40).collect(),
+            }),
+        }
+    }
+}
+
+/// Opens (creating if needed) the catalog at `path`: a file for redb, a
+/// directory for sled. Fails with [`CatalogError::InUse`] if another process
+/// holds it.
+pub async fn open(engine: Engine, path: &Path) -> Result<Arc<dyn Catalog>, CatalogError> {
+    let path = path.to_path_buf();
+    match engine {
+        Engine::Redb => {
+            let catalog = run_blocking("open", move || redb::RedbKv::open(&path)).await?;
+            Ok(Arc::new(catalog))
+        }
+        #[cfg(feature = "sled")]
+        Engine::Sled => {
+            let catalog = run_blocking("open", move || sled::SledKv::open(&path)).await?;
+            Ok(Arc::new(catalog))
+        }
+        #[cfg(not(feature = "sled"))]
+        Engine::Sled => {
+            drop(path);
+            Err(CatalogError::EngineNotBuilt { engine: "sled" })
+        }
+    }
+}
+
+/// Runs blocking catalog work off the async runtime.
+pub(crate) async fn run_blocking<T, F>(op: &'static str, f: F) -> Result<T, CatalogError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CatalogError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CatalogError::Task {
+            op,
+            reason: e.to_string(),
+        })?
+}

@@ -1,0 +1,564 @@
+//! Catalog logic shared by the embedded engines.
+//!
+//! An engine only provides a small transactional key-value surface
+//! ([`Kv`]); the catalog rules (idempotent creation, single-use tokens,
+//! inventory replacement, indexes) live here once, so every engine behaves
+//! the same. Write closures read only by key, never by scan, because
+//! optimistic engines (sled) cannot scan inside a transaction.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::record::{decode, encode};
+use super::{
+    AgentId, AgentRecord, AppFilter, AppInventory, AppName, AppRecord, Catalog, CatalogError,
+    ClusterName, ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash,
+    TokenRecord, TokenUse, run_blocking,
+};
+
+/// Version of the catalog layout (tables, keys, indexes) as a whole.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &str = "format";
+
+/// The logical tables of the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Table {
+    Meta,
+    Clusters,
+    Teams,
+    Agents,
+    /// `cluster/node` → the agent holding that node.
+    AgentNodes,
+    Tokens,
+    /// `cluster/team/app` → app record.
+    Apps,
+    /// `cluster/node` → keys of the apps that node reported.
+    NodeApps,
+}
+
+impl Table {
+    pub(crate) const ALL: [Table; 8] = [
+        Table::Meta,
+        Table::Clusters,
+        Table::Teams,
+        Table::Agents,
+        Table::AgentNodes,
+        Table::Tokens,
+        Table::Apps,
+        Table::NodeApps,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Clusters => "clusters",
+            Table::Teams => "teams",
+            Table::Agents => "agents",
+            Table::AgentNodes => "agent_nodes",
+            Table::Tokens => "tokens",
+            Table::Apps => "apps",
+            Table::NodeApps => "node_apps",
+        }
+    }
+}
+
+/// Reads and writes inside one atomic write transaction.
+pub(crate) trait KvTxn {
+    fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, CatalogError>;
+    fn put(&mut self, table: Table, key: &str, value: &[u8]) -> Result<(), CatalogError>;
+    fn remove(&mut self, table: Table, key: &str) -> Result<bool, CatalogError>;
+}
+
+/// What an embedded engine provides. All methods block.
+pub(crate) trait Kv: Send + Sync + 'static {
+    /// Runs `f` in one atomic write transaction, durable on return when `f`
+    /// succeeds and discarded when it fails. `f` may run more than once.
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: &dyn Fn(&mut dyn KvTxn) -> Result<T, CatalogError>,
+    ) -> Result<T, CatalogError>;
+
+    /// Reads one key.
+    fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, CatalogError>;
+
+    /// All entries of `table` whose key starts with `prefix`, ordered by key.
+    fn scan(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, CatalogError>;
+}
+
+#[derive(Serialize, Deserialize)]
+struct FormatRecord {
+    format: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct NodeAgent {
+    agent: AgentId,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct NodeApps {
+    apps: Vec<String>,
+}
+
+fn node_key(cluster: &ClusterName, node: &NodeName) -> String {
+    format!("{cluster}/{node}")
+}
+
+fn app_key(cluster: &ClusterName, team: &TeamName, app: &AppName) -> String {
+    format!("{cluster}/{team}/{app}")
+}
+
+fn get_rec<T: serde::de::DeserializeOwned>(
+    tx: &mut dyn KvTxn,
+    table: Table,
+    key: &str,
+) -> Result<Option<T>, CatalogError> {
+    tx.get(table, key)?
+        .map(|b| decode(table.name(), key, &b))
+        .transpose()
+}
+
+fn put_rec<T: Serialize>(
+    tx: &mut dyn KvTxn,
+    table: Table,
+    key: &str,
+    record: &T,
+) -> Result<(), CatalogError> {
+    tx.put(table, key, &encode(table.name(), record)?)
+}
+
+fn require_cluster(tx: &mut dyn KvTxn, cluster: &ClusterName) -> Result<(), CatalogError> {
+    match tx.get(Table::Clusters, cluster.as_str())? {
+        Some(_) => Ok(()),
+        None => Err(CatalogError::ClusterNotFound {
+            cluster: cluster.clone(),
+        }),
+    }
+}
+
+/// Removes the inventory a node reported.
+fn drop_node_apps(tx: &mut dyn KvTxn, node_key: &str) -> Result<(), CatalogError> {
+    let old: NodeApps = get_rec(tx, Table::NodeApps, node_key)?.unwrap_or_default();
+    for key in &old.apps {
+        tx.remove(Table::Apps, key)?;
+    }
+    tx.remove(Table::NodeApps, node_key)?;
+    Ok(())
+}
+
+/// The [`Catalog`] over any embedded engine.
+pub(crate) struct KvCatalog<K: Kv> {
+    kv: Arc<K>,
+}
+
+impl<K: Kv> KvCatalog<K> {
+    /// Checks (or, on a new store, writes) the layout version. Blocking.
+    pub(crate) fn init(kv: K, path: &Path) -> Result<Self, CatalogError> {
+        let found = kv.write("open", &|tx| {
+            match get_rec::<FormatRecord>(tx, Table::Meta, FORMAT_KEY) {
+                Ok(Some(f)) => Ok(f.format),
+                Ok(None) => {
+                    put_rec(
+                        tx,
+                        Table::Meta,
+                        FORMAT_KEY,
+                        &FormatRecord {
+                            format: FORMAT_VERSION,
+                        },
+                    )?;
+                    Ok(FORMAT_VERSION)
+                }
+                Err(CatalogError::UnsupportedVersion { found, .. }) => Ok(found.max(FORMAT_VERSION + 1)),
+                Err(e) => Err(e),
+            }
+        })?;
+        if found != FORMAT_VERSION {
+            return Err(CatalogError::UnsupportedFormat {
+                path: path.to_path_buf(),
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Ok(Self { kv: Arc::new(kv) })
+    }
+
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, CatalogError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&K) -> Result<T, CatalogError> + Send + 'static,
+    {
+        let kv = Arc::clone(&self.kv);
+        run_blocking(op, move || f(&kv)).await
+    }
+}
+
+fn scan_decode<T: serde::de::DeserializeOwned>(
+    kv: &impl Kv,
+    table: Table,
+    prefix: &str,
+) -> Result<Vec<T>, CatalogError> {
+    kv.scan(table, prefix)?
+        .into_iter()
+        .map(|(k, v)| decode(table.name(), &k, &v))
+        .collect()
+}
+
+#[async_trait]
+impl<K: Kv> Catalog for KvCatalog<K> {
+    async fn create_cluster(
+        &self,
+        name: &ClusterName,
+        now: Timestamp,
+    ) -> Result<ClusterRecord, CatalogError> {
+        let name = name.clone();
+        self.blocking("create cluster", move |kv| {
+            kv.write("create cluster", &|tx| {
+                if let Some(existing) = get_rec(tx, Table::Clusters, name.as_str())? {
+                    return Ok(existing);
+                }
+                let rec = ClusterRecord {
+                    name: name.clone(),
+                    created_at: now,
+                };
+                put_rec(tx, Table::Clusters, name.as_str(), &rec)?;
+                Ok(rec)
+            })
+        })
+        .await
+    }
+
+    async fn get_cluster(&self, name: &ClusterName) -> Result<Option<ClusterRecord>, CatalogError> {
+        let name = name.clone();
+        self.blocking("get cluster", move |kv| {
+            kv.get(Table::Clusters, name.as_str())?
+                .map(|b| decode(Table::Clusters.name(), name.as_str(), &b))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_clusters(&self) -> Result<Vec<ClusterRecord>, CatalogError> {
+        self.blocking("list clusters", |kv| scan_decode(kv, Table::Clusters, ""))
+            .await
+    }
+
+    async fn create_team(
+        &self,
+        name: &TeamName,
+        now: Timestamp,
+    ) -> Result<TeamRecord, CatalogError> {
+        let name = name.clone();
+        self.blocking("create team", move |kv| {
+            kv.write("create team", &|tx| {
+                if let Some(existing) = get_rec(tx, Table::Teams, name.as_str())? {
+                    return Ok(existing);
+                }
+                let rec = TeamRecord {
+                    name: name.clone(),
+                    created_at: now,
+                };
+                put_rec(tx, Table::Teams, name.as_str(), &rec)?;
+                Ok(rec)
+            })
+        })
+        .await
+    }
+
+    async fn list_teams(&self) -> Result<Vec<TeamRecord>, CatalogError> {
+        self.blocking("list teams", |kv| scan_decode(kv, Table::Teams, ""))
+            .await
+    }
+
+    async fn put_join_token(&self, token: TokenRecord) -> Result<(), CatalogError> {
+        self.blocking("put join token", move |kv| {
+            kv.write("put join token", &|tx| {
+                require_cluster(tx, &token.cluster)?;
+                let key = token.hash.to_hex();
+                if tx.get(Table::Tokens, &key)?.is_some() {
+                    return Err(CatalogError::TokenExists {
+                        hash: token.hash.short(),
+                    });
+                }
+                put_rec(tx, Table::Tokens, &key, &token)
+            })
+        })
+        .await
+    }
+
+    async fn consume_join_token(
+        &self,
+        hash: &TokenHash,
+        now: Timestamp,
+        node: &NodeName,
+    ) -> Result<ClusterName, CatalogError> {
+        let hash = *hash;
+        let node = node.clone();
+        self.blocking("consume join token", move |kv| {
+            kv.write("consume join token", &|tx| {
+                let key = hash.to_hex();
+                let Some(mut token) = get_rec::<TokenRecord>(tx, Table::Tokens, &key)? else {
+                    return Err(CatalogError::TokenUnknown { hash: hash.short() });
+                };
+                if let Some(used) = &token.used {
+                    return Err(CatalogError::TokenUsed {
+                        hash: hash.short(),
+                        node: used.node.clone(),
+                        at: used.at,
+                    });
+                }
+                if now >= token.expires_at {
+                    return Err(CatalogError::TokenExpired {
+                        hash: hash.short(),
+                        expired_at: token.expires_at,
+                    });
+                }
+                token.used = Some(TokenUse {
+                    at: now,
+                    node: node.clone(),
+                });
+                put_rec(tx, Table::Tokens, &key, &token)?;
+                Ok(token.cluster)
+            })
+        })
+        .await
+    }
+
+    async fn list_join_tokens(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Result<Vec<TokenRecord>, CatalogError> {
+        let cluster = cluster.cloned();
+        self.blocking("list join tokens", move |kv| {
+            let all: Vec<TokenRecord> = scan_decode(kv, Table::Tokens, "")?;
+            Ok(all
+                .into_iter()
+                .filter(|t| cluster.as_ref().is_none_or(|c| *c == t.cluster))
+                .collect())
+        })
+        .await
+    }
+
+    async fn remove_join_token(&self, hash: &TokenHash) -> Result<bool, CatalogError> {
+        let key = hash.to_hex();
+        self.blocking("remove join token", move |kv| {
+            kv.write("remove join token", &|tx| tx.remove(Table::Tokens, &key))
+        })
+        .await
+    }
+
+    async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), CatalogError> {
+        self.blocking("upsert agent", move |kv| {
+            kv.write("upsert agent", &|tx| {
+                require_cluster(tx, &agent.cluster)?;
+                if let Some(existing) =
+                    get_rec::<AgentRecord>(tx, Table::Agents, agent.id.as_str())?
+                    && (existing.cluster != agent.cluster || existing.node != agent.node)
+                {
+                    return Err(CatalogError::AgentConflict {
+                        agent: existing.id,
+                        cluster: existing.cluster,
+                        node: existing.node,
+                    });
+                }
+                let nkey = node_key(&agent.cluster, &agent.node);
+                if let Some(holder) = get_rec::<NodeAgent>(tx, Table::AgentNodes, &nkey)?
+                    && holder.agent != agent.id
+                {
+                    // The node re-enrolled: the new agent replaces the old one.
+                    tx.remove(Table::Agents, holder.agent.as_str())?;
+                }
+                put_rec(tx, Table::Agents, agent.id.as_str(), &agent)?;
+                put_rec(
+                    tx,
+                    Table::AgentNodes,
+                    &nkey,
+                    &NodeAgent {
+                        agent: agent.id.clone(),
+                    },
+                )
+            })
+        })
+        .await
+    }
+
+    async fn get_agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, CatalogError> {
+        let id = id.clone();
+        self.blocking("get agent", move |kv| {
+            kv.get(Table::Agents, id.as_str())?
+                .map(|b| decode(Table::Agents.name(), id.as_str(), &b))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn touch_agents(&self, seen: &[(AgentId, Timestamp)]) -> Result<(), CatalogError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let seen = seen.to_vec();
+        self.blocking("touch agents", move |kv| {
+            kv.write("touch agents", &|tx| {
+                for (id, at) in &seen {
+                    let Some(mut agent) = get_rec::<AgentRecord>(tx, Table::Agents, id.as_str())?
+                    else {
+                        return Err(CatalogError::AgentNotFound { agent: id.clone() });
+                    };
+                    if *at > agent.last_seen {
+                        agent.last_seen = *at;
+                        put_rec(tx, Table::Agents, id.as_str(), &agent)?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_agents(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Result<Vec<AgentRecord>, CatalogError> {
+        let cluster = cluster.cloned();
+        self.blocking("list agents", move |kv| {
+            let all: Vec<AgentRecord> = scan_decode(kv, Table::Agents, "")?;
+            Ok(all
+                .into_iter()
+                .filter(|a| cluster.as_ref().is_none_or(|c| *c == a.cluster))
+                .collect())
+        })
+        .await
+    }
+
+    async fn remove_agent(&self, id: &AgentId) -> Result<bool, CatalogError> {
+        let id = id.clone();
+        self.blocking("remove agent", move |kv| {
+            kv.write("remove agent", &|tx| {
+                let Some(agent) = get_rec::<AgentRecord>(tx, Table::Agents, id.as_str())? else {
+                    return Ok(false);
+                };
+                tx.remove(Table::Agents, id.as_str())?;
+                let nkey = node_key(&agent.cluster, &agent.node);
+                if let Some(holder) = get_rec::<NodeAgent>(tx, Table::AgentNodes, &nkey)?
+                    && holder.agent == id
+                {
+                    tx.remove(Table::AgentNodes, &nkey)?;
+                    drop_node_apps(tx, &nkey)?;
+                }
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn replace_inventory(
+        &self,
+        cluster: &ClusterName,
+        node: &NodeName,
+        apps: Vec<AppInventory>,
+        now: Timestamp,
+    ) -> Result<(), CatalogError> {
+        let mut keys = BTreeSet::new();
+        for app in &apps {
+            app.validate()?;
+            if !keys.insert(app_key(cluster, &app.team, &app.name)) {
+                return Err(CatalogError::InvalidRecord {
+                    what: format!("inventory of node {node} in cluster {cluster}"),
+                    reason: format!("app {} of team {} is listed twice", app.name, app.team),
+                });
+            }
+        }
+        let cluster = cluster.clone();
+        let node = node.clone();
+        self.blocking("replace inventory", move |kv| {
+            kv.write("replace inventory", &|tx| {
+                require_cluster(tx, &cluster)?;
+                let nkey = node_key(&cluster, &node);
+                let old: NodeApps = get_rec(tx, Table::NodeApps, &nkey)?.unwrap_or_default();
+                let mut new_keys = Vec::with_capacity(apps.len());
+                for app in &apps {
+                    let key = app_key(&cluster, &app.team, &app.name);
+                    if let Some(existing) = get_rec::<AppRecord>(tx, Table::Apps, &key)?
+                        && existing.node != node
+                    {
+                        return Err(CatalogError::AppOwnedElsewhere {
+                            cluster: cluster.clone(),
+                            team: app.team.clone(),
+                            app: app.name.clone(),
+                            owner: existing.node,
+                            node: node.clone(),
+                        });
+                    }
+                    new_keys.push(key);
+                }
+                for key in &old.apps {
+                    if !new_keys.contains(key) {
+                        tx.remove(Table::Apps, key)?;
+                    }
+                }
+                let mut teams = BTreeSet::new();
+                for (app, key) in apps.iter().zip(&new_keys) {
+                    let rec = AppRecord {
+                        name: app.name.clone(),
+                        team: app.team.clone(),
+                        cluster: cluster.clone(),
+                        node: node.clone(),
+                        components: app.components.clone(),
+                        reported_at: now,
+                    };
+                    put_rec(tx, Table::Apps, key, &rec)?;
+                    teams.insert(app.team.clone());
+                }
+                for team in teams {
+                    if tx.get(Table::Teams, team.as_str())?.is_none() {
+                        let rec = TeamRecord {
+                            name: team.clone(),
+                            created_at: now,
+                        };
+                        put_rec(tx, Table::Teams, team.as_str(), &rec)?;
+                    }
+                }
+                if new_keys.is_empty() {
+                    tx.remove(Table::NodeApps, &nkey)?;
+                } else {
+                    put_rec(tx, Table::NodeApps, &nkey, &NodeApps { apps: new_keys })?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn get_app(
+        &self,
+        cluster: &ClusterName,
+        team: &TeamName,
+        app: &AppName,
+    ) -> Result<Option<AppRecord>, CatalogError> {
+        let key = app_key(cluster, team, app);
+        self.blocking("get app", move |kv| {
+            kv.get(Table::Apps, &key)?
+                .map(|b| decode(Table::Apps.name(), &key, &b))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_apps(&self, filter: &AppFilter) -> Result<Vec<AppRecord>, CatalogError> {
+        let filter = filter.clone();
+        self.blocking("list apps", move |kv| {
+            let prefix = filter
+                .cluster
+                .as_ref()
+                .map(|c| format!("{c}/"))
+                .unwrap_or_default();
+            let all: Vec<AppRecord> = scan_decode(kv, Table::Apps, &prefix)?;
+            Ok(all.into_iter().filter(|a| filter.matches(a)).collect())
+        })
+        .await
+    }
+}
