@@ -8,6 +8,13 @@ use std::ops::Range;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod local;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use local::LocalStore;
+
 /// The key of an object inside a storage location, `/`-separated and
 /// relative (`data/3f/3fa2…`, `snapshots/…`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,7 +29,9 @@ impl ObjectKey {
             && !key.starts_with('/')
             && !key.contains('\\')
             && !key.contains('\0')
-            && key.split('/').all(|s| !s.is_empty() && s != "." && s != "..");
+            && key
+                .split('/')
+                .all(|s| !s.is_empty() && s != "." && s != "..");
         if valid {
             Ok(Self(key))
         } else {
@@ -39,6 +48,22 @@ impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Checks a listing prefix: every complete segment (before the last `/`)
+/// must be a valid key segment; the trailing partial segment may be empty
+/// or any text without `\\` and NUL.
+pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    let invalid = || StoreError::InvalidKey {
+        key: prefix.to_owned(),
+    };
+    if prefix.contains('\\') || prefix.contains('\0') {
+        return Err(invalid());
+    }
+    if let Some(i) = prefix.rfind('/') {
+        ObjectKey::new(&prefix[..i]).map_err(|_| invalid())?;
+    }
+    Ok(())
 }
 
 /// One entry of a listing.
