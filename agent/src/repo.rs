@@ -15,6 +15,9 @@ pub mod snapshot;
 pub mod tree;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -180,6 +183,7 @@ impl Repository {
             label,
             KdfParams::default(),
             ChunkerParams::default(),
+            format::DEFAULT_PACK_SIZE,
         )
         .await
     }
@@ -190,6 +194,7 @@ impl Repository {
         label: &str,
         kdf: KdfParams,
         chunker: ChunkerParams,
+        pack_size: u32,
     ) -> Result<Self, RepoError> {
         if store.size(&object_key(CONFIG_KEY)?).await?.is_some() {
             return Err(RepoError::AlreadyInitialized);
@@ -202,7 +207,7 @@ impl Repository {
             version: FORMAT_VERSION,
             id: hex::encode(rid),
             chunker,
-            pack_size: format::DEFAULT_PACK_SIZE,
+            pack_size: pack_size.max(4096),
             compression_level: format::DEFAULT_COMPRESSION_LEVEL,
         };
         let key_id = write_key_file(&*store, &key, password, label, kdf).await?;

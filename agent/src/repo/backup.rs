@@ -341,11 +341,12 @@ impl Repository {
         });
         let walked = walk.await.map_err(|e| RepoError::Task(e.to_string()))?;
         let uploaded = uploader.await.map_err(|e| RepoError::Task(e.to_string()))?;
-        // The first failure is the cause; later ones are consequences.
+        // An upload failure is the cause of the workers stopping; otherwise
+        // the first failure is the cause and later ones are consequences.
+        let (packs, stored, n_packs) = uploaded?;
         if let Some(e) = errors.take() {
             return Err(e);
         }
-        let (packs, stored, n_packs) = uploaded?;
         let (root, mut summary) = walked?;
         summary.bytes_stored = stored;
         summary.packs_written = n_packs;

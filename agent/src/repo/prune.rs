@@ -239,29 +239,6 @@ impl Repository {
         }
         let stored: HashMap<PackId, u64> = self.list_packs().await?.into_iter().collect();
         report.packs_total = stored.len();
-        let pack_entries: HashMap<PackId, Vec<BlobId>> = index
-            .packs()
-            .map(|(p, e)| (*p, e.iter().map(|e| e.id).collect()))
-            .collect();
-        let is_referenced = |p: &PackId, referenced: &HashSet<BlobId>| {
-            pack_entries
-                .get(p)
-                .is_some_and(|blobs| blobs.iter().any(|b| referenced.contains(b)))
-        };
-        let mut unreferenced = Vec::new();
-        for p in stored.keys() {
-            if is_referenced(p, &referenced) {
-                report.packs_referenced += 1;
-                if pack_entries
-                    .get(p)
-                    .is_some_and(|b| b.iter().any(|b| !referenced.contains(b)))
-                {
-                    report.packs_partly_referenced += 1;
-                }
-            } else {
-                unreferenced.push(*p);
-            }
-        }
         // Existing marks.
         let mut marks: HashMap<PackId, i64> = HashMap::new();
         for o in self.store().list(MARKS_PREFIX).await? {
@@ -276,6 +253,43 @@ impl Repository {
                 Err(e) => return Err(e.into()),
             };
             marks.insert(p, at);
+        }
+        // Every copy of each blob; a blob stored twice (a resumed backup,
+        // or data stored again after its pack was marked) needs only one
+        // pack, preferably an unmarked one.
+        let mut copies: HashMap<BlobId, Vec<PackId>> = HashMap::new();
+        for (p, entries) in index.packs() {
+            if stored.contains_key(p) {
+                for e in entries {
+                    copies.entry(e.id).or_default().push(*p);
+                }
+            }
+        }
+        let needed_packs = |referenced: &HashSet<BlobId>| -> HashSet<PackId> {
+            let mut needed = HashSet::new();
+            for b in referenced {
+                if let Some(p) = copies
+                    .get(b)
+                    .and_then(|ps| ps.iter().min_by_key(|p| (marks.contains_key(*p), **p)))
+                {
+                    needed.insert(*p);
+                }
+            }
+            needed
+        };
+        let needed = needed_packs(&referenced);
+        for (p, entries) in index.packs() {
+            if needed.contains(p) && entries.iter().any(|b| !referenced.contains(&b.id)) {
+                report.packs_partly_referenced += 1;
+            }
+        }
+        let mut unreferenced = Vec::new();
+        for p in stored.keys() {
+            if needed.contains(p) {
+                report.packs_referenced += 1;
+            } else {
+                unreferenced.push(*p);
+            }
         }
         let now = now_unix();
         let unref_set: HashSet<PackId> = unreferenced.iter().copied().collect();
@@ -327,7 +341,8 @@ impl Repository {
             let fresh = self.load_index().await?;
             referenced.extend(self.referenced_blobs(&fresh, &new_snaps).await?);
         }
-        candidates.retain(|p| !is_referenced(p, &referenced));
+        let needed = needed_packs(&referenced);
+        candidates.retain(|p| !needed.contains(p));
         let doomed: HashSet<PackId> = candidates.iter().copied().collect();
         // 1. Rewrite the index objects that mention doomed packs.
         let mut keep: Vec<IndexedPack> = Vec::new();

@@ -1,0 +1,948 @@
+//! Round-trip, incremental, hostile-snapshot, corruption, interruption and
+//! prune tests of the repository against the local store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::{Rng, RngCore, SeedableRng};
+
+use super::backup::BackupOptions;
+use super::crypto::KdfParams;
+use super::format::{BlobKind, ChunkerParams, DATA_PREFIX, INDEX_PREFIX};
+use super::tree::{Node, NodeKind, Timestamp, Tree};
+use super::verify::VerifyOptions;
+use super::{RepoError, Repository};
+use crate::store::{LocalStore, ObjectInfo, ObjectKey, ObjectStore, StoreError};
+
+pub(crate) fn small_chunker() -> ChunkerParams {
+    ChunkerParams {
+        min_size: 4096,
+        avg_size: 16384,
+        max_size: 65536,
+    }
+}
+
+pub(crate) fn cheap_kdf() -> KdfParams {
+    KdfParams {
+        memory_kib: 1024,
+        iterations: 1,
+        parallelism: 1,
+    }
+}
+
+const PW: &[u8] = b"correct horse";
+
+async fn init(store: Arc<dyn ObjectStore>, pack_size: u32) -> Repository {
+    Repository::init_with(store, PW, "test", cheap_kdf(), small_chunker(), pack_size)
+        .await
+        .expect("init")
+}
+
+fn set_mtime(path: &Path, sec: i64, nsec: u32) {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("utimensat");
+}
+
+fn random_bytes(rng: &mut impl RngCore, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// Builds a tree with every supported file type.
+pub(crate) fn make_tree(root: &Path, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let root_user = rustix::process::geteuid().is_root();
+    fs::create_dir_all(root.join("a/b/c")).expect("mkdir");
+    fs::create_dir_all(root.join("empty-dir")).expect("mkdir");
+    fs::write(root.join("empty"), b"").expect("write");
+    fs::write(root.join("small.txt"), b"hello ferry\n").expect("write");
+    fs::write(
+        root.join("a/log.txt"),
+        "line of a log file\n".repeat(20_000),
+    )
+    .expect("write");
+    fs::write(root.join("a/b/noise.bin"), random_bytes(&mut rng, 700_000)).expect("write");
+    // Duplicate content: deduplicated.
+    let dup = random_bytes(&mut rng, 200_000);
+    fs::write(root.join("a/dup1"), &dup).expect("write");
+    fs::write(root.join("a/b/c/dup2"), &dup).expect("write");
+    for i in 0..30 {
+        let n = rng.random_range(0..5000);
+        fs::write(
+            root.join(format!("a/b/c/f{i:02}.json")),
+            random_bytes(&mut rng, n),
+        )
+        .expect("write");
+    }
+    // Sparse: 4 MiB with data at two places.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(root.join("sparse.img")).expect("create");
+        f.set_len(4 << 20).expect("set_len");
+        f.write_all_at(b"start", 0).expect("write");
+        f.write_all_at(&random_bytes(&mut rng, 10_000), 3 << 20)
+            .expect("write");
+    }
+    // Names that are not UTF-8 and contain spaces.
+    fs::write(root.join(std::ffi::OsStr::new("with space")), b"x").expect("write");
+    fs::write(
+        root.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xffname")),
+        b"y",
+    )
+    .expect("write");
+    // Symlinks, one dangling.
+    std::os::unix::fs::symlink("small.txt", root.join("link-to-small")).expect("symlink");
+    std::os::unix::fs::symlink("/nonexistent/target", root.join("a/dangling")).expect("symlink");
+    // Hard links.
+    fs::write(root.join("a/hard1"), b"linked content").expect("write");
+    fs::hard_link(root.join("a/hard1"), root.join("a/b/hard2")).expect("link");
+    // Fifo.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &root.join("a/fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .expect("mkfifo");
+    // Permissions, ownership, xattrs.
+    fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o640)).expect("chmod");
+    fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o750)).expect("chmod");
+    if root_user {
+        std::os::unix::fs::chown(root.join("a/log.txt"), Some(1234), Some(5678)).expect("chown");
+        std::os::unix::fs::lchown(root.join("link-to-small"), Some(42), Some(43)).expect("lchown");
+        fs::write(root.join("setuid"), b"#!/bin/sh\n").expect("write");
+        fs::set_permissions(root.join("setuid"), fs::Permissions::from_mode(0o4755))
+            .expect("chmod");
+    }
+    let _ = rustix::fs::setxattr(
+        &root.join("small.txt"),
+        "user.ferry.test",
+        b"value\x00with nul",
+        rustix::fs::XattrFlags::empty(),
+    );
+    let _ = rustix::fs::setxattr(
+        &root.join("a"),
+        "user.dir",
+        b"d",
+        rustix::fs::XattrFlags::empty(),
+    );
+    // Nanosecond mtimes, set last (deepest first so parents keep theirs).
+    set_mtime(&root.join("a/b/noise.bin"), 1_600_000_000, 123_456_789);
+    set_mtime(&root.join("link-to-small"), 1_500_000_000, 987_654_321);
+    set_mtime(&root.join("a/b/c"), 1_400_000_000, 5);
+    set_mtime(&root.join("a/b"), 1_400_000_001, 6);
+    set_mtime(&root.join("a"), 1_400_000_002, 7);
+}
+
+fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut names[..]).unwrap_or(0);
+    let mut out = Vec::new();
+    for name in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let mut v = vec![0u8; 4096];
+        let name_os = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
+        if let Ok(len) = rustix::fs::lgetxattr(p, name_os, &mut v[..]) {
+            v.truncate(len);
+            out.push((name.to_vec(), v));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Asserts that two trees are equal in content and metadata.
+pub(crate) fn assert_same_tree(a: &Path, b: &Path) {
+    compare_dir(a, b, "", &mut HashMap::new(), &mut HashMap::new(), true);
+}
+
+/// Like [`assert_same_tree`] for a subtree, whose hard links to files
+/// outside it cannot be restored.
+pub(crate) fn assert_same_subtree(a: &Path, b: &Path) {
+    compare_dir(a, b, "", &mut HashMap::new(), &mut HashMap::new(), false);
+}
+
+fn compare_dir(
+    a: &Path,
+    b: &Path,
+    rel: &str,
+    la: &mut HashMap<u64, String>,
+    lb: &mut HashMap<u64, String>,
+    links: bool,
+) {
+    let names = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let (na, nb) = (names(a), names(b));
+    assert_eq!(na, nb, "entries of {rel}/ differ");
+    for name in na {
+        let (pa, pb) = (a.join(&name), b.join(&name));
+        let r = format!("{rel}/{}", name.to_string_lossy());
+        let (ma, mb) = (
+            fs::symlink_metadata(&pa).expect("stat"),
+            fs::symlink_metadata(&pb).expect("stat"),
+        );
+        assert_eq!(ma.file_type(), mb.file_type(), "type of {r}");
+        assert_eq!(ma.uid(), mb.uid(), "uid of {r}");
+        assert_eq!(ma.gid(), mb.gid(), "gid of {r}");
+        assert_eq!(
+            (ma.mtime(), ma.mtime_nsec()),
+            (mb.mtime(), mb.mtime_nsec()),
+            "mtime of {r}"
+        );
+        if !ma.file_type().is_symlink() {
+            assert_eq!(ma.mode(), mb.mode(), "mode of {r}");
+            assert_eq!(xattrs(&pa), xattrs(&pb), "xattrs of {r}");
+        }
+        if ma.is_file() {
+            assert_eq!(ma.len(), mb.len(), "size of {r}");
+            assert!(
+                fs::read(&pa).expect("read") == fs::read(&pb).expect("read"),
+                "content of {r}"
+            );
+            if links && ma.nlink() > 1 {
+                let first_a = la.entry(ma.ino()).or_insert_with(|| r.clone()).clone();
+                let first_b = lb.entry(mb.ino()).or_insert_with(|| r.clone()).clone();
+                assert_eq!(first_a, first_b, "hard link group of {r}");
+                assert_eq!(ma.nlink(), mb.nlink(), "link count of {r}");
+            }
+            // Holes stay holes.
+            if ma.blocks() * 512 < ma.len() / 2 {
+                assert!(
+                    mb.blocks() * 512 < mb.len() / 2,
+                    "{r} lost its holes ({} blocks)",
+                    mb.blocks()
+                );
+            }
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(
+                fs::read_link(&pa).ok(),
+                fs::read_link(&pb).ok(),
+                "target of {r}"
+            );
+        } else if ma.is_dir() {
+            compare_dir(&pa, &pb, &r, la, lb, links);
+        }
+    }
+}
+
+fn backup_opts() -> BackupOptions {
+    BackupOptions {
+        tags: BTreeMap::from([("app".to_owned(), "test".to_owned())]),
+        host: Some("host-a".into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_every_file_type_and_subtree() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 1);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 256 * 1024).await;
+    let out = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup");
+    let id = out.id.expect("committed");
+    let s = &out.snapshot.summary;
+    assert!(
+        s.packs_written >= 2,
+        "expected several packs, got {}",
+        s.packs_written
+    );
+    assert!(
+        s.bytes_stored < s.bytes_read,
+        "compression/dedup saved nothing: {s:?}"
+    );
+
+    // Re-open with the password and restore everything.
+    let repo = Repository::open(store.clone(), PW).await.expect("open");
+    let dst = tmp.path().join("dst");
+    let r = repo.restore(id, None, &dst, None).await.expect("restore");
+    assert!(r.hardlinks >= 1 && r.symlinks >= 2, "{r:?}");
+    assert_same_tree(&src, &dst);
+
+    // A subtree, and a single file.
+    let sub = tmp.path().join("sub");
+    repo.restore(id, Some("a/b"), &sub, None)
+        .await
+        .expect("restore subtree");
+    assert_same_subtree(&src.join("a/b"), &sub);
+    let one = tmp.path().join("one");
+    repo.restore(id, Some("a/log.txt"), &one, None)
+        .await
+        .expect("restore file");
+    assert_eq!(
+        fs::read(one.join("log.txt")).expect("read"),
+        fs::read(src.join("a/log.txt")).expect("read")
+    );
+
+    // A non-empty target is refused and left alone.
+    let err = repo
+        .restore(id, None, &dst, None)
+        .await
+        .expect_err("non-empty target");
+    assert!(err.to_string().contains("not empty"), "{err}");
+
+    let report = repo
+        .verify(VerifyOptions {
+            snapshot: None,
+            read_data_percent: Some(100),
+        })
+        .await
+        .expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.packs_read, report.packs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_backup_reads_only_changes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 2);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let first = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup");
+
+    // No change: nothing read, nothing new, same root tree.
+    let second = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup");
+    assert_eq!(second.snapshot.parent, first.id);
+    assert_eq!(second.snapshot.summary.bytes_read, 0);
+    assert_eq!(second.snapshot.summary.bytes_new, 0);
+    assert_eq!(second.snapshot.summary.packs_written, 0);
+    assert_eq!(second.snapshot.tree, first.snapshot.tree);
+
+    // Change one file: only it is read.
+    fs::write(src.join("a/b/c/f00.json"), b"changed").expect("write");
+    let third = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup");
+    assert_eq!(third.snapshot.summary.bytes_read, 7);
+    assert_ne!(third.snapshot.tree, first.snapshot.tree);
+
+    // Another tag set has no parent and reads everything, storing nothing new.
+    let mut other = backup_opts();
+    other.tags.insert("volume".into(), "x".into());
+    let fourth = repo.backup(&src, other, None).await.expect("backup");
+    assert_eq!(fourth.snapshot.parent, None);
+    assert!(fourth.snapshot.summary.bytes_read > 4_000_000);
+    assert_eq!(fourth.snapshot.summary.bytes_new, 0);
+
+    let dst = tmp.path().join("dst");
+    repo.restore(third.id.expect("id"), None, &dst, None)
+        .await
+        .expect("restore");
+    assert_same_tree(&src, &dst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_stores_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 3);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let mut o = backup_opts();
+    o.dry_run = true;
+    let out = repo.backup(&src, o, None).await.expect("dry run");
+    assert!(out.id.is_none());
+    assert!(out.snapshot.summary.bytes_read > 4_000_000);
+    assert!(out.snapshot.summary.bytes_stored > 0);
+    assert!(store.list(DATA_PREFIX).await.expect("list").is_empty());
+    assert!(store.list("snapshots/").await.expect("list").is_empty());
+    assert!(store.list("locks/").await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_key_rotation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let err = Repository::open(store.clone(), b"wrong")
+        .await
+        .expect_err("wrong password");
+    assert!(matches!(err, RepoError::WrongPassword), "{err}");
+    assert!(err.to_string().contains("wrong password"));
+    assert!(matches!(
+        Repository::init_with(
+            store.clone(),
+            PW,
+            "x",
+            cheap_kdf(),
+            small_chunker(),
+            1 << 20
+        )
+        .await,
+        Err(RepoError::AlreadyInitialized)
+    ));
+
+    let src = tmp.path().join("src");
+    make_tree(&src, 4);
+    let id = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup")
+        .id
+        .expect("id");
+    let data_before = store.list(DATA_PREFIX).await.expect("list");
+
+    // Rotate: add a new key, open with it, remove the old one.
+    let new_id = repo
+        .add_key_with(b"new password", "rotated", cheap_kdf())
+        .await
+        .expect("add");
+    let repo2 = Repository::open(store.clone(), b"new password")
+        .await
+        .expect("open new");
+    assert_eq!(repo2.key_id(), new_id);
+    assert!(
+        repo2.remove_key(&new_id.to_hex()).await.is_err(),
+        "removed the key in use"
+    );
+    repo2
+        .remove_key(&repo.key_id().to_hex())
+        .await
+        .expect("remove old");
+    assert!(matches!(
+        Repository::open(store.clone(), PW).await,
+        Err(RepoError::WrongPassword)
+    ));
+    assert_eq!(
+        store.list(DATA_PREFIX).await.expect("list"),
+        data_before,
+        "data was rewritten"
+    );
+    let dst = tmp.path().join("dst");
+    repo2
+        .restore(id, None, &dst, None)
+        .await
+        .expect("restore with rotated key");
+    assert_same_tree(&src, &dst);
+    assert!(matches!(
+        Repository::open(Arc::new(LocalStore::new(tmp.path().join("nothing"))), PW).await,
+        Err(RepoError::NotARepository)
+    ));
+}
+
+/// Writes a hand-made tree/snapshot through the library.
+async fn hostile_snapshot(repo: &Repository, nodes: Vec<Node>) -> super::format::SnapshotId {
+    use super::pack::{BlobEncoder, PackBuilder};
+    let file_data = b"evil".to_vec();
+    let file_id = repo.key().blob_id(&file_data);
+    let tree = Tree { nodes };
+    let enc_tree = tree.encode();
+    let tree_id = repo.key().blob_id(&enc_tree);
+    let mut enc = BlobEncoder::new(1).expect("zstd");
+    let mut pb = PackBuilder::with_capacity(1024);
+    pb.add(&mut enc, repo.key(), file_id, BlobKind::Data, &file_data);
+    pb.add(&mut enc, repo.key(), tree_id, BlobKind::Tree, &enc_tree);
+    let p = pb.finish(repo.key());
+    repo.store()
+        .put(
+            &ObjectKey::new(p.id.object_key()).expect("key"),
+            Bytes::from(p.data),
+        )
+        .await
+        .expect("put");
+    repo.write_index(vec![super::index::IndexedPack {
+        id: p.id,
+        blobs: p.entries,
+    }])
+    .await
+    .expect("index");
+    repo.save_snapshot(&super::snapshot::Snapshot {
+        version: 1,
+        time: "2024-01-01T00:00:00Z".into(),
+        time_unix: 0,
+        host: "evil".into(),
+        path: "/".into(),
+        tags: BTreeMap::new(),
+        parent: None,
+        tree: tree_id,
+        summary: Default::default(),
+    })
+    .await
+    .expect("snapshot")
+}
+
+fn node(name: &[u8], kind: NodeKind) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        ctime: Timestamp::default(),
+        inode: 1,
+        dev: 1,
+        size: 4,
+        xattrs: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_snapshots_cannot_escape_the_target() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let file = |name: &[u8]| {
+        node(
+            name,
+            NodeKind::File {
+                content: vec![repo.key().blob_id(b"evil")],
+                hardlink: None,
+            },
+        )
+    };
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).expect("mkdir");
+    let cases: Vec<(&str, Vec<Node>)> = vec![
+        ("dotdot", vec![file(b"..")]),
+        ("slash", vec![file(b"../../outside/pwned")]),
+        ("absolute", vec![file(b"/tmp/pwned")]),
+        ("empty", vec![file(b"")]),
+        // A symlink to outside, then a file of the same name: the file
+        // must not be written through the link.
+        (
+            "symlink-then-file",
+            vec![
+                node(
+                    b"x",
+                    NodeKind::Symlink {
+                        target: outside.join("pwned").into_os_string().into_encoded_bytes(),
+                    },
+                ),
+                file(b"x"),
+            ],
+        ),
+        // A symlink to outside, then a directory of the same name.
+        (
+            "symlink-then-dir",
+            vec![
+                node(
+                    b"d",
+                    NodeKind::Symlink {
+                        target: outside.clone().into_os_string().into_encoded_bytes(),
+                    },
+                ),
+                node(
+                    b"d",
+                    NodeKind::Dir {
+                        subtree: repo.key().blob_id(&Tree { nodes: vec![] }.encode()),
+                    },
+                ),
+            ],
+        ),
+    ];
+    for (name, nodes) in cases {
+        let id = hostile_snapshot(&repo, nodes).await;
+        let target = tmp.path().join(format!("t-{name}"));
+        let err = repo.restore(id, None, &target, None).await.expect_err(name);
+        assert!(
+            matches!(err, RepoError::UnsafeEntry { .. } | RepoError::Io { .. }),
+            "{name}: unexpected error {err}"
+        );
+        assert_eq!(
+            fs::read_dir(&outside).expect("read").count(),
+            0,
+            "{name} wrote outside the target"
+        );
+    }
+    assert!(!Path::new("/tmp/pwned").exists());
+}
+
+/// Fails every `put` of a pack after `allow` of them succeeded, like a
+/// process that dies in the middle of a backup.
+#[derive(Debug)]
+struct CrashAfter {
+    inner: Arc<dyn ObjectStore>,
+    allow: usize,
+    puts: AtomicUsize,
+}
+
+#[async_trait]
+impl ObjectStore for CrashAfter {
+    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StoreError> {
+        if key.as_str().starts_with(DATA_PREFIX)
+            && self.puts.fetch_add(1, Ordering::SeqCst) >= self.allow
+        {
+            return Err(StoreError::Permanent {
+                op: "put",
+                key: key.to_string(),
+                source: "injected crash".into(),
+            });
+        }
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &ObjectKey) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        self.inner.size(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_backup_resumes_uploading_only_what_is_missing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).expect("mkdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for i in 0..8 {
+        fs::write(src.join(format!("f{i}")), random_bytes(&mut rng, 1 << 20)).expect("write");
+    }
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(local.clone(), 512 * 1024).await;
+    // Reference: how many packs a complete backup writes in a fresh repo.
+    let crash: Arc<dyn ObjectStore> = Arc::new(CrashAfter {
+        inner: local.clone(),
+        allow: 6,
+        puts: AtomicUsize::new(0),
+    });
+    let crashing = Repository::open(crash, PW).await.expect("open");
+    let err = crashing
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect_err("crash");
+    assert!(err.to_string().contains("injected crash"), "{err}");
+    assert!(
+        local.list("snapshots/").await.expect("list").is_empty(),
+        "no commit point may exist"
+    );
+    let left = local.list(DATA_PREFIX).await.expect("list");
+    assert_eq!(left.len(), 6, "packs left by the interrupted run");
+    // A torn pack (a truncated write) is ignored, not trusted.
+    let torn = ObjectKey::new(format!("{DATA_PREFIX}00/{}", "00".repeat(32))).expect("key");
+    local
+        .put(&torn, Bytes::from_static(b"torn"))
+        .await
+        .expect("put");
+
+    let out = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("resume");
+    let s = &out.snapshot.summary;
+    let left_bytes: u64 = left.iter().map(|o| o.size).sum();
+    assert!(s.bytes_read >= 8 << 20);
+    // Everything the first run stored is reused: the new packs hold only
+    // the remainder.
+    let total_plain = 8u64 << 20;
+    assert!(
+        s.bytes_new <= total_plain - left_bytes * 9 / 10,
+        "resumed run re-uploaded data: new {} bytes, {} bytes were already stored",
+        s.bytes_new,
+        left_bytes
+    );
+    assert_eq!(
+        local.list(DATA_PREFIX).await.expect("list").len() as u64,
+        7 + s.packs_written,
+        "packs after resume"
+    );
+    let dst = tmp.path().join("dst");
+    repo.restore(out.id.expect("id"), None, &dst, None)
+        .await
+        .expect("restore");
+    assert_same_tree(&src, &dst);
+}
+
+async fn corrupt_first(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    how: fn(&mut Vec<u8>),
+) -> String {
+    let objs = store.list(prefix).await.expect("list");
+    let o = objs.iter().max_by_key(|o| o.size).expect("an object");
+    let mut data = store.get(&o.key).await.expect("get").to_vec();
+    how(&mut data);
+    store.put(&o.key, Bytes::from(data)).await.expect("put");
+    o.key.as_str().rsplit('/').next().expect("id").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_pack_fails_verify_and_restore_naming_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 5);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let id = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup")
+        .id
+        .expect("id");
+    let pack = corrupt_first(&store, DATA_PREFIX, |d| d[100] ^= 0x55).await;
+
+    let report = repo
+        .verify(VerifyOptions {
+            snapshot: None,
+            read_data_percent: Some(100),
+        })
+        .await
+        .expect("verify runs");
+    assert!(!report.problems.is_empty());
+    assert!(
+        report.problems.iter().any(|p| p.contains(&pack)),
+        "{:?}",
+        report.problems
+    );
+    let err = report.into_result().expect_err("verify fails");
+    assert!(err.to_string().contains(&pack));
+
+    let dst = tmp.path().join("dst");
+    let err = repo
+        .restore(id, None, &dst, None)
+        .await
+        .expect_err("restore fails");
+    assert!(err.to_string().contains(&pack), "{err}");
+
+    // A missing pack is named by the structural check alone.
+    let key = ObjectKey::new(format!("{DATA_PREFIX}{}/{}", &pack[..2], pack)).expect("key");
+    store.delete(&key).await.expect("delete");
+    let report = repo.verify(VerifyOptions::default()).await.expect("verify");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&pack) && p.contains("missing")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_or_garbage_index_is_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 6);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let id = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup")
+        .id
+        .expect("id");
+    let idx = corrupt_first(&store, INDEX_PREFIX, |d| d.truncate(d.len() / 2)).await;
+    let report = repo.verify(VerifyOptions::default()).await.expect("verify");
+    assert!(
+        report.problems.iter().any(|p| p.contains(&idx)),
+        "{:?}",
+        report.problems
+    );
+    let err = repo
+        .restore(id, None, &tmp.path().join("dst"), None)
+        .await
+        .expect_err("restore");
+    assert!(err.to_string().contains(&idx), "{err}");
+    // Garbage snapshot manifests are refused by name too.
+    let snap = corrupt_first(&store, "snapshots/", |d| d.iter_mut().for_each(|b| *b = 7)).await;
+    let err = repo.list_snapshots().await.expect_err("garbage snapshot");
+    assert!(err.to_string().contains(&snap), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_marks_then_deletes_after_delay_and_respects_lock() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 256 * 1024).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    fs::create_dir_all(&a).expect("mkdir");
+    fs::create_dir_all(&b).expect("mkdir");
+    fs::write(a.join("keep"), random_bytes(&mut rng, 600_000)).expect("write");
+    fs::write(b.join("drop"), random_bytes(&mut rng, 900_000)).expect("write");
+    let sa = repo
+        .backup(&a, backup_opts(), None)
+        .await
+        .expect("a")
+        .id
+        .expect("id");
+    let sb = repo
+        .backup(&b, backup_opts(), None)
+        .await
+        .expect("b")
+        .id
+        .expect("id");
+    let packs_before = store.list(DATA_PREFIX).await.expect("list").len();
+
+    // Nothing unreferenced yet.
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
+    assert_eq!((r.packs_newly_marked, r.packs_deleted), (0, 0), "{r:?}");
+
+    repo.forget(&[sb]).await.expect("forget");
+    // First pass marks, deletes nothing even with a zero delay.
+    let r = repo
+        .prune(std::time::Duration::from_secs(3600))
+        .await
+        .expect("prune");
+    assert!(r.packs_newly_marked >= 1, "{r:?}");
+    assert_eq!(r.packs_deleted, 0);
+    assert_eq!(
+        store.list(DATA_PREFIX).await.expect("list").len(),
+        packs_before
+    );
+    // Within the safety delay: still kept.
+    let r = repo
+        .prune(std::time::Duration::from_secs(3600))
+        .await
+        .expect("prune");
+    assert_eq!(r.packs_deleted, 0);
+    assert!(r.packs_marked_waiting >= 1);
+
+    // A live backup lock defers deletion.
+    let lock = super::prune::Lock::acquire_shared(&repo, "backup")
+        .await
+        .expect("lock");
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
+    assert!(r.deferred_by_backup && r.packs_deleted == 0, "{r:?}");
+    // A second maintenance owner is refused.
+    let m = super::prune::Lock::acquire_maintenance(&repo)
+        .await
+        .expect("maintenance");
+    assert!(matches!(
+        repo.prune(std::time::Duration::ZERO).await,
+        Err(RepoError::Locked { .. })
+    ));
+    m.release(&repo).await;
+    lock.release(&repo).await;
+
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
+    assert!(r.packs_deleted >= 1, "{r:?}");
+    assert!(store.list("marks/").await.expect("list").is_empty());
+    assert_eq!(
+        store.list(DATA_PREFIX).await.expect("list").len(),
+        packs_before - r.packs_deleted
+    );
+    // The remaining snapshot is intact.
+    let report = repo
+        .verify(VerifyOptions {
+            snapshot: None,
+            read_data_percent: Some(100),
+        })
+        .await
+        .expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let dst = tmp.path().join("dst");
+    repo.restore(sa, None, &dst, None).await.expect("restore");
+    assert_same_tree(&a, &dst);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_does_not_reuse_blobs_of_marked_packs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let repo = init(store.clone(), 1 << 20).await;
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).expect("mkdir");
+    fs::write(src.join("f"), random_bytes(&mut rand::rng(), 300_000)).expect("write");
+    let s1 = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("b1")
+        .id
+        .expect("id");
+    repo.forget(&[s1]).await.expect("forget");
+    let r = repo
+        .prune(std::time::Duration::from_secs(3600))
+        .await
+        .expect("mark");
+    assert!(r.packs_newly_marked >= 1);
+    // The same data again: stored anew, so deleting the marked packs later
+    // cannot break the new snapshot.
+    let out = repo.backup(&src, backup_opts(), None).await.expect("b2");
+    assert!(
+        out.snapshot.summary.bytes_new >= 300_000,
+        "{:?}",
+        out.snapshot.summary
+    );
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
+    assert!(r.packs_deleted >= 1, "{r:?}");
+    let dst = tmp.path().join("dst");
+    repo.restore(out.id.expect("id"), None, &dst, None)
+        .await
+        .expect("restore");
+    assert_same_tree(&src, &dst);
+}
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
+        /// Random trees of files with random sizes and contents survive a
+        /// round trip byte for byte.
+        #[test]
+        fn random_trees_round_trip(files in proptest::collection::vec((0u8..4, 0usize..200_000, any::<u64>()), 1..20)) {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+            rt.block_on(async {
+                let tmp = tempfile::tempdir().expect("tmp");
+                let src = tmp.path().join("src");
+                for (i, (dir, size, seed)) in files.iter().enumerate() {
+                    let d = src.join(format!("d{dir}"));
+                    fs::create_dir_all(&d).expect("mkdir");
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(*seed);
+                    // Mix compressible and random content.
+                    let data: Vec<u8> = if seed % 2 == 0 { random_bytes(&mut rng, *size) } else { (0..*size).map(|j| (j % 7) as u8).collect() };
+                    fs::write(d.join(format!("f{i}")), data).expect("write");
+                }
+                let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+                let repo = init(store, 128 * 1024).await;
+                let id = repo.backup(&src, backup_opts(), None).await.expect("backup").id.expect("id");
+                let dst = tmp.path().join("dst");
+                repo.restore(id, None, &dst, None).await.expect("restore");
+                assert_same_tree(&src, &dst);
+            });
+        }
+    }
+}
