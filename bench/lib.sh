@@ -12,6 +12,7 @@ ensure_packages() {
     command -v restic >/dev/null || missing+=(restic)
     command -v borg >/dev/null || missing+=(borgbackup)
     command -v python3 >/dev/null || missing+=(python3)
+    command -v zstd >/dev/null || missing+=(zstd)
     [ -x /usr/bin/time ] || missing+=(time)
     ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing+=(postgresql)
     command -v runuser >/dev/null || missing+=(util-linux)

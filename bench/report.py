@@ -68,6 +68,7 @@ def summarise(rows, scale):
                 "cpu_pct": median([100 * (r["user_s"] + r["sys_s"]) / r["seconds"]
                                    for r in ok if r["seconds"] > 0]),
                 "load1": median([r["load1"] for r in ok]),
+                "sync_s": median([r["sync_s"] for r in ok if "sync_s" in r]),
             }
         if not t:
             continue
@@ -121,10 +122,11 @@ def report(d):
     sums = [summarise(rows, s) for s in scales]
     p = print
     p("# Ferry benchmark results\n")
-    p("Machine: %s, %s cores, %s RAM, kernel %s, filesystem %s on %s; page cache dropped before "
-      "the disk read: %s." % (machine.get("cpu_model"), machine.get("cores"), machine.get("mem_total"),
-                             machine.get("kernel"), machine.get("filesystem"),
-                             machine.get("disk_device"), "yes" if machine.get("drop_caches") else "no (warm)"))
+    p("Machine: %s, %s cores, %s RAM, kernel %s, filesystem %s on %s (%s); page cache dropped "
+      "before the disk read: %s." % (
+          machine.get("cpu_model"), machine.get("cores"), machine.get("mem_total"),
+          machine.get("kernel"), machine.get("filesystem"), machine.get("disk_device"),
+          machine.get("disk_model"), "yes" if machine.get("drop_caches") else "no (warm)"))
     p("Versions: %s; %s; ferry-agent %s (commit %s).\n" % (
         machine.get("restic"), machine.get("borg"), machine.get("ferry") or "not run",
         machine.get("ferry_commit")))
@@ -137,17 +139,17 @@ def report(d):
         p("Machine limit: disk read %s MiB/s, `ferry-agent snapshot create --dry-run` (warm) %s MiB/s "
           "→ limit %s MiB/s.\n" % (fmt(dr and dr["mib_s"], ".0f"), fmt(cpu and cpu["mib_s"], ".0f"),
                                     fmt(m.get("limit_mib_s"), ".0f")))
-        p("| tool | step | seconds | MiB/s | peak RSS MiB | CPU % | load1 | failed |")
-        p("|---|---|---:|---:|---:|---:|---:|---:|")
+        p("| tool | step | seconds | MiB/s | peak RSS MiB | CPU % | then sync s | load1 | failed |")
+        p("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for tool, t in s["tools"].items():
             for step in STEPS:
                 v = t.get(step)
                 if not v:
                     continue
-                p("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                p("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     tool, step, fmt(v["seconds"], ".2f"), fmt(v["mib_s"], ".0f"),
-                    fmt(v["rss_mib"], ".0f"), fmt(v["cpu_pct"], ".0f"), fmt(v["load1"], ".1f"),
-                    v["failed"] or ""))
+                    fmt(v["rss_mib"], ".0f"), fmt(v["cpu_pct"], ".0f"), fmt(v["sync_s"], ".1f"),
+                    fmt(v["load1"], ".1f"), v["failed"] or ""))
         p("")
         p("| tool | repository MiB | peak RSS MiB (any step) | restore matches source | restored allocated MiB |")
         p("|---|---:|---:|---|---:|")

@@ -154,11 +154,15 @@ timed() {
         record scale="$scale" run="$run" tool="$tool" step="$step" ok=false exit="$status"
         return $status
     fi
-    local secs rss user sys
+    # how long the data the step left in the page cache takes to reach the disk
+    local secs rss user sys t0 sync_s
+    t0=$(date +%s.%N)
+    sync
+    sync_s=$(python3 -c "import time; print(round(time.time() - $t0, 3))")
     read -r secs rss user sys < <(tail -n1 "$tf")
     record scale="$scale" run="$run" tool="$tool" step="$step" ok=true seconds="$secs" \
-        rss_kib="$rss" user_s="$user" sys_s="$sys" bytes="$DATA_BYTES" load1="$load"
-    log "$tool $step: ${secs}s, peak RSS ${rss} KiB, cpu user ${user}s sys ${sys}s"
+        rss_kib="$rss" user_s="$user" sys_s="$sys" bytes="$DATA_BYTES" load1="$load" sync_s="$sync_s"
+    log "$tool $step: ${secs}s (+${sync_s}s sync), peak RSS ${rss} KiB, cpu user ${user}s sys ${sys}s"
 }
 
 # ---- per-tool adapters ----------------------------------------------------------
@@ -194,23 +198,30 @@ tool_restore() { # TOOL TARGET
 }
 ferry_dry_run() { cd "$DATA" && FERRY_REPO=$RUN_TMP/repo-ferry exec "$FERRY_BIN" snapshot create "$DATA" --dry-run; }
 read_all() { find "$DATA" -type f -print0 | xargs -0 -r -n 256 -P 2 cat >/dev/null; }
-export -f tool_init tool_backup tool_restore ferry_dry_run read_all
+# Reference only (not part of the limit): zstd -3 alone on two cores.
+ref_zstd() { tar -C "$DATA" -cf - . | zstd -q -T2 -3 -c >/dev/null; }
+export -f tool_init tool_backup tool_restore ferry_dry_run read_all ref_zstd
 export RUN_TMP FERRY_BIN
 
 # The id of the snapshot the last `ferry-agent snapshot create --json` made.
 ferry_snapshot_id() {
     python3 - "$RUN_TMP/last.out" <<'EOF'
-import json, sys
-for line in reversed(open(sys.argv[1]).read().splitlines()):
+import json, re, sys
+text = open(sys.argv[1]).read()
+found = None
+dec = json.JSONDecoder()
+for m in re.finditer(r"^\{", text, re.M):
     try:
-        o = json.loads(line)
+        o, _ = dec.raw_decode(text[m.start():])
     except ValueError:
         continue
-    if isinstance(o, dict):
-        for k in ("snapshot_id", "id", "snapshot"):
-            if isinstance(o.get(k), str):
-                print(o[k]); sys.exit(0)
-sys.exit("no snapshot id in ferry-agent output")
+    for k in ("snapshot", "snapshot_id", "id"):
+        if isinstance(o, dict) and isinstance(o.get(k), str):
+            found = o[k]
+            break
+if not found:
+    sys.exit("no snapshot id in ferry-agent output")
+print(found)
 EOF
 }
 
@@ -243,6 +254,7 @@ for SCALE in "${SCALE_LIST[@]}"; do
         if [ "$DROP_CACHES" = yes ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
         timed "$SCALE" "$RUN" machine disk_read bash -c read_all || true
         warm "$DATA"
+        timed "$SCALE" "$RUN" machine ref_zstd bash -c ref_zstd || true
 
         for t in "${order[@]}"; do
             bash -c 'tool_init "$1"' _ "$t" >"$RUN_TMP/init-$t.out" 2>&1 \
