@@ -17,6 +17,11 @@ mod redb;
 #[cfg(feature = "sled")]
 mod sled;
 
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod crash;
+
 
 use std::path::Path;
 use std::str::FromStr;

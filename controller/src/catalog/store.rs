@@ -187,6 +187,12 @@ impl<K: Kv> KvCatalog<K> {
         Ok(Self { kv: Arc::new(kv) })
     }
 
+    /// The engine underneath, for tests that plant raw records.
+    #[cfg(test)]
+    pub(crate) fn kv(&self) -> &K {
+        &self.kv
+    }
+
     async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, CatalogError>
     where
         T: Send + 'static,
