@@ -5,4 +5,5 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
+pub mod identity;
 pub mod tls;
