@@ -1,1 +1,150 @@
-fn main() {}
+//! `ferry-controller`: parse args → install the crypto provider → init
+//! tracing → run the chosen command.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_controller::catalog::Engine;
+use ferry_controller::config::ServeConfig;
+use ferry_controller::pki::{self, Pki, PkiPaths};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry-controller", version, about = "Ferry controller")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the CA, the server certificate and the first operator identity.
+    Init {
+        #[arg(long, env = "FERRY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// DNS name or IP address for the server certificate (repeatable).
+        /// Default: localhost, 127.0.0.1, ::1 and the host name.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Name of the first operator (URI SAN ferry://operator/NAME).
+        #[arg(long, default_value = "admin")]
+        operator: String,
+    },
+    /// Serve the operator and agent APIs over mTLS.
+    Serve {
+        #[arg(long, env = "FERRY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on; port 0 lets the OS choose.
+        #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Write the bound address (`IP:PORT`) to this file once listening.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+        /// Catalog engine: redb (default) or sled.
+        #[arg(long, default_value = "redb")]
+        catalog_engine: Engine,
+        /// Heartbeat interval asked of agents, in seconds.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+        /// How often agents' last-seen times are written to the catalog.
+        #[arg(long, default_value_t = 5)]
+        last_seen_flush_secs: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Init {
+            data_dir,
+            sans,
+            operator,
+        } => init(&data_dir, sans, &operator),
+        Command::Serve {
+            data_dir,
+            listen,
+            addr_file,
+            catalog_engine,
+            heartbeat_secs,
+            last_seen_flush_secs,
+        } => {
+            let config = ServeConfig {
+                data_dir,
+                listen,
+                addr_file,
+                engine: catalog_engine,
+                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+                last_seen_flush: Duration::from_secs(last_seen_flush_secs.max(1)),
+            };
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(serve(config))
+        }
+    }
+}
+
+fn init(data_dir: &Path, sans: Vec<String>, operator: &str) -> anyhow::Result<()> {
+    let sans = if sans.is_empty() {
+        pki::default_sans()
+    } else {
+        sans
+    };
+    let pki = Pki::init(data_dir, &sans, operator)?;
+    let p = PkiPaths::new(data_dir);
+    println!("initialised {}", data_dir.display());
+    println!("ca fingerprint: {}", pki.ca_fingerprint());
+    println!("server names: {}", sans.join(", "));
+    println!();
+    println!("operator {operator} can use ferryctl with:");
+    println!("  export FERRY_CA={}", p.operator_ca.display());
+    println!("  export FERRY_CERT={}", p.operator_cert.display());
+    println!("  export FERRY_KEY={}", p.operator_key.display());
+    println!("  export FERRY_CONTROLLER=https://{}:7443", sans[0]);
+    Ok(())
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    if let Some(file) = &config.addr_file {
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{addr}\n"))
+            .and_then(|()| std::fs::rename(&tmp, file))
+            .with_context(|| format!("cannot write the address file {}", file.display()))?;
+    }
+    println!("ferry-controller listening on {addr}");
+    ferry_controller::server::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the controller");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `serve`: open the catalog, load the PKI, run the APIs until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, Shared};
+use crate::catalog::{self, CatalogError};
+use crate::config::ServeConfig;
+use crate::fleet::Fleet;
+use crate::pki::{Pki, PkiError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot load the pki of {}: {source}", dir.display())]
+    Pki {
+        dir: std::path::PathBuf,
+        #[source]
+        source: PkiError,
+    },
+    #[error("cannot open the catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves until `shutdown` resolves, then ends agent sessions, flushes
+/// last-seen times and returns.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let pki = Pki::load(&config.data_dir).map_err(|source| ServeError::Pki {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
+    let catalog = catalog::open(config.engine, &config.catalog_path()).await?;
+    let fleet = Fleet::new();
+    let root = CancellationToken::new();
+    let flusher = tokio::spawn(fleet.clone().run_flusher(
+        catalog.clone(),
+        config.last_seen_flush,
+        root.child_token(),
+    ));
+    let shared = Shared {
+        catalog,
+        pki: Arc::new(pki),
+        fleet,
+        heartbeat: config.heartbeat,
+        shutdown: root.child_token(),
+    };
+    let stop = root.clone();
+    let served = api::serve(shared, listener, async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    })
+    .await;
+    root.cancel();
+    if let Err(e) = flusher.await {
+        tracing::warn!(error = %e, "last-seen flusher task failed");
+    }
+    served?;
+    Ok(())
+}
