@@ -22,7 +22,6 @@ mod conformance;
 #[cfg(test)]
 mod crash;
 
-
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -53,8 +52,11 @@ pub trait Catalog: Send + Sync + 'static {
     async fn list_clusters(&self) -> Result<Vec<ClusterRecord>, CatalogError>;
 
     /// Creates a team, or returns the existing record unchanged.
-    async fn create_team(&self, name: &TeamName, now: Timestamp)
-    -> Result<TeamRecord, CatalogError>;
+    async fn create_team(
+        &self,
+        name: &TeamName,
+        now: Timestamp,
+    ) -> Result<TeamRecord, CatalogError>;
 
     /// All teams, ordered by name. Teams named in a reported inventory are
     /// created on the way.

@@ -149,11 +149,19 @@ pub(crate) async fn clusters_are_idempotent(engine: Engine) {
     let f = fixture(engine).await;
     let c = &f.catalog;
     assert!(c.list_clusters().await.expect("list").is_empty());
-    let first = c.create_cluster(&cluster("prod"), t(10)).await.expect("create");
+    let first = c
+        .create_cluster(&cluster("prod"), t(10))
+        .await
+        .expect("create");
     assert_eq!(first.created_at, t(10));
-    let again = c.create_cluster(&cluster("prod"), t(99)).await.expect("create again");
+    let again = c
+        .create_cluster(&cluster("prod"), t(99))
+        .await
+        .expect("create again");
     assert_eq!(again, first, "second create returns the original record");
-    c.create_cluster(&cluster("dev"), t(20)).await.expect("create dev");
+    c.create_cluster(&cluster("dev"), t(20))
+        .await
+        .expect("create dev");
     let names: Vec<_> = c
         .list_clusters()
         .await
@@ -209,12 +217,21 @@ pub(crate) async fn join_tokens_are_single_use_and_expire(engine: Engine) {
         .await
         .expect_err("expired at the deadline");
     assert!(matches!(err, CatalogError::TokenExpired { .. }), "{err}");
-    assert!(err.to_string().contains("expired at 1970-01-01T00:00:01Z"), "{err}");
+    assert!(
+        err.to_string().contains("expired at 1970-01-01T00:00:01Z"),
+        "{err}"
+    );
     let stored = c.list_join_tokens(None).await.expect("list");
-    assert_eq!(stored, vec![rec.clone()], "a failed consume changes nothing");
+    assert_eq!(
+        stored,
+        vec![rec.clone()],
+        "a failed consume changes nothing"
+    );
 
     assert_eq!(
-        c.consume_join_token(&hash, t(999), &n1).await.expect("consume"),
+        c.consume_join_token(&hash, t(999), &n1)
+            .await
+            .expect("consume"),
         prod
     );
     let err = c
@@ -304,15 +321,31 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
         .await
         .expect_err("unknown cluster");
     assert!(matches!(err, CatalogError::ClusterNotFound { .. }), "{err}");
-    c.create_cluster(&cluster("prod"), t(0)).await.expect("cluster");
-    c.create_cluster(&cluster("dev"), t(0)).await.expect("cluster");
-    c.upsert_agent(agent("a1", "prod", "n1", 100)).await.expect("a1");
-    c.upsert_agent(agent("a2", "prod", "n2", 100)).await.expect("a2");
-    c.upsert_agent(agent("a3", "dev", "n1", 100)).await.expect("a3");
+    c.create_cluster(&cluster("prod"), t(0))
+        .await
+        .expect("cluster");
+    c.create_cluster(&cluster("dev"), t(0))
+        .await
+        .expect("cluster");
+    c.upsert_agent(agent("a1", "prod", "n1", 100))
+        .await
+        .expect("a1");
+    c.upsert_agent(agent("a2", "prod", "n2", 100))
+        .await
+        .expect("a2");
+    c.upsert_agent(agent("a3", "dev", "n1", 100))
+        .await
+        .expect("a3");
 
     c.touch_agent(&agent_id("a1"), t(500)).await.expect("touch");
-    c.touch_agent(&agent_id("a1"), t(300)).await.expect("older touch");
-    let a1 = c.get_agent(&agent_id("a1")).await.expect("get").expect("a1");
+    c.touch_agent(&agent_id("a1"), t(300))
+        .await
+        .expect("older touch");
+    let a1 = c
+        .get_agent(&agent_id("a1"))
+        .await
+        .expect("get")
+        .expect("a1");
     assert_eq!(a1.last_seen, t(500), "last_seen never moves backwards");
     assert_eq!(a1.enrolled_at, t(100));
 
@@ -321,13 +354,21 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
         .await
         .expect_err("unknown agent in batch");
     assert!(matches!(err, CatalogError::AgentNotFound { .. }), "{err}");
-    let a2 = c.get_agent(&agent_id("a2")).await.expect("get").expect("a2");
+    let a2 = c
+        .get_agent(&agent_id("a2"))
+        .await
+        .expect("get")
+        .expect("a2");
     assert_eq!(a2.last_seen, t(100), "a failed batch changes nothing");
     c.touch_agents(&[(agent_id("a2"), t(900)), (agent_id("a3"), t(901))])
         .await
         .expect("batch");
     assert_eq!(
-        c.get_agent(&agent_id("a3")).await.expect("get").expect("a3").last_seen,
+        c.get_agent(&agent_id("a3"))
+            .await
+            .expect("get")
+            .expect("a3")
+            .last_seen,
         t(901)
     );
 
@@ -352,18 +393,34 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
     )
     .await
     .expect("inventory");
-    c.upsert_agent(agent("a9", "prod", "n1", 700)).await.expect("re-enrol");
+    c.upsert_agent(agent("a9", "prod", "n1", 700))
+        .await
+        .expect("re-enrol");
     assert_eq!(c.get_agent(&agent_id("a1")).await.expect("get"), None);
-    assert_eq!(c.list_agents(Some(&cluster("prod"))).await.expect("list").len(), 2);
     assert_eq!(
-        c.list_apps(&AppFilter::default()).await.expect("apps").len(),
+        c.list_agents(Some(&cluster("prod")))
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    assert_eq!(
+        c.list_apps(&AppFilter::default())
+            .await
+            .expect("apps")
+            .len(),
         1
     );
 
     // Removing the agent removes what its node reported.
     assert!(c.remove_agent(&agent_id("a9")).await.expect("remove"));
     assert!(!c.remove_agent(&agent_id("a9")).await.expect("remove again"));
-    assert!(c.list_apps(&AppFilter::default()).await.expect("apps").is_empty());
+    assert!(
+        c.list_apps(&AppFilter::default())
+            .await
+            .expect("apps")
+            .is_empty()
+    );
     let err = c
         .touch_agent(&agent_id("a9"), t(800))
         .await
@@ -396,9 +453,14 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
     )
     .await
     .expect("first report");
-    c.replace_inventory(&dev, &node("n1"), vec![app("shop", "web", "/dev/shop")], t(11))
-        .await
-        .expect("dev report");
+    c.replace_inventory(
+        &dev,
+        &node("n1"),
+        vec![app("shop", "web", "/dev/shop")],
+        t(11),
+    )
+    .await
+    .expect("dev report");
 
     let all = c.list_apps(&AppFilter::default()).await.expect("all");
     let keys: Vec<_> = all
@@ -407,7 +469,12 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .collect();
     assert_eq!(
         keys,
-        ["dev/web/shop", "prod/data/warehouse", "prod/web/blog", "prod/web/shop"]
+        [
+            "dev/web/shop",
+            "prod/data/warehouse",
+            "prod/web/blog",
+            "prod/web/shop"
+        ]
     );
     let web_prod = c
         .list_apps(&AppFilter {
@@ -453,7 +520,10 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         )
         .await
         .expect_err("owned elsewhere");
-    assert!(matches!(err, CatalogError::AppOwnedElsewhere { .. }), "{err}");
+    assert!(
+        matches!(err, CatalogError::AppOwnedElsewhere { .. }),
+        "{err}"
+    );
     assert_eq!(
         c.list_apps(&AppFilter::default()).await.expect("all").len(),
         4,
@@ -472,15 +542,25 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .expect_err("listed twice");
     assert!(matches!(err, CatalogError::InvalidRecord { .. }), "{err}");
     let err = c
-        .replace_inventory(&prod, &node("n1"), vec![app("shop", "web", "../etc")], t(21))
+        .replace_inventory(
+            &prod,
+            &node("n1"),
+            vec![app("shop", "web", "../etc")],
+            t(21),
+        )
         .await
         .expect_err("relative volume");
     assert!(matches!(err, CatalogError::InvalidRecord { .. }), "{err}");
 
     // A new report replaces the old one: blog and warehouse disappear.
-    c.replace_inventory(&prod, &node("n1"), vec![app("shop", "web", "/srv/shop2")], t(30))
-        .await
-        .expect("second report");
+    c.replace_inventory(
+        &prod,
+        &node("n1"),
+        vec![app("shop", "web", "/srv/shop2")],
+        t(30),
+    )
+    .await
+    .expect("second report");
     let prod_apps = c
         .list_apps(&AppFilter {
             cluster: Some(prod.clone()),
@@ -516,13 +596,21 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
 pub(crate) async fn everything_survives_reopen(engine: Engine) {
     let f = fixture(engine).await;
     let Fixture {
-        _dir, path, catalog, ..
+        _dir,
+        path,
+        catalog,
+        ..
     } = f;
     let prod = cluster("prod");
     catalog.create_cluster(&prod, t(1)).await.expect("cluster");
     catalog.create_team(&team("ops"), t(2)).await.expect("team");
     catalog
-        .put_join_token(TokenRecord::new(TokenHash::of("tok"), prod.clone(), t(3), t(1000)))
+        .put_join_token(TokenRecord::new(
+            TokenHash::of("tok"),
+            prod.clone(),
+            t(3),
+            t(1000),
+        ))
         .await
         .expect("token");
     catalog
@@ -538,7 +626,10 @@ pub(crate) async fn everything_survives_reopen(engine: Engine) {
         catalog.list_teams().await.expect("teams"),
         catalog.list_join_tokens(None).await.expect("tokens"),
         catalog.list_agents(None).await.expect("agents"),
-        catalog.list_apps(&AppFilter::default()).await.expect("apps"),
+        catalog
+            .list_apps(&AppFilter::default())
+            .await
+            .expect("apps"),
     );
     drop(catalog);
 
@@ -548,7 +639,10 @@ pub(crate) async fn everything_survives_reopen(engine: Engine) {
         catalog.list_teams().await.expect("teams"),
         catalog.list_join_tokens(None).await.expect("tokens"),
         catalog.list_agents(None).await.expect("agents"),
-        catalog.list_apps(&AppFilter::default()).await.expect("apps"),
+        catalog
+            .list_apps(&AppFilter::default())
+            .await
+            .expect("apps"),
     );
     assert_eq!(after, before);
     assert_eq!(after.0.len(), 1);
@@ -576,7 +670,10 @@ pub(crate) async fn second_open_is_refused(engine: Engine) {
     assert!(matches!(err, CatalogError::InUse { .. }), "{err}");
     assert_eq!(
         err.to_string(),
-        format!("catalog at {} is in use by another process", f.path.display())
+        format!(
+            "catalog at {} is in use by another process",
+            f.path.display()
+        )
     );
     assert!(!err.is_transient());
     // The first handle still works.
@@ -594,7 +691,10 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
         catalog,
         engine,
     } = f;
-    catalog.create_cluster(&cluster("old"), t(1)).await.expect("cluster");
+    catalog
+        .create_cluster(&cluster("old"), t(1))
+        .await
+        .expect("cluster");
     drop(catalog);
     plant(
         engine,
@@ -606,7 +706,14 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
     let catalog = open_when_free(engine, &path).await;
     let err = catalog.list_clusters().await.expect_err("v2 record");
     assert!(
-        matches!(err, CatalogError::UnsupportedVersion { found: 2, supported: 1, .. }),
+        matches!(
+            err,
+            CatalogError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(
@@ -617,7 +724,10 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
         .get_cluster(&cluster("new"))
         .await
         .expect_err("v2 record");
-    assert!(matches!(err, CatalogError::UnsupportedVersion { .. }), "{err}");
+    assert!(
+        matches!(err, CatalogError::UnsupportedVersion { .. }),
+        "{err}"
+    );
     // Records this build understands are still readable.
     assert!(
         catalog
@@ -634,7 +744,11 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
         &path,
         Table::Meta,
         "format",
-        format!("{{\"v\":1,\"record\":{{\"format\":{}}}}}", FORMAT_VERSION + 1).as_bytes(),
+        format!(
+            "{{\"v\":1,\"record\":{{\"format\":{}}}}}",
+            FORMAT_VERSION + 1
+        )
+        .as_bytes(),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     let err = loop {
@@ -647,10 +761,20 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
         }
     };
     assert!(
-        matches!(err, CatalogError::UnsupportedFormat { found: 2, supported: 1, .. }),
+        matches!(
+            err,
+            CatalogError::UnsupportedFormat {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(err.to_string().contains("has format 2, this build reads up to 1"));
+    assert!(
+        err.to_string()
+            .contains("has format 2, this build reads up to 1")
+    );
 }
 
 #[tokio::test]

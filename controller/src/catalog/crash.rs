@@ -109,11 +109,19 @@ fn crash_writer() {
         let mut out = std::io::stdout().lock();
         for id in start..start + WRITER_LIMIT {
             let began = Instant::now();
-            catalog.put_join_token(token_for(id)).await.expect("put token");
+            catalog
+                .put_join_token(token_for(id))
+                .await
+                .expect("put token");
             let token_us = began.elapsed().as_micros();
             let began = Instant::now();
             catalog
-                .replace_inventory(&crash_cluster(), &node_of(id), vec![inventory_for(id)], t(millis(id)))
+                .replace_inventory(
+                    &crash_cluster(),
+                    &node_of(id),
+                    vec![inventory_for(id)],
+                    t(millis(id)),
+                )
                 .await
                 .expect("replace inventory");
             let inv_us = began.elapsed().as_micros();
@@ -183,7 +191,10 @@ async fn verify(
     for id in in_flight {
         let want = token_for(*id);
         if let Some(got) = by_hash.get(&want.hash) {
-            assert_eq!(got, &want, "iteration {iteration}: in-flight token {id} torn");
+            assert_eq!(
+                got, &want,
+                "iteration {iteration}: in-flight token {id} torn"
+            );
         }
     }
     let expected = acked.len()
@@ -218,7 +229,11 @@ async fn verify(
             acked.contains(&id) || in_flight.contains(&id),
             "iteration {iteration}: app {id} was never written"
         );
-        assert_eq!(app.node, node_of(id), "iteration {iteration}: app {id} node");
+        assert_eq!(
+            app.node,
+            node_of(id),
+            "iteration {iteration}: app {id} node"
+        );
         assert_eq!(app.reported_at, t(millis(id)));
         assert_eq!(
             app.components,
@@ -306,8 +321,14 @@ fn kill_loop(engine: Engine) {
                 return false;
             }
             let id: u64 = parts.next().and_then(|s| s.parse().ok()).expect("ack id");
-            let tok: u128 = parts.next().and_then(|s| s.parse().ok()).expect("ack token µs");
-            let inv: u128 = parts.next().and_then(|s| s.parse().ok()).expect("ack inv µs");
+            let tok: u128 = parts
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("ack token µs");
+            let inv: u128 = parts
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("ack inv µs");
             acked.insert(id);
             token_lat.push(tok);
             inv_lat.push(inv);
@@ -320,7 +341,8 @@ fn kill_loop(engine: Engine) {
             let n = stdout.read_line(&mut line).expect("read writer stdout");
             if n == 0 {
                 let mut err = String::new();
-                let _ = std::fs::File::open(&stderr_path).and_then(|mut f| f.read_to_string(&mut err));
+                let _ =
+                    std::fs::File::open(&stderr_path).and_then(|mut f| f.read_to_string(&mut err));
                 panic!("iteration {iteration}: writer exited early:\n{err}");
             }
             if line.ends_with('\n') && record(&line, &mut last) {
@@ -341,7 +363,9 @@ fn kill_loop(engine: Engine) {
         // Acknowledgements already in the pipe count too; a torn last line
         // (no newline) does not.
         let mut rest = String::new();
-        stdout.read_to_string(&mut rest).expect("drain writer stdout");
+        stdout
+            .read_to_string(&mut rest)
+            .expect("drain writer stdout");
         for l in rest.split_inclusive('\n') {
             if l.ends_with('\n') {
                 record(l, &mut last);

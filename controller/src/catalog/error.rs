@@ -55,7 +55,9 @@ pub enum CatalogError {
     },
     #[error("catalog at {} is in use by another process", path.display())]
     InUse { path: PathBuf },
-    #[error("catalog engine {engine} is not built into this binary (build with cargo feature {engine})")]
+    #[error(
+        "catalog engine {engine} is not built into this binary (build with cargo feature {engine})"
+    )]
     EngineNotBuilt { engine: &'static str },
     #[error("unknown catalog engine {name:?} (expected redb or sled)")]
     UnknownEngine { name: String },

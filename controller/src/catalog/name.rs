@@ -43,7 +43,11 @@ fn check_label(kind: &'static str, value: &str) -> Result<(), CatalogError> {
         ));
     }
     if value.starts_with('-') || value.ends_with('-') {
-        return Err(invalid(kind, value, "must start and end with a letter or digit"));
+        return Err(invalid(
+            kind,
+            value,
+            "must start and end with a letter or digit",
+        ));
     }
     Ok(())
 }
@@ -208,9 +212,8 @@ impl TokenHash {
                 "must be 64 lowercase hex characters",
             ));
         }
-        hex::decode_to_slice(value, &mut bytes).map_err(|_| {
-            invalid("token hash", value, "must be 64 lowercase hex characters")
-        })?;
+        hex::decode_to_slice(value, &mut bytes)
+            .map_err(|_| invalid("token hash", value, "must be 64 lowercase hex characters"))?;
         Ok(Self(bytes))
     }
 

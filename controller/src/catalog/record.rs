@@ -10,10 +10,8 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::name::{
-    AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash,
-};
 use super::CatalogError;
+use super::name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
 
 /// The record format version this build writes and the newest it reads.
 pub const RECORD_VERSION: u32 = 1;
@@ -270,7 +268,10 @@ struct EnvelopeIn<T> {
 }
 
 /// Encodes a record in the current envelope.
-pub(crate) fn encode<T: Serialize>(table: &'static str, record: &T) -> Result<Vec<u8>, CatalogError> {
+pub(crate) fn encode<T: Serialize>(
+    table: &'static str,
+    record: &T,
+) -> Result<Vec<u8>, CatalogError> {
     serde_json::to_vec(&EnvelopeOut {
         v: RECORD_VERSION,
         record,
@@ -332,7 +333,11 @@ mod tests {
         let err = decode::<ClusterRecord>("clusters", "prod", bytes).expect_err("v2");
         assert!(matches!(
             err,
-            CatalogError::UnsupportedVersion { found: 2, supported: 1, .. }
+            CatalogError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
         ));
         assert!(err.to_string().contains("clusters record prod"), "{err}");
         assert!(!err.is_transient());
@@ -340,7 +345,11 @@ mod tests {
 
     #[test]
     fn garbage_is_reported_as_corrupt() {
-        for bytes in [&b"not json"[..], br#"{"record":{}}"#, br#"{"v":1,"record":{"name":"BAD","created_at":1}}"#] {
+        for bytes in [
+            &b"not json"[..],
+            br#"{"record":{}}"#,
+            br#"{"v":1,"record":{"name":"BAD","created_at":1}}"#,
+        ] {
             let err = decode::<ClusterRecord>("clusters", "k", bytes).expect_err("corrupt");
             assert!(matches!(err, CatalogError::Corrupt { .. }), "{err}");
         }

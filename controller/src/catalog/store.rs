@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::record::{decode, encode};
 use super::{
     AgentId, AgentRecord, AppFilter, AppInventory, AppName, AppRecord, Catalog, CatalogError,
-    ClusterName, ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash,
-    TokenRecord, TokenUse, run_blocking,
+    ClusterName, ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash, TokenRecord,
+    TokenUse, run_blocking,
 };
 
 /// Version of the catalog layout (tables, keys, indexes) as a whole.
@@ -159,23 +159,27 @@ pub(crate) struct KvCatalog<K: Kv> {
 impl<K: Kv> KvCatalog<K> {
     /// Checks (or, on a new store, writes) the layout version. Blocking.
     pub(crate) fn init(kv: K, path: &Path) -> Result<Self, CatalogError> {
-        let found = kv.write("open", &|tx| {
-            match get_rec::<FormatRecord>(tx, Table::Meta, FORMAT_KEY) {
-                Ok(Some(f)) => Ok(f.format),
-                Ok(None) => {
-                    put_rec(
-                        tx,
-                        Table::Meta,
-                        FORMAT_KEY,
-                        &FormatRecord {
-                            format: FORMAT_VERSION,
-                        },
-                    )?;
-                    Ok(FORMAT_VERSION)
-                }
-                Err(CatalogError::UnsupportedVersion { found, .. }) => Ok(found.max(FORMAT_VERSION + 1)),
-                Err(e) => Err(e),
+        let found = kv.write("open", &|tx| match get_rec::<FormatRecord>(
+            tx,
+            Table::Meta,
+            FORMAT_KEY,
+        ) {
+            Ok(Some(f)) => Ok(f.format),
+            Ok(None) => {
+                put_rec(
+                    tx,
+                    Table::Meta,
+                    FORMAT_KEY,
+                    &FormatRecord {
+                        format: FORMAT_VERSION,
+                    },
+                )?;
+                Ok(FORMAT_VERSION)
             }
+            Err(CatalogError::UnsupportedVersion { found, .. }) => {
+                Ok(found.max(FORMAT_VERSION + 1))
+            }
+            Err(e) => Err(e),
         })?;
         if found != FORMAT_VERSION {
             return Err(CatalogError::UnsupportedFormat {
