@@ -8,12 +8,20 @@ use std::ops::Range;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod faulty;
 pub mod local;
+pub mod location;
+pub mod s3;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+#[cfg(test)]
+pub(crate) mod testing;
 
+pub use faulty::FaultyStore;
 pub use local::LocalStore;
+pub use location::{S3Config, StorageConfig, open};
+pub use s3::S3Store;
 
 /// The key of an object inside a storage location, `/`-separated and
 /// relative (`data/3f/3fa2…`, `snapshots/…`).
