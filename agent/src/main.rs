@@ -11,7 +11,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    // Foundation commands (join, run) go here.
+    /// Enrol with the controller: key generated here, certificate signed there.
+    Join(JoinArgs),
+    /// Run the agent: keep a session with the controller and report apps.
+    Run {
+        /// The agent's TOML config (written by `join` as DATA_DIR/agent.toml).
+        #[arg(long, env = "FERRY_AGENT_CONFIG")]
+        config: std::path::PathBuf,
+    },
     // Data mover commands (repo …, snapshot …) go here.
     /// Repository management: init, keys, verify, prune.
     Repo(ferry_agent::repo::cli::RepoArgs),
@@ -22,6 +29,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Join(args) => foundation(join(args)),
+        Command::Run { config } => foundation(run(config)),
         Command::Repo(args) => run_data_mover(ferry_agent::repo::cli::run_repo(args)),
         Command::Snapshot(args) => run_data_mover(ferry_agent::repo::cli::run_snapshot(args)),
     }
@@ -44,4 +53,128 @@ fn run_data_mover(fut: impl std::future::Future<Output = i32>) -> ! {
         }
     };
     std::process::exit(code)
+}
+
+#[derive(Debug, clap::Args)]
+struct JoinArgs {
+    /// `https://HOST:PORT` of the controller.
+    #[arg(long, env = "FERRY_CONTROLLER")]
+    controller: String,
+    /// The join token from `ferryctl token create`.
+    #[arg(long, env = "FERRY_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// `sha256:<hex>` of the controller's CA, printed with the token.
+    #[arg(long)]
+    ca_fingerprint: String,
+    #[arg(
+        long,
+        env = "FERRY_AGENT_DATA_DIR",
+        default_value = "/var/lib/ferry-agent"
+    )]
+    data_dir: std::path::PathBuf,
+    /// Node name; default: the host name.
+    #[arg(long)]
+    node: Option<String>,
+    /// Refuse unless the token belongs to this cluster.
+    #[arg(long)]
+    cluster: Option<String>,
+}
+
+/// Installs the crypto provider and tracing, runs `fut`, maps errors to
+/// exit codes (1 failed, 2 bad input, 3 controller unreachable or refused).
+fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    match rt.block_on(fut) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let code = if let Some(err) = e.downcast_ref::<ferry_agent::enrol::EnrolError>() {
+                use ferry_agent::enrol::EnrolError as E;
+                match err {
+                    E::InvalidNode { .. } | E::AlreadyEnrolled { .. } => 2,
+                    E::Tls(_) | E::Refused { .. } | E::CaMismatch { .. } => 3,
+                    _ => 1,
+                }
+            } else if e
+                .downcast_ref::<ferry_agent::config::ConfigError>()
+                .is_some()
+                || e.downcast_ref::<ferry_proto::tls::TlsError>().is_some()
+            {
+                2
+            } else {
+                1
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+async fn join(a: JoinArgs) -> anyhow::Result<()> {
+    let pin = ferry_proto::tls::CaFingerprint::parse(&a.ca_fingerprint)?;
+    let node = a.node.unwrap_or_else(ferry_agent::enrol::default_node);
+    let done = ferry_agent::enrol::join(
+        &a.controller,
+        &a.token,
+        &pin,
+        &a.data_dir,
+        &node,
+        a.cluster.as_deref(),
+    )
+    .await?;
+    println!("enrolled node {} in cluster {}", done.node, done.cluster);
+    println!("certificate: {}", done.files.cert.display());
+    if done.wrote_config {
+        println!(
+            "wrote {}; declare apps there, then:",
+            done.files.config.display()
+        );
+    }
+    println!("  ferry-agent run --config {}", done.files.config.display());
+    Ok(())
+}
+
+async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    let config = ferry_agent::config::AgentConfig::load(&config)?;
+    let settings = ferry_agent::session::SessionSettings::load(&config)?;
+    let platform: Arc<dyn ferry_agent::platform::Platform> = Arc::new(
+        ferry_agent::platform::host::HostPlatform::new(&config.apps, config.command_timeout()),
+    );
+    tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let session = tokio::spawn(ferry_agent::session::run(
+        settings,
+        platform,
+        cancel.clone(),
+    ));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    session.await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,371 @@
+//! The agent's TOML configuration (`ferry-agent run --config FILE`).
+//!
+//! ```toml
+//! controller = "https://ferry.example.com:7443"
+//! data_dir = "/var/lib/ferry-agent"     # agent.key, agent.crt, ca.crt
+//! heartbeat_secs = 10                   # optional
+//! reconnect_max_ms = 30000              # optional, backoff ceiling
+//!
+//! [[apps]]
+//! name = "billing"
+//! team = "payments"
+//!
+//! [[apps.components]]
+//! name = "db"
+//! stateful = true
+//! systemd = "postgresql@15-main.service"
+//! volumes = ["/var/lib/postgresql/15/main"]
+//!
+//! [[apps.components]]
+//! name = "worker"
+//! start = "/usr/local/bin/worker --daemon"   # run by /bin/sh -c
+//! stop = ["pkill", "-x", "worker"]          # or an argv list
+//! status = "pgrep -x worker"                # optional; exit 0 = running
+//! ```
+//!
+//! The node and cluster come from the agent's certificate, not from here.
+
+use std::collections::BTreeSet;
+use std::path::{Component as PathComponent, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent config {} is not valid: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+    #[error("agent config: {0}")]
+    Invalid(String),
+}
+
+/// A command: a shell line (run with `/bin/sh -c`) or an argv list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum CommandSpec {
+    Shell(String),
+    Argv(Vec<String>),
+}
+
+impl CommandSpec {
+    /// The argv to execute.
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            Self::Shell(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+            Self::Argv(argv) => argv.clone(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Shell(line) => line.trim().is_empty(),
+            Self::Argv(argv) => argv.first().is_none_or(|a| a.is_empty()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    pub name: String,
+    #[serde(default)]
+    pub stateful: bool,
+    #[serde(default)]
+    pub volumes: Vec<PathBuf>,
+    #[serde(default)]
+    pub systemd: Option<String>,
+    #[serde(default)]
+    pub start: Option<CommandSpec>,
+    #[serde(default)]
+    pub stop: Option<CommandSpec>,
+    #[serde(default)]
+    pub status: Option<CommandSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub name: String,
+    pub team: String,
+    #[serde(default)]
+    pub components: Vec<ComponentConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// `https://HOST:PORT` of the controller.
+    pub controller: String,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// Seconds a start/stop/status command may run.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_secs: u64,
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+}
+
+fn default_heartbeat() -> u64 {
+    10
+}
+fn default_reconnect_min() -> u64 {
+    200
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+fn default_command_timeout() -> u64 {
+    120
+}
+
+/// DNS-label rule shared with the controller's catalog names.
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_component_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b':' | b'-'))
+}
+
+fn is_plain_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && p.components()
+            .all(|c| matches!(c, PathComponent::RootDir | PathComponent::Normal(_)))
+}
+
+impl AgentConfig {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_secs(self.command_timeout_secs)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Invalid(reason) => ConfigError::Parse {
+                path: path.to_owned(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.controller.starts_with("https://") {
+            return bad(format!(
+                "controller {:?} must be an https:// url",
+                self.controller
+            ));
+        }
+        if self.heartbeat_secs == 0 {
+            return bad("heartbeat_secs must be at least 1".into());
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            return bad("reconnect_min_ms must be positive and at most reconnect_max_ms".into());
+        }
+        let mut apps = BTreeSet::new();
+        for app in &self.apps {
+            if !is_label(&app.name) {
+                return bad(format!(
+                    "app name {:?} must be a lowercase dns label",
+                    app.name
+                ));
+            }
+            if !is_label(&app.team) {
+                return bad(format!(
+                    "team {:?} of app {} must be a lowercase dns label",
+                    app.team, app.name
+                ));
+            }
+            if !apps.insert((&app.team, &app.name)) {
+                return bad(format!(
+                    "app {} of team {} is declared twice",
+                    app.name, app.team
+                ));
+            }
+            let mut comps = BTreeSet::new();
+            for c in &app.components {
+                let what = format!("component {:?} of app {}", c.name, app.name);
+                if !is_component_name(&c.name) {
+                    return bad(format!(
+                        "{what}: name may contain only letters, digits and '_' '.' '@' ':' '-'"
+                    ));
+                }
+                if !comps.insert(&c.name) {
+                    return bad(format!("{what} is declared twice"));
+                }
+                match (&c.systemd, &c.start, &c.stop) {
+                    (Some(unit), None, None) if !unit.trim().is_empty() => {
+                        if c.status.is_some() {
+                            return bad(format!(
+                                "{what}: status is only for start/stop commands (systemd answers it)"
+                            ));
+                        }
+                    }
+                    (None, Some(start), Some(stop)) => {
+                        if start.is_empty()
+                            || stop.is_empty()
+                            || c.status.as_ref().is_some_and(CommandSpec::is_empty)
+                        {
+                            return bad(format!("{what}: commands must not be empty"));
+                        }
+                    }
+                    _ => {
+                        return bad(format!(
+                            "{what} needs either systemd = \"UNIT\" or both start and stop commands"
+                        ));
+                    }
+                }
+                for v in &c.volumes {
+                    if !is_plain_absolute(v) {
+                        return bad(format!(
+                            "{what}: volume {} must be an absolute path without '..'",
+                            v.display()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+controller = "https://127.0.0.1:7443"
+data_dir = "/var/lib/ferry-agent"
+heartbeat_secs = 2
+
+[[apps]]
+name = "billing"
+team = "payments"
+
+[[apps.components]]
+name = "postgresql@15-main.service"
+stateful = true
+systemd = "postgresql@15-main.service"
+volumes = ["/var/lib/postgresql/15/main"]
+
+[[apps.components]]
+name = "worker"
+start = "exec /usr/bin/worker"
+stop = ["pkill", "-x", "worker"]
+status = "pgrep -x worker"
+"#;
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = AgentConfig::parse(FULL).expect("valid");
+        assert_eq!(c.heartbeat(), Duration::from_secs(2));
+        assert_eq!(c.reconnect_max_ms, 30_000);
+        assert_eq!(c.apps.len(), 1);
+        let comps = &c.apps[0].components;
+        assert_eq!(
+            comps[0].systemd.as_deref(),
+            Some("postgresql@15-main.service")
+        );
+        assert!(comps[0].stateful);
+        assert!(!comps[1].stateful);
+        assert_eq!(
+            comps[1].start.as_ref().map(CommandSpec::argv),
+            Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "exec /usr/bin/worker".into()
+            ])
+        );
+        assert_eq!(
+            comps[1].stop.as_ref().map(CommandSpec::argv),
+            Some(vec!["pkill".into(), "-x".into(), "worker".into()])
+        );
+    }
+
+    fn expect_invalid(text: &str, needle: &str) {
+        let err = AgentConfig::parse(text).expect_err(needle).to_string();
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_object_named() {
+        let head = "controller = \"https://c:1\"\ndata_dir = \"/d\"\n";
+        expect_invalid(
+            "controller = \"http://c:1\"\ndata_dir = \"/d\"\n",
+            "https://",
+        );
+        expect_invalid("data_dir = \"/d\"\n", "controller");
+        expect_invalid(&format!("{head}surprise = 1\n"), "surprise");
+        expect_invalid(
+            &format!("{head}[[apps]]\nname = \"Bad\"\nteam = \"t\"\n"),
+            "\"Bad\"",
+        );
+        expect_invalid(
+            &format!(
+                "{head}[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps]]\nname = \"a\"\nteam = \"t\"\n"
+            ),
+            "declared twice",
+        );
+        let app = format!("{head}[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps.components]]\n");
+        expect_invalid(&format!("{app}name = \"c\"\n"), "needs either systemd");
+        expect_invalid(
+            &format!("{app}name = \"c\"\nstart = \"x\"\n"),
+            "needs either systemd",
+        );
+        expect_invalid(
+            &format!("{app}name = \"c\"\nsystemd = \"u\"\nstart = \"x\"\nstop = \"y\"\n"),
+            "needs either systemd",
+        );
+        expect_invalid(
+            &format!("{app}name = \"c\"\nstart = \"\"\nstop = \"y\"\n"),
+            "must not be empty",
+        );
+        expect_invalid(
+            &format!("{app}name = \"c\"\nsystemd = \"u\"\nvolumes = [\"/a/../etc\"]\n"),
+            "absolute path",
+        );
+        expect_invalid(
+            &format!("{app}name = \"c\"\nsystemd = \"u\"\nvolumes = [\"rel\"]\n"),
+            "absolute path",
+        );
+        expect_invalid(
+            &format!("{app}name = \"a/b\"\nsystemd = \"u\"\n"),
+            "component \"a/b\"",
+        );
+    }
+}

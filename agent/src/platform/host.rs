@@ -1,0 +1,421 @@
+//! The host driver: apps declared in the agent config, components that are
+//! systemd units (`systemctl start|stop|is-active`) or start/stop commands
+//! with an optional status command (exit 0 = running).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::{App, Component, ComponentKind, ComponentRef, ComponentState, Platform, PlatformError};
+use crate::config::{AppConfig, CommandSpec};
+
+/// Stderr kept for error messages.
+const STDERR_LIMIT: usize = 2048;
+
+#[derive(Debug, Clone)]
+struct HostComponent {
+    reference: ComponentRef,
+    stateful: bool,
+    volumes: Vec<std::path::PathBuf>,
+    how: How,
+}
+
+#[derive(Debug, Clone)]
+enum How {
+    Systemd(String),
+    Commands {
+        start: Vec<String>,
+        stop: Vec<String>,
+        status: Option<Vec<String>>,
+    },
+}
+
+/// The host platform driver.
+#[derive(Debug)]
+pub struct HostPlatform {
+    apps: Vec<(String, String)>,
+    components: Vec<HostComponent>,
+    timeout: Duration,
+}
+
+/// The outcome of one command.
+struct Ran {
+    success: bool,
+    code: Option<i32>,
+    status: String,
+    stderr: String,
+}
+
+impl HostPlatform {
+    /// Builds the driver from validated config.
+    pub fn new(apps: &[AppConfig], timeout: Duration) -> Self {
+        let mut components = Vec::new();
+        for app in apps {
+            for c in &app.components {
+                let how = match (&c.systemd, &c.start, &c.stop) {
+                    (Some(unit), _, _) => How::Systemd(unit.clone()),
+                    (None, Some(start), Some(stop)) => How::Commands {
+                        start: start.argv(),
+                        stop: stop.argv(),
+                        status: c.status.as_ref().map(CommandSpec::argv),
+                    },
+                    // Config validation rules this out; skip defensively.
+                    _ => continue,
+                };
+                components.push(HostComponent {
+                    reference: ComponentRef {
+                        team: app.team.clone(),
+                        app: app.name.clone(),
+                        component: c.name.clone(),
+                    },
+                    stateful: c.stateful,
+                    volumes: c.volumes.clone(),
+                    how,
+                });
+            }
+        }
+        Self {
+            apps: apps
+                .iter()
+                .map(|a| (a.team.clone(), a.name.clone()))
+                .collect(),
+            components,
+            timeout,
+        }
+    }
+
+    fn find(&self, r: &ComponentRef) -> Result<&HostComponent, PlatformError> {
+        self.components
+            .iter()
+            .find(|c| c.reference == *r)
+            .ok_or_else(|| PlatformError::UnknownComponent {
+                component: r.clone(),
+            })
+    }
+
+    async fn run(
+        &self,
+        action: &'static str,
+        component: &ComponentRef,
+        argv: &[String],
+    ) -> Result<Ran, PlatformError> {
+        let spawn_err = |source| PlatformError::Spawn {
+            action,
+            component: component.clone(),
+            source,
+        };
+        let (program, args) = argv.split_first().ok_or_else(|| {
+            spawn_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "empty command",
+            ))
+        })?;
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_err)?;
+        let mut stderr_pipe = child.stderr.take();
+        // A command may leave a daemon behind that inherited stderr: read
+        // what arrives while the command runs, never wait for EOF after it.
+        let mut buf = Vec::new();
+        let status = tokio::time::timeout(self.timeout, async {
+            let mut chunk = [0u8; 512];
+            loop {
+                match &mut stderr_pipe {
+                    Some(pipe) => tokio::select! {
+                        status = child.wait() => break status,
+                        n = pipe.read(&mut chunk) => match n {
+                            Ok(0) | Err(_) => stderr_pipe = None,
+                            Ok(n) => if buf.len() < STDERR_LIMIT { buf.extend_from_slice(&chunk[..n]) },
+                        },
+                    },
+                    None => break child.wait().await,
+                }
+            }
+        })
+        .await
+        .map_err(|_| PlatformError::Timeout {
+            action,
+            component: component.clone(),
+            secs: self.timeout.as_secs(),
+        })?
+        .map_err(spawn_err)?;
+        buf.truncate(STDERR_LIMIT);
+        Ok(Ran {
+            success: status.success(),
+            code: status.code(),
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&buf).trim().to_owned(),
+        })
+    }
+
+    async fn run_checked(
+        &self,
+        action: &'static str,
+        component: &ComponentRef,
+        argv: &[String],
+    ) -> Result<(), PlatformError> {
+        let ran = self.run(action, component, argv).await?;
+        if ran.success {
+            tracing::info!(%component, action, "component command succeeded");
+            Ok(())
+        } else {
+            Err(PlatformError::CommandFailed {
+                action,
+                component: component.clone(),
+                status: ran.status,
+                stderr: ran.stderr,
+            })
+        }
+    }
+
+    fn systemctl(verb: &str, unit: &str) -> Vec<String> {
+        vec!["systemctl".into(), verb.into(), "--".into(), unit.into()]
+    }
+}
+
+#[async_trait]
+impl Platform for HostPlatform {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
+        let mut apps = Vec::new();
+        for (team, name) in &self.apps {
+            let mut components = Vec::new();
+            for c in self
+                .components
+                .iter()
+                .filter(|c| c.reference.team == *team && c.reference.app == *name)
+            {
+                let state = match self.status(&c.reference).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(component = %c.reference, error = %e, "status unknown");
+                        ComponentState::Unknown
+                    }
+                };
+                let kind = match &c.how {
+                    How::Systemd(unit) => ComponentKind::SystemdUnit { unit: unit.clone() },
+                    How::Commands { start, stop, .. } => ComponentKind::Commands {
+                        start: start.clone(),
+                        stop: stop.clone(),
+                    },
+                };
+                components.push(Component {
+                    name: c.reference.component.clone(),
+                    kind,
+                    stateful: c.stateful,
+                    volumes: c.volumes.clone(),
+                    state,
+                });
+            }
+            apps.push(App {
+                name: name.clone(),
+                team: team.clone(),
+                components,
+            });
+        }
+        Ok(apps)
+    }
+
+    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        let c = self.find(r)?;
+        match &c.how {
+            How::Systemd(unit) => {
+                let ran = self
+                    .run("status", r, &Self::systemctl("is-active", unit))
+                    .await?;
+                // is-active: 0 active; 3 inactive/failed; others: cannot tell.
+                Ok(match ran.code {
+                    Some(0) => ComponentState::Running,
+                    Some(3) => ComponentState::Stopped,
+                    _ => ComponentState::Unknown,
+                })
+            }
+            How::Commands { status: None, .. } => Ok(ComponentState::Unknown),
+            How::Commands {
+                status: Some(argv), ..
+            } => {
+                let ran = self.run("status", r, argv).await?;
+                Ok(if ran.success {
+                    ComponentState::Running
+                } else {
+                    ComponentState::Stopped
+                })
+            }
+        }
+    }
+
+    async fn stop(&self, r: &ComponentRef) -> Result<(), PlatformError> {
+        let c = self.find(r)?;
+        match &c.how {
+            How::Systemd(unit) => {
+                self.run_checked("stop", r, &Self::systemctl("stop", unit))
+                    .await
+            }
+            How::Commands { stop, .. } => self.run_checked("stop", r, stop).await,
+        }
+    }
+
+    async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
+        let c = self.find(r)?;
+        match &c.how {
+            How::Systemd(unit) => {
+                self.run_checked("start", r, &Self::systemctl("start", unit))
+                    .await
+            }
+            How::Commands { start, .. } => self.run_checked("start", r, start).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+
+    fn platform(dir: &std::path::Path, timeout: Duration) -> HostPlatform {
+        let d = dir.display();
+        let text = format!(
+            r#"
+controller = "https://127.0.0.1:1"
+data_dir = "{d}"
+
+[[apps]]
+name = "shop"
+team = "web"
+
+[[apps.components]]
+name = "sleeper"
+stateful = true
+volumes = ["{d}/data"]
+start = "sleep 300 >/dev/null 2>&1 & echo $! > {d}/pid"
+stop = "kill $(cat {d}/pid) && rm {d}/pid"
+status = "test -f {d}/pid && kill -0 $(cat {d}/pid)"
+
+[[apps.components]]
+name = "no-status"
+start = ["true"]
+stop = ["sh", "-c", "echo cannot stop this >&2; exit 7"]
+
+[[apps.components]]
+name = "slow"
+start = "sleep 30"
+stop = "true"
+"#
+        );
+        let cfg = AgentConfig::parse(&text).expect("valid config");
+        HostPlatform::new(&cfg.apps, timeout)
+    }
+
+    fn r(c: &str) -> ComponentRef {
+        ComponentRef {
+            team: "web".into(),
+            app: "shop".into(),
+            component: c.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_start_stop_and_report_a_real_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = platform(dir.path(), Duration::from_secs(20));
+        assert_eq!(
+            p.status(&r("sleeper")).await.expect("status"),
+            ComponentState::Stopped
+        );
+        p.start(&r("sleeper")).await.expect("start");
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert_eq!(
+            p.status(&r("sleeper")).await.expect("status"),
+            ComponentState::Running
+        );
+        let inv = p.inventory().await.expect("inventory");
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0].components.len(), 3);
+        let sleeper = &inv[0].components[0];
+        assert_eq!(sleeper.state, ComponentState::Running);
+        assert!(sleeper.stateful);
+        assert_eq!(sleeper.volumes, vec![dir.path().join("data")]);
+        assert_eq!(inv[0].components[1].state, ComponentState::Unknown);
+
+        p.stop(&r("sleeper")).await.expect("stop");
+        assert_eq!(
+            p.status(&r("sleeper")).await.expect("status"),
+            ComponentState::Stopped
+        );
+        // The process is gone (possibly a zombie until reaped by init).
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(state.is_empty() || state.contains(") Z"), "{state}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_reports_its_exit_status_and_stderr() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = platform(dir.path(), Duration::from_secs(20));
+        let err = p.stop(&r("no-status")).await.expect_err("stop fails");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("stop of component no-status of app web/shop"),
+            "{msg}"
+        );
+        assert!(msg.contains("7"), "{msg}");
+        assert!(msg.contains("cannot stop this"), "{msg}");
+        assert!(!err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_command_that_hangs_times_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = platform(dir.path(), Duration::from_millis(300));
+        let err = p.start(&r("slow")).await.expect_err("times out");
+        assert!(matches!(err, PlatformError::Timeout { .. }), "{err}");
+        assert!(err.is_transient());
+    }
+
+    #[tokio::test]
+    async fn unknown_components_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = platform(dir.path(), Duration::from_secs(5));
+        let err = p.start(&r("nope")).await.expect_err("unknown");
+        assert!(
+            err.to_string()
+                .contains("component nope of app web/shop is not known"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn systemd_status_is_unknown_or_real_without_panicking() {
+        // systemctl may be missing or without a running systemd here; the
+        // driver must then fail cleanly (spawn error) or report a state.
+        let cfg = AgentConfig::parse(
+            "controller = \"https://c:1\"\ndata_dir = \"/d\"\n[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps.components]]\nname = \"u\"\nsystemd = \"ferry-test-does-not-exist.service\"\n",
+        )
+        .expect("valid");
+        let p = HostPlatform::new(&cfg.apps, Duration::from_secs(10));
+        let c = ComponentRef {
+            team: "t".into(),
+            app: "a".into(),
+            component: "u".into(),
+        };
+        match p.status(&c).await {
+            Ok(state) => assert_ne!(state, ComponentState::Running),
+            Err(e) => assert!(matches!(e, PlatformError::Spawn { .. }), "{e}"),
+        }
+    }
+}

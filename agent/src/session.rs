@@ -1,0 +1,316 @@
+//! The agent's side of the session: dial out, say hello, report the
+//! inventory, send heartbeats; reconnect with exponential backoff and jitter
+//! whenever the stream fails or the controller goes away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::identity::PeerIdentity;
+use ferry_proto::tls::{self, TlsError};
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::agent_message::Kind as AgentKind;
+use ferry_proto::v1::agent_sessions_client::AgentSessionsClient;
+use ferry_proto::v1::controller_message::Kind as ControllerKind;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::enrol::AgentFiles;
+use crate::platform::{self, Platform};
+
+/// Inventory is re-sent this often even when nothing asked for it.
+const INVENTORY_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot read {}: {source}; run `ferry-agent join` first", path.display())]
+    MissingFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent certificate {} is not an agent identity: {reason}", path.display())]
+    NotAnAgent {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("the controller ended the session ({code:?}): {message}")]
+    Status { code: tonic::Code, message: String },
+    #[error("the controller closed the session")]
+    Closed,
+    #[error("the controller's first message was not a welcome")]
+    NoWelcome,
+    #[error("cannot take the inventory: {0}")]
+    Platform(#[from] platform::PlatformError),
+}
+
+impl From<tonic::Status> for SessionError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status {
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// Identity and connection settings loaded from the data directory.
+#[derive(Clone)]
+pub struct SessionSettings {
+    pub controller: String,
+    pub cluster: String,
+    pub node: String,
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    pub heartbeat: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for SessionSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionSettings")
+            .field("controller", &self.controller)
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<String, SessionError> {
+    std::fs::read_to_string(path).map_err(|source| SessionError::MissingFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl SessionSettings {
+    pub fn load(config: &AgentConfig) -> Result<Self, SessionError> {
+        let files = AgentFiles::new(&config.data_dir);
+        let cert_pem = read(&files.cert)?;
+        let der = tls::first_cert_der(&cert_pem, "agent certificate")?;
+        let (cluster, node) = match PeerIdentity::from_cert_der(der.as_ref()) {
+            Ok(PeerIdentity::Agent { cluster, node }) => (cluster, node),
+            Ok(other) => {
+                return Err(SessionError::NotAnAgent {
+                    path: files.cert,
+                    reason: format!("it names {other}"),
+                });
+            }
+            Err(e) => {
+                return Err(SessionError::NotAnAgent {
+                    path: files.cert,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(Self {
+            controller: config.controller.clone(),
+            cluster,
+            node,
+            ca_pem: read(&files.ca)?,
+            cert_pem,
+            key_pem: read(&files.key)?,
+            heartbeat: config.heartbeat(),
+            reconnect_min: Duration::from_millis(config.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(config.reconnect_max_ms),
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Converts the platform's view to the wire format.
+pub fn inventory_to_pb(apps: Vec<platform::App>) -> pb::Inventory {
+    pb::Inventory {
+        taken_unix_ms: now_ms(),
+        apps: apps
+            .into_iter()
+            .map(|a| pb::App {
+                name: a.name,
+                team: a.team,
+                components: a
+                    .components
+                    .into_iter()
+                    .map(|c| {
+                        let state = match c.state {
+                            platform::ComponentState::Running => pb::ComponentState::Running,
+                            platform::ComponentState::Stopped => pb::ComponentState::Stopped,
+                            platform::ComponentState::Unknown => pb::ComponentState::Unknown,
+                        };
+                        let mut out = pb::Component {
+                            name: c.name,
+                            stateful: c.stateful,
+                            volumes: c.volumes.iter().map(|v| v.display().to_string()).collect(),
+                            state: state as i32,
+                            ..Default::default()
+                        };
+                        match c.kind {
+                            platform::ComponentKind::SystemdUnit { unit } => {
+                                out.kind = "systemd".into();
+                                out.unit = unit;
+                            }
+                            platform::ComponentKind::Commands { start, stop } => {
+                                out.kind = "commands".into();
+                                out.start = start;
+                                out.stop = stop;
+                            }
+                        }
+                        out
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The next backoff delay: doubling up to `max`, with up to 50 % jitter
+/// subtracted so a fleet does not reconnect in lockstep.
+pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> (Duration, Duration) {
+    let next = (current * 2).clamp(min, max);
+    let jitter = rand::random::<f64>() * 0.5;
+    let sleep = current.mul_f64(1.0 - jitter).max(min / 2);
+    (sleep, next)
+}
+
+/// Keeps a session open until `cancel`; reconnects forever otherwise.
+pub async fn run(
+    settings: SessionSettings,
+    platform: Arc<dyn Platform>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = settings.reconnect_min;
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = session_once(&settings, platform.as_ref(), &cancel) => r,
+            () = cancel.cancelled() => Ok(()),
+        };
+        if cancel.is_cancelled() {
+            break;
+        }
+        match result {
+            Ok(()) => tracing::warn!(controller = %settings.controller, "session ended"),
+            Err(e) => {
+                tracing::warn!(controller = %settings.controller, error = %e, "session failed")
+            }
+        }
+        // A session that lasted a while resets the backoff.
+        if started.elapsed() > settings.reconnect_max {
+            backoff = settings.reconnect_min;
+        }
+        let (sleep, next) = next_backoff(backoff, settings.reconnect_min, settings.reconnect_max);
+        backoff = next;
+        tracing::info!(
+            delay_ms = u64::try_from(sleep.as_millis()).unwrap_or(u64::MAX),
+            "reconnecting"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(sleep) => {},
+            () = cancel.cancelled() => break,
+        }
+    }
+}
+
+async fn session_once(
+    s: &SessionSettings,
+    platform: &dyn Platform,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let channel = tls::channel(&s.controller, &s.ca_pem, &s.cert_pem, &s.key_pem).await?;
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+    let send = |kind| pb::AgentMessage { kind: Some(kind) };
+    // The channel is fresh and has room for both.
+    let _ = tx.try_send(send(AgentKind::Hello(pb::Hello {
+        cluster: s.cluster.clone(),
+        node: s.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        platform: platform.name().to_owned(),
+    })));
+    let mut inbound = AgentSessionsClient::new(channel)
+        .open_session(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let heartbeat = match inbound.message().await? {
+        Some(pb::ControllerMessage {
+            kind: Some(ControllerKind::Welcome(w)),
+        }) => {
+            tracing::info!(cluster = %s.cluster, node = %s.node, controller_version = %w.version, "session established");
+            u64::try_from(w.heartbeat_interval_ms)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map_or(s.heartbeat, Duration::from_millis)
+        }
+        Some(_) => return Err(SessionError::NoWelcome),
+        None => return Err(SessionError::Closed),
+    };
+    let inventory = inventory_to_pb(platform.inventory().await?);
+    let apps = inventory.apps.len();
+    if tx
+        .send(send(AgentKind::Inventory(inventory)))
+        .await
+        .is_err()
+    {
+        return Err(SessionError::Closed);
+    }
+    tracing::info!(apps, "inventory sent");
+
+    let mut beat = tokio::time::interval(heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inv_tick = tokio::time::interval(INVENTORY_EVERY);
+    inv_tick.tick().await; // the first tick is immediate; inventory was just sent
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            _ = beat.tick() => {
+                let hb = send(AgentKind::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() }));
+                if tx.send(hb).await.is_err() {
+                    return Err(SessionError::Closed);
+                }
+            }
+            _ = inv_tick.tick() => {
+                match platform.inventory().await {
+                    Ok(apps) => {
+                        if tx.send(send(AgentKind::Inventory(inventory_to_pb(apps)))).await.is_err() {
+                            return Err(SessionError::Closed);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot take the inventory"),
+                }
+            }
+            msg = inbound.message() => match msg? {
+                Some(pb::ControllerMessage { kind: Some(ControllerKind::HeartbeatAck(_)) }) => {}
+                Some(other) => tracing::debug!(message = ?other, "controller message ignored"),
+                None => return Err(SessionError::Closed),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_ceiling_with_jitter() {
+        let min = Duration::from_millis(100);
+        let max = Duration::from_millis(1600);
+        let mut cur = min;
+        for _ in 0..10 {
+            let (sleep, next) = next_backoff(cur, min, max);
+            assert!(sleep <= cur, "{sleep:?} > {cur:?}");
+            assert!(sleep >= min / 2);
+            assert!(next <= max && next >= cur.min(max));
+            cur = next;
+        }
+        assert_eq!(cur, max);
+    }
+}
