@@ -37,7 +37,7 @@ pub(crate) fn store_path(dir: &Path, engine: Engine) -> PathBuf {
 }
 
 /// Opens the catalog, waiting (bounded) for a previous handle in this
-/// process to release its lock: sled releases it from a background thread.
+/// process to release its lock, in case an engine releases it late.
 pub(crate) async fn open_when_free(engine: Engine, path: &Path) -> Arc<dyn Catalog> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
