@@ -74,7 +74,7 @@ pub struct BackupOptions {
     pub dry_run: bool,
     /// Host name recorded in the snapshot (default: this machine's).
     pub host: Option<String>,
-    /// Concurrent pack uploads (default 4).
+    /// Concurrent pack uploads (default 2).
     pub upload_concurrency: Option<usize>,
 }
 
@@ -279,7 +279,7 @@ impl Repository {
             .map(|n| n.get())
             .unwrap_or(2)
             .clamp(1, 16);
-        let concurrency = opts.upload_concurrency.unwrap_or(4).max(1);
+        let concurrency = opts.upload_concurrency.unwrap_or(2).max(1);
         let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
         let errors = FirstError::default();
 
@@ -296,7 +296,7 @@ impl Repository {
         let walk = tokio::task::spawn_blocking(move || {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
-            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(workers * 2);
+            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(workers);
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
@@ -328,7 +328,6 @@ impl Repository {
                     last_progress: started,
                     buf: Vec::new(),
                     zero_ids: HashMap::new(),
-                    zeros: Vec::new(),
                 };
                 let res = walker.walk_dir(&path, parent_tree.as_ref());
                 let summary = std::mem::take(&mut walker.summary);
@@ -453,7 +452,13 @@ struct Walker<'a> {
     last_progress: Instant,
     buf: Vec<u8>,
     zero_ids: HashMap<usize, BlobId>,
-    zeros: Vec<u8>,
+}
+
+/// Whether `data` is all zero bytes (compared in blocks against a zero
+/// page, which the compiler vectorises).
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 fn ts(sec: i64, nsec: i64) -> Timestamp {
@@ -659,10 +664,7 @@ impl Walker<'_> {
 
     /// The blob id of a chunk; all-zero chunks (holes) are cached by length.
     fn chunk_id(&mut self, chunk: &[u8]) -> BlobId {
-        if self.zeros.len() < chunk.len() {
-            self.zeros.resize(chunk.len(), 0);
-        }
-        if chunk == &self.zeros[..chunk.len()] {
+        if is_zero(chunk) {
             if let Some(id) = self.zero_ids.get(&chunk.len()) {
                 return *id;
             }

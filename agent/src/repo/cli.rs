@@ -13,12 +13,14 @@ use super::backup::{BackupOptions, Progress, ProgressInfo};
 use super::format::SnapshotId;
 use super::verify::VerifyOptions;
 use super::{RepoError, Repository};
-use crate::store::{LocalStore, ObjectStore};
+use crate::store::ObjectStore;
+use crate::store::location::StorageConfig;
 
 /// Options shared by every repository command.
 #[derive(Debug, Args, Clone)]
 pub struct RepoGlobal {
-    /// Repository location: a local directory path.
+    /// Repository location: `/path`, `local:/path` or
+    /// `s3:http(s)://ENDPOINT/BUCKET[/PREFIX]`.
     #[arg(long, env = "FERRY_REPO", global = true)]
     pub repo: Option<String>,
     /// File holding the repository password (else env FERRY_REPO_PASSWORD).
@@ -159,15 +161,17 @@ fn usage(message: impl Into<String>) -> Failure {
     }
 }
 
-fn open_store(g: &RepoGlobal) -> Result<Arc<dyn ObjectStore>, Failure> {
+async fn open_store(g: &RepoGlobal) -> Result<Arc<dyn ObjectStore>, Failure> {
     let loc = g
         .repo
         .as_deref()
         .ok_or_else(|| usage("no repository given: use --repo LOCATION or FERRY_REPO"))?;
-    if loc.is_empty() {
-        return Err(usage("repository location is empty"));
-    }
-    Ok(Arc::new(LocalStore::new(loc)))
+    let config: StorageConfig = loc
+        .parse()
+        .map_err(|e: crate::store::location::LocationError| usage(e.to_string()))?;
+    crate::store::location::open(&config)
+        .await
+        .map_err(|e| Failure::from(RepoError::from(e)))
 }
 
 fn read_secret(file: Option<&Path>, env: &str, what: &str) -> Result<Vec<u8>, Failure> {
@@ -202,7 +206,7 @@ fn password(g: &RepoGlobal) -> Result<Vec<u8>, Failure> {
 }
 
 async fn open(g: &RepoGlobal) -> Result<Repository, Failure> {
-    let store = open_store(g)?;
+    let store = open_store(g).await?;
     let pw = password(g)?;
     Ok(Repository::open(store, &pw).await?)
 }
@@ -238,7 +242,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
     let g = &args.global;
     match args.command {
         RepoCommand::Init => {
-            let store = open_store(g)?;
+            let store = open_store(g).await?;
             let pw = password(g)?;
             let label = super::backup::hostname();
             let repo = Repository::init(store, &pw, &label).await?;

@@ -87,11 +87,19 @@ impl MasterKey {
     /// Appends `nonce ‖ ciphertext ‖ tag` of `plaintext` to `out`. `aad` is
     /// authenticated but not stored (the blob id, or an object-kind label).
     pub fn seal_into(&self, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+        self.seal_parts_into(aad, &[], plaintext, out)
+    }
+
+    /// Like [`seal_into`] for the plaintext `head ‖ body`, without first
+    /// copying it into one buffer.
+    pub fn seal_parts_into(&self, aad: &[u8], head: &[u8], body: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
+        out.reserve(NONCE_LEN + head.len() + body.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         let start = out.len();
-        out.extend_from_slice(plaintext);
+        out.extend_from_slice(head);
+        out.extend_from_slice(body);
         let tag = self
             .cipher
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[start..])

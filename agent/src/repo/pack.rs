@@ -57,7 +57,6 @@ fn blob_aad(id: &BlobId, kind: BlobKind) -> [u8; 33] {
 pub struct BlobEncoder {
     compressor: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
-    plain: Vec<u8>,
 }
 
 impl std::fmt::Debug for BlobEncoder {
@@ -73,7 +72,6 @@ impl BlobEncoder {
         Ok(Self {
             compressor: zstd::bulk::Compressor::new(level)?,
             scratch: Vec::new(),
-            plain: Vec::new(),
         })
     }
 
@@ -88,7 +86,6 @@ impl BlobEncoder {
         out: &mut Vec<u8>,
     ) -> usize {
         let start = out.len();
-        self.plain.clear();
         if self.worth_compressing(data) {
             let bound = zstd::zstd_safe::compress_bound(data.len());
             self.scratch.resize(bound + 1, 0);
@@ -104,9 +101,7 @@ impl BlobEncoder {
                 _ => {}
             }
         }
-        self.plain.push(FLAG_RAW);
-        self.plain.extend_from_slice(data);
-        key.seal_into(&blob_aad(id, kind), &self.plain, out);
+        key.seal_parts_into(&blob_aad(id, kind), &[FLAG_RAW], data, out);
         out.len() - start
     }
 

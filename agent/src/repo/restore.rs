@@ -433,7 +433,7 @@ fn write_pack_blobs(
                 pack: pack_id,
                 source,
             })?;
-        let zero = plain.iter().all(|&b| b == 0);
+        let zero = super::backup::is_zero(&plain);
         for (fi, off) in targets {
             let f = &files[*fi];
             if !zero {

@@ -6,9 +6,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -18,7 +16,8 @@ use super::format::{BlobKind, ChunkerParams, DATA_PREFIX, INDEX_PREFIX};
 use super::tree::{Node, NodeKind, Timestamp, Tree};
 use super::verify::VerifyOptions;
 use super::{RepoError, Repository};
-use crate::store::{LocalStore, ObjectInfo, ObjectKey, ObjectStore, StoreError};
+use crate::store::faulty::{Fault, FaultyStore, Op, Rule};
+use crate::store::{LocalStore, ObjectKey, ObjectStore};
 
 pub(crate) fn small_chunker() -> ChunkerParams {
     ChunkerParams {
@@ -585,48 +584,8 @@ async fn hostile_snapshots_cannot_escape_the_target() {
     assert!(!Path::new("/tmp/pwned").exists());
 }
 
-/// Fails every `put` of a pack after `allow` of them succeeded, like a
-/// process that dies in the middle of a backup.
-#[derive(Debug)]
-struct CrashAfter {
-    inner: Arc<dyn ObjectStore>,
-    allow: usize,
-    puts: AtomicUsize,
-}
-
-#[async_trait]
-impl ObjectStore for CrashAfter {
-    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StoreError> {
-        if key.as_str().starts_with(DATA_PREFIX)
-            && self.puts.fetch_add(1, Ordering::SeqCst) >= self.allow
-        {
-            return Err(StoreError::Permanent {
-                op: "put",
-                key: key.to_string(),
-                source: "injected crash".into(),
-            });
-        }
-        self.inner.put(key, data).await
-    }
-    async fn get(&self, key: &ObjectKey) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_range(
-        &self,
-        key: &ObjectKey,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
-        self.inner.size(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
+fn faulty(inner: Arc<dyn ObjectStore>) -> Arc<FaultyStore> {
+    Arc::new(FaultyStore::new(inner, 17))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,32 +599,31 @@ async fn interrupted_backup_resumes_uploading_only_what_is_missing() {
     }
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(local.clone(), 512 * 1024).await;
-    // Reference: how many packs a complete backup writes in a fresh repo.
-    let crash: Arc<dyn ObjectStore> = Arc::new(CrashAfter {
-        inner: local.clone(),
-        allow: 6,
-        puts: AtomicUsize::new(0),
-    });
-    let crashing = Repository::open(crash, PW).await.expect("open");
+    let store = faulty(local.clone());
+    let crashing = Repository::open(store.clone(), PW).await.expect("open");
+    // The lock, then six packs, then the process "dies".
+    store.crash_after_puts(7);
     let err = crashing
         .backup(&src, backup_opts(), None)
         .await
         .expect_err("crash");
-    assert!(err.to_string().contains("injected crash"), "{err}");
+    assert!(store.crashed());
+    assert!(!err.to_string().is_empty());
     assert!(
         local.list("snapshots/").await.expect("list").is_empty(),
         "no commit point may exist"
     );
     let left = local.list(DATA_PREFIX).await.expect("list");
     assert_eq!(left.len(), 6, "packs left by the interrupted run");
-    // A torn pack (a truncated write) is ignored, not trusted.
+    // A torn pack (a truncated non-atomic write) is ignored, not trusted.
     let torn = ObjectKey::new(format!("{DATA_PREFIX}00/{}", "00".repeat(32))).expect("key");
     local
         .put(&torn, Bytes::from_static(b"torn"))
         .await
         .expect("put");
+    store.recover();
 
-    let out = repo
+    let out = crashing
         .backup(&src, backup_opts(), None)
         .await
         .expect("resume");
@@ -681,6 +639,7 @@ async fn interrupted_backup_resumes_uploading_only_what_is_missing() {
         s.bytes_new,
         left_bytes
     );
+    assert!(s.bytes_stored < total_plain - left_bytes * 9 / 10);
     assert_eq!(
         local.list(DATA_PREFIX).await.expect("list").len() as u64,
         7 + s.packs_written,
@@ -691,6 +650,93 @@ async fn interrupted_backup_resumes_uploading_only_what_is_missing() {
         .await
         .expect("restore");
     assert_same_tree(&src, &dst);
+    // Prune later removes the torn object (it is in no index) — once the
+    // crashed run's lock is gone (it expires; removed here by hand).
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("mark");
+    assert_eq!(r.packs_newly_marked, 1, "{r:?}");
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("deferred");
+    assert!(r.deferred_by_backup && r.packs_deleted == 0, "{r:?}");
+    let locks = local.list("locks/").await.expect("list");
+    assert_eq!(locks.len(), 1, "the crashed backup's lock");
+    local.delete(&locks[0].key).await.expect("delete lock");
+    let r = repo.prune(std::time::Duration::ZERO).await.expect("delete");
+    assert_eq!(r.packs_deleted, 1, "{r:?}");
+    assert!(local.size(&torn).await.expect("size").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_and_torn_writes_are_retried() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 12);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    init(local.clone(), 256 * 1024).await;
+    let store = faulty(local.clone());
+    let repo = Repository::open(store.clone(), PW).await.expect("open");
+    store.inject(
+        Rule::new(Fault::TornWrite)
+            .op(Op::Put)
+            .prefix(DATA_PREFIX)
+            .nth(2),
+    );
+    store.inject(Rule::new(Fault::Transient).op(Op::Put).nth(5));
+    store.inject(
+        Rule::new(Fault::Transient)
+            .op(Op::GetRange)
+            .probability(0.2),
+    );
+    store.inject(
+        Rule::new(Fault::Delay(std::time::Duration::from_millis(5)))
+            .op(Op::Put)
+            .probability(0.5),
+    );
+    let id = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("backup")
+        .id
+        .expect("id");
+    let dst = tmp.path().join("dst");
+    repo.restore(id, None, &dst, None).await.expect("restore");
+    assert!(
+        store.injected() >= 3,
+        "faults injected: {}",
+        store.injected()
+    );
+    assert_same_tree(&src, &dst);
+    store.recover();
+    let report = repo
+        .verify(VerifyOptions {
+            snapshot: None,
+            read_data_percent: Some(100),
+        })
+        .await
+        .expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_storage_errors_fail_the_backup_and_name_the_object() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 13);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    init(local.clone(), 256 * 1024).await;
+    let store = faulty(local.clone());
+    let repo = Repository::open(store.clone(), PW).await.expect("open");
+    store.inject(
+        Rule::new(Fault::Permanent)
+            .op(Op::Put)
+            .prefix(DATA_PREFIX)
+            .nth(1),
+    );
+    let err = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect_err("backup fails");
+    assert!(err.to_string().contains(DATA_PREFIX), "{err}");
+    assert!(!err.is_transient());
+    assert!(local.list("snapshots/").await.expect("list").is_empty());
 }
 
 async fn corrupt_first(
