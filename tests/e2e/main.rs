@@ -1,1 +1,3 @@
 //! End-to-end tests over the real binaries.
+
+mod foundation;

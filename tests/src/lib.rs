@@ -1,1 +1,265 @@
-//! Harness for Ferry's end-to-end tests: runs the real binaries.
+//! Harness for Ferry's end-to-end tests: runs the real binaries
+//! (`ferry-controller`, `ferry-agent`) on ports the OS chooses, and talks to
+//! them over real mTLS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_proto::tls;
+use ferry_proto::v1::operator_client::OperatorClient;
+use tonic::transport::Channel;
+
+/// Default deadline for conditions the tests wait on.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Builds the daemons once per test run and returns `target/<profile>`.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "ferry-controller",
+                "-p",
+                "ferry-agent",
+                "--bins",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .status()
+            .expect("cargo build of the daemons runs");
+        assert!(
+            status.success(),
+            "building ferry-controller and ferry-agent failed"
+        );
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf()
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `cond` until it returns `Some`, failing after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut cond: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond().await {
+            return Ok(v);
+        }
+        if Instant::now() > end {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a command to completion, returning (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> anyhow::Result<(bool, String, String)> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A controller data directory and, while running, its process.
+pub struct Controller {
+    pub dir: tempfile::TempDir,
+    pub addr: Option<SocketAddr>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Controller {
+    /// `ferry-controller init` into a fresh directory.
+    pub fn init() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (ok, out, err) = run(Command::new(bin("ferry-controller"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--san", "127.0.0.1", "--san", "localhost"]))?;
+        if !ok {
+            bail!("ferry-controller init failed: {err}");
+        }
+        if !out.contains("ca fingerprint: sha256:") {
+            bail!("init did not print the ca fingerprint: {out}");
+        }
+        Ok(Self {
+            dir,
+            addr: None,
+            child: None,
+            starts: 0,
+        })
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Starts `serve` on an OS-chosen port (the same port again on a
+    /// restart) and waits for the address file.
+    pub async fn start(&mut self) -> anyhow::Result<SocketAddr> {
+        let listen = self
+            .addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let addr_file = self.path("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        self.starts += 1;
+        let log = std::fs::File::create(self.path(&format!("controller-{}.log", self.starts)))?;
+        let child = Command::new(bin("ferry-controller"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args([
+                "--listen",
+                &listen,
+                "--heartbeat-secs",
+                "1",
+                "--last-seen-flush-secs",
+                "1",
+            ])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        let addr = wait_for("the controller's address file", DEADLINE, || {
+            let f = addr_file.clone();
+            async move {
+                std::fs::read_to_string(&f)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+            }
+        })
+        .await?;
+        self.addr = Some(addr);
+        Ok(addr)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr.expect("controller started"))
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().to_string();
+            run(Command::new("kill").args(["-TERM", &pid]))?;
+            let status = wait_for("the controller to exit", DEADLINE, || {
+                let s = c.try_wait().ok().flatten();
+                async move { s }
+            })
+            .await?;
+            if !status.success() {
+                bail!("controller exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, rel: &str) -> anyhow::Result<String> {
+        std::fs::read_to_string(self.path(rel)).with_context(|| format!("reading {rel}"))
+    }
+
+    /// Everything the controller logged, across restarts.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .filter_map(|i| self.read(&format!("controller-{i}.log")).ok())
+            .collect()
+    }
+
+    /// An operator client with the certificate `init` wrote.
+    pub async fn operator(&self) -> anyhow::Result<OperatorClient<Channel>> {
+        let ch = tls::channel(
+            &self.url(),
+            &self.read("operator/ca.crt")?,
+            &self.read("operator/operator.crt")?,
+            &self.read("operator/operator.key")?,
+        )
+        .await?;
+        Ok(OperatorClient::new(ch))
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `ferry-agent run`.
+pub struct AgentProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn spawn(config: &Path, log: PathBuf) -> anyhow::Result<Self> {
+        let child = Command::new(bin("ferry-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Self { child, log })
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        run(Command::new("kill").args(["-TERM", &pid]))?;
+        let child = &mut self.child;
+        wait_for("the agent to exit", DEADLINE, || {
+            let s = child.try_wait().ok().flatten();
+            async move { s }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Installs ring as the process's rustls provider (idempotent).
+pub fn setup() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
