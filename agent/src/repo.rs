@@ -59,13 +59,13 @@ pub enum RepoError {
         pack: PackId,
         blob: BlobId,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("pack {pack}: {source}")]
     Blob {
         pack: PackId,
         #[source]
-        source: BlobError,
+        source: Box<BlobError>,
     },
     #[error("snapshot {id} not found")]
     SnapshotNotFound { id: String },
@@ -104,7 +104,8 @@ impl RepoError {
     /// Whether retrying the operation may help.
     pub fn is_transient(&self) -> bool {
         match self {
-            RepoError::Store(e) | RepoError::PackRead { source: e, .. } => e.is_transient(),
+            RepoError::Store(e) => e.is_transient(),
+            RepoError::PackRead { source, .. } => source.is_transient(),
             RepoError::Locked { .. } => true,
             _ => false,
         }
@@ -458,7 +459,7 @@ impl Repository {
             .map_err(|source| RepoError::PackRead {
                 pack: loc.pack,
                 blob: *id,
-                source,
+                source: Box::new(source),
             })?;
         if stored.len() as u64 != range.end - range.start {
             return Err(RepoError::Corrupt {
@@ -472,7 +473,10 @@ impl Repository {
         tokio::task::spawn_blocking(move || pack::decode_blob(&key, &entry, &stored))
             .await
             .map_err(|e| RepoError::Task(e.to_string()))?
-            .map_err(|source| RepoError::Blob { pack, source })
+            .map_err(|source| RepoError::Blob {
+                pack,
+                source: Box::new(source),
+            })
     }
 
     pub async fn load_tree(&self, index: &Index, id: &BlobId) -> Result<Tree, RepoError> {

@@ -468,7 +468,10 @@ fn ts(sec: i64, nsec: i64) -> Timestamp {
     }
 }
 
-fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, std::io::Error> {
+/// Extended attributes as (name, value) pairs.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn read_xattrs(path: &Path) -> Result<Xattrs, std::io::Error> {
     let mut names = vec![0u8; 1024];
     let n = loop {
         match rustix::fs::llistxattr(path, &mut names[..]) {
@@ -498,7 +501,7 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>, std::io::Error> {
     Ok(out)
 }
 
-fn base_node(name: &[u8], md: &Metadata, kind: NodeKind, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Node {
+fn base_node(name: &[u8], md: &Metadata, kind: NodeKind, xattrs: Xattrs) -> Node {
     Node {
         name: name.to_vec(),
         kind,

@@ -179,7 +179,7 @@ fn read_secret(file: Option<&Path>, env: &str, what: &str) -> Result<Vec<u8>, Fa
         Some(f) => std::fs::read(f)
             .map_err(|e| usage(format!("cannot read {what} file {}: {e}", f.display())))?,
         None => std::env::var_os(env)
-            .map(|v| std::os::unix::ffi::OsStringExt::into_vec(v))
+            .map(std::os::unix::ffi::OsStringExt::into_vec)
             .ok_or_else(|| {
                 usage(
                     format!("no {what}: use --{what}-file FILE or {env}")

@@ -43,6 +43,11 @@ pub struct RestoreSummary {
     pub duration_ms: u64,
 }
 
+/// A path below the target, one name per component.
+type RelPath = Vec<Vec<u8>>;
+/// The blobs needed from one pack, each with the (file, offset) pairs it fills.
+type PackPlan = HashMap<BlobId, (PackEntry, Vec<(usize, u64)>)>;
+
 /// One regular file to fill.
 struct FileJob {
     rel: Vec<Vec<u8>>,
@@ -61,7 +66,7 @@ struct Plan {
     /// Symlinks and fifos: metadata applied through their parent.
     others: Vec<(Vec<Vec<u8>>, Node)>,
     /// (link path, path of the first entry of its group).
-    links: Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)>,
+    links: Vec<(RelPath, RelPath)>,
     summary: RestoreSummary,
 }
 
@@ -227,8 +232,7 @@ impl Repository {
         let files = Arc::new(files);
 
         // Phase 2: data, grouped by pack.
-        let mut by_pack: HashMap<PackId, HashMap<BlobId, (PackEntry, Vec<(usize, u64)>)>> =
-            HashMap::new();
+        let mut by_pack: HashMap<PackId, PackPlan> = HashMap::new();
         for (fi, f) in files.iter().enumerate() {
             if let NodeKind::File { content, .. } = &f.node.kind {
                 let mut off = 0u64;
@@ -276,7 +280,7 @@ impl Repository {
                         .map_err(|source| RepoError::PackRead {
                             pack: pack_id,
                             blob: blobs.keys().next().copied().unwrap_or(BlobId([0; 32])),
-                            source,
+                            source: Box::new(source),
                         })?;
                     tokio::task::spawn_blocking(move || {
                         write_pack_blobs(
@@ -414,7 +418,7 @@ fn write_pack_blobs(
     pack_id: PackId,
     data: &[u8],
     start: u64,
-    blobs: &HashMap<BlobId, (PackEntry, Vec<(usize, u64)>)>,
+    blobs: &PackPlan,
     root: &OwnedFd,
     files: &[FileJob],
     written: &AtomicU64,
@@ -431,7 +435,7 @@ fn write_pack_blobs(
         let plain =
             pack::decode_blob(repo.key(), entry, stored).map_err(|source| RepoError::Blob {
                 pack: pack_id,
-                source,
+                source: Box::new(source),
             })?;
         let zero = super::backup::is_zero(&plain);
         for (fi, off) in targets {

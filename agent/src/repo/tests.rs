@@ -117,7 +117,7 @@ pub(crate) fn make_tree(root: &Path, seed: u64) {
     // Fifo.
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &root.join("a/fifo"),
+        root.join("a/fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o640),
         0,
@@ -134,13 +134,13 @@ pub(crate) fn make_tree(root: &Path, seed: u64) {
             .expect("chmod");
     }
     let _ = rustix::fs::setxattr(
-        &root.join("small.txt"),
+        root.join("small.txt"),
         "user.ferry.test",
         b"value\x00with nul",
         rustix::fs::XattrFlags::empty(),
     );
     let _ = rustix::fs::setxattr(
-        &root.join("a"),
+        root.join("a"),
         "user.dir",
         b"d",
         rustix::fs::XattrFlags::empty(),
@@ -654,7 +654,10 @@ async fn interrupted_backup_resumes_uploading_only_what_is_missing() {
     // crashed run's lock is gone (it expires; removed here by hand).
     let r = repo.prune(std::time::Duration::ZERO).await.expect("mark");
     assert_eq!(r.packs_newly_marked, 1, "{r:?}");
-    let r = repo.prune(std::time::Duration::ZERO).await.expect("deferred");
+    let r = repo
+        .prune(std::time::Duration::ZERO)
+        .await
+        .expect("deferred");
     assert!(r.deferred_by_backup && r.packs_deleted == 0, "{r:?}");
     let locks = local.list("locks/").await.expect("list");
     assert_eq!(locks.len(), 1, "the crashed backup's lock");

@@ -140,10 +140,8 @@ impl Repository {
                 for n in &tree.nodes {
                     let child = format!("{}{}", path, n.display_name());
                     match &n.kind {
-                        NodeKind::Dir { subtree } => {
-                            if seen_trees.insert(*subtree) {
-                                stack.push((*subtree, format!("{child}/")));
-                            }
+                        NodeKind::Dir { subtree } if seen_trees.insert(*subtree) => {
+                            stack.push((*subtree, format!("{child}/")));
                         }
                         NodeKind::File { content, .. } => {
                             for c in content {
