@@ -64,11 +64,11 @@ pub struct App {
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
     #[error("{component} is not known to this agent")]
-    UnknownComponent { component: ComponentRef },
+    UnknownComponent { component: Box<ComponentRef> },
     #[error("cannot run {action} for {component}: {source}")]
     Spawn {
         action: &'static str,
-        component: ComponentRef,
+        component: Box<ComponentRef>,
         #[source]
         source: std::io::Error,
     },
@@ -76,7 +76,7 @@ pub enum PlatformError {
     #[error("{action} of {component} failed with {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     CommandFailed {
         action: &'static str,
-        component: ComponentRef,
+        component: Box<ComponentRef>,
         status: String,
         stderr: String,
     },
@@ -84,7 +84,7 @@ pub enum PlatformError {
     #[error("{action} of {component} did not finish within {secs} seconds")]
     Timeout {
         action: &'static str,
-        component: ComponentRef,
+        component: Box<ComponentRef>,
         secs: u64,
     },
 }

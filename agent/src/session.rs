@@ -44,7 +44,13 @@ pub enum SessionError {
     #[error("the controller's first message was not a welcome")]
     NoWelcome,
     #[error("cannot take the inventory: {0}")]
-    Platform(#[from] platform::PlatformError),
+    Platform(Box<platform::PlatformError>),
+}
+
+impl From<platform::PlatformError> for SessionError {
+    fn from(e: platform::PlatformError) -> Self {
+        Self::Platform(Box::new(e))
+    }
 }
 
 impl From<tonic::Status> for SessionError {

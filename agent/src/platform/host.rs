@@ -92,7 +92,7 @@ impl HostPlatform {
             .iter()
             .find(|c| c.reference == *r)
             .ok_or_else(|| PlatformError::UnknownComponent {
-                component: r.clone(),
+                component: Box::new(r.clone()),
             })
     }
 
@@ -104,7 +104,7 @@ impl HostPlatform {
     ) -> Result<Ran, PlatformError> {
         let spawn_err = |source| PlatformError::Spawn {
             action,
-            component: component.clone(),
+            component: Box::new(component.clone()),
             source,
         };
         let (program, args) = argv.split_first().ok_or_else(|| {
@@ -143,7 +143,7 @@ impl HostPlatform {
         .await
         .map_err(|_| PlatformError::Timeout {
             action,
-            component: component.clone(),
+            component: Box::new(component.clone()),
             secs: self.timeout.as_secs(),
         })?
         .map_err(spawn_err)?;
@@ -169,7 +169,7 @@ impl HostPlatform {
         } else {
             Err(PlatformError::CommandFailed {
                 action,
-                component: component.clone(),
+                component: Box::new(component.clone()),
                 status: ran.status,
                 stderr: ran.stderr,
             })
