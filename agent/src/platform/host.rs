@@ -14,6 +14,8 @@ use crate::config::{AppConfig, CommandSpec};
 
 /// Stderr kept for error messages.
 const STDERR_LIMIT: usize = 2048;
+/// How long stderr is read after the command exited.
+const STDERR_DRAIN: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 struct HostComponent {
@@ -147,6 +149,13 @@ impl HostPlatform {
             secs: self.timeout.as_secs(),
         })?
         .map_err(spawn_err)?;
+        // The command has exited; collect what it wrote last. EOF comes at
+        // once unless a daemon it left behind holds stderr open: bounded.
+        if let Some(mut pipe) = stderr_pipe {
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(STDERR_DRAIN, pipe.read_to_end(&mut rest)).await;
+            buf.extend_from_slice(&rest);
+        }
         buf.truncate(STDERR_LIMIT);
         Ok(Ran {
             success: status.success(),
