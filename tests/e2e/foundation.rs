@@ -347,6 +347,28 @@ async fn the_controller_refuses_what_it_must_and_writes_nothing() -> anyhow::Res
         .expect_err("anonymous session");
     assert_eq!(s.code(), Code::Unauthenticated);
 
+    // Health answers operators, not anonymous clients.
+    let s = tonic_health::pb::health_client::HealthClient::new(anon.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect_err("anonymous health check");
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let op_health = tls::channel(
+        &ctl.url(),
+        &ctl.read("pki/ca.crt")?,
+        &ctl.read("operator/operator.crt")?,
+        &ctl.read("operator/operator.key")?,
+    )
+    .await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(op_health)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
     // Join refusals: garbage CSR, bad node, another cluster, unknown token.
     let t_a = token(&mut op, "a", 0).await?;
     token(&mut op, "b", 0).await?;

@@ -16,10 +16,15 @@ use tonic::transport::Channel;
 /// Default deadline for conditions the tests wait on.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Builds the daemons once per test run and returns `target/<profile>`.
+/// The directory holding `ferry-controller` and `ferry-agent`:
+/// `$FERRY_BIN_DIR` when set (the caller built them, e.g. `scripts/test`),
+/// otherwise this harness builds them once per run into `target/<profile>`.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("FERRY_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
