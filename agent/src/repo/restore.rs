@@ -48,6 +48,10 @@ type RelPath = Vec<Vec<u8>>;
 /// The blobs needed from one pack, each with the (file, offset) pairs it fills.
 type PackPlan = HashMap<BlobId, (PackEntry, Vec<(usize, u64)>)>;
 
+/// The most bytes of one pack fetched in one request (a larger blob is
+/// fetched alone).
+const SEGMENT: u64 = 4 << 20;
+
 /// One regular file to fill.
 struct FileJob {
     rel: Vec<Vec<u8>>,
@@ -253,8 +257,29 @@ impl Repository {
         }
         let written = Arc::new(AtomicU64::new(0));
         let files_done = Arc::new(AtomicU64::new(0));
-        let packs: Vec<_> = by_pack.into_iter().collect();
-        summary.packs_read = packs.len() as u64;
+        summary.packs_read = by_pack.len() as u64;
+        // Read each pack in segments of nearby blobs of at most SEGMENT
+        // bytes, so memory stays small whatever the pack size.
+        let mut packs: Vec<(PackId, PackPlan)> = Vec::new();
+        for (pack_id, blobs) in by_pack {
+            let mut sorted: Vec<_> = blobs.into_iter().collect();
+            sorted.sort_by_key(|(_, (e, _))| e.offset);
+            let mut seg: PackPlan = HashMap::new();
+            let mut seg_start = 0u64;
+            for (id, (e, targets)) in sorted {
+                let end = e.offset as u64 + e.length as u64;
+                if !seg.is_empty() && end - seg_start > SEGMENT {
+                    packs.push((pack_id, std::mem::take(&mut seg)));
+                }
+                if seg.is_empty() {
+                    seg_start = e.offset as u64;
+                }
+                seg.insert(id, (e, targets));
+            }
+            if !seg.is_empty() {
+                packs.push((pack_id, seg));
+            }
+        }
         let results: Vec<Result<(), RepoError>> = futures::stream::iter(packs)
             .map(|(pack_id, blobs)| {
                 let repo = self.clone();
