@@ -544,4 +544,31 @@ mod tests {
         assert_eq!(local.to_string(), "local:/srv/x");
         assert!(serde_json::from_str::<StorageConfig>(r#"{"type":"ftp"}"#).is_err());
     }
+
+    #[tokio::test]
+    async fn open_gives_working_stores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let weed = crate::store::testing::seaweed().await;
+        let bucket = weed.new_bucket().await;
+        let configs = [
+            format!("local:{}", dir.path().display())
+                .parse::<StorageConfig>()
+                .expect("local"),
+            StorageConfig::S3(Box::new(weed.config(&bucket, "via/open"))),
+        ];
+        for config in configs {
+            let store = open(&config).await.expect("open");
+            let key = crate::store::ObjectKey::new("k").expect("key");
+            store
+                .put(&key, bytes::Bytes::from_static(b"v"))
+                .await
+                .expect("put");
+            assert_eq!(store.get(&key).await.expect("get"), &b"v"[..], "{config}");
+        }
+        let relative = StorageConfig::Local {
+            path: "relative".into(),
+        };
+        let err = open(&relative).await.expect_err("relative path refused");
+        assert!(err.to_string().contains("local:relative"), "{err}");
+    }
 }
