@@ -44,6 +44,7 @@ fn run_data_mover(fut: impl std::future::Future<Output = i32>) -> ! {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let code = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(fut),
@@ -92,6 +93,7 @@ fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Runtime::new()?;
     match rt.block_on(fut) {

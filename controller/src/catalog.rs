@@ -32,7 +32,7 @@ pub use error::CatalogError;
 pub use name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
 pub use record::{
     AgentRecord, AppFilter, AppInventory, AppRecord, ClusterRecord, Component, ComponentKind,
-    RECORD_VERSION, TeamRecord, Timestamp, TokenRecord, TokenUse, Volume,
+    ComponentState, RECORD_VERSION, TeamRecord, Timestamp, TokenRecord, TokenUse, Volume,
 };
 
 /// The controller's durable state. All writes are durable on return.

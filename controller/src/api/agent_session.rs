@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::AgentPeer;
 use super::{ApiError, Shared};
 use crate::catalog::{
-    AgentRecord, AppInventory, AppName, Component, ComponentKind, ComponentName, TeamName,
-    Timestamp, Volume,
+    AgentRecord, AppInventory, AppName, Component, ComponentKind, ComponentName, ComponentState,
+    TeamName, Timestamp, Volume,
 };
 
 /// How long an agent has to say hello.
@@ -61,7 +61,13 @@ pub fn inventory_from_pb(inv: pb::Inventory) -> Result<Vec<AppInventory>, ApiErr
                             )));
                         }
                     };
+                    let state = match pb::ComponentState::try_from(c.state) {
+                        Ok(pb::ComponentState::Running) => ComponentState::Running,
+                        Ok(pb::ComponentState::Stopped) => ComponentState::Stopped,
+                        _ => ComponentState::Unknown,
+                    };
                     Ok(Component {
+                        state,
                         name: ComponentName::new(c.name)?,
                         kind,
                         stateful: c.stateful,

@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::{ApiError, Shared};
 use crate::catalog::{
-    AppFilter, AppRecord, ClusterName, ComponentKind, TeamName, Timestamp, TokenHash, TokenRecord,
+    AppFilter, AppRecord, ClusterName, ComponentKind, ComponentState, TeamName, Timestamp,
+    TokenHash, TokenRecord,
 };
 
 /// Join tokens live one hour unless asked otherwise, at most one week.
@@ -55,7 +56,11 @@ pub(crate) fn app_to_pb(app: AppRecord) -> pb::AppRecord {
                     .iter()
                     .map(|v| v.path.display().to_string())
                     .collect(),
-                state: pb::ComponentState::Unspecified as i32,
+                state: match c.state {
+                    ComponentState::Running => pb::ComponentState::Running,
+                    ComponentState::Stopped => pb::ComponentState::Stopped,
+                    ComponentState::Unknown => pb::ComponentState::Unknown,
+                } as i32,
                 ..Default::default()
             };
             match c.kind {

@@ -122,6 +122,7 @@ fn app(name: &str, tm: &str, vol: &str) -> AppInventory {
         team: team(tm),
         components: vec![
             Component {
+                state: ComponentState::Running,
                 name: ComponentName::new("postgresql@15-main.service").expect("component"),
                 kind: ComponentKind::SystemdUnit {
                     unit: "postgresql@15-main.service".into(),
@@ -133,6 +134,7 @@ fn app(name: &str, tm: &str, vol: &str) -> AppInventory {
                 }],
             },
             Component {
+                state: ComponentState::Running,
                 name: ComponentName::new("web").expect("component"),
                 kind: ComponentKind::Commands {
                     start: vec!["/usr/bin/web".into(), "--serve".into()],

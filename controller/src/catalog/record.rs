@@ -163,6 +163,17 @@ pub struct Volume {
     pub path: PathBuf,
 }
 
+/// Whether a component was running when its agent last reported it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentState {
+    Running,
+    Stopped,
+    /// The driver could not tell, or the record predates the field.
+    #[default]
+    Unknown,
+}
+
 /// One component of an application.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Component {
@@ -171,6 +182,9 @@ pub struct Component {
     /// Stateful components are stopped during a cold backup.
     pub stateful: bool,
     pub volumes: Vec<Volume>,
+    /// As last reported (see the app's `reported_at`).
+    #[serde(default)]
+    pub state: ComponentState,
 }
 
 /// An application as an agent reports it.
@@ -367,6 +381,7 @@ mod tests {
     #[test]
     fn inventory_validation_rejects_unsafe_paths() {
         let comp = |path: &str| Component {
+            state: ComponentState::default(),
             name: ComponentName::new("db").expect("valid"),
             kind: ComponentKind::SystemdUnit {
                 unit: "postgresql.service".into(),
