@@ -330,6 +330,7 @@ impl Repository {
                     zero_ids: HashMap::new(),
                 };
                 let res = walker.walk_dir(&path, parent_tree.as_ref());
+                walker.report(true);
                 let summary = std::mem::take(&mut walker.summary);
                 drop(walker);
                 for j in joins {

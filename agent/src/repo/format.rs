@@ -187,7 +187,7 @@ impl Default for ChunkerParams {
     }
 }
 
-pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+pub const DEFAULT_PACK_SIZE: u32 = 8 * 1024 * 1024;
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
 
 #[cfg(test)]

@@ -327,10 +327,19 @@ async fn incremental_backup_reads_only_changes() {
     make_tree(&src, 2);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(store.clone(), 1 << 20).await;
+    let last = Arc::new(std::sync::Mutex::new(None));
+    let seen = last.clone();
+    let progress: Arc<dyn super::backup::Progress> =
+        Arc::new(move |p: &super::backup::ProgressInfo| {
+            *seen.lock().expect("lock") = Some(*p);
+        });
     let first = repo
-        .backup(&src, backup_opts(), None)
+        .backup(&src, backup_opts(), Some(progress))
         .await
         .expect("backup");
+    let p = last.lock().expect("lock").expect("progress was reported");
+    assert_eq!(p.files, first.snapshot.summary.files);
+    assert_eq!(p.bytes, first.snapshot.summary.bytes_read);
 
     // No change: nothing read, nothing new, same root tree.
     let second = repo
