@@ -21,6 +21,8 @@ pub enum CliError {
     Input(String),
     #[error("cannot reach the controller at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error("the server at {url} is not the controller this client trusts: {message}")]
+    Untrusted { url: String, message: String },
     #[error("the controller at {url} refused this client: {message}")]
     Refused { url: String, message: String },
     #[error("the controller rejected the request: {message}")]
@@ -34,7 +36,9 @@ impl CliError {
         match self {
             CliError::Config(_) | CliError::ReadFile { .. } | CliError::Input(_) => 2,
             CliError::Rejected { .. } => 2,
-            CliError::Unreachable { .. } | CliError::Refused { .. } => 3,
+            CliError::Unreachable { .. }
+            | CliError::Refused { .. }
+            | CliError::Untrusted { .. } => 3,
             CliError::Failed { .. } => 1,
         }
     }
@@ -44,6 +48,9 @@ impl CliError {
             CliError::Config(_) => Some("run `ferryctl config` to see the settings in effect"),
             CliError::Unreachable { .. } => Some(
                 "check that ferry-controller is running and that --controller (FERRY_CONTROLLER) names it",
+            ),
+            CliError::Untrusted { .. } => Some(
+                "check --ca (FERRY_CA): it must be the ca.crt written by `ferry-controller init` of this controller",
             ),
             CliError::Refused { .. } => Some(
                 "use the operator certificate written by `ferry-controller init` (--cert/--key, FERRY_CERT/FERRY_KEY) and the controller's CA (--ca, FERRY_CA)",
@@ -56,6 +63,25 @@ impl CliError {
     pub fn from_status(url: &str, status: tonic::Status) -> Self {
         use tonic::Code;
         let message = status.message().to_owned();
+        // With TLS 1.3 the server checks the client certificate after the
+        // client has finished its side of the handshake: a refused
+        // certificate shows up as a connection closed on the first call.
+        let lower = format!("{status:?}").to_lowercase();
+        let handshake_refusal = ["connection closed", "certificate", "handshake", "alert"]
+            .iter()
+            .any(|w| lower.contains(w));
+        if matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) && handshake_refusal
+        {
+            return CliError::Refused {
+                url: url.to_owned(),
+                message: format!(
+                    "the connection was closed during the TLS handshake; the client certificate is most likely expired or not signed by the controller's CA ({message})"
+                ),
+            };
+        }
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded => CliError::Unreachable {
                 url: url.to_owned(),
@@ -102,7 +128,12 @@ fn classify_connect_error(url: &str, e: &ferry_proto::tls::TlsError) -> CliError
         E::Connect { .. } => {
             let chain = error_chain(e);
             let lower = chain.to_lowercase();
-            if lower.contains("certificate")
+            if lower.contains("invalid peer certificate") {
+                CliError::Untrusted {
+                    url: url.to_owned(),
+                    message: chain,
+                }
+            } else if lower.contains("certificate")
                 || lower.contains("handshake")
                 || lower.contains("alert")
             {

@@ -1,3 +1,4 @@
 //! End-to-end tests over the real binaries.
 
+mod ferryctl;
 mod foundation;
