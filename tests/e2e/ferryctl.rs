@@ -187,7 +187,10 @@ async fn ferryctl_failures_have_clear_messages_and_exit_codes() -> anyhow::Resul
         .output()?;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains("not the controller this client trusts"), "{stderr}");
+    assert!(
+        stderr.contains("not the controller this client trusts"),
+        "{stderr}"
+    );
 
     // A missing key file: exit 2, naming the file; no key material printed.
     let mut cmd = ferryctl(home.path());

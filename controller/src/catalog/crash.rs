@@ -61,6 +61,7 @@ fn inventory_for(id: u64) -> AppInventory {
         name: AppName::new(format!("a{id}")).expect("app name"),
         team: team("crash"),
         components: vec![Component {
+            state: ComponentState::Running,
             name: ComponentName::new(format!("c{id}")).expect("component name"),
             kind: ComponentKind::Commands {
                 start: vec!["/bin/start".into(), d.clone()],
