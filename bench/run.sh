@@ -111,6 +111,9 @@ m = {
   "restic": sh("restic version"), "borg": sh("borg --version"),
   "ferry": sh("'$FERRY_BIN' --version") if "$FERRY_BIN" else "",
   "ferry_commit": sh("git -C '$REPO_ROOT' rev-parse --short HEAD"),
+  "ferry_bin": "$FERRY_BIN",
+  "ferry_bin_sha256": sh("sha256sum '$FERRY_BIN' | cut -c1-16") if "$FERRY_BIN" else "",
+  "ferry_bin_mtime": sh("date -r '$FERRY_BIN' -Iseconds") if "$FERRY_BIN" else "",
   "runs": $RUNS, "scales": "$SCALES", "tools": "$TOOLS",
 }
 json.dump(m, open(sys.argv[1], "w"), indent=2)
