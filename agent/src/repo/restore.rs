@@ -235,6 +235,11 @@ impl Repository {
         } = plan;
         let files = Arc::new(files);
 
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            files = files.len(),
+            "restore: structure created"
+        );
         // Phase 2: data, grouped by pack.
         let mut by_pack: HashMap<PackId, PackPlan> = HashMap::new();
         for (fi, f) in files.iter().enumerate() {
@@ -348,6 +353,10 @@ impl Repository {
         }
         summary.bytes_written = written.load(Ordering::Relaxed);
 
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "restore: data written"
+        );
         // Phase 3: links and metadata.
         let root2 = root.clone();
         let files2 = files.clone();
