@@ -314,7 +314,9 @@ for SCALE in "${SCALE_LIST[@]}"; do
                 record scale="$SCALE" run="$RUN" tool="$t" step=restore_check manifest_diff_lines="$ndiff" \
                     allocated_bytes="$(du -s --block-size=1 "$target" | cut -f1)"
             fi
-            rm -rf "$target"
+            # restore targets stay until the run ends: deleting tens of thousands
+            # of files right before the next tool's restore slows its inode
+            # allocation (ext4 skips recently deleted inodes)
         done
         unset failed
     done
