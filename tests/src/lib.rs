@@ -144,7 +144,7 @@ impl Controller {
             ])
             .arg("--addr-file")
             .arg(&addr_file)
-            .env("RUST_LOG", "info")
+            .env("FERRY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
