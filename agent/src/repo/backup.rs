@@ -11,8 +11,23 @@
 //! uploader task: bounded number of concurrent uploads
 //! ```
 //! Then one index object for the new packs, then the snapshot manifest
-//! (the commit point). Memory is bounded by the channel depths and the pack
-//! size, whatever the number or size of files.
+//! (the commit point).
+//!
+//! Memory is bounded by configuration, whatever the number or size of
+//! files. Big buffers are allocated once and recycled, never freed and
+//! reallocated per chunk or per pack (with many threads, glibc's malloc
+//! otherwise keeps freed megabytes in per-thread arenas):
+//! - the walker's read buffer: 2 × max chunk size;
+//! - chunk buffers: at most `workers + 1` queued or in a worker, plus one
+//!   being filled, each up to the max chunk size, returned by the workers
+//!   to a free list;
+//! - pack buffers: a fixed pool of `workers + upload concurrency`, each
+//!   pack size + max chunk size; a worker takes one to start a pack, the
+//!   uploader gives it back after the upload.
+//!
+//! What grows with the data set is the index of known blobs (the
+//! repository's, shared with reading parent trees, not copied) and, for the
+//! new blobs, their ids and pack entries (about 150 bytes per new blob).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -30,7 +45,7 @@ use super::chunker::Chunker;
 use super::crypto::MasterKey;
 use super::format::{BlobId, BlobKind, MARKS_PREFIX, PackId, SnapshotId, id_from_key};
 use super::index::{Index, IndexedPack};
-use super::pack::{BlobEncoder, FinishedPack, PackBuilder};
+use super::pack::{BLOB_OVERHEAD, BlobEncoder, FinishedPack, PackBuilder};
 use super::snapshot::{BackupSummary, Snapshot};
 use super::tree::{Node, NodeKind, Timestamp, Tree};
 use super::{RepoError, Repository, object_key, with_retry};
@@ -190,11 +205,12 @@ impl Repository {
         self.recover_unindexed_packs(&mut index, opts.dry_run)
             .await?;
         let marked = self.marked_packs().await?;
-        // Never reuse blobs of packs that prune may delete.
+        // Never reuse blobs of packs that prune may delete. Without marks
+        // the index itself serves (no copy of it).
         let dedup = if marked.is_empty() {
-            index.clone()
+            None
         } else {
-            index.without_packs(|p| marked.contains(p))
+            Some(index.without_packs(|p| marked.contains(p)))
         };
 
         let parent = if opts.no_parent {
@@ -269,7 +285,7 @@ impl Repository {
         &self,
         path: &Path,
         index: Index,
-        dedup: Index,
+        dedup: Option<Index>,
         parent_tree: Option<Tree>,
         opts: &BackupOptions,
         progress: Option<Arc<dyn Progress>>,
@@ -280,13 +296,26 @@ impl Repository {
             .unwrap_or(2)
             .clamp(1, 16);
         let concurrency = opts.upload_concurrency.unwrap_or(2).max(1);
-        let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(1);
+        let pack_size = self.config().pack_size as usize;
+        let max_chunk = self.config().chunker.max_size as usize;
+        // A pack is closed once it reaches pack_size, so it holds at most
+        // pack_size plus one blob, then its header.
+        let pack_cap = pack_size + max_chunk + BLOB_OVERHEAD + pack_size / 16;
+        // The pool bounds the packs being filled, queued and uploaded.
+        let n_pack_buffers = workers + concurrency;
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded::<Vec<u8>>(n_pack_buffers);
+        for _ in 0..n_pack_buffers {
+            let _ = pool_tx.try_send(Vec::new());
+        }
+        let (pack_tx, pack_rx) = mpsc::channel::<FinishedPack>(n_pack_buffers);
         let errors = FirstError::default();
 
         let uploader = {
             let repo = self.clone();
             let dry_run = opts.dry_run;
-            tokio::spawn(async move { upload_packs(repo, pack_rx, dry_run, concurrency).await })
+            tokio::spawn(
+                async move { upload_packs(repo, pack_rx, pool_tx, dry_run, concurrency).await },
+            )
         };
 
         let repo = self.clone();
@@ -296,31 +325,38 @@ impl Repository {
         let walk = tokio::task::spawn_blocking(move || {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
-            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(workers);
+            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(1);
+            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(workers + 2);
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
-                    let rx = blob_rx.clone();
-                    let tx = pack_tx.clone();
+                    let io = WorkerIo {
+                        jobs: blob_rx.clone(),
+                        free_chunks: free_tx.clone(),
+                        pack_buffers: pool_rx.clone(),
+                        packs: pack_tx.clone(),
+                    };
                     let key = repo.key().clone();
                     let level = repo.config().compression_level;
-                    let pack_size = repo.config().pack_size as usize;
                     let errs = errs.clone();
                     joins.push(s.spawn(move || {
-                        if let Err(e) = pack_worker(&key, level, pack_size, rx, tx) {
+                        if let Err(e) = pack_worker(&key, level, pack_size, pack_cap, io) {
                             errs.set(e);
                         }
                     }));
                 }
                 drop(blob_rx);
+                drop(free_tx);
+                drop(pool_rx);
                 drop(pack_tx);
                 let mut walker = Walker {
                     repo: &repo,
                     index: &index,
-                    dedup: &dedup,
+                    dedup: dedup.as_ref().unwrap_or(&index),
                     sent: HashSet::new(),
                     chunker,
                     blob_tx,
+                    free_chunks: free_rx,
                     handle,
                     summary: BackupSummary::default(),
                     progress,
@@ -354,31 +390,57 @@ impl Repository {
     }
 }
 
+/// A pack worker's channels.
+struct WorkerIo {
+    jobs: crossbeam_channel::Receiver<BlobJob>,
+    /// Chunk buffers go back to the walker here.
+    free_chunks: crossbeam_channel::Sender<Vec<u8>>,
+    /// Empty pack buffers, from the pool.
+    pack_buffers: crossbeam_channel::Receiver<Vec<u8>>,
+    packs: mpsc::Sender<FinishedPack>,
+}
+
 fn pack_worker(
     key: &MasterKey,
     level: i32,
     pack_size: usize,
-    rx: crossbeam_channel::Receiver<BlobJob>,
-    tx: mpsc::Sender<FinishedPack>,
+    pack_cap: usize,
+    io: WorkerIo,
 ) -> Result<(), RepoError> {
     let mut enc = BlobEncoder::new(level).map_err(|e| RepoError::Io {
         op: "create",
         path: "zstd compressor".into(),
         source: e,
     })?;
-    let cap = pack_size + pack_size / 8;
-    let mut pb = PackBuilder::with_capacity(cap);
+    let stopped = || RepoError::Task("pack upload stopped".into());
     let send = |pb: PackBuilder| {
-        tx.blocking_send(pb.finish(key))
-            .map_err(|_| RepoError::Task("pack upload stopped".into()))
+        io.packs
+            .blocking_send(pb.finish(key))
+            .map_err(|_| stopped())
     };
-    for job in rx {
+    let mut current: Option<PackBuilder> = None;
+    for job in io.jobs.iter() {
+        let pb = match current.as_mut() {
+            Some(pb) => pb,
+            None => {
+                let mut buf = io.pack_buffers.recv().map_err(|_| stopped())?;
+                buf.clear();
+                buf.reserve_exact(pack_cap);
+                current.insert(PackBuilder::from_buffer(buf))
+            }
+        };
         pb.add(&mut enc, key, job.id, job.kind, &job.data);
-        if pb.len() >= pack_size {
-            send(std::mem::replace(&mut pb, PackBuilder::with_capacity(cap)))?;
+        // The walker may have stopped; then the buffer is simply freed.
+        let _ = io.free_chunks.try_send(job.data);
+        if pb.len() >= pack_size
+            && let Some(full) = current.take()
+        {
+            send(full)?;
         }
     }
-    if !pb.is_empty() {
+    if let Some(pb) = current
+        && !pb.is_empty()
+    {
         send(pb)?;
     }
     Ok(())
@@ -387,6 +449,7 @@ fn pack_worker(
 async fn upload_packs(
     repo: Repository,
     mut rx: mpsc::Receiver<FinishedPack>,
+    pool: crossbeam_channel::Sender<Vec<u8>>,
     dry_run: bool,
     concurrency: usize,
 ) -> Result<(Vec<IndexedPack>, u64, u64), RepoError> {
@@ -414,14 +477,21 @@ async fn upload_packs(
             }
         }
         let repo = repo.clone();
+        let pool = pool.clone();
         set.spawn(async move {
             let len = pack.data.len() as u64;
-            if !dry_run {
+            let buf = if dry_run {
+                pack.data
+            } else {
                 let key = object_key(&pack.id.object_key())?;
                 let data = Bytes::from(pack.data);
                 with_retry(|| repo.store().put(&key, data.clone())).await?;
                 tracing::debug!(pack = %pack.id, bytes = len, "pack uploaded");
-            }
+                // Recover the buffer when the store kept no reference.
+                data.try_into_mut().map(Vec::from).unwrap_or_default()
+            };
+            // The pool has room: this pack's buffer came from it.
+            let _ = pool.try_send(buf);
             Ok((
                 IndexedPack {
                     id: pack.id,
@@ -446,6 +516,8 @@ struct Walker<'a> {
     sent: HashSet<BlobId>,
     chunker: Chunker,
     blob_tx: crossbeam_channel::Sender<BlobJob>,
+    /// Chunk buffers returned by the workers.
+    free_chunks: crossbeam_channel::Receiver<Vec<u8>>,
     handle: tokio::runtime::Handle,
     summary: BackupSummary,
     progress: Option<Arc<dyn Progress>>,
@@ -654,7 +726,10 @@ impl Walker<'_> {
                 let id = self.chunk_id(chunk);
                 content.push(id);
                 if !self.is_known(&id) {
-                    self.submit(id, BlobKind::Data, chunk.to_vec())?;
+                    let mut data = self.free_chunks.try_recv().unwrap_or_default();
+                    data.clear();
+                    data.extend_from_slice(chunk);
+                    self.submit(id, BlobKind::Data, data)?;
                 }
                 self.report(false);
                 Ok(())

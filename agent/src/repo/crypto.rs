@@ -93,16 +93,30 @@ impl MasterKey {
     /// Like [`seal_into`] for the plaintext `head ‖ body`, without first
     /// copying it into one buffer.
     pub fn seal_parts_into(&self, aad: &[u8], head: &[u8], body: &[u8], out: &mut Vec<u8>) {
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
         out.reserve(NONCE_LEN + head.len() + body.len() + TAG_LEN);
-        out.extend_from_slice(&nonce);
         let start = out.len();
+        out.extend_from_slice(&[0u8; NONCE_LEN]);
         out.extend_from_slice(head);
         out.extend_from_slice(body);
+        self.seal_in_place(aad, out, start);
+    }
+
+    /// Seals in place the plaintext that follows a `NONCE_LEN`-byte gap at
+    /// `start` in `out`: the gap receives the nonce and the tag is appended,
+    /// so that `out[start..]` becomes `nonce ‖ ciphertext ‖ tag`. Lets a
+    /// caller build the plaintext (e.g. compress) directly in its output
+    /// buffer.
+    pub fn seal_in_place(&self, aad: &[u8], out: &mut Vec<u8>, start: usize) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        out[start..start + NONCE_LEN].copy_from_slice(&nonce);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[start..])
+            .encrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                aad,
+                &mut out[start + NONCE_LEN..],
+            )
             .expect("invariant: AES-GCM accepts messages below 64 GiB");
         out.extend_from_slice(&tag);
     }

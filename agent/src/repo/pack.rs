@@ -53,10 +53,17 @@ fn blob_aad(id: &BlobId, kind: BlobKind) -> [u8; 33] {
     aad
 }
 
-/// Per-thread compression state with an incompressibility probe.
+/// Bytes a stored blob adds to its encoded body: nonce, flag, tag.
+pub const BLOB_OVERHEAD: usize = super::crypto::OVERHEAD + 1;
+
+/// Per-thread compression state.
+///
+/// Every blob is compressed straight into the pack buffer, with the output
+/// limited to the input's size: zstd gives up on incompressible data at
+/// several GB/s, so no sampling is needed, and the stored form is the raw
+/// one whenever compression does not shrink the blob.
 pub struct BlobEncoder {
     compressor: zstd::bulk::Compressor<'static>,
-    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for BlobEncoder {
@@ -65,18 +72,15 @@ impl std::fmt::Debug for BlobEncoder {
     }
 }
 
-const PROBE_LEN: usize = 64 * 1024;
-
 impl BlobEncoder {
     pub fn new(level: i32) -> std::io::Result<Self> {
         Ok(Self {
             compressor: zstd::bulk::Compressor::new(level)?,
-            scratch: Vec::new(),
         })
     }
 
-    /// Compresses when worthwhile, encrypts, and appends the stored form to
-    /// `out`. Returns the stored length.
+    /// Compresses when that shrinks the blob, encrypts, and appends the
+    /// stored form to `out`. Returns the stored length.
     pub fn encode_into(
         &mut self,
         key: &MasterKey,
@@ -85,43 +89,24 @@ impl BlobEncoder {
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> usize {
+        use super::crypto::NONCE_LEN;
         let start = out.len();
-        if self.worth_compressing(data) {
-            let bound = zstd::zstd_safe::compress_bound(data.len());
-            self.scratch.resize(bound + 1, 0);
-            self.scratch[0] = FLAG_ZSTD;
-            match self
-                .compressor
-                .compress_to_buffer(data, &mut self.scratch[1..])
-            {
-                Ok(n) if n + 1 < data.len() => {
-                    key.seal_into(&blob_aad(id, kind), &self.scratch[..n + 1], out);
-                    return out.len() - start;
-                }
-                _ => {}
+        let aad = blob_aad(id, kind);
+        // Compressed output is kept only if flag + body < input length.
+        if data.len() > 2 {
+            let body = start + NONCE_LEN + 1;
+            out.reserve(NONCE_LEN + data.len() + super::crypto::TAG_LEN);
+            out.resize(body + data.len() - 2, 0);
+            out[body - 1] = FLAG_ZSTD;
+            if let Ok(n) = self.compressor.compress_to_buffer(data, &mut out[body..]) {
+                out.truncate(body + n);
+                key.seal_in_place(&aad, out, start);
+                return out.len() - start;
             }
+            out.truncate(start);
         }
-        key.seal_parts_into(&blob_aad(id, kind), &[FLAG_RAW], data, out);
+        key.seal_parts_into(&aad, &[FLAG_RAW], data, out);
         out.len() - start
-    }
-
-    /// Small blobs are always tried; larger ones only when a 64 KiB sample
-    /// from their middle shrinks by at least 3 %.
-    fn worth_compressing(&mut self, data: &[u8]) -> bool {
-        if data.len() <= 4 * PROBE_LEN {
-            return !data.is_empty();
-        }
-        let mid = data.len() / 2;
-        let sample = &data[mid - PROBE_LEN / 2..mid + PROBE_LEN / 2];
-        self.scratch
-            .resize(zstd::zstd_safe::compress_bound(PROBE_LEN), 0);
-        match self
-            .compressor
-            .compress_to_buffer(sample, &mut self.scratch[..])
-        {
-            Ok(n) => n * 100 < PROBE_LEN * 97,
-            Err(_) => false,
-        }
     }
 }
 
@@ -178,8 +163,14 @@ pub struct FinishedPack {
 
 impl PackBuilder {
     pub fn with_capacity(cap: usize) -> Self {
+        Self::from_buffer(Vec::with_capacity(cap))
+    }
+
+    /// Starts a pack in a recycled buffer (its content is discarded).
+    pub fn from_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         Self {
-            buf: Vec::with_capacity(cap),
+            buf,
             ..Default::default()
         }
     }
@@ -318,5 +309,70 @@ mod tests {
         ));
         // Garbage is refused.
         assert!(parse_header(&key, &[1, 2, 3, 4, 5, 6, 7, 8], 8).is_err());
+    }
+
+    #[test]
+    fn blobs_with_an_incompressible_middle_are_still_compressed() {
+        let key = MasterKey::generate();
+        let mut enc = BlobEncoder::new(3).expect("zstd");
+        // 2 MiB of text around 256 KiB of noise in the middle.
+        let mut data = b"the quick brown fox ".repeat(60_000);
+        let mut noise = vec![0u8; 256 * 1024];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+        let mid = data.len() / 2;
+        data.splice(mid..mid, noise.iter().copied());
+        let mut out = b"previous blob".to_vec();
+        let id = key.blob_id(&data);
+        let n = enc.encode_into(&key, &id, BlobKind::Data, &data, &mut out);
+        assert_eq!(out.len(), 13 + n);
+        assert!(
+            n < noise.len() + 64 * 1024,
+            "stored {n} bytes for {} bytes with {} of noise",
+            data.len(),
+            noise.len()
+        );
+        let entry = PackEntry {
+            kind: BlobKind::Data,
+            id,
+            offset: 13,
+            length: n as u32,
+            raw_len: data.len() as u32,
+        };
+        assert_eq!(decode_blob(&key, &entry, &out[13..]).expect("decode"), data);
+        assert_eq!(&out[..13], b"previous blob");
+
+        // Incompressible and tiny blobs are stored raw: overhead only.
+        for len in [0usize, 1, 2, 3, 100_000] {
+            let mut noise = vec![0u8; len];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+            let id = key.blob_id(&noise);
+            let mut out = Vec::new();
+            let n = enc.encode_into(&key, &id, BlobKind::Tree, &noise, &mut out);
+            assert_eq!(n, len + BLOB_OVERHEAD, "blob of {len} bytes");
+            let entry = PackEntry {
+                kind: BlobKind::Tree,
+                id,
+                offset: 0,
+                length: n as u32,
+                raw_len: len as u32,
+            };
+            assert_eq!(decode_blob(&key, &entry, &out).expect("decode"), noise);
+        }
+    }
+
+    /// The backup uploader hands pack buffers back for reuse; that relies
+    /// on getting the allocation back from the `Bytes` it uploaded.
+    #[test]
+    fn uploaded_pack_buffer_is_recovered_without_copy() {
+        let mut v = Vec::with_capacity(1 << 20);
+        v.extend_from_slice(&[7u8; 1000]);
+        let ptr = v.as_ptr();
+        let b = bytes::Bytes::from(v);
+        let clone = b.clone();
+        drop(clone);
+        let back: Vec<u8> = b.try_into_mut().map(Vec::from).expect("unique");
+        assert_eq!(back.as_ptr(), ptr);
+        assert!(back.capacity() >= 1 << 20);
+        assert_eq!(back.len(), 1000);
     }
 }
