@@ -188,7 +188,7 @@ impl Default for ChunkerParams {
 }
 
 pub const DEFAULT_PACK_SIZE: u32 = 8 * 1024 * 1024;
-pub const DEFAULT_COMPRESSION_LEVEL: i32 = 1;
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
 
 #[cfg(test)]
 mod tests {
