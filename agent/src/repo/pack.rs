@@ -110,6 +110,25 @@ impl BlobEncoder {
     }
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused across blobs.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses one zstd frame of at most `capacity` bytes with this
+/// thread's context.
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let dctx = match &mut *slot {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        dctx.decompress(data, capacity)
+    })
+}
+
 /// Decrypts, decompresses and re-hashes one stored blob.
 pub fn decode_blob(
     key: &MasterKey,
@@ -120,24 +139,24 @@ pub fn decode_blob(
     let mut plain = key
         .open(&blob_aad(&id, entry.kind), stored)
         .map_err(|source| BlobError::Decrypt { id, source })?;
-    let data =
-        match plain.first().copied() {
-            Some(FLAG_RAW) => {
-                plain.remove(0);
-                plain
-            }
-            Some(FLAG_ZSTD) => zstd::bulk::decompress(&plain[1..], entry.raw_len as usize)
-                .map_err(|e| BlobError::Decompress {
-                    id,
-                    reason: e.to_string(),
-                })?,
-            other => {
-                return Err(BlobError::BadFlag {
-                    id,
-                    flag: other.unwrap_or(255),
-                });
-            }
-        };
+    let data = match plain.first().copied() {
+        Some(FLAG_RAW) => {
+            plain.remove(0);
+            plain
+        }
+        Some(FLAG_ZSTD) => {
+            decompress(&plain[1..], entry.raw_len as usize).map_err(|e| BlobError::Decompress {
+                id,
+                reason: e.to_string(),
+            })?
+        }
+        other => {
+            return Err(BlobError::BadFlag {
+                id,
+                flag: other.unwrap_or(255),
+            });
+        }
+    };
     if data.len() != entry.raw_len as usize || key.blob_id(&data) != id {
         return Err(BlobError::HashMismatch { id });
     }
