@@ -16,12 +16,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, XattrFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags};
+use rustix::io::Errno;
 use serde::Serialize;
 
 use super::backup::{Progress, ProgressInfo};
@@ -43,46 +44,75 @@ pub struct RestoreSummary {
     pub duration_ms: u64,
 }
 
-/// A path below the target, one name per component.
-type RelPath = Vec<Vec<u8>>;
-/// The blobs needed from one pack, each with the (file, offset) pairs it fills.
-type PackPlan = HashMap<BlobId, (PackEntry, Vec<(usize, u64)>)>;
+/// A path below the target: checked names joined with `/` (empty for the
+/// target itself).
+type RelPath = Vec<u8>;
+
+/// One blob of a pack segment, with the (file, offset) pairs it fills.
+type BlobTargets = (PackEntry, Vec<(usize, u64)>);
 
 /// The most bytes of one pack fetched in one request (a larger blob is
 /// fetched alone).
 const SEGMENT: u64 = 4 << 20;
 
-/// One regular file to fill.
+/// Pack segments decoded and written at the same time.
+const PARALLEL_SEGMENTS: usize = 4;
+
+/// Files a data worker keeps open between blobs before closing them all.
+const OPEN_FILES_PER_WORKER: usize = 64;
+
+/// One regular file to fill. It is created by the first data worker that
+/// reaches one of its chunks, and its metadata is applied by the worker
+/// that writes its last chunk.
 struct FileJob {
-    rel: Vec<Vec<u8>>,
+    /// Index of its parent in `Plan::dirs`.
+    dir: usize,
     node: Node,
     remaining: AtomicUsize,
+    created: Mutex<bool>,
 }
 
 struct DirJob {
-    rel: Vec<Vec<u8>>,
+    path: RelPath,
+    /// `None` for the target itself.
     node: Option<Node>,
 }
 
 struct Plan {
     files: Vec<FileJob>,
+    /// Parents before children; `dirs[0]` is the target.
     dirs: Vec<DirJob>,
-    /// Symlinks and fifos: metadata applied through their parent.
-    others: Vec<(Vec<Vec<u8>>, Node)>,
-    /// (link path, path of the first entry of its group).
-    links: Vec<(RelPath, RelPath)>,
+    /// Symlinks and fifos (parent index, node): metadata applied through
+    /// their parent.
+    others: Vec<(usize, Node)>,
+    /// (parent index, name, index of the file it links to).
+    links: Vec<(usize, Vec<u8>, usize)>,
     summary: RestoreSummary,
 }
 
-fn rel_display(rel: &[Vec<u8>]) -> String {
-    let parts: Vec<String> = rel
-        .iter()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .collect();
-    parts.join("/")
+impl Plan {
+    fn file_path(&self, fi: usize) -> RelPath {
+        file_path(&self.dirs, &self.files[fi])
+    }
 }
 
-fn io_err(op: &'static str, rel: &[Vec<u8>], e: impl Into<std::io::Error>) -> RepoError {
+fn file_path(dirs: &[DirJob], f: &FileJob) -> RelPath {
+    join(&dirs[f.dir].path, &f.node.name)
+}
+
+fn join(dir: &[u8], name: &[u8]) -> RelPath {
+    if dir.is_empty() {
+        name.to_vec()
+    } else {
+        [dir, b"/", name].concat()
+    }
+}
+
+fn rel_display(rel: &[u8]) -> String {
+    String::from_utf8_lossy(rel).into_owned()
+}
+
+fn io_err(op: &'static str, rel: &[u8], e: impl Into<std::io::Error>) -> RepoError {
     RepoError::Io {
         op,
         path: rel_display(rel),
@@ -90,35 +120,68 @@ fn io_err(op: &'static str, rel: &[Vec<u8>], e: impl Into<std::io::Error>) -> Re
     }
 }
 
-/// Opens the directory at `rel` (relative to `root`) without following
-/// any symlink.
-fn open_dir_beneath(root: &OwnedFd, rel: &[Vec<u8>]) -> Result<OwnedFd, RepoError> {
-    let mut fd = rustix::io::dup(root).map_err(|e| io_err("open", rel, e))?;
-    for c in rel {
+/// Set once `openat2` turns out to be missing (kernels before 5.6).
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Opens `rel` below `root` without following any symlink on the way or
+/// at the end. One `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where
+/// the kernel has it, else a walk of `openat(O_NOFOLLOW)` per component.
+fn open_beneath(
+    root: &OwnedFd,
+    rel: &[u8],
+    flags: OFlags,
+    mode: Mode,
+) -> Result<OwnedFd, rustix::io::Errno> {
+    open_beneath_with(root, rel, flags, mode, !NO_OPENAT2.load(Ordering::Relaxed))
+}
+
+fn open_beneath_with(
+    root: &OwnedFd,
+    rel: &[u8],
+    flags: OFlags,
+    mode: Mode,
+    try_openat2: bool,
+) -> Result<OwnedFd, rustix::io::Errno> {
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    // openat2 refuses a mode without O_CREAT.
+    let mode = if flags.contains(OFlags::CREATE) {
+        mode
+    } else {
+        Mode::empty()
+    };
+    if rel.is_empty() {
+        return rustix::io::dup(root);
+    }
+    if try_openat2 {
+        let resolve =
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(root, OsStr::from_bytes(rel), flags, mode, resolve) {
+            Err(Errno::NOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            // Filtered by a sandbox, or a rename raced the lookup: the walk
+            // below gives the definite answer.
+            Err(Errno::PERM) | Err(Errno::AGAIN) => {}
+            other => return other,
+        }
+    }
+    let mut parts = rel.split(|b| *b == b'/');
+    let last = parts.next_back().unwrap_or_default();
+    let mut fd = rustix::io::dup(root)?;
+    for c in parts {
         fd = rustix::fs::openat(
             &fd,
             OsStr::from_bytes(c),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
-        )
-        .map_err(|e| io_err("open directory", rel, e))?;
+        )?;
     }
-    Ok(fd)
+    rustix::fs::openat(&fd, OsStr::from_bytes(last), flags, mode)
 }
 
-fn open_file_beneath(root: &OwnedFd, rel: &[Vec<u8>]) -> Result<File, RepoError> {
-    let (name, parent) = rel
-        .split_last()
-        .ok_or_else(|| RepoError::InvalidInput("empty path".into()))?;
-    let dir = open_dir_beneath(root, parent)?;
-    let fd = rustix::fs::openat(
-        &dir,
-        OsStr::from_bytes(name),
-        OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("open", rel, e))?;
-    Ok(File::from(fd))
+/// Opens the directory at `rel` (relative to `root`) without following
+/// any symlink.
+fn open_dir_beneath(root: &OwnedFd, rel: &[u8]) -> Result<OwnedFd, RepoError> {
+    open_beneath(root, rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        .map_err(|e| io_err("open directory", rel, e))
 }
 
 fn timestamps(n: &Node) -> Timestamps {
@@ -196,59 +259,55 @@ impl Repository {
             .into();
         let root = Arc::new(root);
 
-        // Phase 1: structure.
+        // Phase 1: directories, symlinks, fifos and empty files. Regular
+        // files with content are created by the data workers.
         let plan = {
             let repo = self.clone();
             let index = index.clone();
             let root = root.clone();
             let handle = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                let mut plan = Plan {
-                    files: Vec::new(),
-                    dirs: Vec::new(),
-                    others: Vec::new(),
-                    links: Vec::new(),
-                    summary: RestoreSummary::default(),
+                let mut walk = Walk {
+                    repo: &repo,
+                    index: &index,
+                    handle: &handle,
+                    plan: Plan {
+                        files: Vec::new(),
+                        dirs: vec![DirJob {
+                            path: Vec::new(),
+                            node: None,
+                        }],
+                        others: Vec::new(),
+                        links: Vec::new(),
+                        summary: RestoreSummary::default(),
+                    },
+                    groups: HashMap::new(),
                 };
-                let mut groups = HashMap::new();
-                create_tree(
-                    &repo,
-                    &index,
-                    &handle,
-                    &root,
-                    &tree,
-                    &mut Vec::new(),
-                    &mut plan,
-                    &mut groups,
-                )?;
-                Ok::<_, RepoError>(plan)
+                walk.create_tree(&root, 0, &tree)?;
+                Ok::<_, RepoError>(walk.plan)
             })
             .await
             .map_err(|e| RepoError::Task(e.to_string()))??
         };
-        let Plan {
-            files,
-            dirs,
-            others,
-            links,
-            mut summary,
-        } = plan;
-        let files = Arc::new(files);
 
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
-            files = files.len(),
+            files = plan.files.len(),
+            dirs = plan.dirs.len(),
             "restore: structure created"
         );
         // Phase 2: data, grouped by pack.
-        let mut by_pack: HashMap<PackId, PackPlan> = HashMap::new();
-        for (fi, f) in files.iter().enumerate() {
+        let mut by_pack: HashMap<PackId, HashMap<BlobId, BlobTargets>> = HashMap::new();
+        for (fi, f) in plan.files.iter().enumerate() {
             if let NodeKind::File { content, .. } = &f.node.kind {
                 let mut off = 0u64;
                 for c in content {
                     let loc = index.get(c).ok_or_else(|| RepoError::MissingBlob {
                         blob: *c,
-                        context: format!("file {} of snapshot {id}", rel_display(&f.rel)),
+                        context: format!(
+                            "file {} of snapshot {id}",
+                            rel_display(&plan.file_path(fi))
+                        ),
                     })?;
                     let slot = by_pack
                         .entry(loc.pack)
@@ -260,47 +319,59 @@ impl Repository {
                 }
             }
         }
+        let Plan {
+            files,
+            dirs,
+            others,
+            links,
+            mut summary,
+        } = plan;
+        let files = Arc::new(files);
+        let dirs = Arc::new(dirs);
         let written = Arc::new(AtomicU64::new(0));
-        let files_done = Arc::new(AtomicU64::new(0));
+        let files_done = Arc::new(AtomicU64::new(
+            files
+                .iter()
+                .filter(|f| f.remaining.load(Ordering::Relaxed) == 0)
+                .count() as u64,
+        ));
         summary.packs_read = by_pack.len() as u64;
         // Read each pack in segments of nearby blobs of at most SEGMENT
-        // bytes, so memory stays small whatever the pack size.
-        let mut packs: Vec<(PackId, PackPlan)> = Vec::new();
+        // bytes, so memory stays small whatever the pack size. Blobs stay
+        // in pack order, which is the order backup read the files in.
+        let mut segments: Vec<(PackId, Vec<BlobTargets>)> = Vec::new();
         for (pack_id, blobs) in by_pack {
-            let mut sorted: Vec<_> = blobs.into_iter().collect();
-            sorted.sort_by_key(|(_, (e, _))| e.offset);
-            let mut seg: PackPlan = HashMap::new();
+            let mut sorted: Vec<BlobTargets> = blobs.into_values().collect();
+            sorted.sort_by_key(|(e, _)| e.offset);
+            let mut seg: Vec<BlobTargets> = Vec::new();
             let mut seg_start = 0u64;
-            for (id, (e, targets)) in sorted {
+            for (e, targets) in sorted {
                 let end = e.offset as u64 + e.length as u64;
                 if !seg.is_empty() && end - seg_start > SEGMENT {
-                    packs.push((pack_id, std::mem::take(&mut seg)));
+                    segments.push((pack_id, std::mem::take(&mut seg)));
                 }
                 if seg.is_empty() {
                     seg_start = e.offset as u64;
                 }
-                seg.insert(id, (e, targets));
+                seg.push((e, targets));
             }
             if !seg.is_empty() {
-                packs.push((pack_id, seg));
+                segments.push((pack_id, seg));
             }
         }
-        let results: Vec<Result<(), RepoError>> = futures::stream::iter(packs)
+        let results: Vec<Result<(), RepoError>> = futures::stream::iter(segments)
             .map(|(pack_id, blobs)| {
                 let repo = self.clone();
                 let root = root.clone();
                 let files = files.clone();
+                let dirs = dirs.clone();
                 let written = written.clone();
                 let files_done = files_done.clone();
                 let progress = progress.clone();
                 async move {
-                    let start = blobs
-                        .values()
-                        .map(|(e, _)| e.offset as u64)
-                        .min()
-                        .unwrap_or(0);
+                    let start = blobs.first().map(|(e, _)| e.offset as u64).unwrap_or(0);
                     let end = blobs
-                        .values()
+                        .iter()
                         .map(|(e, _)| e.offset as u64 + e.length as u64)
                         .max()
                         .unwrap_or(0);
@@ -309,21 +380,18 @@ impl Repository {
                         .await
                         .map_err(|source| RepoError::PackRead {
                             pack: pack_id,
-                            blob: blobs.keys().next().copied().unwrap_or(BlobId([0; 32])),
+                            blob: blobs.first().map(|(e, _)| e.id).unwrap_or(BlobId([0; 32])),
                             source: Box::new(source),
                         })?;
                     tokio::task::spawn_blocking(move || {
-                        write_pack_blobs(
-                            &repo,
-                            pack_id,
-                            &data,
-                            start,
-                            &blobs,
-                            &root,
-                            &files,
-                            &written,
-                            &files_done,
-                        )?;
+                        let out = Output {
+                            root: &root,
+                            dirs: &dirs,
+                            files: &files,
+                            written: &written,
+                            files_done: &files_done,
+                        };
+                        out.write_pack_blobs(&repo, pack_id, &data, start, &blobs)?;
                         if let Some(p) = &progress {
                             p.update(&ProgressInfo {
                                 bytes: written.load(Ordering::Relaxed),
@@ -337,7 +405,7 @@ impl Repository {
                     .map_err(|e| RepoError::Task(e.to_string()))?
                 }
             })
-            .buffer_unordered(4)
+            .buffer_unordered(PARALLEL_SEGMENTS)
             .collect()
             .await;
         for r in results {
@@ -347,7 +415,10 @@ impl Repository {
             if f.remaining.load(Ordering::Acquire) != 0 {
                 return Err(RepoError::Corrupt {
                     object: format!("snapshot {id}"),
-                    reason: format!("file {} was not completely restored", rel_display(&f.rel)),
+                    reason: format!(
+                        "file {} was not completely restored",
+                        rel_display(&file_path(&dirs, f))
+                    ),
                 });
             }
         }
@@ -357,33 +428,28 @@ impl Repository {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "restore: data written"
         );
-        // Phase 3: links and metadata.
+        // Phase 3: hard links, then metadata of symlinks, fifos and
+        // directories (deepest first, after everything inside them).
         let root2 = root.clone();
-        let files2 = files.clone();
         tokio::task::spawn_blocking(move || -> Result<(), RepoError> {
             let root = &*root2;
-            for (link, first) in &links {
-                let (fname, fparent) = first.split_last().expect("invariant: non-empty path");
-                let (lname, lparent) = link.split_last().expect("invariant: non-empty path");
-                let fd1 = open_dir_beneath(root, fparent)?;
-                let fd2 = open_dir_beneath(root, lparent)?;
+            for (dir, name, first) in &links {
+                let first = &files[*first];
+                let fd1 = open_dir_beneath(root, &dirs[first.dir].path)?;
+                let fd2 = open_dir_beneath(root, &dirs[*dir].path)?;
                 rustix::fs::linkat(
                     &fd1,
-                    OsStr::from_bytes(fname),
+                    OsStr::from_bytes(&first.node.name),
                     &fd2,
-                    OsStr::from_bytes(lname),
+                    OsStr::from_bytes(name),
                     AtFlags::empty(),
                 )
-                .map_err(|e| io_err("link", link, e))?;
+                .map_err(|e| io_err("link", &join(&dirs[*dir].path, name), e))?;
             }
-            for f in files2.iter() {
-                let file = open_file_beneath(root, &f.rel)?;
-                apply_fd_metadata(file.as_fd(), &f.node, &f.rel)?;
-            }
-            for (rel, node) in &others {
-                let (name, parent) = rel.split_last().expect("invariant: non-empty path");
-                let dir = open_dir_beneath(root, parent)?;
-                let name = OsStr::from_bytes(name);
+            for (dir, node) in &others {
+                let rel = join(&dirs[*dir].path, &node.name);
+                let dir = open_dir_beneath(root, &dirs[*dir].path)?;
+                let name = OsStr::from_bytes(&node.name);
                 if is_root() {
                     rustix::fs::chownat(
                         &dir,
@@ -392,7 +458,7 @@ impl Repository {
                         Some(rustix::fs::Gid::from_raw_unchecked(node.gid)),
                         AtFlags::SYMLINK_NOFOLLOW,
                     )
-                    .map_err(|e| io_err("chown", rel, e))?;
+                    .map_err(|e| io_err("chown", &rel, e))?;
                 }
                 if matches!(node.kind, NodeKind::Fifo) {
                     rustix::fs::chmodat(
@@ -401,15 +467,15 @@ impl Repository {
                         Mode::from_raw_mode(node.mode),
                         AtFlags::empty(),
                     )
-                    .map_err(|e| io_err("chmod", rel, e))?;
+                    .map_err(|e| io_err("chmod", &rel, e))?;
                 }
                 rustix::fs::utimensat(&dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io_err("set times of", rel, e))?;
+                    .map_err(|e| io_err("set times of", &rel, e))?;
             }
             for d in dirs.iter().rev() {
                 if let Some(node) = &d.node {
-                    let fd = open_dir_beneath(root, &d.rel)?;
-                    apply_fd_metadata(fd.as_fd(), node, &d.rel)?;
+                    let fd = open_dir_beneath(root, &d.path)?;
+                    apply_fd_metadata(fd.as_fd(), node, &d.path)?;
                 }
             }
             Ok(())
@@ -425,7 +491,7 @@ impl Repository {
 fn apply_fd_metadata(
     fd: std::os::fd::BorrowedFd<'_>,
     node: &Node,
-    rel: &[Vec<u8>],
+    rel: &[u8],
 ) -> Result<(), RepoError> {
     if is_root() {
         rustix::fs::fchown(
@@ -446,140 +512,212 @@ fn apply_fd_metadata(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_pack_blobs(
-    repo: &Repository,
-    pack_id: PackId,
-    data: &[u8],
-    start: u64,
-    blobs: &PackPlan,
-    root: &OwnedFd,
-    files: &[FileJob],
-    written: &AtomicU64,
-    files_done: &AtomicU64,
-) -> Result<(), RepoError> {
-    let mut open: HashMap<usize, File> = HashMap::new();
-    for (entry, targets) in blobs.values() {
-        let lo = (entry.offset as u64 - start) as usize;
-        let hi = lo + entry.length as usize;
-        let stored = data.get(lo..hi).ok_or_else(|| RepoError::Corrupt {
-            object: format!("pack {pack_id}"),
-            reason: format!("blob {} is truncated", entry.id),
-        })?;
-        let plain =
-            pack::decode_blob(repo.key(), entry, stored).map_err(|source| RepoError::Blob {
-                pack: pack_id,
-                source: Box::new(source),
-            })?;
-        let zero = super::backup::is_zero(&plain);
-        for (fi, off) in targets {
-            let f = &files[*fi];
-            if !zero {
-                if !open.contains_key(fi) {
-                    open.insert(*fi, open_file_beneath(root, &f.rel)?);
-                }
-                let file = open.get(fi).expect("invariant: just inserted");
-                file.write_all_at(&plain, *off)
-                    .map_err(|e| io_err("write", &f.rel, e))?;
-                written.fetch_add(plain.len() as u64, Ordering::Relaxed);
-            }
-            if f.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                files_done.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if open.len() > 64 {
-            open.clear();
-        }
-    }
-    Ok(())
+/// Where the data workers write: the target and the plan's files.
+struct Output<'a> {
+    root: &'a OwnedFd,
+    dirs: &'a [DirJob],
+    files: &'a [FileJob],
+    written: &'a AtomicU64,
+    files_done: &'a AtomicU64,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn create_tree(
-    repo: &Repository,
-    index: &Index,
-    handle: &tokio::runtime::Handle,
-    root: &OwnedFd,
-    tree: &Tree,
-    rel: &mut Vec<Vec<u8>>,
-    plan: &mut Plan,
-    groups: &mut HashMap<u64, Vec<Vec<u8>>>,
-) -> Result<(), RepoError> {
-    let dir = open_dir_beneath(root, rel)?;
-    for node in &tree.nodes {
-        rel.push(node.name.clone());
-        if let Some(reason) = unsafe_name_reason(&node.name) {
-            return Err(RepoError::UnsafeEntry {
-                path: rel_display(rel),
-                reason: reason.into(),
-            });
+impl Output<'_> {
+    /// Opens file `fi` for writing, creating it (`O_EXCL`) if no worker has
+    /// yet. A new file is sized to its final length unless `whole` (this
+    /// write fills it entirely), so trailing holes stay holes.
+    fn open_file(&self, fi: usize, whole: bool) -> Result<File, RepoError> {
+        let f = &self.files[fi];
+        let path = file_path(self.dirs, f);
+        // The lock only orders creation against later opens of the same
+        // file; a poisoned lock still holds a valid flag.
+        let mut created = f.created.lock().unwrap_or_else(|e| e.into_inner());
+        if *created {
+            let fd = open_beneath(self.root, &path, OFlags::WRONLY, Mode::empty())
+                .map_err(|e| io_err("open", &path, e))?;
+            return Ok(File::from(fd));
         }
-        let name = OsStr::from_bytes(&node.name);
-        match &node.kind {
-            NodeKind::Dir { subtree } => {
-                rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))
-                    .map_err(|e| io_err("create directory", rel, e))?;
-                plan.summary.dirs += 1;
-                plan.dirs.push(DirJob {
-                    rel: rel.clone(),
-                    node: Some(node.clone()),
-                });
-                let sub = handle.block_on(repo.load_tree(index, subtree))?;
-                create_tree(repo, index, handle, root, &sub, rel, plan, groups)?;
-            }
-            NodeKind::File { content, hardlink } => {
-                if let Some(g) = hardlink
-                    && let Some(first) = groups.get(g)
-                {
-                    plan.links.push((rel.clone(), first.clone()));
-                    plan.summary.hardlinks += 1;
-                    rel.pop();
-                    continue;
-                }
-                let fd = rustix::fs::openat(
-                    &dir,
-                    name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| io_err("create", rel, e))?;
-                rustix::fs::ftruncate(&fd, node.size).map_err(|e| io_err("resize", rel, e))?;
-                if let Some(g) = hardlink {
-                    groups.insert(*g, rel.clone());
-                }
-                plan.summary.files += 1;
-                plan.summary.bytes_total += node.size;
-                plan.files.push(FileJob {
-                    rel: rel.clone(),
-                    node: node.clone(),
-                    remaining: AtomicUsize::new(content.len()),
-                });
-            }
-            NodeKind::Symlink { target } => {
-                rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, name)
-                    .map_err(|e| io_err("create symlink", rel, e))?;
-                plan.summary.symlinks += 1;
-                plan.others.push((rel.clone(), node.clone()));
-            }
-            NodeKind::Fifo => {
-                rustix::fs::mknodat(
-                    &dir,
-                    name,
-                    rustix::fs::FileType::Fifo,
-                    Mode::from_raw_mode(0o600),
-                    0,
-                )
-                .map_err(|e| io_err("create fifo", rel, e))?;
-                plan.others.push((rel.clone(), node.clone()));
-            }
+        let fd = open_beneath(
+            self.root,
+            &path,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| io_err("create", &path, e))?;
+        if !whole {
+            rustix::fs::ftruncate(&fd, f.node.size).map_err(|e| io_err("resize", &path, e))?;
         }
-        rel.pop();
+        *created = true;
+        Ok(File::from(fd))
     }
-    Ok(())
+
+    /// Decodes the blobs of one pack segment (`data` starts at pack offset
+    /// `start`) and writes each into every place it fills. The worker
+    /// writing a file's last chunk applies the file's metadata.
+    fn write_pack_blobs(
+        &self,
+        repo: &Repository,
+        pack_id: PackId,
+        data: &[u8],
+        start: u64,
+        blobs: &[BlobTargets],
+    ) -> Result<(), RepoError> {
+        let mut open: HashMap<usize, File> = HashMap::new();
+        for (entry, targets) in blobs {
+            let lo = (entry.offset as u64 - start) as usize;
+            let hi = lo + entry.length as usize;
+            let stored = data.get(lo..hi).ok_or_else(|| RepoError::Corrupt {
+                object: format!("pack {pack_id}"),
+                reason: format!("blob {} is truncated", entry.id),
+            })?;
+            let plain =
+                pack::decode_blob(repo.key(), entry, stored).map_err(|source| RepoError::Blob {
+                    pack: pack_id,
+                    source: Box::new(source),
+                })?;
+            let zero = super::backup::is_zero(&plain);
+            for (fi, off) in targets {
+                let f = &self.files[*fi];
+                let file = match open.entry(*fi) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let whole = !zero && *off == 0 && plain.len() as u64 == f.node.size;
+                        v.insert(self.open_file(*fi, whole)?)
+                    }
+                };
+                if !zero {
+                    file.write_all_at(&plain, *off)
+                        .map_err(|e| io_err("write", &file_path(self.dirs, f), e))?;
+                    self.written
+                        .fetch_add(plain.len() as u64, Ordering::Relaxed);
+                }
+                if f.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    apply_fd_metadata(file.as_fd(), &f.node, &file_path(self.dirs, f))?;
+                    open.remove(fi);
+                    self.files_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if open.len() > OPEN_FILES_PER_WORKER {
+                open.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The structure pass: creates directories, symlinks, fifos and empty
+/// files, and plans the rest.
+struct Walk<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    handle: &'a tokio::runtime::Handle,
+    plan: Plan,
+    /// Hard link group → index of its first file.
+    groups: HashMap<u64, usize>,
+}
+
+impl Walk<'_> {
+    /// Creates the entries of `tree` in directory `dir` (index `di` in the
+    /// plan), which restore created itself.
+    fn create_tree(&mut self, dir: &OwnedFd, di: usize, tree: &Tree) -> Result<(), RepoError> {
+        for node in &tree.nodes {
+            let rel = join(&self.plan.dirs[di].path, &node.name);
+            if let Some(reason) = unsafe_name_reason(&node.name) {
+                return Err(RepoError::UnsafeEntry {
+                    path: rel_display(&rel),
+                    reason: reason.into(),
+                });
+            }
+            let name = OsStr::from_bytes(&node.name);
+            match &node.kind {
+                NodeKind::Dir { subtree } => {
+                    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))
+                        .map_err(|e| io_err("create directory", &rel, e))?;
+                    let sub_fd = rustix::fs::openat(
+                        dir,
+                        name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io_err("open directory", &rel, e))?;
+                    self.plan.summary.dirs += 1;
+                    self.plan.dirs.push(DirJob {
+                        path: rel,
+                        node: Some(node.clone()),
+                    });
+                    let sub_di = self.plan.dirs.len() - 1;
+                    let sub = self
+                        .handle
+                        .block_on(self.repo.load_tree(self.index, subtree))?;
+                    self.create_tree(&sub_fd, sub_di, &sub)?;
+                }
+                NodeKind::File { content, hardlink } => {
+                    if let Some(g) = hardlink
+                        && let Some(first) = self.groups.get(g)
+                    {
+                        self.plan.links.push((di, node.name.clone(), *first));
+                        self.plan.summary.hardlinks += 1;
+                        continue;
+                    }
+                    if let Some(g) = hardlink {
+                        self.groups.insert(*g, self.plan.files.len());
+                    }
+                    self.plan.summary.files += 1;
+                    self.plan.summary.bytes_total += node.size;
+                    if content.is_empty() {
+                        // Nothing to fetch: create it complete now.
+                        let fd = rustix::fs::openat(
+                            dir,
+                            name,
+                            OFlags::WRONLY
+                                | OFlags::CREATE
+                                | OFlags::EXCL
+                                | OFlags::NOFOLLOW
+                                | OFlags::CLOEXEC,
+                            Mode::from_raw_mode(0o600),
+                        )
+                        .map_err(|e| io_err("create", &rel, e))?;
+                        if node.size > 0 {
+                            rustix::fs::ftruncate(&fd, node.size)
+                                .map_err(|e| io_err("resize", &rel, e))?;
+                        }
+                        apply_fd_metadata(fd.as_fd(), node, &rel)?;
+                        // Kept in the plan (for hard links to it), done.
+                        self.plan.files.push(FileJob {
+                            dir: di,
+                            node: node.clone(),
+                            remaining: AtomicUsize::new(0),
+                            created: Mutex::new(true),
+                        });
+                        continue;
+                    }
+                    self.plan.files.push(FileJob {
+                        dir: di,
+                        node: node.clone(),
+                        remaining: AtomicUsize::new(content.len()),
+                        created: Mutex::new(false),
+                    });
+                }
+                NodeKind::Symlink { target } => {
+                    rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)
+                        .map_err(|e| io_err("create symlink", &rel, e))?;
+                    self.plan.summary.symlinks += 1;
+                    self.plan.others.push((di, node.clone()));
+                }
+                NodeKind::Fifo => {
+                    rustix::fs::mknodat(
+                        dir,
+                        name,
+                        rustix::fs::FileType::Fifo,
+                        Mode::from_raw_mode(0o600),
+                        0,
+                    )
+                    .map_err(|e| io_err("create fifo", &rel, e))?;
+                    self.plan.others.push((di, node.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The path a restore would give an entry (for messages).
@@ -589,4 +727,49 @@ pub fn restored_path(target: &Path, rel: &[Vec<u8>]) -> PathBuf {
         p.push(OsStr::from_bytes(c));
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of opening below the target refuse a symlink anywhere in
+    /// the path and create only where asked.
+    #[test]
+    fn open_beneath_never_follows_symlinks() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let t = tmp.path();
+        std::fs::create_dir_all(t.join("d/e")).expect("mkdir");
+        std::fs::write(t.join("d/e/f"), b"data").expect("write");
+        std::fs::write(tmp.path().join("outside"), b"secret").expect("write");
+        std::os::unix::fs::symlink("d", t.join("link")).expect("symlink");
+        std::os::unix::fs::symlink("f", t.join("d/e/lf")).expect("symlink");
+        std::os::unix::fs::symlink("/", t.join("d/abs")).expect("symlink");
+        let root: OwnedFd = File::open(t).expect("open").into();
+        for openat2 in [true, false] {
+            let open = |rel: &[u8], flags: OFlags| {
+                open_beneath_with(&root, rel, flags, Mode::from_raw_mode(0o600), openat2)
+            };
+            let fd = open(b"d/e/f", OFlags::RDONLY).expect("plain path opens");
+            let mut buf = [0u8; 8];
+            let n = rustix::io::read(&fd, &mut buf).expect("read");
+            assert_eq!(&buf[..n], b"data", "openat2={openat2}");
+            for bad in [&b"link/e/f"[..], b"d/e/lf", b"d/abs/etc/passwd", b"link"] {
+                assert!(
+                    open(bad, OFlags::RDONLY).is_err(),
+                    "{} was followed (openat2={openat2})",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+            // Creating through a symlinked directory fails and creates nothing.
+            assert!(open(b"link/new", OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL).is_err());
+            assert!(!t.join("d/new").exists(), "openat2={openat2}");
+            // O_EXCL: a second creation of the same name fails.
+            let name = if openat2 { &b"d/e/n1"[..] } else { b"d/e/n2" };
+            open(name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL).expect("create");
+            let err = open(name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)
+                .expect_err("second create");
+            assert_eq!(err, Errno::EXIST, "openat2={openat2}");
+        }
+    }
 }
