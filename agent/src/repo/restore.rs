@@ -1,13 +1,22 @@
 //! Restore of a snapshot (or a subtree) into a target directory.
 //!
-//! Every entry is created relative to a directory handle that restore
-//! itself created, with `O_NOFOLLOW`/`O_EXCL`, after checking the name;
-//! nothing is ever written through a symlink and nothing lands outside the
-//! target. Data: needed blobs are grouped by pack, packs are fetched in
-//! parallel (bounded), each blob is authenticated and re-hashed, then
-//! written with positioned writes; all-zero chunks are skipped so holes
-//! stay holes. A file counts as done only when every chunk was verified and
-//! written; metadata is applied last (directories deepest first).
+//! Phase 1 creates directories (each relative to its parent's handle),
+//! symlinks, fifos and empty files, after checking every name. Phase 2
+//! groups the needed blobs by pack and reads packs in segments, several at
+//! once (bounded); each blob is authenticated and re-hashed, then written
+//! with positioned writes, all-zero chunks skipped so holes stay holes. A
+//! regular file is created (`O_EXCL`) by the first worker reaching one of
+//! its chunks and gets its metadata from the worker writing its last one,
+//! so a small file costs one open. Paths below the target are opened with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` or, without it, a walk
+//! of `O_NOFOLLOW` opens: nothing is written through a symlink and nothing
+//! lands outside the target. Phase 3 makes hard links and applies the
+//! metadata of symlinks, fifos and directories (deepest first). No fsync.
+//!
+//! Memory: the plan holds each file's tree node (its chunk list included)
+//! and each chunk's (file, offset) target, so it grows linearly with files
+//! and chunks; blob data in flight is bounded by `PARALLEL_SEGMENTS`
+//! segments of at most `SEGMENT` bytes (plus their decoded copies).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
