@@ -163,7 +163,12 @@ pub struct FaultyStore {
 struct State {
     rules: Vec<Rule>,
     rng: StdRng,
+    /// The crash point, counted in admitted puts.
     crash_after_puts: Option<u64>,
+    /// Puts let through to the inner store (in flight or done). Counting
+    /// admissions, not completions, keeps the crash point exact when puts
+    /// run concurrently.
+    admitted_puts: u64,
     successful_puts: u64,
     crashed: bool,
     injected: u64,
@@ -191,6 +196,7 @@ impl FaultyStore {
                 rules: Vec::new(),
                 rng: StdRng::seed_from_u64(seed),
                 crash_after_puts: None,
+                admitted_puts: 0,
                 successful_puts: 0,
                 crashed: false,
                 injected: 0,
@@ -208,12 +214,14 @@ impl FaultyStore {
         self.state().rules.push(rule);
     }
 
-    /// After `n` more successful puts, the store "crashes": every later
-    /// call of any operation fails permanently until [`recover`](Self::recover).
-    /// `crash_after_puts(0)` crashes on the next call.
+    /// After `n` more puts, the store "crashes": every later call of any
+    /// operation fails permanently until [`recover`](Self::recover). Puts
+    /// already admitted when the crash point is reached still complete,
+    /// so exactly `n` more puts reach the inner store, however many run
+    /// at once. `crash_after_puts(0)` crashes on the next call.
     pub fn crash_after_puts(&self, n: u64) {
         let mut s = self.state();
-        s.crash_after_puts = Some(s.successful_puts + n);
+        s.crash_after_puts = Some(s.admitted_puts + n);
         if n == 0 {
             s.crashed = true;
         }
@@ -280,6 +288,19 @@ impl FaultyStore {
                     }
                 }
                 let Some(fault) = fired else {
+                    if op == Op::Put {
+                        if s.crash_after_puts.is_some_and(|n| s.admitted_puts >= n) {
+                            s.crashed = true;
+                            s.injected += 1;
+                            return Decision::Fail(error(
+                                false,
+                                op,
+                                key,
+                                "the store crashed".into(),
+                            ));
+                        }
+                        s.admitted_puts += 1;
+                    }
                     return Decision::Pass;
                 };
                 s.injected += 1;
@@ -310,7 +331,7 @@ impl FaultyStore {
     fn put_done(&self) {
         let mut s = self.state();
         s.successful_puts += 1;
-        if s.crash_after_puts.is_some_and(|n| s.successful_puts >= n) {
+        if s.crash_after_puts.is_some_and(|n| s.admitted_puts >= n) {
             s.crashed = true;
         }
     }
