@@ -67,9 +67,15 @@ impl CliError {
         // client has finished its side of the handshake: a refused
         // certificate shows up as a connection closed on the first call.
         let lower = format!("{status:?}").to_lowercase();
-        let handshake_refusal = ["connection closed", "certificate", "handshake", "alert"]
-            .iter()
-            .any(|w| lower.contains(w));
+        let handshake_refusal = [
+            "connection closed",
+            "certificate",
+            "handshake",
+            "alert",
+            "broken pipe",
+        ]
+        .iter()
+        .any(|w| lower.contains(w));
         if matches!(
             status.code(),
             Code::Unavailable | Code::Unknown | Code::Cancelled
