@@ -36,16 +36,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Runs a data mover command to completion and exits with its code.
-fn run_data_mover(fut: impl std::future::Future<Output = i32>) -> ! {
+/// Logs to stderr, filtered by `FERRY_LOG` (default: `default_level`).
+fn init_tracing(default_level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// Runs a data mover command to completion and exits with its code.
+fn run_data_mover(fut: impl std::future::Future<Output = i32>) -> ! {
+    init_tracing("warn");
     let code = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
@@ -87,14 +92,7 @@ fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_tracing("info");
     let rt = tokio::runtime::Runtime::new()?;
     match rt.block_on(fut) {
         Ok(()) => Ok(()),

@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -727,15 +727,6 @@ impl Walk<'_> {
         }
         Ok(())
     }
-}
-
-/// The path a restore would give an entry (for messages).
-pub fn restored_path(target: &Path, rel: &[Vec<u8>]) -> PathBuf {
-    let mut p = target.to_path_buf();
-    for c in rel {
-        p.push(OsStr::from_bytes(c));
-    }
-    p
 }
 
 #[cfg(test)]
