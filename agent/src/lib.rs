@@ -1,9 +1,8 @@
 //! Ferry agent: platform drivers, the session with the controller, and the
-//! data mover.
+//! command line over the data mover (`ferry-repo`).
 
 pub mod config;
+pub mod data_mover;
 pub mod enrol;
 pub mod platform;
-pub mod repo;
 pub mod session;
-pub mod store;

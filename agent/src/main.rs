@@ -21,9 +21,9 @@ enum Command {
     },
     // Data mover commands (repo …, snapshot …) go here.
     /// Repository management: init, keys, verify, prune.
-    Repo(ferry_agent::repo::cli::RepoArgs),
+    Repo(ferry_agent::data_mover::RepoArgs),
     /// Snapshots: create, ls, restore, verify, forget.
-    Snapshot(ferry_agent::repo::cli::SnapshotArgs),
+    Snapshot(ferry_agent::data_mover::SnapshotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,8 +31,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Join(args) => foundation(join(args)),
         Command::Run { config } => foundation(run(config)),
-        Command::Repo(args) => run_data_mover(ferry_agent::repo::cli::run_repo(args)),
-        Command::Snapshot(args) => run_data_mover(ferry_agent::repo::cli::run_snapshot(args)),
+        Command::Repo(args) => run_data_mover(ferry_agent::data_mover::run_repo(args)),
+        Command::Snapshot(args) => run_data_mover(ferry_agent::data_mover::run_snapshot(args)),
     }
 }
 

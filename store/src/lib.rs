@@ -4,23 +4,30 @@
 //! object or no object).
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub mod faulty;
 pub mod local;
 pub mod location;
+pub mod memory;
+pub mod retry;
 pub mod s3;
 
-#[cfg(test)]
-pub(crate) mod conformance;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod conformance;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod faulty;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testing;
 
+#[cfg(any(test, feature = "testsuite"))]
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
-pub use location::{S3Config, StorageConfig, open};
+pub use location::{LocationError, S3Config, StorageConfig};
+pub use memory::MemoryStore;
+pub use retry::{RetryPolicy, Retrying};
 pub use s3::S3Store;
 
 /// The key of an object inside a storage location, `/`-separated and
@@ -95,6 +102,13 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Transient failures went on until the retry deadline.
+    #[error("{last} (gave up after {attempts} attempts in {elapsed_s} s)")]
+    GaveUp {
+        attempts: u32,
+        elapsed_s: u64,
+        last: Box<StoreError>,
+    },
     /// A retry will not help (access denied, no such bucket, disk full …).
     #[error("storage operation {op} on {key} failed: {source}")]
     Permanent {
@@ -106,9 +120,42 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether a later retry may help. An operation that ran out of retries
+    /// stays transient: the job that ran it may try again later.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Transient { .. })
+        matches!(
+            self,
+            StoreError::Transient { .. } | StoreError::GaveUp { .. }
+        )
     }
+
+    /// This error, after `attempts` tries over `elapsed`.
+    pub fn gave_up(self, attempts: u32, elapsed: std::time::Duration) -> Self {
+        StoreError::GaveUp {
+            attempts,
+            elapsed_s: elapsed.as_secs(),
+            last: Box::new(self),
+        }
+    }
+}
+
+/// The causes of an error, outermost first, as one line: `a: b: c`. A cause
+/// whose text the previous message already contains is left out, so a chain
+/// of wrappers that repeat their source reads once.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut last = out.clone();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !text.is_empty() && !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+        source = e.source();
+    }
+    out.replace('\n', " ")
 }
 
 /// What a storage location can do. Implementations: [`local`] (a
@@ -136,4 +183,32 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StoreError>;
+}
+
+/// Opens the store a config names, with the one retry policy applied. For
+/// S3 this builds a client (loading the
+/// standard credential chain when the config has no credentials); it does
+/// not contact the server.
+pub async fn open(config: &StorageConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    match config {
+        StorageConfig::Local { path } => {
+            if !path.is_absolute() {
+                return Err(StoreError::Permanent {
+                    op: "open",
+                    key: config.to_string(),
+                    source: Box::new(location::LocationError::RelativePath {
+                        path: path.display().to_string(),
+                    }),
+                });
+            }
+            Ok(Arc::new(Retrying::new(
+                Arc::new(LocalStore::new(path)),
+                RetryPolicy::default(),
+            )))
+        }
+        StorageConfig::S3(s3) => Ok(Arc::new(Retrying::new(
+            Arc::new(S3Store::new(s3).await?),
+            s3.tuning.retry,
+        ))),
+    }
 }

@@ -27,7 +27,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     StalledStreamProtectionConfig,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
@@ -35,7 +35,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::location::S3Config;
-use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError};
+use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError, error_chain};
 
 /// Objects in one bucket, below an optional prefix.
 #[derive(Clone)]
@@ -85,10 +85,8 @@ impl S3Store {
             .connect_timeout(t.connect_timeout)
             .operation_attempt_timeout(t.attempt_timeout)
             .build();
-        let retry = RetryConfig::standard()
-            .with_max_attempts(t.max_attempts)
-            .with_initial_backoff(Duration::from_millis(100))
-            .with_max_backoff(Duration::from_secs(5));
+        // Ferry retries every operation in one place (`retry.rs`).
+        let retry = RetryConfig::disabled();
 
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http)
@@ -178,7 +176,7 @@ impl S3Store {
     fn error<E, R>(&self, op: &'static str, key: &str, err: SdkError<E, R>) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: fmt::Debug + HttpStatus,
+        R: fmt::Debug + HttpStatus + 'static,
     {
         let key = self.describe(key);
         let (transient, detail) = classify(&err);
@@ -358,7 +356,7 @@ impl Drop for AbortGuard {
                 Err(e) => tracing::warn!(
                     bucket = %bucket,
                     key = %key,
-                    error = %DisplayErrorContext(&e),
+                    error = %error_chain(&e),
                     "failed to abort multipart upload; the bucket may keep its parts until a lifecycle rule removes them"
                 ),
             }
@@ -393,27 +391,24 @@ impl std::error::Error for S3Failure {}
 fn classify<E, R>(err: &SdkError<E, R>) -> (bool, S3Failure)
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: fmt::Debug + HttpStatus,
+    R: fmt::Debug + HttpStatus + 'static,
 {
     match err {
         SdkError::TimeoutError(_) => (true, S3Failure("request timed out".into())),
-        SdkError::DispatchFailure(_) => (
-            true,
-            S3Failure(format!(
-                "could not reach the server: {}",
-                DisplayErrorContext(err)
-            )),
+        // A refused or reset connection, a DNS failure, a timeout: worth a
+        // retry. A failure the client library calls the user's (a bad
+        // request it could not send) is not.
+        SdkError::DispatchFailure(d) => (
+            !d.is_user(),
+            S3Failure(format!("could not reach the server: {}", error_chain(err))),
         ),
         SdkError::ResponseError(_) => (
             true,
-            S3Failure(format!("bad response: {}", DisplayErrorContext(err))),
+            S3Failure(format!("bad response: {}", error_chain(err))),
         ),
         SdkError::ConstructionFailure(_) => (
             false,
-            S3Failure(format!(
-                "could not build the request: {}",
-                DisplayErrorContext(err)
-            )),
+            S3Failure(format!("could not build the request: {}", error_chain(err))),
         ),
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status_code();
@@ -456,7 +451,9 @@ where
             }
             (transient, S3Failure(text))
         }
-        _ => (true, S3Failure(format!("{}", DisplayErrorContext(err)))),
+        // A kind of failure this build does not know: assume a retry may
+        // help. The retry deadline bounds what that assumption costs.
+        _ => (true, S3Failure(error_chain(err))),
     }
 }
 
@@ -483,11 +480,7 @@ async fn collect_body(
         .map_err(|e| StoreError::Transient {
             op,
             key: store.describe(key.as_str()),
-            source: S3Failure(format!(
-                "reading the body failed: {}",
-                DisplayErrorContext(&e)
-            ))
-            .into(),
+            source: S3Failure(format!("reading the body failed: {}", error_chain(&e))).into(),
         })
 }
 
@@ -666,8 +659,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::conformance::{Fixture, LARGE_OBJECT, conformance_suite};
-    use crate::store::testing::seaweed;
+    use crate::RetryPolicy;
+    use crate::conformance::{Fixture, LARGE_OBJECT, conformance_suite};
+    use crate::testing::seaweed;
 
     mod conformance {
         use super::*;
@@ -729,7 +723,7 @@ mod tests {
         config.tuning.multipart_threshold = 5 << 20;
         config.tuning.part_size = 5 << 20;
         let store = S3Store::new(&config).await.expect("store");
-        let data = crate::store::conformance::pattern(LARGE_OBJECT / 2 + 1, 9);
+        let data = crate::conformance::pattern(LARGE_OBJECT / 2 + 1, 9);
         store.put(&key("big"), data.clone()).await.expect("put");
         assert!(store.get(&key("big")).await.expect("get") == data);
         assert_eq!(store.pending_uploads().await.expect("uploads"), vec![]);
@@ -745,7 +739,7 @@ mod tests {
         config.tuning.part_size = 5 << 20;
         let store = S3Store::new(&config).await.expect("store");
         let err = store
-            .put(&key("big"), crate::store::conformance::pattern(11 << 20, 1))
+            .put(&key("big"), crate::conformance::pattern(11 << 20, 1))
             .await
             .expect_err("no bucket");
         assert!(matches!(err, StoreError::Permanent { .. }), "{err}");
@@ -783,10 +777,7 @@ mod tests {
             .expect("abort");
         store.fail_part = Some(3);
         let err = store
-            .put(
-                &key("failed"),
-                crate::store::conformance::pattern(16 << 20, 2),
-            )
+            .put(&key("failed"), crate::conformance::pattern(16 << 20, 2))
             .await
             .expect_err("part 3 fails");
         assert!(err.to_string().contains("failed"), "{err}");
@@ -803,7 +794,7 @@ mod tests {
 
         // The same store without the fault uploads the object whole.
         store.fail_part = None;
-        let data = crate::store::conformance::pattern(16 << 20, 3);
+        let data = crate::conformance::pattern(16 << 20, 3);
         store.put(&key("failed"), data.clone()).await.expect("put");
         assert!(store.get(&key("failed")).await.expect("get") == data);
     }
@@ -813,10 +804,7 @@ mod tests {
         let weed = seaweed().await;
         let bucket = weed.new_bucket().await;
         for (id, secret) in [
-            (
-                crate::store::testing::ACCESS_KEY,
-                "wrong-secret-VERY-SECRET",
-            ),
+            (crate::testing::ACCESS_KEY, "wrong-secret-VERY-SECRET"),
             ("NOSUCHKEYID", "another-secret-VERY-SECRET"),
         ] {
             let config = weed.config(&bucket, "").with_credentials(id, secret);
@@ -843,33 +831,109 @@ mod tests {
         }
     }
 
+    fn retry_for(deadline_ms: u64) -> RetryPolicy {
+        RetryPolicy {
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+            deadline: Duration::from_millis(deadline_ms),
+        }
+    }
+
+    /// Opens `config` the way Ferry does: through the one retry layer.
+    async fn open_s3(config: S3Config) -> Arc<dyn ObjectStore> {
+        crate::open(&crate::StorageConfig::S3(Box::new(config)))
+            .await
+            .expect("open")
+    }
+
     #[tokio::test]
-    async fn unreachable_endpoint_is_transient_and_bounded() {
+    async fn unreachable_endpoint_is_retried_until_the_deadline_in_one_line() {
         // A port nobody listens on: connections are refused.
-        let port = crate::store::testing::free_port();
+        let port = crate::testing::free_port();
         let mut config =
             S3Config::new(format!("http://127.0.0.1:{port}"), "b").with_credentials("id", "secret");
-        config.tuning.max_attempts = 2;
-        let store = S3Store::new(&config).await.expect("store");
+        config.tuning.retry = retry_for(1_500);
+        let store = open_s3(config).await;
+        let started = std::time::Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(60), store.get(&key("x")))
             .await
-            .expect("bounded")
+            .expect("bounded by the retry deadline")
             .expect_err("unreachable");
+        assert!(started.elapsed() >= Duration::from_millis(1_000), "retried");
         assert!(err.is_transient(), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("gave up after"), "{text}");
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
+        // Not the client library's debug dump.
+        for dump in ["DispatchFailure {", "ConnectorError {", "source: "] {
+            assert!(!text.contains(dump), "{text}");
+        }
+    }
 
+    #[tokio::test]
+    async fn silent_endpoint_is_bounded_by_attempt_timeout_and_deadline() {
         // A server that accepts connections and never answers: the attempt
-        // timeout ends each try.
+        // timeout ends each try, the deadline ends the operation.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = S3Config::new(format!("http://{addr}"), "b").with_credentials("id", "s");
-        config.tuning.max_attempts = 2;
-        config.tuning.attempt_timeout = Duration::from_millis(500);
-        let store = S3Store::new(&config).await.expect("store");
-        let err = tokio::time::timeout(Duration::from_secs(60), store.size(&key("x")))
-            .await
-            .expect("bounded by the attempt timeout")
-            .expect_err("silent server");
-        assert!(err.is_transient(), "{err}");
+        config.tuning.retry = retry_for(1_500);
+        config.tuning.attempt_timeout = Duration::from_millis(400);
+        let store = open_s3(config).await;
+        for op in ["size", "put"] {
+            let fut = async {
+                match op {
+                    "size" => store.size(&key("x")).await.map(|_| ()),
+                    _ => store.put(&key("x"), Bytes::from_static(b"data")).await,
+                }
+            };
+            let err = tokio::time::timeout(Duration::from_secs(60), fut)
+                .await
+                .expect("bounded by the attempt timeout and the deadline")
+                .expect_err("silent server");
+            assert!(err.is_transient(), "{op}: {err}");
+            assert!(err.to_string().contains("timed out"), "{op}: {err}");
+        }
         drop(listener);
+    }
+
+    /// A short outage of the endpoint (connections refused, then a working
+    /// server on the same port) does not fail an operation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_outage_is_ridden_out() {
+        let weed = seaweed().await;
+        let bucket = weed.new_bucket().await;
+        let target = weed.endpoint().trim_start_matches("http://").to_owned();
+        let port = crate::testing::free_port();
+        let mut config = weed.config(&bucket, "outage");
+        config.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        config.tuning.retry = retry_for(30_000);
+        let store = open_s3(config).await;
+        // The proxy comes up after a while; until then nothing listens.
+        let proxy = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .expect("bind the proxy port");
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        let data = Bytes::from_static(b"survives an outage");
+        store
+            .put(&key("o"), data.clone())
+            .await
+            .expect("put rides out the outage");
+        assert_eq!(store.get(&key("o")).await.expect("get"), data);
+        proxy.abort();
     }
 }

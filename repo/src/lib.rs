@@ -4,11 +4,13 @@
 
 pub mod backup;
 pub mod chunker;
-pub mod cli;
+pub mod clock;
 pub mod crypto;
 pub mod format;
 pub mod index;
+pub mod lock;
 pub mod pack;
+pub mod progress;
 pub mod prune;
 pub mod restore;
 pub mod snapshot;
@@ -22,9 +24,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
-use crate::store::{ObjectKey, ObjectStore, StoreError};
 use crypto::{CryptoError, KdfParams, KeyFile, MasterKey};
+use ferry_store::{ObjectKey, ObjectStore, StoreError};
 use format::{
     BlobId, CONFIG_KEY, ChunkerParams, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, IndexId,
     KEYS_PREFIX, KeyId, PackId, RepoConfig, SNAPSHOTS_PREFIX, SnapshotId, content_hash,
@@ -34,6 +37,9 @@ use index::{Index, IndexFile, IndexedPack};
 use pack::{BlobError, PackEntry};
 use snapshot::Snapshot;
 use tree::Tree;
+
+pub use clock::Clock;
+pub use lock::{LockGuard, LockTiming};
 
 /// Errors of the repository layer.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,10 @@ pub enum RepoError {
     VerifyFailed { count: usize, first: String },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("the operation was cancelled")]
+    Cancelled,
+    #[error("lost the repository lock {lock}: {reason}")]
+    LockLost { lock: String, reason: String },
 }
 
 fn context_suffix(c: &str) -> String {
@@ -106,7 +116,7 @@ impl RepoError {
         match self {
             RepoError::Store(e) => e.is_transient(),
             RepoError::PackRead { source, .. } => source.is_transient(),
-            RepoError::Locked { .. } => true,
+            RepoError::Locked { .. } | RepoError::LockLost { .. } => true,
             _ => false,
         }
     }
@@ -138,34 +148,30 @@ pub(crate) fn object_key(key: &str) -> Result<ObjectKey, RepoError> {
     Ok(ObjectKey::new(key)?)
 }
 
-const RETRIES: u32 = 4;
-
-/// Runs a storage operation, retrying transient failures with backoff.
-pub(crate) async fn with_retry<T, F, Fut>(mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Err(e) if e.is_transient() && attempt + 1 < RETRIES => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "transient storage error, retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-            }
-            other => return other,
-        }
-    }
+/// This machine's host name, recorded in snapshots and locks.
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// An open repository: storage plus the unwrapped master key.
+///
+/// Every operation stops when the repository's cancellation token is
+/// cancelled ([`Repository::with_cancel`]): storage calls and retry waits at
+/// once, the backup and restore threads at their next file or blob, and
+/// the operation returns [`RepoError::Cancelled`], leaving the repository
+/// valid (an interrupted backup leaves only unreferenced packs).
 #[derive(Clone, Debug)]
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     key: MasterKey,
     config: RepoConfig,
     key_id: KeyId,
+    cancel: CancellationToken,
+    clock: Clock,
+    locks: LockTiming,
 }
 
 const INDEX_AAD: &[u8] = b"ferry index v1";
@@ -222,6 +228,9 @@ impl Repository {
             key,
             config,
             key_id,
+            cancel: CancellationToken::new(),
+            clock: Clock::System,
+            locks: LockTiming::default(),
         })
     }
 
@@ -255,6 +264,9 @@ impl Repository {
                         key,
                         config,
                         key_id: id,
+                        cancel: CancellationToken::new(),
+                        clock: Clock::System,
+                        locks: LockTiming::default(),
                     });
                 }
                 Err(CryptoError::Authentication) => continue,
@@ -268,6 +280,72 @@ impl Repository {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// This repository, with operations that stop when `token` is
+    /// cancelled.
+    pub fn with_cancel(&self, token: CancellationToken) -> Self {
+        Self {
+            cancel: token,
+            ..self.clone()
+        }
+    }
+
+    /// This repository, reading time from `clock` (locks, snapshot times).
+    pub fn with_clock(&self, clock: Clock) -> Self {
+        Self {
+            clock,
+            ..self.clone()
+        }
+    }
+
+    /// This repository, refreshing its locks with `timing`.
+    pub fn with_lock_timing(&self, timing: LockTiming) -> Self {
+        Self {
+            locks: timing,
+            ..self.clone()
+        }
+    }
+
+    pub fn lock_timing(&self) -> LockTiming {
+        self.locks
+    }
+
+    /// A handle for one operation: cancelled with this repository's token,
+    /// and on its own (a lost lock cancels only its operation).
+    pub(crate) fn for_operation(&self) -> Self {
+        self.with_cancel(self.cancel.child_token())
+    }
+
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// `Cancelled` once the operation should stop.
+    pub(crate) fn check_cancel(&self) -> Result<(), RepoError> {
+        if self.cancel.is_cancelled() {
+            Err(RepoError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs a storage call, stopping at once when the operation is
+    /// cancelled. Every storage call of the repository goes through here;
+    /// retries happen below, in the store (`ferry_store::retry`).
+    pub(crate) async fn io<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, RepoError> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(RepoError::Cancelled),
+            r = call => r.map_err(RepoError::from),
+        }
     }
 
     pub fn key(&self) -> &MasterKey {
@@ -341,13 +419,13 @@ impl Repository {
 
     async fn get_object(&self, key: &str) -> Result<Bytes, RepoError> {
         let k = object_key(key)?;
-        Ok(with_retry(|| self.store.get(&k)).await?)
+        self.io(self.store.get(&k)).await
     }
 
     async fn put_object(&self, key: &str, data: Vec<u8>) -> Result<(), RepoError> {
         let k = object_key(key)?;
         let b = Bytes::from(data);
-        Ok(with_retry(|| self.store.put(&k, b.clone())).await?)
+        self.io(self.store.put(&k, b)).await
     }
 
     // ---- index --------------------------------------------------------
@@ -363,7 +441,7 @@ impl Repository {
     }
 
     pub async fn load_index_files(&self) -> Result<Vec<(IndexId, IndexFile)>, RepoError> {
-        let list = self.store.list(INDEX_PREFIX).await?;
+        let list = self.io(self.store.list(INDEX_PREFIX)).await?;
         let ids: Vec<IndexId> = list
             .iter()
             .filter_map(|o| id_from_key(o.key.as_str()))
@@ -413,8 +491,7 @@ impl Repository {
     /// Packs present in storage, with their sizes.
     pub async fn list_packs(&self) -> Result<Vec<(PackId, u64)>, RepoError> {
         Ok(self
-            .store
-            .list(DATA_PREFIX)
+            .io(self.store.list(DATA_PREFIX))
             .await?
             .into_iter()
             .filter_map(|o| id_from_key::<PackId>(o.key.as_str()).map(|id| (id, o.size)))
@@ -434,7 +511,7 @@ impl Repository {
         };
         let mut want = pack::HEADER_PROBE.min(len);
         loop {
-            let tail = with_retry(|| self.store.get_range(&key, len - want..len)).await?;
+            let tail = self.io(self.store.get_range(&key, len - want..len)).await?;
             match pack::parse_header(&self.key, &tail, len).map_err(|e| corrupt(e.to_string()))? {
                 Ok(entries) => return Ok(entries),
                 Err(needed) if needed > want && needed <= len => want = needed,
@@ -454,12 +531,16 @@ impl Repository {
         let key = object_key(&loc.pack.object_key())?;
         let start = loc.entry.offset as u64;
         let range = start..start + loc.entry.length as u64;
-        let stored = with_retry(|| self.store.get_range(&key, range.clone()))
+        let stored = self
+            .io(self.store.get_range(&key, range.clone()))
             .await
-            .map_err(|source| RepoError::PackRead {
-                pack: loc.pack,
-                blob: *id,
-                source: Box::new(source),
+            .map_err(|e| match e {
+                RepoError::Store(source) => RepoError::PackRead {
+                    pack: loc.pack,
+                    blob: *id,
+                    source: Box::new(source),
+                },
+                other => other,
             })?;
         if stored.len() as u64 != range.end - range.start {
             return Err(RepoError::Corrupt {
@@ -520,8 +601,7 @@ impl Repository {
 
     pub async fn snapshot_ids(&self) -> Result<Vec<SnapshotId>, RepoError> {
         Ok(self
-            .store
-            .list(SNAPSHOTS_PREFIX)
+            .io(self.store.list(SNAPSHOTS_PREFIX))
             .await?
             .iter()
             .filter_map(|o| id_from_key(o.key.as_str()))

@@ -136,6 +136,13 @@ impl Chunker {
     }
 }
 
+/// Whether `data` is all zero bytes (compared in blocks against a zero
+/// page, which the compiler vectorises).
+pub fn is_zero(data: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

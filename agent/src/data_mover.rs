@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
 
-use super::backup::{BackupOptions, Progress, ProgressInfo};
-use super::format::SnapshotId;
-use super::verify::VerifyOptions;
-use super::{RepoError, Repository};
-use crate::store::ObjectStore;
-use crate::store::location::StorageConfig;
+use ferry_repo::backup::{BackupOptions, Progress, ProgressInfo};
+use ferry_repo::format::SnapshotId;
+use ferry_repo::verify::VerifyOptions;
+use ferry_repo::{RepoError, Repository};
+use ferry_store::ObjectStore;
+use ferry_store::location::StorageConfig;
 
 /// Options shared by every repository command.
 #[derive(Debug, Args, Clone)]
@@ -53,6 +54,14 @@ pub enum RepoCommand {
         /// How long a pack stays marked before it may be deleted.
         #[arg(long, default_value = "24h")]
         safety_delay: String,
+    },
+    /// Remove stale locks left by killed processes (a live operation
+    /// refreshes its lock; one not refreshed for 30 minutes is stale).
+    Unlock {
+        /// Remove every lock, live ones too: only when no Ferry process uses
+        /// the repository.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -137,19 +146,9 @@ struct Failure {
 
 impl From<RepoError> for Failure {
     fn from(e: RepoError) -> Self {
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let m = s.to_string();
-            if !message.contains(&m) {
-                message.push_str(": ");
-                message.push_str(&m);
-            }
-            src = s.source();
-        }
         Failure {
             code: if e.is_usage() { 2 } else { 1 },
-            message,
+            message: ferry_store::error_chain(&e),
         }
     }
 }
@@ -168,8 +167,8 @@ async fn open_store(g: &RepoGlobal) -> Result<Arc<dyn ObjectStore>, Failure> {
         .ok_or_else(|| usage("no repository given: use --repo LOCATION or FERRY_REPO"))?;
     let config: StorageConfig = loc
         .parse()
-        .map_err(|e: crate::store::location::LocationError| usage(e.to_string()))?;
-    crate::store::location::open(&config)
+        .map_err(|e: ferry_store::location::LocationError| usage(e.to_string()))?;
+    ferry_store::open(&config)
         .await
         .map_err(|e| Failure::from(RepoError::from(e)))
 }
@@ -208,7 +207,30 @@ fn password(g: &RepoGlobal) -> Result<Vec<u8>, Failure> {
 async fn open(g: &RepoGlobal) -> Result<Repository, Failure> {
     let store = open_store(g).await?;
     let pw = password(g)?;
-    Ok(Repository::open(store, &pw).await?)
+    Ok(Repository::open(store, &pw)
+        .await?
+        .with_cancel(cancel_on_signal()))
+}
+
+/// A token cancelled by SIGINT or SIGTERM: the running operation stops,
+/// removes its lock and leaves the repository valid.
+fn cancel_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("\ninterrupted: stopping…");
+        t.cancel();
+    });
+    token
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -244,7 +266,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
         RepoCommand::Init => {
             let store = open_store(g).await?;
             let pw = password(g)?;
-            let label = super::backup::hostname();
+            let label = ferry_repo::hostname();
             let repo = Repository::init(store, &pw, &label).await?;
             if g.json {
                 print_json(
@@ -299,8 +321,24 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
             }
         }
         RepoCommand::Verify(v) => verify(g, v).await?,
+        RepoCommand::Unlock { all } => {
+            let repo = open(g).await?;
+            let removed = repo.unlock(all).await?;
+            if g.json {
+                let v: Vec<_> = removed
+                    .iter()
+                    .map(|(k, l)| serde_json::json!({"lock": k, "kind": l.kind, "owner": l.owner, "expires": l.expires}))
+                    .collect();
+                print_json(&v);
+            } else {
+                for (k, l) in &removed {
+                    println!("removed {} lock {k} of {}", l.kind, l.owner);
+                }
+                println!("{} lock(s) removed", removed.len());
+            }
+        }
         RepoCommand::Prune { safety_delay } => {
-            let delay = super::prune::parse_duration(&safety_delay)?;
+            let delay = ferry_repo::prune::parse_duration(&safety_delay)?;
             let repo = open(g).await?;
             let r = repo.prune(delay).await?;
             if g.json {

@@ -14,20 +14,21 @@ use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError};
 
 /// A fresh, empty store and whatever keeps its location alive (a temporary
 /// directory, a bucket).
-pub(crate) struct Fixture {
+pub struct Fixture {
     pub store: Arc<dyn ObjectStore>,
     pub _guard: Option<Box<dyn Any + Send + Sync>>,
 }
 
 /// Size of the large-object case; fixtures of stores with multipart uploads
 /// set their part size well below it so several parts are exercised.
-pub(crate) const LARGE_OBJECT: usize = 40 << 20;
+pub const LARGE_OBJECT: usize = 40 << 20;
 
 /// Expands to one `#[tokio::test]` per conformance case, each calling
 /// `$fixture` (an async expression yielding a [`Fixture`]).
+#[cfg(test)]
 macro_rules! conformance_suite {
     ($fixture:expr) => {
-        $crate::store::conformance::conformance_suite!(@cases $fixture;
+        $crate::conformance::conformance_suite!(@cases $fixture;
             put_get_roundtrip, get_range, size, list_by_prefix, list_many_keys,
             delete, not_found, overwrite, concurrent_puts, invalid_keys,
             unusual_key_characters, large_object);
@@ -36,12 +37,13 @@ macro_rules! conformance_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let fixture: $crate::store::conformance::Fixture = $fixture.await;
-                $crate::store::conformance::$case(&*fixture.store).await;
+                let fixture: $crate::conformance::Fixture = $fixture.await;
+                $crate::conformance::$case(&*fixture.store).await;
             }
         )*
     };
 }
+#[cfg(test)]
 pub(crate) use conformance_suite;
 
 fn key(s: &str) -> ObjectKey {
@@ -49,7 +51,7 @@ fn key(s: &str) -> ObjectKey {
 }
 
 /// Deterministic bytes that differ at every offset of interest.
-pub(crate) fn pattern(len: usize, seed: u64) -> Bytes {
+pub fn pattern(len: usize, seed: u64) -> Bytes {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -70,7 +72,7 @@ fn sorted(mut v: Vec<ObjectInfo>) -> Vec<(String, u64)> {
         .collect()
 }
 
-pub(crate) async fn put_get_roundtrip(store: &dyn ObjectStore) {
+pub async fn put_get_roundtrip(store: &dyn ObjectStore) {
     let cases = [
         ("empty", Bytes::new()),
         ("one", Bytes::from_static(b"x")),
@@ -88,7 +90,7 @@ pub(crate) async fn put_get_roundtrip(store: &dyn ObjectStore) {
     }
 }
 
-pub(crate) async fn get_range(store: &dyn ObjectStore) {
+pub async fn get_range(store: &dyn ObjectStore) {
     let data = pattern(100_000, 3);
     let k = key("packs/range");
     store.put(&k, data.clone()).await.expect("put");
@@ -119,7 +121,7 @@ pub(crate) async fn get_range(store: &dyn ObjectStore) {
     }
 }
 
-pub(crate) async fn size(store: &dyn ObjectStore) {
+pub async fn size(store: &dyn ObjectStore) {
     store.put(&key("s/ten"), pattern(10, 4)).await.expect("put");
     store.put(&key("s/zero"), Bytes::new()).await.expect("put");
     assert_eq!(store.size(&key("s/ten")).await.expect("size"), Some(10));
@@ -129,7 +131,7 @@ pub(crate) async fn size(store: &dyn ObjectStore) {
     assert_eq!(store.size(&key("s")).await.expect("size"), None);
 }
 
-pub(crate) async fn list_by_prefix(store: &dyn ObjectStore) {
+pub async fn list_by_prefix(store: &dyn ObjectStore) {
     let keys = [
         "config",
         "data/30/30aa",
@@ -176,7 +178,7 @@ pub(crate) async fn list_by_prefix(store: &dyn ObjectStore) {
     assert!(store.list("data/3f/3fa2/").await.expect("list").is_empty());
 }
 
-pub(crate) async fn list_many_keys(store: &dyn ObjectStore) {
+pub async fn list_many_keys(store: &dyn ObjectStore) {
     use futures::{StreamExt, TryStreamExt};
     // More than one page of an S3 listing (1000 keys).
     let n = 1100;
@@ -203,7 +205,7 @@ pub(crate) async fn list_many_keys(store: &dyn ObjectStore) {
     assert_eq!(store.list("").await.expect("list").len(), n + 1);
 }
 
-pub(crate) async fn delete(store: &dyn ObjectStore) {
+pub async fn delete(store: &dyn ObjectStore) {
     store
         .put(&key("d/a"), Bytes::from_static(b"a"))
         .await
@@ -231,7 +233,7 @@ pub(crate) async fn delete(store: &dyn ObjectStore) {
     assert_eq!(store.get(&key("d/b")).await.expect("get"), &b"b"[..]);
 }
 
-pub(crate) async fn not_found(store: &dyn ObjectStore) {
+pub async fn not_found(store: &dyn ObjectStore) {
     let k = key("missing/object");
     match store.get(&k).await {
         Err(StoreError::NotFound { key }) => assert_eq!(key, k),
@@ -250,7 +252,7 @@ pub(crate) async fn not_found(store: &dyn ObjectStore) {
     assert!(!err.is_transient());
 }
 
-pub(crate) async fn overwrite(store: &dyn ObjectStore) {
+pub async fn overwrite(store: &dyn ObjectStore) {
     let k = key("o/obj");
     store.put(&k, pattern(5000, 5)).await.expect("put");
     store.put(&k, pattern(300, 6)).await.expect("overwrite");
@@ -259,7 +261,7 @@ pub(crate) async fn overwrite(store: &dyn ObjectStore) {
     assert_eq!(store.list("o/").await.expect("list").len(), 1);
 }
 
-pub(crate) async fn concurrent_puts(store: &dyn ObjectStore) {
+pub async fn concurrent_puts(store: &dyn ObjectStore) {
     // Distinct keys in parallel, plus many writers racing on one key: the
     // survivor is one writer's whole object, never a mix.
     let distinct = (0..32u64).map(|i| async move {
@@ -287,7 +289,7 @@ pub(crate) async fn concurrent_puts(store: &dyn ObjectStore) {
     assert_eq!(store.list("c/").await.expect("list").len(), 33);
 }
 
-pub(crate) async fn invalid_keys(store: &dyn ObjectStore) {
+pub async fn invalid_keys(store: &dyn ObjectStore) {
     for bad in [
         "", "/abs", "a//b", "a/../b", "..", ".", "a/.", "a\\b", "trail/", "nul\0",
     ] {
@@ -310,7 +312,7 @@ pub(crate) async fn invalid_keys(store: &dyn ObjectStore) {
     assert!(store.list("").await.expect("list").is_empty());
 }
 
-pub(crate) async fn unusual_key_characters(store: &dyn ObjectStore) {
+pub async fn unusual_key_characters(store: &dyn ObjectStore) {
     let keys = [
         "sp ace/a b",
         "plus+sign",
@@ -343,7 +345,7 @@ pub(crate) async fn unusual_key_characters(store: &dyn ObjectStore) {
     assert_eq!(listed.len(), keys.len());
 }
 
-pub(crate) async fn large_object(store: &dyn ObjectStore) {
+pub async fn large_object(store: &dyn ObjectStore) {
     let data = pattern(LARGE_OBJECT + 12_345, 7);
     let k = key("large/pack");
     store.put(&k, data.clone()).await.expect("put large");

@@ -360,7 +360,7 @@ mod tests {
 
     mod conformance {
         use super::*;
-        use crate::store::conformance::{Fixture, conformance_suite};
+        use crate::conformance::{Fixture, conformance_suite};
 
         conformance_suite!(async {
             let dir = tempfile::tempdir().expect("tempdir");

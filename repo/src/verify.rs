@@ -11,7 +11,7 @@ use super::format::{BlobId, PackId, SnapshotId};
 use super::index::Index;
 use super::pack;
 use super::tree::NodeKind;
-use super::{RepoError, Repository, object_key, with_retry};
+use super::{RepoError, Repository, object_key};
 
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -50,8 +50,7 @@ impl Repository {
         // Index objects, one by one so a corrupt one is named.
         let mut index = Index::default();
         let ids: Vec<_> = self
-            .store()
-            .list(super::format::INDEX_PREFIX)
+            .io(self.store().list(super::format::INDEX_PREFIX))
             .await?
             .iter()
             .filter_map(|o| super::format::id_from_key::<super::format::IndexId>(o.key.as_str()))
@@ -196,7 +195,7 @@ impl Repository {
             Ok(k) => k,
             Err(e) => return vec![e.to_string()],
         };
-        let data = match with_retry(|| self.store().get(&key)).await {
+        let data = match self.io(self.store().get(&key)).await {
             Ok(d) => d,
             Err(e) => return vec![format!("pack {pid} cannot be read: {e}")],
         };

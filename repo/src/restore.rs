@@ -34,12 +34,13 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Xatt
 use rustix::io::Errno;
 use serde::Serialize;
 
-use super::backup::{Progress, ProgressInfo};
+use super::chunker::is_zero;
 use super::format::{BlobId, PackId, SnapshotId};
 use super::index::Index;
 use super::pack::{self, PackEntry};
+use super::progress::{Progress, ProgressInfo};
 use super::tree::{Node, NodeKind, Tree, unsafe_name_reason};
-use super::{RepoError, Repository, object_key, with_retry};
+use super::{RepoError, Repository, object_key};
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct RestoreSummary {
@@ -385,12 +386,16 @@ impl Repository {
                         .max()
                         .unwrap_or(0);
                     let key = object_key(&pack_id.object_key())?;
-                    let data = with_retry(|| repo.store().get_range(&key, start..end))
+                    let data = repo
+                        .io(repo.store().get_range(&key, start..end))
                         .await
-                        .map_err(|source| RepoError::PackRead {
-                            pack: pack_id,
-                            blob: blobs.first().map(|(e, _)| e.id).unwrap_or(BlobId([0; 32])),
-                            source: Box::new(source),
+                        .map_err(|e| match e {
+                            RepoError::Store(source) => RepoError::PackRead {
+                                pack: pack_id,
+                                blob: blobs.first().map(|(e, _)| e.id).unwrap_or(BlobId([0; 32])),
+                                source: Box::new(source),
+                            },
+                            other => other,
                         })?;
                     tokio::task::spawn_blocking(move || {
                         let out = Output {
@@ -572,6 +577,7 @@ impl Output<'_> {
     ) -> Result<(), RepoError> {
         let mut open: HashMap<usize, File> = HashMap::new();
         for (entry, targets) in blobs {
+            repo.check_cancel()?;
             let lo = (entry.offset as u64 - start) as usize;
             let hi = lo + entry.length as usize;
             let stored = data.get(lo..hi).ok_or_else(|| RepoError::Corrupt {
@@ -583,7 +589,7 @@ impl Output<'_> {
                     pack: pack_id,
                     source: Box::new(source),
                 })?;
-            let zero = super::backup::is_zero(&plain);
+            let zero = is_zero(&plain);
             for (fi, off) in targets {
                 let f = &self.files[*fi];
                 let file = match open.entry(*fi) {
@@ -629,6 +635,7 @@ impl Walk<'_> {
     /// plan), which restore created itself.
     fn create_tree(&mut self, dir: &OwnedFd, di: usize, tree: &Tree) -> Result<(), RepoError> {
         for node in &tree.nodes {
+            self.repo.check_cancel()?;
             let rel = join(&self.plan.dirs[di].path, &node.name);
             if let Some(reason) = unsafe_name_reason(&node.name) {
                 return Err(RepoError::UnsafeEntry {

@@ -41,41 +41,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::chunker::Chunker;
+use super::chunker::{Chunker, is_zero};
 use super::crypto::MasterKey;
 use super::format::{BlobId, BlobKind, MARKS_PREFIX, PackId, SnapshotId, id_from_key};
 use super::index::{Index, IndexedPack};
+use super::lock::LockGuard;
 use super::pack::{BLOB_OVERHEAD, BlobEncoder, FinishedPack, PackBuilder};
+pub use super::progress::{Progress, ProgressInfo};
 use super::snapshot::{BackupSummary, Snapshot};
 use super::tree::{Node, NodeKind, Timestamp, Tree};
-use super::{RepoError, Repository, object_key, with_retry};
-
-/// Progress of a running backup or restore.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProgressInfo {
-    pub bytes: u64,
-    pub files: u64,
-    pub elapsed: Duration,
-}
-
-impl ProgressInfo {
-    /// Bytes per second since the start.
-    pub fn rate(&self) -> f64 {
-        let s = self.elapsed.as_secs_f64();
-        if s > 0.0 { self.bytes as f64 / s } else { 0.0 }
-    }
-}
-
-/// Receives progress reports (at most a few per second).
-pub trait Progress: Send + Sync {
-    fn update(&self, info: &ProgressInfo);
-}
-
-impl<F: Fn(&ProgressInfo) + Send + Sync> Progress for F {
-    fn update(&self, info: &ProgressInfo) {
-        self(info)
-    }
-}
+use super::{RepoError, Repository, object_key};
 
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
@@ -98,13 +73,6 @@ pub struct BackupOptions {
 pub struct BackupOutcome {
     pub id: Option<SnapshotId>,
     pub snapshot: Snapshot,
-}
-
-pub fn hostname() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
 }
 
 fn rfc3339(unix: i64) -> String {
@@ -174,8 +142,7 @@ impl Repository {
     /// Packs currently marked for deletion by prune.
     pub async fn marked_packs(&self) -> Result<HashSet<PackId>, RepoError> {
         Ok(self
-            .store()
-            .list(MARKS_PREFIX)
+            .io(self.store().list(MARKS_PREFIX))
             .await?
             .iter()
             .filter_map(|o| id_from_key(o.key.as_str()))
@@ -183,14 +150,42 @@ impl Repository {
     }
 
     /// Backs up the directory `path` and commits a snapshot.
+    ///
+    /// The backup holds a shared lock for its whole run (refused while
+    /// prune holds the maintenance lock) and reads prune's marks only once
+    /// it holds it, so prune never deletes a pack this backup reuses.
     pub async fn backup(
         &self,
         path: &Path,
         opts: BackupOptions,
         progress: Option<Arc<dyn Progress>>,
     ) -> Result<BackupOutcome, RepoError> {
+        let op = self.for_operation();
+        let lock = if opts.dry_run {
+            None
+        } else {
+            Some(op.lock_shared("backup", op.cancel_token().clone()).await?)
+        };
+        let res = op.backup_locked(path, opts, progress, lock.as_ref()).await;
+        match lock {
+            Some(lock) => {
+                let res = res.map_err(|e| lock.explain(e));
+                lock.release().await;
+                res
+            }
+            None => res,
+        }
+    }
+
+    async fn backup_locked(
+        &self,
+        path: &Path,
+        opts: BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+        lock: Option<&LockGuard>,
+    ) -> Result<BackupOutcome, RepoError> {
         let started = Instant::now();
-        let start_unix = super::crypto::now_unix();
+        let start_unix = self.clock().now_unix();
         let meta = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
         if !meta.is_dir() {
             return Err(RepoError::InvalidInput(format!(
@@ -198,7 +193,7 @@ impl Repository {
                 path.display()
             )));
         }
-        let host = opts.host.clone().unwrap_or_else(hostname);
+        let host = opts.host.clone().unwrap_or_else(super::hostname);
         let path_str = path.display().to_string();
 
         let mut index = self.load_index().await?;
@@ -229,24 +224,9 @@ impl Repository {
             None => None,
         };
 
-        let lock = if opts.dry_run {
-            None
-        } else {
-            Some(super::prune::Lock::acquire_shared(self, "backup").await?)
-        };
-
-        let result = self
+        let (root, mut summary, new_packs) = self
             .run_pipeline(path, index, dedup, parent_tree, &opts, progress, started)
-            .await;
-        let (root, mut summary, new_packs) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(l) = lock {
-                    l.release(self).await;
-                }
-                return Err(e);
-            }
-        };
+            .await?;
         summary.duration_ms = started.elapsed().as_millis() as u64;
         let snapshot = Snapshot {
             version: 1,
@@ -262,17 +242,14 @@ impl Repository {
         let id = if opts.dry_run {
             None
         } else {
-            let res: Result<SnapshotId, RepoError> = async {
-                if !new_packs.is_empty() {
-                    self.write_index(new_packs).await?;
-                }
-                self.save_snapshot(&snapshot).await
+            if let Some(lock) = lock {
+                lock.check()?;
             }
-            .await;
-            if let Some(l) = lock {
-                l.release(self).await;
+            if !new_packs.is_empty() {
+                self.write_index(new_packs).await?;
             }
-            Some(res?)
+            self.check_cancel()?;
+            Some(self.save_snapshot(&snapshot).await?)
         };
         if let Some(id) = id {
             tracing::info!(snapshot = %id, files = snapshot.summary.files, bytes_new = snapshot.summary.bytes_new, "snapshot committed");
@@ -485,7 +462,7 @@ async fn upload_packs(
             } else {
                 let key = object_key(&pack.id.object_key())?;
                 let data = Bytes::from(pack.data);
-                with_retry(|| repo.store().put(&key, data.clone())).await?;
+                repo.io(repo.store().put(&key, data.clone())).await?;
                 tracing::debug!(pack = %pack.id, bytes = len, "pack uploaded");
                 // Recover the buffer when the store kept no reference.
                 data.try_into_mut().map(Vec::from).unwrap_or_default()
@@ -525,13 +502,6 @@ struct Walker<'a> {
     last_progress: Instant,
     buf: Vec<u8>,
     zero_ids: HashMap<usize, BlobId>,
-}
-
-/// Whether `data` is all zero bytes (compared in blocks against a zero
-/// page, which the compiler vectorises).
-pub(crate) fn is_zero(data: &[u8]) -> bool {
-    static ZEROS: [u8; 4096] = [0; 4096];
-    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 fn ts(sec: i64, nsec: i64) -> Timestamp {
@@ -633,6 +603,7 @@ impl Walker<'_> {
             .unwrap_or_default();
         let mut tree = Tree::default();
         for (name, path) in entries {
+            self.repo.check_cancel()?;
             let md = match std::fs::symlink_metadata(&path) {
                 Ok(md) => md,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -722,6 +693,7 @@ impl Walker<'_> {
             file,
             &mut buf,
             |chunk| {
+                self.repo.check_cancel()?;
                 self.summary.bytes_read += chunk.len() as u64;
                 let id = self.chunk_id(chunk);
                 content.push(id);

@@ -4,7 +4,7 @@
 //! chooses, and hands out fresh buckets so tests stay apart:
 //!
 //! ```ignore
-//! let weed = crate::store::testing::seaweed().await;
+//! let weed = crate::testing::seaweed().await;
 //! let store = weed.store("my-test").await; // new bucket, prefix "my-test"
 //! ```
 //!
@@ -31,14 +31,14 @@ use super::ObjectStore;
 use super::location::S3Config;
 use super::s3::S3Store;
 
-pub(crate) const ACCESS_KEY: &str = "ferrytest";
-pub(crate) const SECRET_KEY: &str = "ferrytest-secret-key";
+pub const ACCESS_KEY: &str = "ferrytest";
+pub const SECRET_KEY: &str = "ferrytest-secret-key";
 
 /// How long the server may take to answer its first signed request.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running SeaweedFS.
-pub(crate) struct SeaweedFs {
+pub struct SeaweedFs {
     endpoint: String,
     dir: PathBuf,
     watchdog: Mutex<Option<Child>>,
@@ -48,12 +48,12 @@ pub(crate) struct SeaweedFs {
 static SHARED: OnceCell<SeaweedFs> = OnceCell::const_new();
 
 /// The SeaweedFS shared by every test of this binary, started on first use.
-pub(crate) async fn seaweed() -> &'static SeaweedFs {
+pub async fn seaweed() -> &'static SeaweedFs {
     SHARED.get_or_init(SeaweedFs::start).await
 }
 
 /// A TCP port that was free a moment ago.
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
@@ -96,7 +96,7 @@ rm -rf "$dir"
 
 impl SeaweedFs {
     /// Starts a server and waits until a signed request succeeds.
-    pub(crate) async fn start() -> Self {
+    pub async fn start() -> Self {
         let weed = weed_binary();
         assert!(
             weed.is_file(),
@@ -180,7 +180,6 @@ impl SeaweedFs {
 
     async fn wait_ready(&self) {
         let mut config = self.config("ferry-ready", "");
-        config.tuning.max_attempts = 1;
         config.tuning.attempt_timeout = Duration::from_secs(5);
         let probe = S3Store::new(&config).await.expect("probe store");
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -218,12 +217,12 @@ impl SeaweedFs {
     }
 
     /// `http://127.0.0.1:PORT`.
-    pub(crate) fn endpoint(&self) -> &str {
+    pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
     /// A config for `bucket` with `prefix` and the server's credentials.
-    pub(crate) fn config(&self, bucket: &str, prefix: &str) -> S3Config {
+    pub fn config(&self, bucket: &str, prefix: &str) -> S3Config {
         let mut config =
             S3Config::new(&self.endpoint, bucket).with_credentials(ACCESS_KEY, SECRET_KEY);
         config.prefix = prefix.to_owned();
@@ -231,7 +230,7 @@ impl SeaweedFs {
     }
 
     /// Creates a bucket no other test uses and returns its name.
-    pub(crate) async fn new_bucket(&self) -> String {
+    pub async fn new_bucket(&self) -> String {
         let n = self.buckets.fetch_add(1, Ordering::Relaxed);
         let bucket = format!("t{}-{n}", std::process::id());
         S3Store::new(&self.config(&bucket, ""))
@@ -244,7 +243,7 @@ impl SeaweedFs {
     }
 
     /// A store on a fresh bucket, below `prefix` (may be empty).
-    pub(crate) async fn store(&self, prefix: &str) -> Arc<dyn ObjectStore> {
+    pub async fn store(&self, prefix: &str) -> Arc<dyn ObjectStore> {
         let bucket = self.new_bucket().await;
         Arc::new(
             S3Store::new(&self.config(&bucket, prefix))
@@ -273,7 +272,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::store::ObjectKey;
+    use crate::ObjectKey;
 
     #[tokio::test]
     async fn a_second_server_runs_beside_the_shared_one_and_stops_on_drop() {

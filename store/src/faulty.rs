@@ -3,7 +3,7 @@
 //! crashes in the middle of a backup.
 //!
 //! ```ignore
-//! use ferry_agent::store::faulty::{FaultyStore, Fault, Op, Rule};
+//! use ferry_store::faulty::{FaultyStore, Fault, Op, Rule};
 //!
 //! let store = FaultyStore::new(inner, 42); // seed: same faults every run
 //! // The 3rd put below data/ fails with a transient error.
@@ -416,8 +416,8 @@ impl ObjectStore for FaultyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::LocalStore;
-    use crate::store::conformance::{Fixture, conformance_suite, pattern};
+    use crate::LocalStore;
+    use crate::conformance::{Fixture, conformance_suite, pattern};
 
     fn key(s: &str) -> ObjectKey {
         ObjectKey::new(s).expect("valid key")

@@ -24,14 +24,11 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::local::LocalStore;
-use super::s3::S3Store;
-use super::{ObjectStore, StoreError};
+use crate::retry::RetryPolicy;
 
 /// A storage location as configured by a user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,13 +81,14 @@ pub struct S3Tuning {
     pub part_size: u64,
     /// Parts of one object uploaded at the same time.
     pub part_concurrency: usize,
-    /// Attempts per request (the first included) for retryable failures.
-    pub max_attempts: u32,
+    /// How long a transient failure is retried (the only retries: the
+    /// client library's own are off).
+    pub retry: RetryPolicy,
     /// Time to establish a connection.
-    #[serde(with = "secs")]
+    #[serde(with = "crate::retry::serde_secs")]
     pub connect_timeout: Duration,
     /// Time one attempt of one request may take, body transfer included.
-    #[serde(with = "secs")]
+    #[serde(with = "crate::retry::serde_secs")]
     pub attempt_timeout: Duration,
     /// Idle connections kept per host for reuse.
     pub max_idle_connections: usize,
@@ -102,9 +100,9 @@ impl Default for S3Tuning {
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
             part_concurrency: 4,
-            max_attempts: 5,
+            retry: RetryPolicy::default(),
             connect_timeout: Duration::from_secs(5),
-            attempt_timeout: Duration::from_secs(120),
+            attempt_timeout: Duration::from_secs(60),
             max_idle_connections: 32,
         }
     }
@@ -112,21 +110,6 @@ impl Default for S3Tuning {
 
 /// The smallest part S3 accepts (other than the last).
 pub const MIN_PART_SIZE: u64 = 5 << 20;
-
-mod secs {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
-    }
-}
 
 fn default_region() -> String {
     DEFAULT_REGION.to_owned()
@@ -341,7 +324,6 @@ impl S3Config {
         }
         for (field, value) in [
             ("part_concurrency", t.part_concurrency as u64),
-            ("max_attempts", u64::from(t.max_attempts)),
             ("max_idle_connections", t.max_idle_connections as u64),
         ] {
             if value == 0 {
@@ -377,30 +359,10 @@ impl fmt::Display for S3Config {
     }
 }
 
-/// Opens the store a config names. For S3 this builds a client (loading the
-/// standard credential chain when the config has no credentials); it does
-/// not contact the server.
-pub async fn open(config: &StorageConfig) -> Result<Arc<dyn ObjectStore>, StoreError> {
-    match config {
-        StorageConfig::Local { path } => {
-            if !path.is_absolute() {
-                return Err(StoreError::Permanent {
-                    op: "open",
-                    key: config.to_string(),
-                    source: Box::new(LocationError::RelativePath {
-                        path: path.display().to_string(),
-                    }),
-                });
-            }
-            Ok(Arc::new(LocalStore::new(path)))
-        }
-        StorageConfig::S3(s3) => Ok(Arc::new(S3Store::new(s3).await?)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::open;
 
     fn parse(s: &str) -> Result<StorageConfig, LocationError> {
         s.parse()
@@ -548,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn open_gives_working_stores() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let weed = crate::store::testing::seaweed().await;
+        let weed = crate::testing::seaweed().await;
         let bucket = weed.new_bucket().await;
         let configs = [
             format!("local:{}", dir.path().display())
@@ -558,7 +520,7 @@ mod tests {
         ];
         for config in configs {
             let store = open(&config).await.expect("open");
-            let key = crate::store::ObjectKey::new("k").expect("key");
+            let key = crate::ObjectKey::new("k").expect("key");
             store
                 .put(&key, bytes::Bytes::from_static(b"v"))
                 .await

@@ -16,8 +16,9 @@ use super::format::{BlobKind, ChunkerParams, DATA_PREFIX, INDEX_PREFIX};
 use super::tree::{Node, NodeKind, Timestamp, Tree};
 use super::verify::VerifyOptions;
 use super::{RepoError, Repository};
-use crate::store::faulty::{Fault, FaultyStore, Op, Rule};
-use crate::store::{LocalStore, ObjectKey, ObjectStore};
+use ferry_store::faulty::{Fault, FaultyStore, Op, Rule};
+use ferry_store::{LocalStore, ObjectKey, ObjectStore, RetryPolicy, Retrying};
+use tokio_util::sync::CancellationToken;
 
 pub(crate) fn small_chunker() -> ChunkerParams {
     ChunkerParams {
@@ -35,9 +36,9 @@ pub(crate) fn cheap_kdf() -> KdfParams {
     }
 }
 
-const PW: &[u8] = b"correct horse";
+pub(crate) const PW: &[u8] = b"correct horse";
 
-async fn init(store: Arc<dyn ObjectStore>, pack_size: u32) -> Repository {
+pub(crate) async fn init(store: Arc<dyn ObjectStore>, pack_size: u32) -> Repository {
     Repository::init_with(store, PW, "test", cheap_kdf(), small_chunker(), pack_size)
         .await
         .expect("init")
@@ -60,7 +61,7 @@ fn set_mtime(path: &Path, sec: i64, nsec: u32) {
     .expect("utimensat");
 }
 
-fn random_bytes(rng: &mut impl RngCore, n: usize) -> Vec<u8> {
+pub(crate) fn random_bytes(rng: &mut impl RngCore, n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rng.fill_bytes(&mut v);
     v
@@ -249,7 +250,7 @@ fn compare_dir(
     }
 }
 
-fn backup_opts() -> BackupOptions {
+pub(crate) fn backup_opts() -> BackupOptions {
     BackupOptions {
         tags: BTreeMap::from([("app".to_owned(), "test".to_owned())]),
         host: Some("host-a".into()),
@@ -657,7 +658,32 @@ async fn hostile_snapshots_cannot_escape_the_target() {
     assert!(!Path::new("/tmp/pwned").exists());
 }
 
-fn faulty(inner: Arc<dyn ObjectStore>) -> Arc<FaultyStore> {
+/// Retries that give up within seconds, for tests.
+pub(crate) fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        first_delay: std::time::Duration::from_millis(5),
+        max_delay: std::time::Duration::from_millis(50),
+        deadline: std::time::Duration::from_secs(10),
+    }
+}
+
+/// Waits until `cond` holds, failing the test after `secs` seconds.
+pub(crate) async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub(crate) fn faulty(inner: Arc<dyn ObjectStore>) -> Arc<FaultyStore> {
     Arc::new(FaultyStore::new(inner, 17))
 }
 
@@ -748,7 +774,8 @@ async fn transient_errors_and_torn_writes_are_retried() {
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     init(local.clone(), 256 * 1024).await;
     let store = faulty(local.clone());
-    let repo = Repository::open(store.clone(), PW).await.expect("open");
+    let retrying: Arc<dyn ObjectStore> = Arc::new(Retrying::new(store.clone(), fast_retry()));
+    let repo = Repository::open(retrying, PW).await.expect("open");
     store.inject(
         Rule::new(Fault::TornWrite)
             .op(Op::Put)
@@ -962,21 +989,28 @@ async fn prune_marks_then_deletes_after_delay_and_respects_lock() {
     assert!(r.packs_marked_waiting >= 1);
 
     // A live backup lock defers deletion.
-    let lock = super::prune::Lock::acquire_shared(&repo, "backup")
+    let lock = repo
+        .lock_shared("backup", CancellationToken::new())
         .await
         .expect("lock");
     let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
     assert!(r.deferred_by_backup && r.packs_deleted == 0, "{r:?}");
     // A second maintenance owner is refused.
-    let m = super::prune::Lock::acquire_maintenance(&repo)
+    let m = repo
+        .lock_maintenance(CancellationToken::new())
         .await
         .expect("maintenance");
     assert!(matches!(
         repo.prune(std::time::Duration::ZERO).await,
         Err(RepoError::Locked { .. })
     ));
-    m.release(&repo).await;
-    lock.release(&repo).await;
+    // And a backup may not start while maintenance runs.
+    assert!(matches!(
+        repo.backup(&a, backup_opts(), None).await,
+        Err(RepoError::Locked { .. })
+    ));
+    m.release().await;
+    lock.release().await;
 
     let r = repo.prune(std::time::Duration::ZERO).await.expect("prune");
     assert!(r.packs_deleted >= 1, "{r:?}");
@@ -1038,7 +1072,7 @@ async fn backup_does_not_reuse_blobs_of_marked_packs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_through_s3_on_seaweedfs() {
-    let weed = crate::store::testing::seaweed().await;
+    let weed = ferry_store::testing::seaweed().await;
     let store = weed.store("ferry/repo").await;
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
@@ -1086,6 +1120,9 @@ async fn round_trip_through_s3_on_seaweedfs() {
         .expect("restore after prune");
     assert_same_tree(&src, &dst2);
 }
+
+mod cancel;
+mod locks;
 
 mod prop {
     use super::*;

@@ -1,4 +1,4 @@
-//! Locks, and two-phase removal of unreferenced packs.
+//! Two-phase removal of unreferenced packs.
 //!
 //! Prune marks every pack that holds no blob referenced by any snapshot
 //! (`marks/<pack>` with the time), and deletes a marked pack only once the
@@ -13,122 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::crypto::now_unix;
-use super::format::{BlobId, LOCKS_PREFIX, MARKS_PREFIX, PackId, SnapshotId, id_from_key};
+use super::format::{BlobId, MARKS_PREFIX, PackId, SnapshotId, id_from_key};
 use super::index::{Index, IndexedPack};
+use super::lock::{LockGuard, MAINTENANCE};
 use super::tree::NodeKind;
 use super::{RepoError, Repository, object_key};
-use crate::store::StoreError;
-
-/// A lock object (`locks/<kind>-<random>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LockInfo {
-    pub kind: String,
-    pub owner: String,
-    pub created: i64,
-    pub expires: i64,
-}
-
-/// A held lock; call [`Lock::release`] when done.
-#[derive(Debug)]
-pub struct Lock {
-    key: String,
-}
-
-const BACKUP_LOCK_TTL: i64 = 6 * 3600;
-const MAINTENANCE_LOCK_TTL: i64 = 3600;
-
-fn owner() -> String {
-    format!("{}:{}", super::backup::hostname(), std::process::id())
-}
-
-impl Lock {
-    async fn write(repo: &Repository, kind: &str, ttl: i64) -> Result<Self, RepoError> {
-        let mut r = [0u8; 8];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut r);
-        let key = format!("{LOCKS_PREFIX}{kind}-{}", hex::encode(r));
-        let now = now_unix();
-        let info = LockInfo {
-            kind: kind.into(),
-            owner: owner(),
-            created: now,
-            expires: now + ttl,
-        };
-        let json = serde_json::to_vec(&info).expect("invariant: lock serialises");
-        repo.store()
-            .put(&object_key(&key)?, Bytes::from(json))
-            .await?;
-        Ok(Self { key })
-    }
-
-    /// A lock that many holders may take at once (backups).
-    pub async fn acquire_shared(repo: &Repository, kind: &str) -> Result<Self, RepoError> {
-        Self::write(repo, kind, BACKUP_LOCK_TTL).await
-    }
-
-    /// The maintenance lock: refused while another live one exists.
-    pub async fn acquire_maintenance(repo: &Repository) -> Result<Self, RepoError> {
-        let busy = |locks: &[(String, LockInfo)], mine: Option<&str>| {
-            locks
-                .iter()
-                .filter(|(k, l)| {
-                    l.kind == "maintenance" && l.expires > now_unix() && Some(k.as_str()) != mine
-                })
-                .min_by_key(|(k, l)| (l.created, k.clone()))
-                .cloned()
-        };
-        if let Some((_, l)) = busy(&live_locks(repo).await?, None) {
-            return Err(RepoError::Locked {
-                owner: l.owner,
-                expires_unix: l.expires,
-            });
-        }
-        let lock = Self::write(repo, "maintenance", MAINTENANCE_LOCK_TTL).await?;
-        // Two writers may both have passed the first check: the older lock
-        // (then the smaller key) wins, the other backs off.
-        let locks = live_locks(repo).await?;
-        let mine = locks
-            .iter()
-            .find(|(k, _)| *k == lock.key)
-            .map(|(_, l)| l.created);
-        if let Some((k, l)) = busy(&locks, Some(&lock.key))
-            && mine.is_none_or(|c| (l.created, k.as_str()) < (c, lock.key.as_str()))
-        {
-            lock.release(repo).await;
-            return Err(RepoError::Locked {
-                owner: l.owner,
-                expires_unix: l.expires,
-            });
-        }
-        Ok(lock)
-    }
-
-    pub async fn release(self, repo: &Repository) {
-        if let Ok(k) = object_key(&self.key)
-            && let Err(e) = repo.store().delete(&k).await
-        {
-            tracing::warn!(lock = %self.key, error = %e, "could not remove lock");
-        }
-    }
-}
-
-/// Every lock that has not expired.
-pub async fn live_locks(repo: &Repository) -> Result<Vec<(String, LockInfo)>, RepoError> {
-    let mut out = Vec::new();
-    for o in repo.store().list(LOCKS_PREFIX).await? {
-        let bytes = match repo.store().get(&o.key).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match serde_json::from_slice::<LockInfo>(&bytes) {
-            Ok(l) if l.expires > now_unix() => out.push((o.key.as_str().to_owned(), l)),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(lock = %o.key, error = %e, "ignoring malformed lock"),
-        }
-    }
-    Ok(out)
-}
+use ferry_store::StoreError;
 
 /// A mark object (`marks/<pack>`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,16 +96,21 @@ impl Repository {
     /// One prune pass: mark unreferenced packs, delete those marked longer
     /// than `safety_delay` ago that are still unreferenced.
     pub async fn prune(&self, safety_delay: Duration) -> Result<PruneReport, RepoError> {
-        let lock = Lock::acquire_maintenance(self).await?;
-        let res = self.prune_locked(safety_delay, &lock).await;
-        lock.release(self).await;
+        let op = self.for_operation();
+        let lock = op.lock_maintenance(op.cancel_token().clone()).await?;
+        let res = op.prune_locked(safety_delay, &lock).await;
+        let res = match res {
+            Ok(r) => lock.check().map(|()| r),
+            Err(e) => Err(lock.explain(e)),
+        };
+        lock.release().await;
         res
     }
 
     async fn prune_locked(
         &self,
         safety_delay: Duration,
-        lock: &Lock,
+        lock: &LockGuard,
     ) -> Result<PruneReport, RepoError> {
         let mut report = PruneReport::default();
         let index_files = self.load_index_files().await?;
@@ -237,16 +132,16 @@ impl Repository {
         report.packs_total = stored.len();
         // Existing marks.
         let mut marks: HashMap<PackId, i64> = HashMap::new();
-        for o in self.store().list(MARKS_PREFIX).await? {
+        for o in self.io(self.store().list(MARKS_PREFIX)).await? {
             let Some(p) = id_from_key::<PackId>(o.key.as_str()) else {
                 continue;
             };
-            let at = match self.store().get(&o.key).await {
+            let at = match self.io(self.store().get(&o.key)).await {
                 Ok(b) => serde_json::from_slice::<Mark>(&b)
                     .map(|m| m.marked_at)
                     .unwrap_or(0),
-                Err(StoreError::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
+                Err(RepoError::Store(StoreError::NotFound { .. })) => continue,
+                Err(e) => return Err(e),
             };
             marks.insert(p, at);
         }
@@ -287,11 +182,12 @@ impl Repository {
                 unreferenced.push(*p);
             }
         }
-        let now = now_unix();
+        let now = self.clock().now_unix();
         let unref_set: HashSet<PackId> = unreferenced.iter().copied().collect();
         for p in marks.keys() {
             if !unref_set.contains(p) {
-                self.store().delete(&object_key(&mark_key(p))?).await?;
+                self.io(self.store().delete(&object_key(&mark_key(p))?))
+                    .await?;
                 report.marks_cleared += 1;
             }
         }
@@ -305,9 +201,8 @@ impl Repository {
                 None => {
                     let json = serde_json::to_vec(&Mark { marked_at: now })
                         .expect("invariant: mark serialises");
-                    self.store()
-                        .put(&object_key(&mark_key(p))?, Bytes::from(json))
-                        .await?;
+                    let key = object_key(&mark_key(p))?;
+                    self.io(self.store().put(&key, Bytes::from(json))).await?;
                     report.packs_newly_marked += 1;
                 }
             }
@@ -317,10 +212,11 @@ impl Repository {
         }
         // Delete only if no backup is running and the packs are still
         // unreferenced by every snapshot that exists now.
-        let backups = live_locks(self)
+        let backups = self
+            .live_locks()
             .await?
             .into_iter()
-            .any(|(k, l)| l.kind != "maintenance" && k != lock.key);
+            .any(|(k, l)| l.kind != MAINTENANCE && k != lock.key());
         if backups {
             report.deferred_by_backup = true;
             report.packs_marked_waiting += candidates.len();
@@ -340,6 +236,8 @@ impl Repository {
         let needed = needed_packs(&referenced);
         candidates.retain(|p| !needed.contains(p));
         let doomed: HashSet<PackId> = candidates.iter().copied().collect();
+        // Nothing is deleted by a prune whose lock is gone.
+        lock.check()?;
         // 1. Rewrite the index objects that mention doomed packs.
         let mut keep: Vec<IndexedPack> = Vec::new();
         let mut old = Vec::new();
@@ -354,13 +252,16 @@ impl Repository {
                 self.write_index(keep).await?;
             }
             for iid in old {
-                self.store().delete(&object_key(&iid.object_key())?).await?;
+                self.io(self.store().delete(&object_key(&iid.object_key())?))
+                    .await?;
             }
         }
         // 2. Delete the packs, then their marks.
         for p in candidates {
-            self.store().delete(&object_key(&p.object_key())?).await?;
-            self.store().delete(&object_key(&mark_key(&p))?).await?;
+            self.io(self.store().delete(&object_key(&p.object_key())?))
+                .await?;
+            self.io(self.store().delete(&object_key(&mark_key(&p))?))
+                .await?;
             report.packs_deleted += 1;
             report.bytes_deleted += stored.get(&p).copied().unwrap_or(0);
             tracing::info!(pack = %p, "pack deleted");

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use ferry_agent::store::{ObjectKey, StorageConfig, open};
+use ferry_store::{ObjectKey, StorageConfig, open};
 use futures::{StreamExt, TryStreamExt};
 
 #[tokio::main]
@@ -25,7 +25,7 @@ async fn main() -> Result<()> {
     let mib: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(16);
     let parallel: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
     if let StorageConfig::S3(s3) = &location {
-        ferry_agent::store::S3Store::new(s3)
+        ferry_store::S3Store::new(s3)
             .await?
             .create_bucket()
             .await?;
