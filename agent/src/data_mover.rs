@@ -55,6 +55,9 @@ pub enum RepoCommand {
         #[arg(long, default_value = "24h")]
         safety_delay: String,
     },
+    /// Repair the repository.
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// Remove stale locks left by killed processes (a live operation
     /// refreshes its lock; one not refreshed for 30 minutes is stale).
     Unlock {
@@ -63,6 +66,13 @@ pub enum RepoCommand {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepairCommand {
+    /// Rebuild the index from the packs (after a lost or corrupt index
+    /// object).
+    Index,
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,6 +331,18 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
             }
         }
         RepoCommand::Verify(v) => verify(g, v).await?,
+        RepoCommand::Repair(RepairCommand::Index) => {
+            let repo = open(g).await?;
+            let r = repo.repair_index().await?;
+            if g.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "read {} index object(s); re-indexed {} pack(s); removed {} unreadable index object(s)",
+                    r.index_objects, r.packs_recovered, r.index_objects_removed
+                );
+            }
+        }
         RepoCommand::Unlock { all } => {
             let repo = open(g).await?;
             let removed = repo.unlock(all).await?;
@@ -398,6 +420,22 @@ async fn verify(g: &RepoGlobal, v: VerifyArgs) -> Result<(), Failure> {
         );
     }
     r.into_result().map(|_| ()).map_err(Failure::from)
+}
+
+/// `1.5 GiB`-style sizes for tables.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn parse_tags(tags: &[String]) -> Result<BTreeMap<String, String>, Failure> {
@@ -516,7 +554,11 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
         }
         SnapshotCommand::Ls => {
             let repo = open(g).await?;
-            let snaps = repo.list_snapshots().await?;
+            let scan = repo.scan_snapshots().await?;
+            for (id, e) in &scan.unreadable {
+                eprintln!("warning: skipping snapshot {id}: {e}");
+            }
+            let snaps = scan.snapshots;
             if g.json {
                 let v: Vec<_> = snaps
                     .iter()
@@ -524,14 +566,20 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                     .collect();
                 print_json(&v);
             } else {
+                println!(
+                    "{:<8}  {:<20}  {:<12}  {:>9}  {:>10}  PATH  TAGS",
+                    "ID", "TIME", "HOST", "FILES", "SIZE"
+                );
                 for (id, s) in snaps {
                     let tags: Vec<String> =
                         s.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     println!(
-                        "{}  {}  {}  {}  {}",
+                        "{:<8}  {:<20}  {:<12}  {:>9}  {:>10}  {}  {}",
                         id.short(),
                         s.time,
                         s.host,
+                        s.summary.files,
+                        human_bytes(s.summary.bytes_total),
                         s.path,
                         tags.join(",")
                     );
@@ -555,7 +603,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
             let secs = (r.duration_ms as f64 / 1000.0).max(0.001);
             if g.json {
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
-                v["mib_per_s"] = serde_json::json!(r.bytes_total as f64 / 1048576.0 / secs);
+                v["mib_per_s"] = serde_json::json!(r.bytes_written as f64 / 1048576.0 / secs);
                 print_json(&v);
             } else {
                 println!(
@@ -567,8 +615,21 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                     r.bytes_total,
                     r.bytes_written,
                     secs,
-                    r.bytes_total as f64 / 1048576.0 / secs
+                    r.bytes_written as f64 / 1048576.0 / secs
                 );
+            }
+            if !r.skipped.is_empty() {
+                for s in &r.skipped {
+                    eprintln!("not restored: {s}");
+                }
+                return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "{} entr{} could not be restored (see above)",
+                        r.skipped.len(),
+                        if r.skipped.len() == 1 { "y" } else { "ies" }
+                    ),
+                });
             }
         }
         SnapshotCommand::Verify(v) => verify(g, v).await?,

@@ -2,8 +2,19 @@
 
 use clap::{Parser, Subcommand};
 
+const ENVIRONMENT: &str = "\
+Environment:
+  FERRY_LOG              log filter (e.g. info, debug, ferry_repo=debug)
+  FERRY_REPO             repository location for repo/snapshot commands
+  FERRY_REPO_PASSWORD    repository password (or --password-file)
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE
+                         S3 credentials when the location names none
+
+Exit codes: 0 done, 1 the operation failed, 2 bad usage or input,
+3 cannot reach or be accepted by the controller (join, run).";
+
 #[derive(Debug, Parser)]
-#[command(name = "ferry-agent", version, about = "Ferry agent")]
+#[command(name = "ferry-agent", version, about = "Ferry agent", after_help = ENVIRONMENT)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,9 +31,11 @@ enum Command {
         config: std::path::PathBuf,
     },
     // Data mover commands (repo …, snapshot …) go here.
-    /// Repository management: init, keys, verify, prune.
+    /// Repository management: init, keys, verify, prune, repair, unlock.
+    #[command(after_help = ENVIRONMENT)]
     Repo(ferry_agent::data_mover::RepoArgs),
-    /// Snapshots: create, ls, restore, verify, forget.
+    /// Snapshots: create, ls, restore, verify, forget (IDs may be `latest`).
+    #[command(after_help = ENVIRONMENT)]
     Snapshot(ferry_agent::data_mover::SnapshotArgs),
 }
 

@@ -32,6 +32,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{File, Metadata};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -49,7 +50,7 @@ use super::lock::LockGuard;
 use super::pack::{BLOB_OVERHEAD, BlobEncoder, FinishedPack, PackBuilder};
 pub use super::progress::{Progress, ProgressInfo};
 use super::snapshot::{BackupSummary, Snapshot};
-use super::tree::{Node, NodeKind, Timestamp, Tree};
+use super::tree::{Extent, Node, NodeKind, Timestamp, Tree};
 use super::{RepoError, Repository, object_key};
 
 #[derive(Debug, Clone, Default)]
@@ -186,6 +187,9 @@ impl Repository {
     ) -> Result<BackupOutcome, RepoError> {
         let started = Instant::now();
         let start_unix = self.clock().now_unix();
+        // One lineage per directory, however it is spelled (`src`, `src/`,
+        // `./src`, a symlink to it).
+        let path = &std::fs::canonicalize(path).map_err(|e| RepoError::io("resolve", path, e))?;
         let meta = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
         if !meta.is_dir() {
             return Err(RepoError::InvalidInput(format!(
@@ -229,7 +233,7 @@ impl Repository {
             .await?;
         summary.duration_ms = started.elapsed().as_millis() as u64;
         let snapshot = Snapshot {
-            version: 1,
+            version: super::snapshot::SNAPSHOT_VERSION,
             time: rfc3339(start_unix),
             time_unix: start_unix,
             host,
@@ -504,6 +508,55 @@ struct Walker<'a> {
     zero_ids: HashMap<usize, BlobId>,
 }
 
+/// A file node's kind with its hard link group as it is now.
+fn with_hardlink(kind: NodeKind, now: Option<u64>) -> NodeKind {
+    match kind {
+        NodeKind::File { content, .. } => NodeKind::File {
+            content,
+            hardlink: now,
+        },
+        NodeKind::SparseFile { extents, .. } => NodeKind::SparseFile {
+            extents,
+            hardlink: now,
+        },
+        other => other,
+    }
+}
+
+/// The data runs `[start, end)` of a file of `size` bytes, found with
+/// `SEEK_DATA`/`SEEK_HOLE` so holes are never read. One run over the whole
+/// file where the filesystem cannot tell.
+pub(crate) fn data_runs(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::SeekFrom as S;
+    let mut runs = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match rustix::fs::seek(file, S::Data(pos)) {
+            Ok(o) => o,
+            // No data after `pos`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) if pos == 0 => {
+                return Ok(vec![(0, size)]);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match rustix::fs::seek(file, S::Hole(start)) {
+            Ok(o) => o.min(size),
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(e) => return Err(e.into()),
+        };
+        if end <= start {
+            break;
+        }
+        runs.push((start, end));
+        pos = end;
+    }
+    Ok(runs)
+}
+
 fn ts(sec: i64, nsec: i64) -> Timestamp {
     Timestamp {
         sec,
@@ -629,25 +682,20 @@ impl Walker<'_> {
                 base_node(&name, &md, NodeKind::Dir { subtree }, xattrs)
             } else if ft.is_file() {
                 let hardlink = (md.nlink() > 1).then(|| md.ino() ^ md.dev().rotate_left(32));
-                let content = match prev {
+                let kind = match prev {
                     Some(p) if self.unchanged(p, &md) => {
                         self.summary.files_unchanged += 1;
-                        match &p.kind {
-                            NodeKind::File { content, .. } => content.clone(),
-                            _ => Vec::new(),
-                        }
+                        with_hardlink(p.kind.clone(), hardlink)
                     }
-                    _ => match self.read_file(&path, &md)? {
-                        Some(c) => c,
+                    _ => match self.read_file(&path, &md, hardlink)? {
+                        Some(kind) => kind,
                         None => continue,
                     },
                 };
                 self.summary.files += 1;
                 self.summary.bytes_total += md.len();
                 self.report(false);
-                let mut n = base_node(&name, &md, NodeKind::File { content, hardlink }, xattrs);
-                n.size = md.len();
-                n
+                base_node(&name, &md, kind, xattrs)
             } else if ft.is_symlink() {
                 let target =
                     std::fs::read_link(&path).map_err(|e| RepoError::io("read link", &path, e))?;
@@ -655,9 +703,18 @@ impl Walker<'_> {
                 base_node(&name, &md, NodeKind::Symlink { target }, xattrs)
             } else if ft.is_fifo() {
                 base_node(&name, &md, NodeKind::Fifo, xattrs)
+            } else if ft.is_block_device() || ft.is_char_device() {
+                let kind = NodeKind::Device {
+                    block: ft.is_block_device(),
+                    rdev: md.rdev(),
+                };
+                base_node(&name, &md, kind, xattrs)
+            } else if ft.is_socket() {
+                base_node(&name, &md, NodeKind::Socket, xattrs)
             } else {
-                tracing::warn!(path = %path.display(), "skipping socket or device file");
-                continue;
+                return Err(RepoError::UnsupportedEntry {
+                    path: path.display().to_string(),
+                });
             };
             tree.nodes.push(node);
         }
@@ -668,29 +725,67 @@ impl Walker<'_> {
     }
 
     fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
-        let same = matches!(prev.kind, NodeKind::File { .. })
+        prev.kind.is_file()
             && prev.size == md.len()
             && prev.inode == md.ino()
             && prev.mtime == ts(md.mtime(), md.mtime_nsec())
-            && prev.ctime == ts(md.ctime(), md.ctime_nsec());
-        same && match &prev.kind {
-            NodeKind::File { content, .. } => content.iter().all(|c| self.is_known(c)),
-            _ => false,
-        }
+            && prev.ctime == ts(md.ctime(), md.ctime_nsec())
+            && prev.kind.data_blobs().all(|c| self.is_known(c))
     }
 
-    /// Reads, chunks and hashes one file; `None` when it vanished.
-    fn read_file(&mut self, path: &Path, md: &Metadata) -> Result<Option<Vec<BlobId>>, RepoError> {
-        let file = match File::open(path) {
+    /// Reads, chunks and hashes one file's data, never its holes; `None`
+    /// when it vanished. A file with holes becomes a `SparseFile`.
+    fn read_file(
+        &mut self,
+        path: &Path,
+        md: &Metadata,
+        hardlink: Option<u64>,
+    ) -> Result<Option<NodeKind>, RepoError> {
+        let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(RepoError::io("open", path, e)),
         };
-        let mut content = Vec::with_capacity((md.len() / (1 << 20)) as usize + 1);
+        let size = md.len();
+        let runs = data_runs(&file, size).map_err(|e| RepoError::io("find data in", path, e))?;
+        let dense = runs.len() == 1 && runs[0] == (0, size);
+        let mut extents = Vec::with_capacity(runs.len());
+        for (start, end) in runs {
+            file.seek(SeekFrom::Start(start))
+                .map_err(|e| RepoError::io("seek", path, e))?;
+            let content = self.read_run(path, (&file).take(end - start), end - start)?;
+            extents.push(Extent {
+                offset: start,
+                content,
+            });
+        }
+        Ok(Some(if size == 0 {
+            NodeKind::File {
+                content: Vec::new(),
+                hardlink,
+            }
+        } else if dense {
+            NodeKind::File {
+                content: extents.pop().map(|e| e.content).unwrap_or_default(),
+                hardlink,
+            }
+        } else {
+            NodeKind::SparseFile { extents, hardlink }
+        }))
+    }
+
+    /// Chunks one run of a file's data.
+    fn read_run(
+        &mut self,
+        path: &Path,
+        reader: impl Read,
+        len: u64,
+    ) -> Result<Vec<BlobId>, RepoError> {
+        let mut content = Vec::with_capacity((len / (1 << 20)) as usize + 1);
         let chunker = self.chunker.clone();
         let mut buf = std::mem::take(&mut self.buf);
         let res = chunker.chunk_reader(
-            file,
+            reader,
             &mut buf,
             |chunk| {
                 self.repo.check_cancel()?;
@@ -710,7 +805,7 @@ impl Walker<'_> {
         );
         self.buf = buf;
         res?;
-        Ok(Some(content))
+        Ok(content)
     }
 
     /// The blob id of a chunk; all-zero chunks (holes) are cached by length.

@@ -12,6 +12,7 @@ pub mod lock;
 pub mod pack;
 pub mod progress;
 pub mod prune;
+pub mod repair;
 pub mod restore;
 pub mod snapshot;
 pub mod tree;
@@ -73,6 +74,11 @@ pub enum RepoError {
         #[source]
         source: Box<BlobError>,
     },
+    #[error(
+        "snapshot {id} has format version {found}, newer than this build reads ({}); upgrade Ferry to read it",
+        snapshot::SNAPSHOT_VERSION
+    )]
+    UnsupportedSnapshot { id: String, found: u32 },
     #[error("snapshot {id} not found")]
     SnapshotNotFound { id: String },
     #[error("snapshot id prefix {prefix} is ambiguous")]
@@ -88,6 +94,14 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot restore {files}: {source}")]
+    FileData {
+        files: String,
+        #[source]
+        source: Box<RepoError>,
+    },
+    #[error("{path} is of a file type Ferry cannot back up")]
+    UnsupportedEntry { path: String },
     #[error("refusing to restore {path}: {reason}")]
     UnsafeEntry { path: String, reason: String },
     #[error("repository is locked by {owner} until {expires_unix} (unix time)")]
@@ -146,6 +160,14 @@ impl RepoError {
 
 pub(crate) fn object_key(key: &str) -> Result<ObjectKey, RepoError> {
     Ok(ObjectKey::new(key)?)
+}
+
+/// The outcome of reading every snapshot manifest.
+#[derive(Debug, Default)]
+pub struct SnapshotScan {
+    /// Oldest first.
+    pub snapshots: Vec<(SnapshotId, Snapshot)>,
+    pub unreadable: Vec<(SnapshotId, RepoError)>,
 }
 
 /// This machine's host name, recorded in snapshots and locks.
@@ -449,9 +471,18 @@ impl Repository {
         let results: Vec<Result<(IndexId, IndexFile), RepoError>> = futures::stream::iter(ids)
             .map(|id| async move {
                 let bytes = self.get_object(&id.object_key()).await?;
-                Ok((id, self.decode_index(id, &bytes)?))
+                let file = self.decode_index(id, &bytes).map_err(|e| match e {
+                    RepoError::Corrupt { object, reason } => RepoError::Corrupt {
+                        object,
+                        reason: format!(
+                            "{reason}; `ferry-agent repo repair index` rebuilds the index from the packs"
+                        ),
+                    },
+                    other => other,
+                })?;
+                Ok((id, file))
             })
-            .buffer_unordered(8)
+            .buffer_unordered(16)
             .collect()
             .await;
         results.into_iter().collect()
@@ -524,9 +555,9 @@ impl Repository {
 
     /// Reads, decrypts and verifies one blob.
     pub async fn read_blob(&self, index: &Index, id: &BlobId) -> Result<Vec<u8>, RepoError> {
-        let loc = index.get(id).ok_or(RepoError::MissingBlob {
+        let loc = index.get(id).ok_or_else(|| RepoError::MissingBlob {
             blob: *id,
-            context: String::new(),
+            context: "if an index object was lost, `ferry-agent repo repair index` rebuilds it from the packs".into(),
         })?;
         let key = object_key(&loc.pack.object_key())?;
         let start = loc.entry.offset as u64;
@@ -596,6 +627,18 @@ impl Repository {
             .key
             .open(SNAPSHOT_AAD, &bytes)
             .map_err(|e| corrupt(e.to_string()))?;
+        // The version first: a newer format may not parse as this one.
+        #[derive(serde::Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))?;
+        if v.version > snapshot::SNAPSHOT_VERSION {
+            return Err(RepoError::UnsupportedSnapshot {
+                id: id.to_hex(),
+                found: v.version,
+            });
+        }
         serde_json::from_slice(&plain).map_err(|e| corrupt(e.to_string()))
     }
 
@@ -608,21 +651,55 @@ impl Repository {
             .collect())
     }
 
-    /// Every snapshot, oldest first.
-    pub async fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
+    /// Every readable snapshot, oldest first, and the ones that cannot be
+    /// read (corrupt, or of a newer format) with why. Storage failures are
+    /// errors.
+    pub async fn scan_snapshots(&self) -> Result<SnapshotScan, RepoError> {
         let ids = self.snapshot_ids().await?;
-        let results: Vec<Result<(SnapshotId, Snapshot), RepoError>> = futures::stream::iter(ids)
-            .map(|id| async move { Ok((id, self.load_snapshot(id).await?)) })
-            .buffer_unordered(8)
+        let results: Vec<(SnapshotId, Result<Snapshot, RepoError>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.load_snapshot(id).await) })
+            .buffer_unordered(16)
             .collect()
             .await;
-        let mut snaps = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        snaps.sort_by(|a, b| (a.1.time_unix, &a.1.time).cmp(&(b.1.time_unix, &b.1.time)));
-        Ok(snaps)
+        let mut scan = SnapshotScan::default();
+        for (id, r) in results {
+            match r {
+                Ok(s) => scan.snapshots.push((id, s)),
+                Err(RepoError::SnapshotNotFound { .. }) => {} // forgotten meanwhile
+                Err(e @ (RepoError::Corrupt { .. } | RepoError::UnsupportedSnapshot { .. })) => {
+                    scan.unreadable.push((id, e))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        scan.snapshots
+            .sort_by(|a, b| (a.1.time_unix, &a.1.time).cmp(&(b.1.time_unix, &b.1.time)));
+        Ok(scan)
     }
 
-    /// Resolves a full id or a unique prefix (at least 4 hex digits).
+    /// Every readable snapshot, oldest first; an unreadable one is skipped
+    /// with a warning that names it.
+    pub async fn list_snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>, RepoError> {
+        let scan = self.scan_snapshots().await?;
+        for (id, e) in &scan.unreadable {
+            tracing::warn!(snapshot = %id, error = %e, "skipping unreadable snapshot");
+        }
+        Ok(scan.snapshots)
+    }
+
+    /// Resolves a full id, a unique prefix (at least 4 hex digits), or
+    /// `latest` (the newest readable snapshot).
     pub async fn resolve_snapshot(&self, prefix: &str) -> Result<SnapshotId, RepoError> {
+        if prefix == "latest" {
+            return self
+                .list_snapshots()
+                .await?
+                .pop()
+                .map(|(id, _)| id)
+                .ok_or_else(|| RepoError::SnapshotNotFound {
+                    id: "latest".into(),
+                });
+        }
         if prefix.len() < 4 || !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(RepoError::InvalidInput(format!(
                 "snapshot id {prefix:?} must be at least 4 hex digits"

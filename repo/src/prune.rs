@@ -84,8 +84,7 @@ impl Repository {
                 for n in tree.nodes {
                     match n.kind {
                         NodeKind::Dir { subtree } if seen.insert(subtree) => stack.push(subtree),
-                        NodeKind::File { content, .. } => seen.extend(content),
-                        _ => {}
+                        kind => seen.extend(kind.data_blobs().copied()),
                     }
                 }
             }

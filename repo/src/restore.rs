@@ -34,7 +34,6 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Xatt
 use rustix::io::Errno;
 use serde::Serialize;
 
-use super::chunker::is_zero;
 use super::format::{BlobId, PackId, SnapshotId};
 use super::index::Index;
 use super::pack::{self, PackEntry};
@@ -48,6 +47,11 @@ pub struct RestoreSummary {
     pub dirs: u64,
     pub symlinks: u64,
     pub hardlinks: u64,
+    /// Fifos, sockets and device nodes.
+    pub specials: u64,
+    /// Entries that could not be created, each with the reason; a restore
+    /// with any is not complete.
+    pub skipped: Vec<String>,
     pub bytes_written: u64,
     pub bytes_total: u64,
     pub packs_read: u64,
@@ -78,8 +82,16 @@ struct FileJob {
     /// Index of its parent in `Plan::dirs`.
     dir: usize,
     node: Node,
+    /// The name it is written under until complete, then renamed from.
+    tmp: Vec<u8>,
     remaining: AtomicUsize,
     created: Mutex<bool>,
+}
+
+/// The temporary name of file `fi` while its data is written: hidden, and
+/// unique to this restore.
+fn tmp_name(token: &str, fi: usize) -> Vec<u8> {
+    format!(".ferry-restore-{token}-{fi:x}").into_bytes()
 }
 
 struct DirJob {
@@ -271,6 +283,11 @@ impl Repository {
 
         // Phase 1: directories, symlinks, fifos and empty files. Regular
         // files with content are created by the data workers.
+        let token = {
+            let mut r = [0u8; 4];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut r);
+            hex::encode(r)
+        };
         let plan = {
             let repo = self.clone();
             let index = index.clone();
@@ -292,6 +309,7 @@ impl Repository {
                         summary: RestoreSummary::default(),
                     },
                     groups: HashMap::new(),
+                    token: token.clone(),
                 };
                 walk.create_tree(&root, 0, &tree)?;
                 Ok::<_, RepoError>(walk.plan)
@@ -309,13 +327,13 @@ impl Repository {
         // Phase 2: data, grouped by pack.
         let mut by_pack: HashMap<PackId, HashMap<BlobId, BlobTargets>> = HashMap::new();
         for (fi, f) in plan.files.iter().enumerate() {
-            if let NodeKind::File { content, .. } = &f.node.kind {
-                let mut off = 0u64;
+            for (start, content) in f.node.kind.runs().unwrap_or_default() {
+                let mut off = start;
                 for c in content {
                     let loc = index.get(c).ok_or_else(|| RepoError::MissingBlob {
                         blob: *c,
                         context: format!(
-                            "file {} of snapshot {id}",
+                            "file {} of snapshot {id}; if an index object was lost, `ferry-agent repo repair index` rebuilds it from the packs",
                             rel_display(&plan.file_path(fi))
                         ),
                     })?;
@@ -422,19 +440,24 @@ impl Repository {
             .buffer_unordered(PARALLEL_SEGMENTS)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
-        for f in files.iter() {
-            if f.remaining.load(Ordering::Acquire) != 0 {
-                return Err(RepoError::Corrupt {
+        let failed = results.into_iter().find_map(Result::err).or_else(|| {
+            files.iter().find_map(|f| {
+                (f.remaining.load(Ordering::Acquire) != 0).then(|| RepoError::Corrupt {
                     object: format!("snapshot {id}"),
                     reason: format!(
                         "file {} was not completely restored",
                         rel_display(&file_path(&dirs, f))
                     ),
-                });
-            }
+                })
+            })
+        });
+        if let Some(err) = failed {
+            // Nothing half-written keeps a real name: remove every file
+            // still under its temporary name.
+            let (root, files, dirs) = (root.clone(), files.clone(), dirs.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || remove_incomplete(&root, &files, &dirs)).await;
+            return Err(err);
         }
         summary.bytes_written = written.load(Ordering::Relaxed);
 
@@ -442,8 +465,10 @@ impl Repository {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "restore: data written"
         );
-        // Phase 3: hard links, then metadata of symlinks, fifos and
-        // directories (deepest first, after everything inside them).
+        // Phase 3: hard links, then metadata of symlinks, fifos, sockets,
+        // devices and directories (deepest first, after everything inside
+        // them); each directory is flushed after its entries, so a restore
+        // reported done survives a power loss.
         let root2 = root.clone();
         tokio::task::spawn_blocking(move || -> Result<(), RepoError> {
             let root = &*root2;
@@ -463,34 +488,14 @@ impl Repository {
             for (dir, node) in &others {
                 let rel = join(&dirs[*dir].path, &node.name);
                 let dir = open_dir_beneath(root, &dirs[*dir].path)?;
-                let name = OsStr::from_bytes(&node.name);
-                if is_root() {
-                    rustix::fs::chownat(
-                        &dir,
-                        name,
-                        Some(rustix::fs::Uid::from_raw_unchecked(node.uid)),
-                        Some(rustix::fs::Gid::from_raw_unchecked(node.gid)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io_err("chown", &rel, e))?;
-                }
-                if matches!(node.kind, NodeKind::Fifo) {
-                    rustix::fs::chmodat(
-                        &dir,
-                        name,
-                        Mode::from_raw_mode(node.mode),
-                        AtFlags::empty(),
-                    )
-                    .map_err(|e| io_err("chmod", &rel, e))?;
-                }
-                rustix::fs::utimensat(&dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io_err("set times of", &rel, e))?;
+                apply_entry_metadata(&dir, node, &rel)?;
             }
             for d in dirs.iter().rev() {
+                let fd = open_dir_beneath(root, &d.path)?;
                 if let Some(node) = &d.node {
-                    let fd = open_dir_beneath(root, &d.path)?;
                     apply_fd_metadata(fd.as_fd(), node, &d.path)?;
                 }
+                rustix::fs::fsync(&fd).map_err(|e| io_err("flush", &d.path, e))?;
             }
             Ok(())
         })
@@ -500,6 +505,81 @@ impl Repository {
         tracing::info!(snapshot = %id, files = summary.files, bytes = summary.bytes_written, "restore done");
         Ok(summary)
     }
+}
+
+/// Removes the files of a failed restore that are still under their
+/// temporary names (best effort: the restore has failed already).
+fn remove_incomplete(root: &OwnedFd, files: &[FileJob], dirs: &[DirJob]) {
+    for f in files {
+        let created = *f.created.lock().unwrap_or_else(|e| e.into_inner());
+        if f.remaining.load(Ordering::Acquire) == 0 || !created {
+            continue;
+        }
+        if let Ok(dir) = open_dir_beneath(root, &dirs[f.dir].path)
+            && let Err(e) = rustix::fs::unlinkat(&dir, OsStr::from_bytes(&f.tmp), AtFlags::empty())
+        {
+            tracing::warn!(path = %rel_display(&file_path(dirs, f)), error = %e, "cannot remove an incomplete file");
+        }
+    }
+}
+
+/// Applies the metadata of a symlink, fifo, socket or device node `node`
+/// (named in `dir`) to that entry itself, never to what a symlink swapped
+/// in its place would point to. A symlink is changed by name with
+/// no-follow calls; the others are opened as a path handle (`O_PATH |
+/// O_NOFOLLOW`), checked to be the kind restore created, and changed
+/// through that handle.
+fn apply_entry_metadata(dir: &OwnedFd, node: &Node, rel: &[u8]) -> Result<(), RepoError> {
+    let name = OsStr::from_bytes(&node.name);
+    let owner = (
+        Some(rustix::fs::Uid::from_raw_unchecked(node.uid)),
+        Some(rustix::fs::Gid::from_raw_unchecked(node.gid)),
+    );
+    if matches!(node.kind, NodeKind::Symlink { .. }) {
+        if is_root() {
+            rustix::fs::chownat(dir, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_err("chown", rel, e))?;
+        }
+        return rustix::fs::utimensat(dir, name, &timestamps(node), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err("set times of", rel, e));
+    }
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open", rel, e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| io_err("stat", rel, e))?;
+    let expected = match node.kind {
+        NodeKind::Fifo => rustix::fs::FileType::Fifo,
+        NodeKind::Socket => rustix::fs::FileType::Socket,
+        NodeKind::Device { block: true, .. } => rustix::fs::FileType::BlockDevice,
+        _ => rustix::fs::FileType::CharacterDevice,
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != expected {
+        return Err(RepoError::UnsafeEntry {
+            path: rel_display(rel),
+            reason: "it was replaced during the restore".into(),
+        });
+    }
+    if is_root() {
+        rustix::fs::chownat(&fd, "", owner.0, owner.1, AtFlags::EMPTY_PATH)
+            .map_err(|e| io_err("chown", rel, e))?;
+    }
+    // A path handle takes no chmod or utimens of its own; its /proc link
+    // names exactly the inode it holds.
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(node.mode))
+        .map_err(|e| io_err("chmod", rel, e))?;
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        proc.as_str(),
+        &timestamps(node),
+        AtFlags::empty(),
+    )
+    .map_err(|e| io_err("set times of", rel, e))?;
+    Ok(())
 }
 
 fn apply_fd_metadata(
@@ -541,7 +621,7 @@ impl Output<'_> {
     /// write fills it entirely), so trailing holes stay holes.
     fn open_file(&self, fi: usize, whole: bool) -> Result<File, RepoError> {
         let f = &self.files[fi];
-        let path = file_path(self.dirs, f);
+        let path = join(&self.dirs[f.dir].path, &f.tmp);
         // The lock only orders creation against later opens of the same
         // file; a poisoned lock still holds a valid flag.
         let mut created = f.created.lock().unwrap_or_else(|e| e.into_inner());
@@ -584,29 +664,34 @@ impl Output<'_> {
                 object: format!("pack {pack_id}"),
                 reason: format!("blob {} is truncated", entry.id),
             })?;
-            let plain =
-                pack::decode_blob(repo.key(), entry, stored).map_err(|source| RepoError::Blob {
-                    pack: pack_id,
-                    source: Box::new(source),
-                })?;
-            let zero = is_zero(&plain);
+            let plain = pack::decode_blob(repo.key(), entry, stored).map_err(|source| {
+                self.in_files(
+                    targets,
+                    RepoError::Blob {
+                        pack: pack_id,
+                        source: Box::new(source),
+                    },
+                )
+            })?;
             for (fi, off) in targets {
                 let f = &self.files[*fi];
                 let file = match open.entry(*fi) {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        let whole = !zero && *off == 0 && plain.len() as u64 == f.node.size;
+                        let whole = matches!(f.node.kind, NodeKind::File { .. })
+                            && *off == 0
+                            && plain.len() as u64 == f.node.size;
                         v.insert(self.open_file(*fi, whole)?)
                     }
                 };
-                if !zero {
-                    file.write_all_at(&plain, *off)
-                        .map_err(|e| io_err("write", &file_path(self.dirs, f), e))?;
-                    self.written
-                        .fetch_add(plain.len() as u64, Ordering::Relaxed);
-                }
+                // Zeros are written too: the source had data here (its
+                // holes are never in a run).
+                file.write_all_at(&plain, *off)
+                    .map_err(|e| io_err("write", &file_path(self.dirs, f), e))?;
+                self.written
+                    .fetch_add(plain.len() as u64, Ordering::Relaxed);
                 if f.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    apply_fd_metadata(file.as_fd(), &f.node, &file_path(self.dirs, f))?;
+                    self.finish_file(f, file)?;
                     open.remove(fi);
                     self.files_done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -619,6 +704,43 @@ impl Output<'_> {
     }
 }
 
+impl Output<'_> {
+    /// A complete file: its metadata, flushed to disk, then renamed from
+    /// its temporary name to its own.
+    fn finish_file(&self, f: &FileJob, file: &File) -> Result<(), RepoError> {
+        let rel = file_path(self.dirs, f);
+        apply_fd_metadata(file.as_fd(), &f.node, &rel)?;
+        rustix::fs::fsync(file).map_err(|e| io_err("flush", &rel, e))?;
+        let dir = open_dir_beneath(self.root, &self.dirs[f.dir].path)?;
+        rustix::fs::renameat_with(
+            &dir,
+            OsStr::from_bytes(&f.tmp),
+            &dir,
+            OsStr::from_bytes(&f.node.name),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| io_err("rename into place", &rel, e))
+    }
+
+    /// `err`, naming the files a bad blob belongs to.
+    fn in_files(&self, targets: &[(usize, u64)], err: RepoError) -> RepoError {
+        let mut names: Vec<String> = targets
+            .iter()
+            .map(|(fi, _)| rel_display(&file_path(self.dirs, &self.files[*fi])))
+            .collect();
+        names.sort();
+        names.dedup();
+        let files = match names.len() {
+            0 | 1 => names.concat(),
+            n => format!("{} (and {} more)", names[0], n - 1),
+        };
+        RepoError::FileData {
+            files,
+            source: Box::new(err),
+        }
+    }
+}
+
 /// The structure pass: creates directories, symlinks, fifos and empty
 /// files, and plans the rest.
 struct Walk<'a> {
@@ -628,6 +750,8 @@ struct Walk<'a> {
     plan: Plan,
     /// Hard link group → index of its first file.
     groups: HashMap<u64, usize>,
+    /// Makes this restore's temporary names unique.
+    token: String,
 }
 
 impl Walk<'_> {
@@ -666,21 +790,25 @@ impl Walk<'_> {
                         .block_on(self.repo.load_tree(self.index, subtree))?;
                     self.create_tree(&sub_fd, sub_di, &sub)?;
                 }
-                NodeKind::File { content, hardlink } => {
+                NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
+                    let hardlink = node.kind.hardlink();
                     if let Some(g) = hardlink
-                        && let Some(first) = self.groups.get(g)
+                        && let Some(first) = self.groups.get(&g)
                     {
                         self.plan.links.push((di, node.name.clone(), *first));
                         self.plan.summary.hardlinks += 1;
                         continue;
                     }
                     if let Some(g) = hardlink {
-                        self.groups.insert(*g, self.plan.files.len());
+                        self.groups.insert(g, self.plan.files.len());
                     }
                     self.plan.summary.files += 1;
                     self.plan.summary.bytes_total += node.size;
-                    if content.is_empty() {
-                        // Nothing to fetch: create it complete now.
+                    let chunks = node.kind.data_blobs().count();
+                    let fi = self.plan.files.len();
+                    if chunks == 0 {
+                        // Nothing to fetch (empty, or all hole): create it
+                        // complete now.
                         let fd = rustix::fs::openat(
                             dir,
                             name,
@@ -697,10 +825,12 @@ impl Walk<'_> {
                                 .map_err(|e| io_err("resize", &rel, e))?;
                         }
                         apply_fd_metadata(fd.as_fd(), node, &rel)?;
+                        rustix::fs::fsync(&fd).map_err(|e| io_err("flush", &rel, e))?;
                         // Kept in the plan (for hard links to it), done.
                         self.plan.files.push(FileJob {
                             dir: di,
                             node: node.clone(),
+                            tmp: Vec::new(),
                             remaining: AtomicUsize::new(0),
                             created: Mutex::new(true),
                         });
@@ -709,7 +839,8 @@ impl Walk<'_> {
                     self.plan.files.push(FileJob {
                         dir: di,
                         node: node.clone(),
-                        remaining: AtomicUsize::new(content.len()),
+                        tmp: tmp_name(&self.token, fi),
+                        remaining: AtomicUsize::new(chunks),
                         created: Mutex::new(false),
                     });
                 }
@@ -719,16 +850,36 @@ impl Walk<'_> {
                     self.plan.summary.symlinks += 1;
                     self.plan.others.push((di, node.clone()));
                 }
-                NodeKind::Fifo => {
-                    rustix::fs::mknodat(
-                        dir,
-                        name,
-                        rustix::fs::FileType::Fifo,
-                        Mode::from_raw_mode(0o600),
-                        0,
-                    )
-                    .map_err(|e| io_err("create fifo", &rel, e))?;
-                    self.plan.others.push((di, node.clone()));
+                NodeKind::Fifo | NodeKind::Socket | NodeKind::Device { .. } => {
+                    let (ft, dev, what) = match node.kind {
+                        NodeKind::Fifo => (rustix::fs::FileType::Fifo, 0, "fifo"),
+                        NodeKind::Socket => (rustix::fs::FileType::Socket, 0, "socket"),
+                        NodeKind::Device { block: true, rdev } => {
+                            (rustix::fs::FileType::BlockDevice, rdev, "block device")
+                        }
+                        NodeKind::Device { rdev, .. } => (
+                            rustix::fs::FileType::CharacterDevice,
+                            rdev,
+                            "character device",
+                        ),
+                        _ => unreachable!("invariant: matched above"),
+                    };
+                    match rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev) {
+                        Ok(()) => {
+                            self.plan.summary.specials += 1;
+                            self.plan.others.push((di, node.clone()));
+                        }
+                        // Device nodes need privilege (CAP_MKNOD): without
+                        // it the entry is reported as not restored.
+                        Err(Errno::PERM) if matches!(node.kind, NodeKind::Device { .. }) => {
+                            tracing::warn!(path = %rel_display(&rel), "cannot create {what} without privilege; not restored");
+                            self.plan.summary.skipped.push(format!(
+                                "{}: {what} needs privilege to create",
+                                rel_display(&rel)
+                            ));
+                        }
+                        Err(e) => return Err(io_err("create", &rel, e)),
+                    }
                 }
             }
         }
@@ -778,5 +929,70 @@ mod tests {
                 .expect_err("second create");
             assert_eq!(err, Errno::EXIST, "openat2={openat2}");
         }
+    }
+
+    /// Metadata meant for a fifo never reaches a file a symlink swapped in
+    /// for it points to.
+    #[test]
+    fn entry_metadata_never_follows_a_swapped_symlink() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let t = tmp.path().join("target");
+        std::fs::create_dir(&t).expect("mkdir");
+        let outside = tmp.path().join("outside");
+        std::fs::write(&outside, b"secret").expect("write");
+        std::fs::set_permissions(
+            &outside,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("chmod");
+        let node = Node {
+            name: b"pipe".to_vec(),
+            kind: NodeKind::Fifo,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            mtime: crate::tree::Timestamp { sec: 1, nsec: 0 },
+            ctime: crate::tree::Timestamp::default(),
+            inode: 0,
+            dev: 0,
+            size: 0,
+            xattrs: Vec::new(),
+        };
+        let dir: OwnedFd = File::open(&t).expect("open").into();
+        // Restore created the fifo; someone replaced it with a symlink.
+        rustix::fs::mknodat(
+            &dir,
+            "pipe",
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        std::fs::remove_file(t.join("pipe")).expect("rm");
+        std::os::unix::fs::symlink(&outside, t.join("pipe")).expect("symlink");
+        assert!(apply_entry_metadata(&dir, &node, b"pipe").is_err());
+        let md = std::fs::metadata(&outside).expect("stat");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+            0o600
+        );
+        assert_ne!(std::os::unix::fs::MetadataExt::mtime(&md), 1);
+        // On the real fifo it applies.
+        std::fs::remove_file(t.join("pipe")).expect("rm");
+        rustix::fs::mknodat(
+            &dir,
+            "pipe",
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        apply_entry_metadata(&dir, &node, b"pipe").expect("applies");
+        let md = std::fs::symlink_metadata(t.join("pipe")).expect("stat");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+            0o777
+        );
+        assert_eq!(std::os::unix::fs::MetadataExt::mtime(&md), 1);
     }
 }

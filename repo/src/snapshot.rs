@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::format::{BlobId, SnapshotId};
 
+/// The manifest format this build writes and reads (and every older one).
+pub const SNAPSHOT_VERSION: u32 = 1;
+
 /// A snapshot manifest, stored encrypted as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {

@@ -379,10 +379,10 @@ async fn restore_fills_files_spread_over_packs_and_workers() {
     assert_eq!(r.hardlinks, 1, "{r:?}");
     assert!(r.packs_read >= 8, "{r:?}");
     assert_same_tree(&src, &dst);
-    // The all-zero file was only sized, never written.
+    // The all-zero file was written densely, so it is restored densely.
     let zeros = fs::metadata(dst.join("d2/zeros")).expect("stat");
     assert_eq!(zeros.len(), 20_000);
-    assert_eq!(zeros.blocks(), 0, "all-zero file got data blocks");
+    assert!(zeros.blocks() * 512 >= 20_000, "dense zeros became a hole");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,7 +431,7 @@ async fn incremental_backup_reads_only_changes() {
     other.tags.insert("volume".into(), "x".into());
     let fourth = repo.backup(&src, other, None).await.expect("backup");
     assert_eq!(fourth.snapshot.parent, None);
-    assert!(fourth.snapshot.summary.bytes_read > 4_000_000);
+    assert!(fourth.snapshot.summary.bytes_read > 1_000_000);
     assert_eq!(fourth.snapshot.summary.bytes_new, 0);
 
     let dst = tmp.path().join("dst");
@@ -452,7 +452,7 @@ async fn dry_run_stores_nothing() {
     o.dry_run = true;
     let out = repo.backup(&src, o, None).await.expect("dry run");
     assert!(out.id.is_none());
-    assert!(out.snapshot.summary.bytes_read > 4_000_000);
+    assert!(out.snapshot.summary.bytes_read > 1_000_000);
     assert!(out.snapshot.summary.bytes_stored > 0);
     assert!(store.list(DATA_PREFIX).await.expect("list").is_empty());
     assert!(store.list("snapshots/").await.expect("list").is_empty());
@@ -934,8 +934,14 @@ async fn corrupted_or_garbage_index_is_named() {
     assert!(err.to_string().contains(&idx), "{err}");
     // Garbage snapshot manifests are refused by name too.
     let snap = corrupt_first(&store, "snapshots/", |d| d.iter_mut().for_each(|b| *b = 7)).await;
-    let err = repo.list_snapshots().await.expect_err("garbage snapshot");
-    assert!(err.to_string().contains(&snap), "{err}");
+    let scan = repo.scan_snapshots().await.expect("scan");
+    assert!(
+        scan.unreadable
+            .iter()
+            .any(|(id, e)| id.to_hex() == snap && e.to_string().contains(&snap)),
+        "{:?}",
+        scan.unreadable
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1122,6 +1128,7 @@ async fn round_trip_through_s3_on_seaweedfs() {
 }
 
 mod cancel;
+mod defects;
 mod locks;
 
 mod prop {

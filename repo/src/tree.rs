@@ -50,6 +50,67 @@ pub enum NodeKind {
         target: Vec<u8>,
     },
     Fifo,
+    /// A regular file with holes: its data runs at their offsets, holes
+    /// everywhere else up to the node's size. (A file without holes is a
+    /// `File`.)
+    SparseFile {
+        extents: Vec<Extent>,
+        hardlink: Option<u64>,
+    },
+    /// A block or character device node.
+    Device {
+        block: bool,
+        rdev: u64,
+    },
+    /// A unix socket (restored as an unbound socket file).
+    Socket,
+}
+
+/// One data run of a sparse file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub offset: u64,
+    pub content: Vec<BlobId>,
+}
+
+impl NodeKind {
+    /// Every data blob of a regular file (none for other kinds).
+    pub fn data_blobs(&self) -> Box<dyn Iterator<Item = &BlobId> + '_> {
+        match self {
+            NodeKind::File { content, .. } => Box::new(content.iter()),
+            NodeKind::SparseFile { extents, .. } => {
+                Box::new(extents.iter().flat_map(|e| e.content.iter()))
+            }
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    /// The data runs of a regular file as (offset, blobs): one run at 0
+    /// for a dense file. `None` for other kinds.
+    pub fn runs(&self) -> Option<Vec<(u64, &[BlobId])>> {
+        match self {
+            NodeKind::File { content, .. } => Some(vec![(0, content.as_slice())]),
+            NodeKind::SparseFile { extents, .. } => Some(
+                extents
+                    .iter()
+                    .map(|e| (e.offset, e.content.as_slice()))
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// The hard link group of a regular file.
+    pub fn hardlink(&self) -> Option<u64> {
+        match self {
+            NodeKind::File { hardlink, .. } | NodeKind::SparseFile { hardlink, .. } => *hardlink,
+            _ => None,
+        }
+    }
+
+    pub fn is_file(&self) -> bool {
+        matches!(self, NodeKind::File { .. } | NodeKind::SparseFile { .. })
+    }
 }
 
 impl Node {

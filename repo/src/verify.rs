@@ -142,14 +142,13 @@ impl Repository {
                         NodeKind::Dir { subtree } if seen_trees.insert(*subtree) => {
                             stack.push((*subtree, format!("{child}/")));
                         }
-                        NodeKind::File { content, .. } => {
-                            for c in content {
+                        kind => {
+                            for c in kind.data_blobs() {
                                 if data.insert(*c) {
                                     check(c, format!("file {child}"), &mut report);
                                 }
                             }
                         }
-                        _ => {}
                     }
                 }
             }
@@ -163,10 +162,19 @@ impl Repository {
         // Read back packs.
         if let Some(pct) = opts.read_data_percent {
             let pct = pct.clamp(1, 100) as u64;
+            // For one snapshot, only the packs holding its blobs.
+            let wanted: Option<HashSet<PackId>> = opts.snapshot.map(|_| {
+                seen_trees
+                    .iter()
+                    .chain(data.iter())
+                    .filter_map(|b| index.get(b).map(|l| l.pack))
+                    .collect()
+            });
             let mut candidates: Vec<PackId> = index
                 .packs()
                 .map(|(p, _)| *p)
                 .filter(|p| stored.contains_key(p))
+                .filter(|p| wanted.as_ref().is_none_or(|w| w.contains(p)))
                 .collect();
             candidates.sort();
             let chosen: Vec<PackId> = if pct >= 100 {

@@ -25,10 +25,7 @@ async fn main() -> Result<()> {
     let mib: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(16);
     let parallel: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
     if let StorageConfig::S3(s3) = &location {
-        ferry_store::S3Store::new(s3)
-            .await?
-            .create_bucket()
-            .await?;
+        ferry_store::S3Store::new(s3).await?.create_bucket().await?;
     }
     let store = open(&location).await?;
 
