@@ -231,3 +231,69 @@ fn cli_errors_have_clear_messages_and_exit_codes() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Without credentials in the location, the standard AWS chain provides
+/// them (here the environment), and nothing of them reaches the output.
+#[test]
+fn s3_credentials_come_from_the_aws_environment() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let weed = rt.block_on(ferry_store::testing::seaweed());
+    let bucket = rt.block_on(weed.new_bucket());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, PASSWORD).expect("write");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    std::fs::write(src.join("f"), "over s3\n".repeat(100)).expect("write");
+    let location = format!("s3:{}/{bucket}/via-env", weed.endpoint());
+    let agent = |args: &[&str], with_keys: bool| {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .arg("--repo")
+            .arg(&location)
+            .arg("--password-file")
+            .arg(&pw)
+            .env_remove("FERRY_REPO")
+            .env_remove("FERRY_REPO_PASSWORD")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_CONFIG_FILE", tmp.path().join("no-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                tmp.path().join("no-credentials"),
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        if with_keys {
+            c.env("AWS_ACCESS_KEY_ID", ferry_store::testing::ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", ferry_store::testing::SECRET_KEY);
+        } else {
+            c.env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY");
+        }
+        let out = c.output().expect("run ferry-agent");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !all.contains(ferry_store::testing::SECRET_KEY),
+            "the secret key was echoed: {all}"
+        );
+        out
+    };
+    ok(&agent(&["repo", "init"], true));
+    ok(&agent(
+        &["snapshot", "create", src.to_str().expect("utf8")],
+        true,
+    ));
+    let out = ok(&agent(&["snapshot", "ls", "--json"], true));
+    let list: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1));
+    // Without any credentials the command fails at once (no retries for
+    // a failure a retry cannot fix) and says why.
+    let out = agent(&["snapshot", "ls"], false);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no credentials"), "{stderr}");
+    assert!(!stderr.contains("gave up after"), "retried: {stderr}");
+}

@@ -41,18 +41,38 @@ pub struct MasterKey {
     cipher: Aes256Gcm,
 }
 
+impl Drop for MasterKey {
+    /// The key material does not outlive its use (the cipher's own copy is
+    /// zeroized by the cipher, built with its `zeroize` feature).
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.enc.zeroize();
+        self.id.zeroize();
+        self.chunker_seed.zeroize();
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(<redacted>)")
     }
 }
 
-/// The serialised (plaintext) form of the master key inside a key file.
+/// The serialised (plaintext) form of the master key inside a key file;
+/// zeroized when dropped.
 #[derive(Serialize, Deserialize)]
 struct MasterKeyWire {
     enc: String,
     id: String,
     chunker_seed: u64,
+}
+
+impl Drop for MasterKeyWire {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.enc.zeroize();
+        self.id.zeroize();
+    }
 }
 
 impl MasterKey {
@@ -223,8 +243,10 @@ impl KeyFile {
         let mut salt = [0u8; 16];
         rand::rng().fill_bytes(&mut salt);
         let kek = derive_kek(password, &salt, params)?;
-        let plain = serde_json::to_vec(&master.to_wire())
-            .map_err(|e| CryptoError::MalformedKeyFile(e.to_string()))?;
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(&master.to_wire())
+                .map_err(|e| CryptoError::MalformedKeyFile(e.to_string()))?,
+        );
         let wrapped = kek.seal(KEY_FILE_AAD, &plain);
         Ok(Self {
             version: 1,
@@ -251,7 +273,7 @@ impl KeyFile {
         let wrapped = hex::decode(&self.wrapped)
             .map_err(|_| CryptoError::MalformedKeyFile("wrapped key is not hex".into()))?;
         let kek = derive_kek(password, &salt, self.kdf_params)?;
-        let plain = kek.open(KEY_FILE_AAD, &wrapped)?;
+        let plain = zeroize::Zeroizing::new(kek.open(KEY_FILE_AAD, &wrapped)?);
         let wire: MasterKeyWire = serde_json::from_slice(&plain)
             .map_err(|e| CryptoError::MalformedKeyFile(e.to_string()))?;
         MasterKey::from_wire(&wire)

@@ -23,6 +23,28 @@ use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError};
 /// whose last segment starts with it are refused.
 pub const TEMP_PREFIX: &str = ".ferry-tmp-";
 
+/// A temporary file untouched for this long was left by a crashed writer
+/// (a put holds its temporary file for seconds); listing removes it.
+pub const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Removes a crashed writer's temporary file once it is stale (best
+/// effort: it is invisible to readers either way).
+fn remove_if_stale(path: &Path) {
+    let stale = fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= STALE_TEMP);
+    if stale {
+        match fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed a stale temporary file"),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "cannot remove a stale temporary file")
+            }
+        }
+    }
+}
+
 /// Objects as files below a root directory.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -212,6 +234,7 @@ impl Inner {
                     continue;
                 };
                 if name.starts_with(TEMP_PREFIX) {
+                    remove_if_stale(&entry.path());
                     continue;
                 }
                 let key = if rel.is_empty() {
@@ -402,6 +425,15 @@ mod tests {
             b"partial",
         )
         .expect("write temp");
+        // And one a writer left days ago.
+        let old = dir.path().join(format!("index/{TEMP_PREFIX}1-1-c"));
+        fs::write(&old, b"abandoned").expect("write temp");
+        let two_days_ago = std::time::SystemTime::now() - 2 * STALE_TEMP;
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .and_then(|f| f.set_modified(two_days_ago))
+            .expect("age it");
         let listed = store.list("index/").await.expect("list");
         assert_eq!(
             listed,
@@ -409,6 +441,13 @@ mod tests {
                 key: key("index/a"),
                 size: 1
             }]
+        );
+        // The stale one is gone, the fresh one (a put may be writing it) stays.
+        assert!(!old.exists(), "stale temporary file kept");
+        assert!(
+            dir.path()
+                .join(format!("index/{TEMP_PREFIX}1-0-b"))
+                .exists()
         );
         let err = store
             .put(&key(&format!("index/{TEMP_PREFIX}x")), Bytes::new())

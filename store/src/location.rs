@@ -62,9 +62,12 @@ pub struct S3Config {
     /// Explicit credentials; without them the standard AWS chain is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_key_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Read from config files, never written anywhere: a serialized
+    /// config holds no secret (the controller hands secrets to agents in
+    /// its own sealed form).
+    #[serde(default, skip_serializing)]
     pub secret_access_key: Option<Secret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing)]
     pub session_token: Option<Secret>,
     /// Transfer tuning; defaults suit most servers.
     #[serde(default)]
@@ -115,11 +118,18 @@ fn default_region() -> String {
     DEFAULT_REGION.to_owned()
 }
 
-/// A secret string: shown as `***` by `Debug` and `Display`. It serializes
-/// as itself so config files round-trip; never serialize it into a manifest.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A secret string: shown as `***` by `Debug` and `Display`, and it cannot
+/// be serialized (only read), so it never lands in a manifest or a log.
+/// Zeroized when dropped.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -487,10 +497,16 @@ mod tests {
             Some("s3cr3t")
         );
         s3.validate().expect("valid");
-        let back: StorageConfig =
-            serde_json::from_str(&serde_json::to_string(&config).expect("serializes"))
-                .expect("parses back");
-        assert_eq!(back, config);
+        // Serialized, it keeps everything but the secret.
+        let json = serde_json::to_string(&config).expect("serializes");
+        assert!(!json.contains("s3cr3t"), "{json}");
+        let back: StorageConfig = serde_json::from_str(&json).expect("parses back");
+        let StorageConfig::S3(back) = back else {
+            panic!("not s3")
+        };
+        assert_eq!(back.secret_access_key, None);
+        assert_eq!(back.access_key_id, s3.access_key_id);
+        assert_eq!(back.tuning, s3.tuning);
 
         let mut half = s3.clone();
         half.secret_access_key = None;

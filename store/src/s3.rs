@@ -396,10 +396,11 @@ where
     match err {
         SdkError::TimeoutError(_) => (true, S3Failure("request timed out".into())),
         // A refused or reset connection, a DNS failure, a timeout: worth a
-        // retry. A failure the client library calls the user's (a bad
-        // request it could not send) is not.
+        // retry. Anything else that stops a request from being sent (no
+        // credentials found, a request the library calls the user's fault)
+        // will fail the same way again.
         SdkError::DispatchFailure(d) => (
-            !d.is_user(),
+            d.is_io() || d.is_timeout(),
             S3Failure(format!("could not reach the server: {}", error_chain(err))),
         ),
         SdkError::ResponseError(_) => (
@@ -829,6 +830,49 @@ mod tests {
                 assert!(!format!("{store:?} {config:?}").contains(secret));
             }
         }
+    }
+
+    /// A put dropped mid-upload (its job cancelled) aborts its multipart
+    /// upload: nothing is left pending or visible.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_multipart_upload_is_aborted() {
+        let weed = seaweed().await;
+        let mut config = weed.config(&weed.new_bucket().await, "");
+        config.tuning.multipart_threshold = 5 << 20;
+        config.tuning.part_size = 5 << 20;
+        config.tuning.part_concurrency = 1;
+        let store = Arc::new(S3Store::new(&config).await.expect("store"));
+        let put = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .put(&key("cancelled"), crate::conformance::pattern(60 << 20, 4))
+                    .await
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while store.pending_uploads().await.expect("uploads").is_empty() {
+            assert!(
+                !put.is_finished(),
+                "the upload finished before it could be cancelled"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the upload never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        put.abort();
+        assert!(put.await.expect_err("aborted").is_cancelled());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !store.pending_uploads().await.expect("uploads").is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cancelled upload was never aborted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(store.size(&key("cancelled")).await.expect("size"), None);
     }
 
     fn retry_for(deadline_ms: u64) -> RetryPolicy {
