@@ -510,6 +510,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                         dry_run,
                         host,
                         upload_concurrency: None,
+                        read_concurrency: None,
                     },
                     progress.clone(),
                 )

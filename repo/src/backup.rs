@@ -2,14 +2,19 @@
 //!
 //! ```text
 //! walker thread: walk → stat → (unchanged? reuse parent chunk list)
-//!                read → chunk (FastCDC) → hash (keyed BLAKE3) → dedup
+//!      │ bounded queue of files to read          parent trees fetched
+//!      ▼                                          concurrently per level
+//! R reader threads (default 8): data runs (SEEK_DATA, holes never read)
+//!      → read → chunk (FastCDC) → hash (keyed BLAKE3) → dedup
 //!      │ bounded channel of new blobs
 //!      ▼
-//! N worker threads: compress (zstd, probe first) → encrypt → pack
+//! N worker threads: compress (zstd) → encrypt → pack
 //!      │ bounded channel of finished packs
 //!      ▼
 //! uploader task: bounded number of concurrent uploads
 //! ```
+//! Several readers keep a cold disk busy; a directory's tree is encoded
+//! once its readers have answered for every file in it.
 //! Then one index object for the new packs, then the snapshot manifest
 //! (the commit point).
 //!
@@ -17,7 +22,9 @@
 //! files. Big buffers are allocated once and recycled, never freed and
 //! reallocated per chunk or per pack (with many threads, glibc's malloc
 //! otherwise keeps freed megabytes in per-thread arenas):
-//! - the walker's read buffer: 2 × max chunk size;
+//! - read buffers: one per reader sized to the small files it reads
+//!   (≤ 2 MiB), and a pool of two of 2 × max chunk size shared by the
+//!   readers of large files;
 //! - chunk buffers: at most `workers + 1` queued or in a worker, plus one
 //!   being filled, each up to the max chunk size, returned by the workers
 //!   to a free list;
@@ -36,10 +43,12 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::chunker::{Chunker, is_zero};
@@ -67,6 +76,8 @@ pub struct BackupOptions {
     pub host: Option<String>,
     /// Concurrent pack uploads (default 2).
     pub upload_concurrency: Option<usize>,
+    /// Files read at the same time (default 8).
+    pub read_concurrency: Option<usize>,
 }
 
 /// The result of a backup: the snapshot id is `None` on a dry run.
@@ -277,6 +288,8 @@ impl Repository {
             .unwrap_or(2)
             .clamp(1, 16);
         let concurrency = opts.upload_concurrency.unwrap_or(2).max(1);
+        // Files read at once: enough to keep a cold disk busy.
+        let readers = opts.read_concurrency.unwrap_or(8).clamp(1, 64);
         let pack_size = self.config().pack_size as usize;
         let max_chunk = self.config().chunker.max_size as usize;
         // A pack is closed once it reaches pack_size, so it holds at most
@@ -330,30 +343,76 @@ impl Repository {
                 drop(free_tx);
                 drop(pool_rx);
                 drop(pack_tx);
-                let mut walker = Walker {
+                let max_chunk = repo.config().chunker.max_size as usize;
+                let (large_tx, large_rx) = crossbeam_channel::bounded(LARGE_BUFFERS);
+                for _ in 0..LARGE_BUFFERS {
+                    let _ = large_tx.try_send(Vec::with_capacity(2 * max_chunk));
+                }
+                let shared = Shared {
                     repo: &repo,
-                    index: &index,
                     dedup: dedup.as_ref().unwrap_or(&index),
-                    sent: HashSet::new(),
+                    sent: Mutex::new(HashSet::new()),
                     chunker,
-                    blob_tx,
                     free_chunks: free_rx,
-                    handle,
-                    summary: BackupSummary::default(),
+                    large_buffers: (large_tx, large_rx),
+                    zero_ids: Mutex::new(HashMap::new()),
+                    stop: AtomicBool::new(false),
+                    files: AtomicU64::new(0),
+                    bytes_read: AtomicU64::new(0),
+                    blobs_new: AtomicU64::new(0),
+                    bytes_new: AtomicU64::new(0),
                     progress,
                     started,
-                    last_progress: started,
-                    buf: Vec::new(),
-                    zero_ids: HashMap::new(),
+                    last_progress: Mutex::new(started),
                 };
-                let res = walker.walk_dir(&path, parent_tree.as_ref());
-                walker.report(true);
-                let summary = std::mem::take(&mut walker.summary);
-                drop(walker);
+                let (file_tx, file_rx) = crossbeam_channel::bounded::<FileJob>(readers * 4);
+                let res = std::thread::scope(|r| {
+                    for _ in 0..readers {
+                        let (shared, jobs, blobs) = (&shared, file_rx.clone(), blob_tx.clone());
+                        r.spawn(move || reader(shared, jobs, blobs));
+                    }
+                    drop(file_rx);
+                    let mut walker = Walker {
+                        shared: &shared,
+                        index: &index,
+                        handle,
+                        files: file_tx,
+                        blob_tx,
+                        dirs: 0,
+                        files_unchanged: 0,
+                        bytes_total: 0,
+                    };
+                    let res = walker.walk_dir(&path, parent_tree.as_ref());
+                    if res.is_err() {
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
+                    let Walker {
+                        dirs,
+                        files_unchanged,
+                        bytes_total,
+                        ..
+                    } = walker;
+                    res.map(|root| (root, dirs, files_unchanged, bytes_total))
+                });
+                shared.report(true);
+                let res = res.map(|(root, dirs, files_unchanged, bytes_total)| {
+                    let summary = BackupSummary {
+                        files: shared.files.load(Ordering::Relaxed),
+                        dirs,
+                        files_unchanged,
+                        bytes_read: shared.bytes_read.load(Ordering::Relaxed),
+                        bytes_total,
+                        bytes_new: shared.bytes_new.load(Ordering::Relaxed),
+                        blobs_new: shared.blobs_new.load(Ordering::Relaxed),
+                        ..BackupSummary::default()
+                    };
+                    (root, summary)
+                });
+                drop(shared);
                 for j in joins {
                     let _ = j.join();
                 }
-                res.map(|root| (root, summary))
+                res
             })
         });
         let walked = walk.await.map_err(|e| RepoError::Task(e.to_string()))?;
@@ -488,24 +547,59 @@ async fn upload_packs(
     Ok((done, bytes, count))
 }
 
-struct Walker<'a> {
+/// What the walker and the readers share.
+struct Shared<'a> {
     repo: &'a Repository,
-    /// Full index, to read parent trees.
-    index: &'a Index,
     /// Blobs that may be reused.
     dedup: &'a Index,
-    sent: HashSet<BlobId>,
+    /// Blobs sent to the workers during this backup.
+    sent: Mutex<HashSet<BlobId>>,
     chunker: Chunker,
-    blob_tx: crossbeam_channel::Sender<BlobJob>,
     /// Chunk buffers returned by the workers.
     free_chunks: crossbeam_channel::Receiver<Vec<u8>>,
-    handle: tokio::runtime::Handle,
-    summary: BackupSummary,
+    /// Read buffers for large files, a few only: small files are read with
+    /// each reader's own small buffer, so memory does not grow with readers.
+    large_buffers: (
+        crossbeam_channel::Sender<Vec<u8>>,
+        crossbeam_channel::Receiver<Vec<u8>>,
+    ),
+    zero_ids: Mutex<HashMap<usize, BlobId>>,
+    /// Set when the backup fails: readers skip what is still queued.
+    stop: AtomicBool,
+    files: AtomicU64,
+    bytes_read: AtomicU64,
+    blobs_new: AtomicU64,
+    bytes_new: AtomicU64,
     progress: Option<Arc<dyn Progress>>,
     started: Instant,
-    last_progress: Instant,
-    buf: Vec<u8>,
-    zero_ids: HashMap<usize, BlobId>,
+    last_progress: Mutex<Instant>,
+}
+
+/// A file for a reader: read, chunk, hash, and answer with its node kind
+/// (`None` if it vanished) at `slot` of its directory.
+struct FileJob {
+    path: PathBuf,
+    len: u64,
+    hardlink: Option<u64>,
+    slot: usize,
+    reply: crossbeam_channel::Sender<(usize, Result<Option<NodeKind>, RepoError>)>,
+}
+
+/// Files bigger than this are read with a large buffer from the shared pool.
+const SMALL_FILE: u64 = 2 << 20;
+/// Large read buffers: at most this many large files are read at once.
+const LARGE_BUFFERS: usize = 2;
+
+struct Walker<'a, 's> {
+    shared: &'s Shared<'a>,
+    /// Full index, to read parent trees.
+    index: &'a Index,
+    handle: tokio::runtime::Handle,
+    files: crossbeam_channel::Sender<FileJob>,
+    blob_tx: crossbeam_channel::Sender<BlobJob>,
+    dirs: u64,
+    files_unchanged: u64,
+    bytes_total: u64,
 }
 
 /// A file node's kind with its hard link group as it is now.
@@ -613,35 +707,251 @@ fn base_node(name: &[u8], md: &Metadata, kind: NodeKind, xattrs: Xattrs) -> Node
     }
 }
 
-impl Walker<'_> {
+impl Shared<'_> {
     fn is_known(&self, id: &BlobId) -> bool {
-        self.dedup.contains(id) || self.sent.contains(id)
+        self.dedup.contains(id)
+            || self
+                .sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id)
     }
 
-    fn submit(&mut self, id: BlobId, kind: BlobKind, data: Vec<u8>) -> Result<(), RepoError> {
-        if self.is_known(&id) {
+    /// Sends a blob to the workers unless the repository or this backup
+    /// has it already.
+    fn submit(
+        &self,
+        tx: &crossbeam_channel::Sender<BlobJob>,
+        id: BlobId,
+        kind: BlobKind,
+        data: Vec<u8>,
+    ) -> Result<(), RepoError> {
+        if self.dedup.contains(&id)
+            || !self
+                .sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id)
+        {
             return Ok(());
         }
-        self.sent.insert(id);
-        self.summary.blobs_new += 1;
-        self.summary.bytes_new += data.len() as u64;
-        self.blob_tx
-            .send(BlobJob { id, kind, data })
+        self.blobs_new.fetch_add(1, Ordering::Relaxed);
+        self.bytes_new
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        tx.send(BlobJob { id, kind, data })
             .map_err(|_| RepoError::Task("blob workers stopped".into()))
     }
 
-    fn report(&mut self, force: bool) {
-        if let Some(p) = &self.progress {
-            let now = Instant::now();
-            if force || now.duration_since(self.last_progress) >= Duration::from_millis(200) {
-                self.last_progress = now;
-                p.update(&ProgressInfo {
-                    bytes: self.summary.bytes_read,
-                    files: self.summary.files,
-                    elapsed: now.duration_since(self.started),
-                });
+    fn report(&self, force: bool) {
+        let Some(p) = &self.progress else { return };
+        let now = Instant::now();
+        {
+            let Ok(mut last) = self.last_progress.try_lock() else {
+                return;
+            };
+            if !force && now.duration_since(*last) < Duration::from_millis(200) {
+                return;
+            }
+            *last = now;
+        }
+        p.update(&ProgressInfo {
+            bytes: self.bytes_read.load(Ordering::Relaxed),
+            files: self.files.load(Ordering::Relaxed),
+            elapsed: now.duration_since(self.started),
+        });
+    }
+
+    /// The blob id of a chunk; all-zero chunks are cached by length.
+    fn chunk_id(&self, chunk: &[u8]) -> BlobId {
+        if is_zero(chunk) {
+            let mut zeros = self.zero_ids.lock().unwrap_or_else(|e| e.into_inner());
+            return *zeros
+                .entry(chunk.len())
+                .or_insert_with(|| self.repo.key().blob_id(chunk));
+        }
+        self.repo.key().blob_id(chunk)
+    }
+}
+
+/// A reader thread: reads the files the walker hands out, several at once,
+/// so a cold disk always has reads queued.
+fn reader(
+    shared: &Shared<'_>,
+    jobs: crossbeam_channel::Receiver<FileJob>,
+    blobs: crossbeam_channel::Sender<BlobJob>,
+) {
+    let mut small = Vec::new();
+    for job in jobs.iter() {
+        let res = if shared.stop.load(Ordering::Relaxed) {
+            Err(RepoError::Cancelled)
+        } else {
+            read_file(shared, &blobs, &mut small, &job)
+        };
+        if res.is_err() {
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+        let _ = job.reply.send((job.slot, res));
+    }
+}
+
+/// Reads, chunks and hashes one file's data, never its holes; `None` when
+/// it vanished. A file with holes becomes a `SparseFile`.
+fn read_file(
+    shared: &Shared<'_>,
+    blobs: &crossbeam_channel::Sender<BlobJob>,
+    small: &mut Vec<u8>,
+    job: &FileJob,
+) -> Result<Option<NodeKind>, RepoError> {
+    let path = &job.path;
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(RepoError::io("open", path, e)),
+    };
+    let size = job.len;
+    let runs = data_runs(&file, size).map_err(|e| RepoError::io("find data in", path, e))?;
+    let dense = runs.len() == 1 && runs[0] == (0, size);
+    let large = size > SMALL_FILE;
+    let mut buf = if large {
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
+        shared
+            .large_buffers
+            .1
+            .recv()
+            .map_err(|_| RepoError::Task("read buffers gone".into()))?
+    } else {
+        std::mem::take(small)
+    };
+    let mut extents = Vec::with_capacity(runs.len());
+    let mut res = Ok(());
+    for (start, end) in runs {
+        let r = file
+            .seek(SeekFrom::Start(start))
+            .map_err(|e| RepoError::io("seek", path, e))
+            .and_then(|_| {
+                read_run(
+                    shared,
+                    blobs,
+                    path,
+                    (&file).take(end - start),
+                    end - start,
+                    &mut buf,
+                )
+            });
+        match r {
+            Ok(content) => extents.push(Extent {
+                offset: start,
+                content,
+            }),
+            Err(e) => {
+                res = Err(e);
+                break;
             }
         }
+    }
+    if large {
+        let _ = shared.large_buffers.0.try_send(buf);
+    } else {
+        *small = buf;
+    }
+    res?;
+    shared.files.fetch_add(1, Ordering::Relaxed);
+    shared.report(false);
+    Ok(Some(if size == 0 {
+        NodeKind::File {
+            content: Vec::new(),
+            hardlink: job.hardlink,
+        }
+    } else if dense {
+        NodeKind::File {
+            content: extents.pop().map(|e| e.content).unwrap_or_default(),
+            hardlink: job.hardlink,
+        }
+    } else {
+        NodeKind::SparseFile {
+            extents,
+            hardlink: job.hardlink,
+        }
+    }))
+}
+
+/// Chunks one run of a file's data.
+fn read_run(
+    shared: &Shared<'_>,
+    blobs: &crossbeam_channel::Sender<BlobJob>,
+    path: &Path,
+    reader: impl Read,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<BlobId>, RepoError> {
+    let mut content = Vec::with_capacity((len / (1 << 20)) as usize + 1);
+    shared.chunker.chunk_reader(
+        reader,
+        len,
+        buf,
+        |chunk| {
+            shared.repo.check_cancel()?;
+            if shared.stop.load(Ordering::Relaxed) {
+                return Err(RepoError::Cancelled);
+            }
+            shared
+                .bytes_read
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let id = shared.chunk_id(chunk);
+            content.push(id);
+            if !shared.is_known(&id) {
+                let mut data = shared.free_chunks.try_recv().unwrap_or_default();
+                data.clear();
+                data.extend_from_slice(chunk);
+                shared.submit(blobs, id, BlobKind::Data, data)?;
+            }
+            shared.report(false);
+            Ok(())
+        },
+        |e| RepoError::io("read", path, e),
+    )?;
+    Ok(content)
+}
+
+impl Walker<'_, '_> {
+    fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
+        prev.kind.is_file()
+            && prev.size == md.len()
+            && prev.inode == md.ino()
+            && prev.mtime == ts(md.mtime(), md.mtime_nsec())
+            && prev.ctime == ts(md.ctime(), md.ctime_nsec())
+            && prev.kind.data_blobs().all(|c| self.shared.is_known(c))
+    }
+
+    /// The parent's trees of the subdirectories of `parent`, fetched
+    /// concurrently (one request after another is what makes a remote
+    /// repository slow).
+    fn prefetch_subtrees(&self, parent: Option<&Tree>) -> Result<HashMap<BlobId, Tree>, RepoError> {
+        let ids: Vec<BlobId> = parent
+            .map(|t| {
+                t.nodes
+                    .iter()
+                    .filter_map(|n| match &n.kind {
+                        NodeKind::Dir { subtree } => Some(*subtree),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let repo = self.shared.repo;
+        let index = self.index;
+        self.handle.block_on(async {
+            futures::stream::iter(ids)
+                .map(
+                    |id| async move { Ok::<_, RepoError>((id, repo.load_tree(index, &id).await?)) },
+                )
+                .buffer_unordered(16)
+                .try_collect()
+                .await
+        })
     }
 
     fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId, RepoError> {
@@ -654,9 +964,15 @@ impl Walker<'_> {
         let parent_nodes: HashMap<&[u8], &Node> = parent
             .map(|t| t.nodes.iter().map(|n| (n.name.as_slice(), n)).collect())
             .unwrap_or_default();
-        let mut tree = Tree::default();
+        let mut subtrees = self.prefetch_subtrees(parent)?;
+        let mut nodes: Vec<Option<Node>> = Vec::with_capacity(entries.len());
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        let mut pending = 0usize;
         for (name, path) in entries {
-            self.repo.check_cancel()?;
+            self.shared.repo.check_cancel()?;
+            if self.shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
             let md = match std::fs::symlink_metadata(&path) {
                 Ok(md) => md,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -670,32 +986,49 @@ impl Walker<'_> {
             let ft = md.file_type();
             let prev = parent_nodes.get(name.as_slice()).copied();
             let node = if ft.is_dir() {
-                self.summary.dirs += 1;
+                self.dirs += 1;
                 let prev_tree = match prev.map(|n| &n.kind) {
-                    Some(NodeKind::Dir { subtree }) => Some(
-                        self.handle
-                            .block_on(self.repo.load_tree(self.index, subtree))?,
-                    ),
+                    Some(NodeKind::Dir { subtree }) => match subtrees.remove(subtree) {
+                        Some(t) => Some(t),
+                        // The same tree twice in one directory.
+                        None => Some(
+                            self.handle
+                                .block_on(self.shared.repo.load_tree(self.index, subtree))?,
+                        ),
+                    },
                     _ => None,
                 };
                 let subtree = self.walk_dir(&path, prev_tree.as_ref())?;
                 base_node(&name, &md, NodeKind::Dir { subtree }, xattrs)
             } else if ft.is_file() {
                 let hardlink = (md.nlink() > 1).then(|| md.ino() ^ md.dev().rotate_left(32));
-                let kind = match prev {
+                match prev {
                     Some(p) if self.unchanged(p, &md) => {
-                        self.summary.files_unchanged += 1;
-                        with_hardlink(p.kind.clone(), hardlink)
+                        self.files_unchanged += 1;
+                        self.bytes_total += md.len();
+                        self.shared.files.fetch_add(1, Ordering::Relaxed);
+                        base_node(&name, &md, with_hardlink(p.kind.clone(), hardlink), xattrs)
                     }
-                    _ => match self.read_file(&path, &md, hardlink)? {
-                        Some(kind) => kind,
-                        None => continue,
-                    },
-                };
-                self.summary.files += 1;
-                self.summary.bytes_total += md.len();
-                self.report(false);
-                base_node(&name, &md, kind, xattrs)
+                    _ => {
+                        // A placeholder until a reader answers.
+                        let placeholder = NodeKind::File {
+                            content: Vec::new(),
+                            hardlink,
+                        };
+                        nodes.push(Some(base_node(&name, &md, placeholder, xattrs)));
+                        self.files
+                            .send(FileJob {
+                                path,
+                                len: md.len(),
+                                hardlink,
+                                slot: nodes.len() - 1,
+                                reply: reply_tx.clone(),
+                            })
+                            .map_err(|_| RepoError::Task("file readers stopped".into()))?;
+                        pending += 1;
+                        continue;
+                    }
+                }
             } else if ft.is_symlink() {
                 let target =
                     std::fs::read_link(&path).map_err(|e| RepoError::io("read link", &path, e))?;
@@ -716,108 +1049,45 @@ impl Walker<'_> {
                     path: path.display().to_string(),
                 });
             };
-            tree.nodes.push(node);
+            nodes.push(Some(node));
         }
-        let data = tree.encode();
-        let id = self.repo.key().blob_id(&data);
-        self.submit(id, BlobKind::Tree, data)?;
-        Ok(id)
-    }
-
-    fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
-        prev.kind.is_file()
-            && prev.size == md.len()
-            && prev.inode == md.ino()
-            && prev.mtime == ts(md.mtime(), md.mtime_nsec())
-            && prev.ctime == ts(md.ctime(), md.ctime_nsec())
-            && prev.kind.data_blobs().all(|c| self.is_known(c))
-    }
-
-    /// Reads, chunks and hashes one file's data, never its holes; `None`
-    /// when it vanished. A file with holes becomes a `SparseFile`.
-    fn read_file(
-        &mut self,
-        path: &Path,
-        md: &Metadata,
-        hardlink: Option<u64>,
-    ) -> Result<Option<NodeKind>, RepoError> {
-        let mut file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(RepoError::io("open", path, e)),
-        };
-        let size = md.len();
-        let runs = data_runs(&file, size).map_err(|e| RepoError::io("find data in", path, e))?;
-        let dense = runs.len() == 1 && runs[0] == (0, size);
-        let mut extents = Vec::with_capacity(runs.len());
-        for (start, end) in runs {
-            file.seek(SeekFrom::Start(start))
-                .map_err(|e| RepoError::io("seek", path, e))?;
-            let content = self.read_run(path, (&file).take(end - start), end - start)?;
-            extents.push(Extent {
-                offset: start,
-                content,
-            });
-        }
-        Ok(Some(if size == 0 {
-            NodeKind::File {
-                content: Vec::new(),
-                hardlink,
-            }
-        } else if dense {
-            NodeKind::File {
-                content: extents.pop().map(|e| e.content).unwrap_or_default(),
-                hardlink,
-            }
-        } else {
-            NodeKind::SparseFile { extents, hardlink }
-        }))
-    }
-
-    /// Chunks one run of a file's data.
-    fn read_run(
-        &mut self,
-        path: &Path,
-        reader: impl Read,
-        len: u64,
-    ) -> Result<Vec<BlobId>, RepoError> {
-        let mut content = Vec::with_capacity((len / (1 << 20)) as usize + 1);
-        let chunker = self.chunker.clone();
-        let mut buf = std::mem::take(&mut self.buf);
-        let res = chunker.chunk_reader(
-            reader,
-            &mut buf,
-            |chunk| {
-                self.repo.check_cancel()?;
-                self.summary.bytes_read += chunk.len() as u64;
-                let id = self.chunk_id(chunk);
-                content.push(id);
-                if !self.is_known(&id) {
-                    let mut data = self.free_chunks.try_recv().unwrap_or_default();
-                    data.clear();
-                    data.extend_from_slice(chunk);
-                    self.submit(id, BlobKind::Data, data)?;
+        drop(reply_tx);
+        let mut first_err = None;
+        for _ in 0..pending {
+            let (slot, res) = reply_rx
+                .recv()
+                .map_err(|_| RepoError::Task("file readers stopped".into()))?;
+            match res {
+                Ok(Some(kind)) => {
+                    if let Some(n) = nodes[slot].as_mut() {
+                        self.bytes_total += n.size;
+                        n.kind = kind;
+                    }
                 }
-                self.report(false);
-                Ok(())
-            },
-            |e| RepoError::io("read", path, e),
-        );
-        self.buf = buf;
-        res?;
-        Ok(content)
-    }
-
-    /// The blob id of a chunk; all-zero chunks (holes) are cached by length.
-    fn chunk_id(&mut self, chunk: &[u8]) -> BlobId {
-        if is_zero(chunk) {
-            if let Some(id) = self.zero_ids.get(&chunk.len()) {
-                return *id;
+                Ok(None) => {
+                    if let Some(n) = nodes[slot].take() {
+                        tracing::warn!(path = %dir.join(std::ffi::OsStr::from_bytes(&n.name)).display(), "file vanished during backup");
+                    }
+                }
+                Err(e) => {
+                    // The first real failure, not the cancellations it causes.
+                    if first_err.is_none() || matches!(first_err, Some(RepoError::Cancelled)) {
+                        first_err = Some(e);
+                    }
+                }
             }
-            let id = self.repo.key().blob_id(chunk);
-            self.zero_ids.insert(chunk.len(), id);
-            return id;
         }
-        self.repo.key().blob_id(chunk)
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.shared.repo.check_cancel()?;
+        let tree = Tree {
+            nodes: nodes.into_iter().flatten().collect(),
+        };
+        let data = tree.encode();
+        let id = self.shared.repo.key().blob_id(&data);
+        self.shared
+            .submit(&self.blob_tx, id, BlobKind::Tree, data)?;
+        Ok(id)
     }
 }

@@ -87,20 +87,24 @@ impl Chunker {
         len
     }
 
-    /// Splits a stream into chunks, calling `emit` for each one in order.
-    /// Reads in blocks of at least `2 × max_size`; memory use is bounded by
-    /// that buffer.
+    /// Splits a stream of `len` bytes (a hint: the stream may end earlier)
+    /// into chunks, calling `emit` for each one in order. Reads in blocks of
+    /// up to `2 × max_size`, or the whole stream when it is smaller; memory
+    /// use is bounded by that buffer.
     pub fn chunk_reader<R: Read, E>(
         &self,
         mut reader: R,
+        len: u64,
         buf: &mut Vec<u8>,
         mut emit: impl FnMut(&[u8]) -> Result<(), E>,
         map_io: impl Fn(std::io::Error) -> E,
     ) -> Result<u64, E> {
         let max = self.params.max_size as usize;
-        let cap = (2 * max).max(4 << 20);
-        if buf.len() < cap {
-            buf.resize(cap, 0);
+        let want = (2 * max)
+            .max(4 << 20)
+            .min(len.saturating_add(1).max(4096) as usize);
+        if buf.len() < want {
+            buf.resize(want, 0);
         }
         let cap = buf.len();
         let mut start = 0usize;
@@ -160,6 +164,7 @@ mod tests {
         let mut out = Vec::new();
         c.chunk_reader::<_, std::io::Error>(
             data,
+            data.len() as u64,
             &mut Vec::new(),
             |ch| {
                 out.push(ch.to_vec());

@@ -758,6 +758,26 @@ impl Walk<'_> {
     /// Creates the entries of `tree` in directory `dir` (index `di` in the
     /// plan), which restore created itself.
     fn create_tree(&mut self, dir: &OwnedFd, di: usize, tree: &Tree) -> Result<(), RepoError> {
+        // The subdirectories' trees, fetched concurrently. A tree that
+        // cannot be fetched is fetched again in order below, so its error
+        // comes after the checks of the entries before it.
+        let ids: Vec<BlobId> = tree
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Dir { subtree } => Some(*subtree),
+                _ => None,
+            })
+            .collect();
+        let (repo, index) = (self.repo, self.index);
+        let mut subtrees: HashMap<BlobId, Tree> = self.handle.block_on(async {
+            futures::stream::iter(ids)
+                .map(|id| async move { repo.load_tree(index, &id).await.map(|t| (id, t)) })
+                .buffer_unordered(16)
+                .filter_map(|r| async move { r.ok() })
+                .collect()
+                .await
+        });
         for node in &tree.nodes {
             self.repo.check_cancel()?;
             let rel = join(&self.plan.dirs[di].path, &node.name);
@@ -785,9 +805,13 @@ impl Walk<'_> {
                         node: Some(node.clone()),
                     });
                     let sub_di = self.plan.dirs.len() - 1;
-                    let sub = self
-                        .handle
-                        .block_on(self.repo.load_tree(self.index, subtree))?;
+                    let sub = match subtrees.remove(subtree) {
+                        Some(t) => t,
+                        // The same tree twice in one directory.
+                        None => self
+                            .handle
+                            .block_on(self.repo.load_tree(self.index, subtree))?,
+                    };
                     self.create_tree(&sub_fd, sub_di, &sub)?;
                 }
                 NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
