@@ -146,6 +146,7 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
 async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     use std::sync::Arc;
     let config = ferry_agent::config::AgentConfig::load(&config)?;
+    ferry_agent::enrol::warn_if_open(&config.data_dir);
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
     let platform: Arc<dyn ferry_agent::platform::Platform> = Arc::new(
         ferry_agent::platform::host::HostPlatform::new(&config.apps, config.command_timeout()),

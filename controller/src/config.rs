@@ -31,3 +31,46 @@ impl ServeConfig {
 pub fn catalog_path(data_dir: &Path, engine: Engine) -> PathBuf {
     data_dir.join(format!("catalog.{engine}"))
 }
+
+/// Creates `dir` (and any missing parent) readable by its owner only,
+/// whatever the umask, or tightens it to 0700 if it exists and others may
+/// enter it. For the directories Ferry owns inside the data directory.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Creates the data directory (and missing parents) 0700 whatever the
+/// umask. An existing one keeps its mode: see [`warn_if_open`].
+pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        warn_if_open(dir);
+        return Ok(());
+    }
+    private_dir(dir)
+}
+
+/// Warns when others may enter the data directory. Its mode is left as it
+/// is, since it may be a directory others need (a chmod could lock them
+/// out); what Ferry writes into it is private anyway.
+pub fn warn_if_open(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:04o}"),
+            "the data directory is open to other users; make it private with chmod 700"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
 use std::process::Command;
 use tonic::Code;
 
-async fn token(
+pub(crate) async fn token(
     op: &mut OperatorClient<tonic::transport::Channel>,
     cluster: &str,
     ttl: u64,
@@ -49,7 +49,7 @@ async fn clusters(
         .collect())
 }
 
-fn agent_config(controller: &str, data_dir: &std::path::Path) -> String {
+pub(crate) fn agent_config(controller: &str, data_dir: &std::path::Path) -> String {
     let d = data_dir.display();
     format!(
         r#"controller = "{controller}"

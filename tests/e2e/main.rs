@@ -1,4 +1,5 @@
 //! End-to-end tests over the real binaries.
 
 mod ferryctl;
+mod files;
 mod foundation;
