@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::identity::PeerIdentity;
+use ferry_proto::report::Chain;
 use ferry_proto::tls::{self, TlsError};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;
@@ -206,7 +207,7 @@ pub async fn run(
         match result {
             Ok(()) => tracing::warn!(controller = %settings.controller, "session ended"),
             Err(e) => {
-                tracing::warn!(controller = %settings.controller, error = %e, "session failed")
+                tracing::warn!(controller = %settings.controller, error = %Chain(&e), "session failed")
             }
         }
         // A session that lasted a while resets the backoff.
@@ -289,7 +290,7 @@ async fn session_once(
                             return Err(SessionError::Closed);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot take the inventory"),
+                    Err(e) => tracing::warn!(error = %Chain(&e), "cannot take the inventory"),
                 }
             }
             msg = inbound.message() => match msg? {

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::report::Chain;
 use ferry_proto::v1::agent_sessions_server::AgentSessionsServer;
 use ferry_proto::v1::enrollment_server::EnrollmentServer;
 use ferry_proto::v1::operator_server::OperatorServer;
@@ -62,8 +63,8 @@ impl From<ApiError> for Status {
             ApiError::Pki(PkiError::InvalidCsr { .. } | PkiError::InvalidSan { .. }) => {
                 Status::invalid_argument(msg)
             }
-            ApiError::Pki(_) => {
-                tracing::error!(error = %msg, "pki failure");
+            ApiError::Pki(p) => {
+                tracing::error!(error = %Chain(&p), "pki failure");
                 Status::internal(msg)
             }
             ApiError::Catalog(c) => match c {
@@ -81,7 +82,7 @@ impl From<ApiError> for Status {
                 | CatalogError::TokenExists { .. } => Status::failed_precondition(msg),
                 other if other.is_transient() => Status::unavailable(msg),
                 _ => {
-                    tracing::error!(error = %msg, "catalog failure");
+                    tracing::error!(error = %Chain(&c), "catalog failure");
                     Status::internal(msg)
                 }
             },

@@ -582,6 +582,12 @@ async fn join_refuses_a_controller_whose_ca_does_not_match_the_pin() -> anyhow::
         .arg(dir.path()))?;
     assert!(!ok);
     assert!(err.contains("cannot connect to controller"), "{err}");
+    // The cause is named, and once.
+    assert_eq!(
+        err.matches("does not contain the pinned ca").count(),
+        1,
+        "{err}"
+    );
     assert!(!dir.path().join("agent.key").exists());
     // The token was never sent, so it still works.
     let (ok, _, err) = run(Command::new(bin("ferry-agent"))

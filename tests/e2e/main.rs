@@ -3,3 +3,4 @@
 mod ferryctl;
 mod files;
 mod foundation;
+mod reconnect;
