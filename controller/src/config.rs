@@ -19,6 +19,36 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// How often last-seen times are flushed to the catalog.
     pub last_seen_flush: Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// What a connection may take of the controller (see `api::incoming`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; one more is closed as soon as accepted.
+    pub max_connections: usize,
+    /// Time a new connection has to complete its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 ping interval, and how long a ping may go unanswered.
+    pub keepalive: Duration,
+}
+
+impl ConnectionLimits {
+    /// A connection that sends nothing at all for this long is closed: a
+    /// live client answers every keepalive ping well before.
+    pub fn idle_timeout(&self) -> Duration {
+        self.keepalive * 3
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: Duration::from_secs(30),
+        }
+    }
 }
 
 impl ServeConfig {

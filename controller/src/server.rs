@@ -60,7 +60,7 @@ pub async fn run(
         shutdown: root.child_token(),
     };
     let stop = root.clone();
-    let served = api::serve(shared, listener, async move {
+    let served = api::serve(shared, listener, &config.connections, async move {
         shutdown.await;
         tracing::info!("shutting down");
         stop.cancel();

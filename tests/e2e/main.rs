@@ -1,5 +1,6 @@
 //! End-to-end tests over the real binaries.
 
+mod connections;
 mod ferryctl;
 mod files;
 mod foundation;
