@@ -8,8 +8,10 @@
 //! D/agent.key   private key, 0600
 //! D/agent.crt   certificate, URI SAN ferry://cluster/<cluster>/node/<node>
 //! D/ca.crt      the Ferry CA (its fingerprint matched the pin)
-//! D/agent.toml  a starting config for `ferry-agent run` (only if absent)
+//! D/agent.toml  a starting config for `ferry-agent run` (only if absent), 0600
 //! ```
+//!
+//! `join` creates `D` 0700 when it is missing, whatever the umask.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -89,6 +91,39 @@ pub fn default_node() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_lowercase())
         .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+/// Creates the data directory (and missing parents) 0700 whatever the
+/// umask. An existing one keeps its mode: see [`warn_if_open`].
+pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.exists() {
+        warn_if_open(dir);
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Warns when others may enter the data directory. Its mode is left as it
+/// is, since it may be a directory others need (a chmod could lock them
+/// out); what Ferry writes into it is private anyway.
+pub fn warn_if_open(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:04o}"),
+            "the data directory is open to other users; make it private with chmod 700"
+        );
+    }
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), EnrolError> {
@@ -181,7 +216,7 @@ pub async fn join(
         }
     };
 
-    std::fs::create_dir_all(data_dir).map_err(|source| EnrolError::Write {
+    prepare_data_dir(data_dir).map_err(|source| EnrolError::Write {
         path: data_dir.to_owned(),
         source,
     })?;
@@ -201,7 +236,8 @@ pub async fn join(
             controller,
             data_dir.display().to_string()
         );
-        write_new(&files.config, &text, 0o644)?;
+        // Apps' commands may carry credentials: the config is private.
+        write_new(&files.config, &text, 0o600)?;
     }
     tracing::info!(cluster = %cluster, node, "enrolled");
     Ok(Enrolled {

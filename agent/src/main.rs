@@ -110,7 +110,7 @@ fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
     match rt.block_on(fut) {
         Ok(()) => Ok(()),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", ferry_proto::report::Chain(e.as_ref()));
             let code = if let Some(err) = e.downcast_ref::<ferry_agent::enrol::EnrolError>() {
                 use ferry_agent::enrol::EnrolError as E;
                 match err {
@@ -159,6 +159,7 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
 async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     use std::sync::Arc;
     let config = ferry_agent::config::AgentConfig::load(&config)?;
+    ferry_agent::enrol::warn_if_open(&config.data_dir);
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
     let platform: Arc<dyn ferry_agent::platform::Platform> = Arc::new(
         ferry_agent::platform::host::HostPlatform::new(&config.apps, config.command_timeout()),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::identity::PeerIdentity;
+use ferry_proto::report::Chain;
 use ferry_proto::tls::{self, TlsError};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;
@@ -187,6 +188,29 @@ pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> (Duratio
     (sleep, next)
 }
 
+/// How a session attempt ended, as far as the backoff cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// The controller accepted the session: its welcome arrived.
+    pub established: bool,
+    /// From dialling to the end of the session.
+    pub lasted: Duration,
+}
+
+/// The backoff to go on from after a session ended. A session the
+/// controller accepted proves it is back, however short the session was
+/// (a controller restarted twice in a row must not leave its agents
+/// waiting out a long delay), so the backoff starts again at `min`; so it
+/// does after an attempt that lasted longer than the ceiling. Failed
+/// attempts keep growing it.
+pub fn backoff_after(end: SessionEnd, current: Duration, min: Duration, max: Duration) -> Duration {
+    if end.established || end.lasted > max {
+        min
+    } else {
+        current
+    }
+}
+
 /// Keeps a session open until `cancel`; reconnects forever otherwise.
 pub async fn run(
     settings: SessionSettings,
@@ -196,8 +220,9 @@ pub async fn run(
     let mut backoff = settings.reconnect_min;
     loop {
         let started = Instant::now();
+        let mut established = false;
         let result = tokio::select! {
-            r = session_once(&settings, platform.as_ref(), &cancel) => r,
+            r = session_once(&settings, platform.as_ref(), &cancel, &mut established) => r,
             () = cancel.cancelled() => Ok(()),
         };
         if cancel.is_cancelled() {
@@ -206,13 +231,14 @@ pub async fn run(
         match result {
             Ok(()) => tracing::warn!(controller = %settings.controller, "session ended"),
             Err(e) => {
-                tracing::warn!(controller = %settings.controller, error = %e, "session failed")
+                tracing::warn!(controller = %settings.controller, error = %Chain(&e), "session failed")
             }
         }
-        // A session that lasted a while resets the backoff.
-        if started.elapsed() > settings.reconnect_max {
-            backoff = settings.reconnect_min;
-        }
+        let end = SessionEnd {
+            established,
+            lasted: started.elapsed(),
+        };
+        backoff = backoff_after(end, backoff, settings.reconnect_min, settings.reconnect_max);
         let (sleep, next) = next_backoff(backoff, settings.reconnect_min, settings.reconnect_max);
         backoff = next;
         tracing::info!(
@@ -226,10 +252,13 @@ pub async fn run(
     }
 }
 
+/// One session, from dialling to its end; sets `established` once the
+/// controller's welcome arrives.
 async fn session_once(
     s: &SessionSettings,
     platform: &dyn Platform,
     cancel: &CancellationToken,
+    established: &mut bool,
 ) -> Result<(), SessionError> {
     let channel = tls::channel(&s.controller, &s.ca_pem, &s.cert_pem, &s.key_pem).await?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
@@ -249,6 +278,7 @@ async fn session_once(
         Some(pb::ControllerMessage {
             kind: Some(ControllerKind::Welcome(w)),
         }) => {
+            *established = true;
             tracing::info!(cluster = %s.cluster, node = %s.node, controller_version = %w.version, "session established");
             u64::try_from(w.heartbeat_interval_ms)
                 .ok()
@@ -289,7 +319,7 @@ async fn session_once(
                             return Err(SessionError::Closed);
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot take the inventory"),
+                    Err(e) => tracing::warn!(error = %Chain(&e), "cannot take the inventory"),
                 }
             }
             msg = inbound.message() => match msg? {
@@ -318,5 +348,54 @@ mod tests {
             cur = next;
         }
         assert_eq!(cur, max);
+    }
+
+    const MIN: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn end(established: bool, lasted_ms: u64) -> SessionEnd {
+        SessionEnd {
+            established,
+            lasted: Duration::from_millis(lasted_ms),
+        }
+    }
+
+    #[test]
+    fn an_accepted_session_resets_the_backoff_however_short() {
+        let grown = Duration::from_secs(16);
+        assert_eq!(backoff_after(end(true, 5), grown, MIN, MAX), MIN);
+        assert_eq!(backoff_after(end(true, 60_000), grown, MIN, MAX), MIN);
+        // A long attempt resets it too, accepted or not.
+        assert_eq!(backoff_after(end(false, 31_000), grown, MIN, MAX), MIN);
+    }
+
+    #[test]
+    fn failed_attempts_keep_growing_the_backoff() {
+        let grown = Duration::from_secs(16);
+        assert_eq!(backoff_after(end(false, 5), grown, MIN, MAX), grown);
+        assert_eq!(backoff_after(end(false, 29_000), grown, MIN, MAX), grown);
+    }
+
+    /// The run loop's arithmetic: a controller that is down for a while,
+    /// comes back for a moment, then goes down again.
+    #[test]
+    fn the_first_retry_after_an_accepted_session_is_quick() {
+        fn retry(end: SessionEnd, backoff: &mut Duration) -> Duration {
+            *backoff = backoff_after(end, *backoff, MIN, MAX);
+            let (sleep, next) = next_backoff(*backoff, MIN, MAX);
+            *backoff = next;
+            sleep
+        }
+        let mut backoff = MIN;
+        for _ in 0..12 {
+            retry(end(false, 3), &mut backoff);
+        }
+        assert_eq!(backoff, MAX, "failures grow the backoff to the ceiling");
+        // Accepted, then lost again at once: retried within `min`.
+        let sleep = retry(end(true, 40), &mut backoff);
+        assert!(sleep <= MIN, "{sleep:?}");
+        // And lost twice quickly: still near the floor, not at the ceiling.
+        let sleep = retry(end(true, 40), &mut backoff);
+        assert!(sleep <= MIN, "{sleep:?}");
     }
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::{self, Effective, Given};
 use crate::connect::{self, CliError};
-use crate::output::{Format, Table, when};
+use crate::output::{Format, Table, emit, when};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -150,8 +150,7 @@ fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed {
         message: format!("cannot encode output as JSON: {e}"),
     })?;
-    println!("{text}");
-    Ok(())
+    emit(&format!("{text}\n"))
 }
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
@@ -208,8 +207,7 @@ fn show_config(eff: &Effective, out: Format) -> Result<(), CliError> {
                 .map(|s| (s.value.display().to_string(), s.source)),
         );
     }
-    print!("{}", t.render());
-    Ok(())
+    emit(&t.render())
 }
 
 async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
@@ -260,8 +258,7 @@ async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
             when(r.created_unix_ms, now),
         ]);
     }
-    print!("{}", t.render());
-    Ok(())
+    emit(&t.render())
 }
 
 async fn agent_ls(eff: &Effective, out: Format, cluster: Option<String>) -> Result<(), CliError> {
@@ -319,8 +316,7 @@ async fn agent_ls(eff: &Effective, out: Format, cluster: Option<String>) -> Resu
             a.platform,
         ]);
     }
-    print!("{}", t.render());
-    Ok(())
+    emit(&t.render())
 }
 
 async fn app_ls(
@@ -412,8 +408,7 @@ async fn app_ls(
             volumes.to_string(),
         ]);
     }
-    print!("{}", t.render());
-    Ok(())
+    emit(&t.render())
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -455,17 +450,18 @@ async fn token_create(
             ca_fingerprint: &resp.ca_fingerprint,
         });
     }
-    println!("token:          {}", resp.token);
-    println!("cluster:        {}", resp.cluster);
-    println!("expires:        {}", when(resp.expires_unix_ms, now_ms()));
-    println!("ca fingerprint: {}", resp.ca_fingerprint);
-    println!();
-    println!("enrol an agent of this cluster with (the token works once):");
-    println!(
-        "  ferry-agent join --controller {} --token {} --ca-fingerprint {}",
-        conn.controller, resp.token, resp.ca_fingerprint
-    );
-    Ok(())
+    let (token, cluster, ca) = (&resp.token, &resp.cluster, &resp.ca_fingerprint);
+    let expires = when(resp.expires_unix_ms, now_ms());
+    let controller = &conn.controller;
+    emit(&format!(
+        "token:          {token}\n\
+         cluster:        {cluster}\n\
+         expires:        {expires}\n\
+         ca fingerprint: {ca}\n\
+         \n\
+         enrol an agent of this cluster with (the token works once):\n  \
+         ferry-agent join --controller {controller} --token {token} --ca-fingerprint {ca}\n"
+    ))
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub enum CliError {
     Rejected { message: String },
     #[error("{message}")]
     Failed { message: String },
+    /// Whoever read the output stopped reading: not a failure of the command.
+    #[error("the output was closed")]
+    OutputClosed,
 }
 
 impl CliError {
@@ -40,6 +43,7 @@ impl CliError {
             | CliError::Refused { .. }
             | CliError::Untrusted { .. } => 3,
             CliError::Failed { .. } => 1,
+            CliError::OutputClosed => 0,
         }
     }
 

@@ -1,13 +1,15 @@
 //! `ferryctl`: parse args → resolve config → install the crypto provider →
 //! run the command → map the outcome to an exit code (0 done, 1 the
 //! operation failed, 2 bad usage or input, 3 cannot reach or be accepted by
-//! the controller).
+//! the controller). Output whose reader went away (`ferryctl … | head`)
+//! ends the command quietly with 0.
 
 mod command;
 mod config;
 mod connect;
 mod output;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,16 +23,21 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(command::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) | Err(connect::CliError::OutputClosed) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Like the output, a closed stderr is no reason to panic.
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "error: {e}");
             if let Some(hint) = e.hint() {
-                eprintln!("hint: {hint}");
+                let _ = writeln!(err, "hint: {hint}");
             }
             ExitCode::from(e.exit_code())
         }

@@ -1,6 +1,9 @@
 //! Tables for people, JSON for scripts.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
+
+use crate::connect::CliError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -51,6 +54,19 @@ impl Table {
             line(&mut out, &mut row.iter().map(String::as_str));
         }
         out
+    }
+}
+
+/// Writes a command's output to stdout. A reader that went away (`ferryctl
+/// … | head`) is [`CliError::OutputClosed`], which ends the command quietly.
+pub fn emit(text: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(CliError::OutputClosed),
+        Err(e) => Err(CliError::Failed {
+            message: format!("cannot write the output: {e}"),
+        }),
     }
 }
 

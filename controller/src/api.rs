@@ -8,6 +8,7 @@
 pub mod agent_session;
 pub mod auth;
 pub mod enrolment;
+pub mod incoming;
 pub mod operator;
 
 use std::future::Future;
@@ -15,16 +16,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::report::Chain;
 use ferry_proto::v1::agent_sessions_server::AgentSessionsServer;
 use ferry_proto::v1::enrollment_server::EnrollmentServer;
 use ferry_proto::v1::operator_server::OperatorServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::config::ConnectionLimits;
 use crate::fleet::Fleet;
 use crate::pki::{Pki, PkiError};
 
@@ -62,8 +64,8 @@ impl From<ApiError> for Status {
             ApiError::Pki(PkiError::InvalidCsr { .. } | PkiError::InvalidSan { .. }) => {
                 Status::invalid_argument(msg)
             }
-            ApiError::Pki(_) => {
-                tracing::error!(error = %msg, "pki failure");
+            ApiError::Pki(p) => {
+                tracing::error!(error = %Chain(&p), "pki failure");
                 Status::internal(msg)
             }
             ApiError::Catalog(c) => match c {
@@ -81,7 +83,7 @@ impl From<ApiError> for Status {
                 | CatalogError::TokenExists { .. } => Status::failed_precondition(msg),
                 other if other.is_transient() => Status::unavailable(msg),
                 _ => {
-                    tracing::error!(error = %msg, "catalog failure");
+                    tracing::error!(error = %Chain(&c), "catalog failure");
                     Status::internal(msg)
                 }
             },
@@ -89,13 +91,17 @@ impl From<ApiError> for Status {
     }
 }
 
-/// Serves every API on `listener` until `shutdown` resolves.
+/// Serves every API on `listener`, within `limits`, until `shutdown`
+/// resolves.
 pub async fn serve(
     shared: Shared,
     listener: TcpListener,
+    limits: &ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let max_connections = incoming::fit_open_file_limit(limits.max_connections);
     let tls = ServerTlsConfig::new()
+        .timeout(limits.handshake_timeout)
         .identity(Identity::from_pem(
             shared.pki.server_chain_pem(),
             shared.pki.server_key_pem(),
@@ -112,8 +118,16 @@ pub async fn serve(
         .await;
 
     let local: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "serving");
+    tracing::info!(
+        addr = ?local,
+        max_connections,
+        handshake_timeout_ms = u64::try_from(limits.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+        keepalive_ms = u64::try_from(limits.keepalive.as_millis()).unwrap_or(u64::MAX),
+        "serving"
+    );
     Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive))
+        .http2_keepalive_timeout(Some(limits.keepalive))
         .tls_config(tls)?
         .add_service(tonic::service::interceptor::InterceptedService::new(
             health,
@@ -130,6 +144,9 @@ pub async fn serve(
             operator::OperatorApi::new(shared),
             auth::operator,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming::accept(listener, max_connections, limits),
+            shutdown,
+        )
         .await
 }

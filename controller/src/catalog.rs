@@ -183,12 +183,20 @@ pub async fn open(engine: Engine, path: &Path) -> Result<Arc<dyn Catalog>, Catal
     let path = path.to_path_buf();
     match engine {
         Engine::Redb => {
-            let catalog = run_blocking("open", move || redb::RedbKv::open(&path)).await?;
+            let catalog = run_blocking("open", move || {
+                make_private(Engine::Redb, &path)?;
+                redb::RedbKv::open(&path)
+            })
+            .await?;
             Ok(Arc::new(catalog))
         }
         #[cfg(feature = "sled")]
         Engine::Sled => {
-            let catalog = run_blocking("open", move || sled::SledKv::open(&path)).await?;
+            let catalog = run_blocking("open", move || {
+                make_private(Engine::Sled, &path)?;
+                sled::SledKv::open(&path)
+            })
+            .await?;
             Ok(Arc::new(catalog))
         }
         #[cfg(not(feature = "sled"))]
@@ -197,6 +205,41 @@ pub async fn open(engine: Engine, path: &Path) -> Result<Arc<dyn Catalog>, Catal
             Err(CatalogError::EngineNotBuilt { engine: "sled" })
         }
     }
+}
+
+/// The catalog names every agent and token of the fleet: its file (or
+/// directory) is created for its owner only, whatever the umask, and
+/// tightened to that if an older Ferry left it open to others. Blocking.
+fn make_private(engine: Engine, path: &Path) -> Result<(), CatalogError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let err = |source| CatalogError::Access {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mode = match engine {
+        Engine::Redb => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(err)?;
+            0o600
+        }
+        Engine::Sled => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(err)?;
+            0o700
+        }
+    };
+    if std::fs::metadata(path).map_err(err)?.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Runs blocking catalog work off the async runtime.

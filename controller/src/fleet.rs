@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_proto::report::Chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AgentId, Catalog, ClusterName, NodeName, Timestamp};
@@ -111,10 +112,10 @@ impl Fleet {
         if let Err(e) = catalog.touch_agents(&batch).await {
             // One unknown agent (removed meanwhile) fails the batch: retry
             // the rest one by one so the others are not lost.
-            tracing::debug!(error = %e, "batched last-seen update failed, retrying per agent");
+            tracing::debug!(error = %Chain(&e), "batched last-seen update failed, retrying per agent");
             for (agent, at) in batch {
                 if let Err(e) = catalog.touch_agent(&agent, at).await {
-                    tracing::warn!(agent = %agent, error = %e, "cannot record last-seen time");
+                    tracing::warn!(agent = %agent, error = %Chain(&e), "cannot record last-seen time");
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_controller::catalog::Engine;
-use ferry_controller::config::ServeConfig;
+use ferry_controller::config::{ConnectionLimits, ServeConfig};
 use ferry_controller::pki::{self, Pki, PkiPaths};
 
 #[derive(Debug, Parser)]
@@ -51,11 +51,32 @@ enum Command {
         /// How often agents' last-seen times are written to the catalog.
         #[arg(long, default_value_t = 5)]
         last_seen_flush_secs: u64,
+        /// Connections open at once; one more is closed as soon as it is
+        /// accepted. Lowered to fit the open-file limit if need be.
+        #[arg(long, env = "FERRY_MAX_CONNECTIONS", default_value_t = 10_000)]
+        max_connections: usize,
+        /// Seconds a new connection has to complete its TLS handshake.
+        #[arg(long, env = "FERRY_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+        handshake_timeout_secs: u64,
+        /// HTTP/2 keepalive ping interval in seconds; a ping unanswered for as
+        /// long, or a connection silent for three intervals, is closed.
+        #[arg(long, env = "FERRY_KEEPALIVE_SECS", default_value_t = 30)]
+        keepalive_secs: u64,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ferry_proto::report::Chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
@@ -80,6 +101,9 @@ fn main() -> anyhow::Result<()> {
             catalog_engine,
             heartbeat_secs,
             last_seen_flush_secs,
+            max_connections,
+            handshake_timeout_secs,
+            keepalive_secs,
         } => {
             let config = ServeConfig {
                 data_dir,
@@ -88,6 +112,11 @@ fn main() -> anyhow::Result<()> {
                 engine: catalog_engine,
                 heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
                 last_seen_flush: Duration::from_secs(last_seen_flush_secs.max(1)),
+                connections: ConnectionLimits {
+                    max_connections: max_connections.max(1),
+                    handshake_timeout: Duration::from_secs(handshake_timeout_secs.max(1)),
+                    keepalive: Duration::from_secs(keepalive_secs.max(1)),
+                },
             };
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")?

@@ -9,6 +9,9 @@
 //!                                 the first operator's client identity
 //! ```
 //!
+//! The data directory (when `init` creates it), `pki/` and `operator/` are
+//! 0700 and the keys 0600, whatever the umask.
+//!
 //! Agents get certificates from [`Pki::sign_agent_csr`]: only the CSR's
 //! public key is used; subject, SANs, validity and key usages are set here.
 
@@ -27,6 +30,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::catalog::{ClusterName, NodeName};
+use crate::config;
 
 /// Validity of the CA certificate.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -70,6 +74,7 @@ pub enum PkiError {
 /// Paths of the files `init` writes.
 #[derive(Debug, Clone)]
 pub struct PkiPaths {
+    pub pki_dir: PathBuf,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
@@ -93,6 +98,7 @@ impl PkiPaths {
             operator_cert: op.join("operator.crt"),
             operator_key: op.join("operator.key"),
             operator_dir: op,
+            pki_dir: pki,
         }
     }
 }
@@ -223,9 +229,6 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
-    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -306,6 +309,14 @@ impl Pki {
             .map_err(issue("operator"))?;
 
         let ca_pem = ca_cert.pem();
+        let dir_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| PkiError::Write { path, source }
+        };
+        config::prepare_data_dir(data_dir).map_err(dir_err(data_dir))?;
+        for dir in [&paths.pki_dir, &paths.operator_dir] {
+            config::private_dir(dir).map_err(dir_err(dir))?;
+        }
         write_new(&paths.ca_key, &ca_key.serialize_pem(), 0o600)?;
         write_new(&paths.ca_cert, &ca_pem, 0o644)?;
         write_new(&paths.server_key, &server_key.serialize_pem(), 0o600)?;

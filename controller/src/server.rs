@@ -8,9 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Shared};
 use crate::catalog::{self, CatalogError};
-use crate::config::ServeConfig;
+use crate::config::{self, ServeConfig};
 use crate::fleet::Fleet;
-use crate::pki::{Pki, PkiError};
+use crate::pki::{Pki, PkiError, PkiPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -19,6 +19,12 @@ pub enum ServeError {
         dir: std::path::PathBuf,
         #[source]
         source: PkiError,
+    },
+    #[error("cannot secure {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot open the catalog: {0}")]
     Catalog(#[from] CatalogError),
@@ -33,6 +39,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    secure_data_dir(&config.data_dir)?;
     let pki = Pki::load(&config.data_dir).map_err(|source| ServeError::Pki {
         dir: config.data_dir.clone(),
         source,
@@ -53,7 +60,7 @@ pub async fn run(
         shutdown: root.child_token(),
     };
     let stop = root.clone();
-    let served = api::serve(shared, listener, async move {
+    let served = api::serve(shared, listener, &config.connections, async move {
         shutdown.await;
         tracing::info!("shutting down");
         stop.cancel();
@@ -64,5 +71,20 @@ pub async fn run(
         tracing::warn!(error = %e, "last-seen flusher task failed");
     }
     served?;
+    Ok(())
+}
+
+/// Warns when others may read the data directory, and tightens what Ferry
+/// owns in it (`pki/`, `operator/`) in case an older Ferry or a copy left
+/// them open. The catalog tightens its own file when it opens.
+fn secure_data_dir(data_dir: &std::path::Path) -> Result<(), ServeError> {
+    config::warn_if_open(data_dir);
+    let paths = PkiPaths::new(data_dir);
+    for dir in [paths.pki_dir, paths.operator_dir] {
+        if dir.is_dir() {
+            config::private_dir(&dir)
+                .map_err(|source| ServeError::DataDir { path: dir, source })?;
+        }
+    }
     Ok(())
 }

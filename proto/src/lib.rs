@@ -6,4 +6,5 @@ pub mod v1 {
 }
 
 pub mod identity;
+pub mod report;
 pub mod tls;

@@ -1,7 +1,7 @@
 //! `ferryctl` over the real controller: output for people and scripts,
 //! configuration sources, and the exit codes of every kind of failure.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use ferry_tests::{Controller, bin, setup};
 
@@ -29,6 +29,49 @@ fn text(o: &Output) -> (String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// Runs `cmd` with stdout a pipe whose reading end is already closed, as
+/// for `ferryctl … | head -1` once `head` has exited.
+fn output_into_closed_pipe(cmd: &mut Command) -> anyhow::Result<Output> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    Ok(cmd.stdout(writer).stderr(Stdio::piped()).output()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferryctl_exits_quietly_when_its_output_is_closed() -> anyhow::Result<()> {
+    setup();
+    let mut ctl = Controller::init()?;
+    ctl.start().await?;
+    let home = tempfile::tempdir()?;
+    let commands: [&[&str]; 6] = [
+        &["--help"],
+        &["config"],
+        &["config", "-o", "json"],
+        &["cluster", "ls"],
+        &["agent", "ls", "-o", "json"],
+        &["token", "create", "--cluster", "edge-1"],
+    ];
+    for args in commands {
+        let mut cmd = ferryctl(home.path());
+        as_operator(&mut cmd, &ctl, "operator");
+        let out = output_into_closed_pipe(cmd.args(args))?;
+        let (_, stderr) = text(&out);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+    }
+    // The commands ran against the controller: the token's cluster exists.
+    let mut cmd = ferryctl(home.path());
+    as_operator(&mut cmd, &ctl, "operator");
+    let out = cmd.args(["cluster", "ls", "-o", "json"]).output()?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let clusters: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert_eq!(clusters[0]["name"], "edge-1", "{stdout}");
+    ctl.stop().await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

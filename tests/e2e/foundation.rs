@@ -12,7 +12,7 @@ use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
 use std::process::Command;
 use tonic::Code;
 
-async fn token(
+pub(crate) async fn token(
     op: &mut OperatorClient<tonic::transport::Channel>,
     cluster: &str,
     ttl: u64,
@@ -49,7 +49,7 @@ async fn clusters(
         .collect())
 }
 
-fn agent_config(controller: &str, data_dir: &std::path::Path) -> String {
+pub(crate) fn agent_config(controller: &str, data_dir: &std::path::Path) -> String {
     let d = data_dir.display();
     format!(
         r#"controller = "{controller}"
@@ -582,6 +582,12 @@ async fn join_refuses_a_controller_whose_ca_does_not_match_the_pin() -> anyhow::
         .arg(dir.path()))?;
     assert!(!ok);
     assert!(err.contains("cannot connect to controller"), "{err}");
+    // The cause is named, and once.
+    assert_eq!(
+        err.matches("does not contain the pinned ca").count(),
+        1,
+        "{err}"
+    );
     assert!(!dir.path().join("agent.key").exists());
     // The token was never sent, so it still works.
     let (ok, _, err) = run(Command::new(bin("ferry-agent"))

@@ -1,4 +1,7 @@
 //! End-to-end tests over the real binaries.
 
+mod connections;
 mod ferryctl;
+mod files;
 mod foundation;
+mod reconnect;

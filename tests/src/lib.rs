@@ -85,10 +85,29 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<(bool, String, String)> {
     ))
 }
 
+/// A command for one of the binaries, run under `umask` when given (through
+/// `sh -c 'umask …; exec …'`).
+pub fn command(name: &str, umask: Option<&str>) -> Command {
+    match umask {
+        None => Command::new(bin(name)),
+        Some(mask) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+                .arg(bin(name));
+            cmd
+        }
+    }
+}
+
 /// A controller data directory and, while running, its process.
 pub struct Controller {
+    /// Holds the data directory (`data/`, created by `init`), the address
+    /// file and the logs.
     pub dir: tempfile::TempDir,
     pub addr: Option<SocketAddr>,
+    umask: Option<String>,
+    serve_args: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
@@ -96,11 +115,16 @@ pub struct Controller {
 impl Controller {
     /// `ferry-controller init` into a fresh directory.
     pub fn init() -> anyhow::Result<Self> {
+        Self::init_with_umask(None)
+    }
+
+    /// `init` and every later `serve` run under `umask`.
+    pub fn init_with_umask(umask: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let (ok, out, err) = run(Command::new(bin("ferry-controller"))
+        let (ok, out, err) = run(command("ferry-controller", umask)
             .arg("init")
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(dir.path().join("data"))
             .args(["--san", "127.0.0.1", "--san", "localhost"]))?;
         if !ok {
             bail!("ferry-controller init failed: {err}");
@@ -111,13 +135,31 @@ impl Controller {
         Ok(Self {
             dir,
             addr: None,
+            umask: umask.map(str::to_owned),
+            serve_args: Vec::new(),
             child: None,
             starts: 0,
         })
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A path inside the data directory.
     pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+        self.data_dir().join(rel)
+    }
+
+    /// Extra arguments for every later `serve`.
+    pub fn serve_args<I, S>(&mut self, args: I) -> &mut Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.serve_args = args.into_iter().map(Into::into).collect();
+        self
     }
 
     /// Starts `serve` on an OS-chosen port (the same port again on a
@@ -126,14 +168,14 @@ impl Controller {
         let listen = self
             .addr
             .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let addr_file = self.path("addr");
+        let addr_file = self.dir.path().join("addr");
         let _ = std::fs::remove_file(&addr_file);
         self.starts += 1;
-        let log = std::fs::File::create(self.path(&format!("controller-{}.log", self.starts)))?;
-        let child = Command::new(bin("ferry-controller"))
+        let log = std::fs::File::create(self.log_path(self.starts))?;
+        let child = command("ferry-controller", self.umask.as_deref())
             .arg("serve")
             .arg("--data-dir")
-            .arg(self.dir.path())
+            .arg(self.data_dir())
             .args([
                 "--listen",
                 &listen,
@@ -142,6 +184,7 @@ impl Controller {
                 "--last-seen-flush-secs",
                 "1",
             ])
+            .args(&self.serve_args)
             .arg("--addr-file")
             .arg(&addr_file)
             .env("FERRY_LOG", "info")
@@ -160,6 +203,10 @@ impl Controller {
         .await?;
         self.addr = Some(addr);
         Ok(addr)
+    }
+
+    fn log_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("controller-{start}.log"))
     }
 
     pub fn url(&self) -> String {
@@ -198,7 +245,7 @@ impl Controller {
     /// Everything the controller logged, across restarts.
     pub fn logs(&self) -> String {
         (1..=self.starts)
-            .filter_map(|i| self.read(&format!("controller-{i}.log")).ok())
+            .filter_map(|i| std::fs::read_to_string(self.log_path(i)).ok())
             .collect()
     }
 

@@ -663,7 +663,31 @@ pub(crate) async fn everything_survives_reopen(engine: Engine) {
     assert!(matches!(err, CatalogError::TokenUsed { .. }), "{err}");
 }
 
-pub(crate) async fn second_open_is_refused(engine: Engine) {
+pub(crate) async fn the_catalog_is_private_to_its_owner(engine: Engine) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .expect("catalog metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let private = match engine {
+        Engine::Redb => 0o600,
+        Engine::Sled => 0o700,
+    };
+    let f = fixture(engine).await;
+    assert_eq!(mode(&f.path), private, "{engine} catalog created open");
+    // Left open to others (by an older Ferry, a copy): tightened on open.
+    drop(f.catalog);
+    std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(private | 0o055))
+        .expect("chmod catalog");
+    let again = open_when_free(engine, &f.path).await;
+    assert_eq!(mode(&f.path), private, "{engine} catalog left open");
+    drop(again);
+}
+
+async fn second_open_is_refused(engine: Engine) {
     let f = fixture(engine).await;
     let err = match open(engine, &f.path).await {
         Ok(_) => panic!("a second handle on {} must be refused", f.path.display()),
@@ -837,6 +861,11 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn everything_survives_reopen() {
                 super::everything_survives_reopen($engine).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn the_catalog_is_private_to_its_owner() {
+                super::the_catalog_is_private_to_its_owner($engine).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

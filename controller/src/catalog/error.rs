@@ -53,6 +53,12 @@ pub enum CatalogError {
         owner: NodeName,
         node: NodeName,
     },
+    #[error("cannot make the catalog at {} private to its owner: {source}", path.display())]
+    Access {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("catalog at {} is in use by another process", path.display())]
     InUse { path: PathBuf },
     #[error(
