@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Ferry vs restic vs borg: one benchmark run on this machine.
+# Ferry vs restic vs rustic vs borg: one benchmark run on this machine.
 #
-#   bench/run.sh [--runs N] [--scale S[,S2…]] [--tools "ferry restic borg"]
-#                [--work DIR] [--results DIR] [--ferry-bin PATH]
+#   bench/run.sh [--runs N] [--scale S[,S2…]] [--tools "ferry restic rustic borg"]
+#                [--cache cold,warm] [--work DIR] [--results DIR] [--ferry-bin PATH]
 #
-# For every scale and every run (default 3 runs of scale 1), each tool goes
-# through the same cycle on the same copy of the dataset:
+# For every scale, every run (default 3 runs of scale 1) and every cache mode
+# (default both), each tool goes through the same cycle on the same copy of
+# the dataset:
 #   initial backup → (dataset mutated by bench/mutate.sh) → incremental backup
 #   → no-change backup → repository size → full restore into a fresh directory,
-# each step under /usr/bin/time (wall seconds, peak RSS). Backups start from a
-# warm page cache for every tool; restores read a warm repository. Every
-# restore is checked against the source tree (content, modes, owners, mtimes,
-# symlinks, hard links). The machine limit is measured in the same run: disk
-# read speed of the dataset (cold cache when /proc/sys/vm/drop_caches is
-# writable) and `ferry-agent snapshot create --dry-run` on a warm cache.
+# each step under /usr/bin/time (wall seconds, peak RSS). In `cold` mode the
+# page cache is dropped before every step (what a real backup meets); in
+# `warm` mode the dataset is read into it first. Every restore is checked
+# against the source tree (content, modes, owners, mtimes, symlinks, hard
+# links). The machine limit is measured in the same run: the disk's cold
+# read rate of the dataset with 2 and with 8 parallel readers (`xargs -P 8
+# cat`), and `ferry-agent snapshot create --dry-run` on a warm cache.
 #
-# Compression: ferry (its default), restic `--compression auto` on a v2
-# repository, borg `--compression zstd,3` with `repokey` (AES-CTR + HMAC-SHA256).
+# Compression: ferry (its default), restic and rustic `--compression auto`
+# (restic) / their default (rustic) on a v2 repository, borg
+# `--compression zstd,3` with `repokey` (AES-CTR + HMAC-SHA256). rustic is
+# installed with `cargo install --locked rustic-rs` into
+# ~/.cache/ferry-bench/rustic on first use.
 #
 # Raw results (raw.jsonl, machine.json) and the summary (summary.json,
 # summary.md) go to the results directory, by default
@@ -29,7 +34,8 @@ REPO_ROOT=$(cd "$BENCH_DIR/.." && pwd)
 
 RUNS=3
 SCALES=1
-TOOLS="ferry restic borg"
+TOOLS="ferry restic rustic borg"
+CACHES=cold,warm
 WORK=${FERRY_BENCH_WORK:-/var/tmp/ferry-bench}
 RESULTS=""
 FERRY_BIN=""
@@ -38,6 +44,7 @@ while [ $# -gt 0 ]; do
         --runs) RUNS=${2:?--runs needs a value}; shift 2 ;;
         --scale) SCALES=${2:?--scale needs a value}; shift 2 ;;
         --tools) TOOLS=${2:?--tools needs a value}; shift 2 ;;
+        --cache) CACHES=${2:?--cache needs a value}; shift 2 ;;
         --work) WORK=${2:?--work needs a value}; shift 2 ;;
         --results) RESULTS=${2:?--results needs a value}; shift 2 ;;
         --ferry-bin) FERRY_BIN=${2:?--ferry-bin needs a value}; shift 2 ;;
@@ -47,7 +54,11 @@ while [ $# -gt 0 ]; do
 done
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "--runs '$RUNS' is not a positive integer"
 for t in $TOOLS; do
-    case $t in ferry|restic|borg) ;; *) die "unknown tool '$t' (ferry, restic, borg)" ;; esac
+    case $t in ferry|restic|rustic|borg) ;; *) die "unknown tool '$t' (ferry, restic, rustic, borg)" ;; esac
+done
+IFS=',' read -r -a CACHE_LIST <<<"$CACHES"
+for c in "${CACHE_LIST[@]}"; do
+    case $c in cold|warm) ;; *) die "unknown cache mode '$c' (cold, warm)" ;; esac
 done
 IFS=',' read -r -a SCALE_LIST <<<"$SCALES"
 for s in "${SCALE_LIST[@]}"; do
@@ -64,7 +75,7 @@ RAW=$RESULTS/raw.jsonl
 
 # Password-free on the command line: every tool reads it from its environment.
 BENCH_PASSWORD=$(head -c 24 /dev/urandom | base64)
-export RESTIC_PASSWORD=$BENCH_PASSWORD BORG_PASSPHRASE=$BENCH_PASSWORD FERRY_REPO_PASSWORD=$BENCH_PASSWORD
+export RESTIC_PASSWORD=$BENCH_PASSWORD RUSTIC_PASSWORD=$BENCH_PASSWORD BORG_PASSPHRASE=$BENCH_PASSWORD FERRY_REPO_PASSWORD=$BENCH_PASSWORD
 export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes BORG_CHECK_I_KNOW_WHAT_I_AM_DOING=YES
 
 RUN_TMP=$(mktemp -d "$WORK/run.XXXXXX")
@@ -88,6 +99,21 @@ if [[ " $TOOLS " == *" ferry "* ]]; then
         || die "$FERRY_BIN has no 'snapshot create' command yet; run with --tools 'restic borg'"
 fi
 
+# ---- rustic binary ------------------------------------------------------------
+RUSTIC=""
+if [[ " $TOOLS " == *" rustic "* ]]; then
+    RUSTIC_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/ferry-bench/rustic
+    RUSTIC=$(command -v rustic || true)
+    [ -n "$RUSTIC" ] || RUSTIC=$RUSTIC_ROOT/bin/rustic
+    if [ ! -x "$RUSTIC" ]; then
+        log "installing rustic (cargo install --locked rustic-rs; takes a while once)"
+        CARGO_TARGET_DIR=$RUSTIC_ROOT/target cargo install -q --locked rustic-rs --root "$RUSTIC_ROOT" \
+            || die "cargo install rustic-rs failed"
+        rm -rf "$RUSTIC_ROOT/target"
+    fi
+fi
+export RUSTIC
+
 # ---- machine description ------------------------------------------------------
 DROP_CACHES=no
 if (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then DROP_CACHES=yes; fi
@@ -109,12 +135,13 @@ m = {
   "filesystem": sh("df --output=fstype '$WORK' | tail -n1"),
   "drop_caches": "$DROP_CACHES" == "yes",
   "restic": sh("restic version"), "borg": sh("borg --version"),
+  "rustic": sh("'$RUSTIC' --version") if "$RUSTIC" else "",
   "ferry": sh("'$FERRY_BIN' --version") if "$FERRY_BIN" else "",
   "ferry_commit": sh("git -C '$REPO_ROOT' rev-parse --short HEAD"),
   "ferry_bin": "$FERRY_BIN",
   "ferry_bin_sha256": sh("sha256sum '$FERRY_BIN' | cut -c1-16") if "$FERRY_BIN" else "",
   "ferry_bin_mtime": sh("date -r '$FERRY_BIN' -Iseconds") if "$FERRY_BIN" else "",
-  "runs": $RUNS, "scales": "$SCALES", "tools": "$TOOLS",
+  "runs": $RUNS, "scales": "$SCALES", "tools": "$TOOLS", "caches": "$CACHES",
 }
 json.dump(m, open(sys.argv[1], "w"), indent=2)
 EOF
@@ -141,6 +168,9 @@ EOF
 }
 
 warm() { find "$1" -type f -print0 | xargs -0 -r -n 256 -P 2 cat >/dev/null; }
+drop_cache() { sync; if [ "$DROP_CACHES" = yes ]; then echo 3 >/proc/sys/vm/drop_caches; fi; }
+# Before a measured step: a cold page cache, or the dataset read into it.
+prepare_cache() { if [ "$MODE" = cold ]; then drop_cache; else warm "$DATA"; fi; }
 
 # timed SCALE RUN TOOL STEP CMD… : run CMD under /usr/bin/time, record seconds
 # and peak RSS; its output goes to $RUN_TMP/last.out. Returns CMD's status.
@@ -177,6 +207,7 @@ tool_init() { # TOOL
     case $1 in
         ferry) FERRY_REPO=$repo exec "$FERRY_BIN" repo init ;;
         restic) exec restic -q -r "$repo" init --repository-version 2 ;;
+        rustic) exec "$RUSTIC" --no-progress -r "$repo" --cache-dir "$RUN_TMP/rustic-cache" init ;;
         borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg init -e repokey "$repo" ;;
     esac
 }
@@ -186,6 +217,7 @@ tool_backup() { # TOOL ARCHIVE-NAME
     case $1 in
         ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot create "$DATA" --json ;;
         restic) exec restic -q -r "$repo" --cache-dir "$RUN_TMP/restic-cache" backup --compression auto . ;;
+        rustic) exec "$RUSTIC" --no-progress -r "$repo" --cache-dir "$RUN_TMP/rustic-cache" backup . ;;
         borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg create --compression zstd,3 "$repo::$2" . ;;
     esac
 }
@@ -196,14 +228,16 @@ tool_restore() { # TOOL TARGET
     case $1 in
         ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot restore "$FERRY_LAST_ID" --target "$2" ;;
         restic) exec restic -q -r "$repo" --cache-dir "$RUN_TMP/restic-cache" restore latest --target "$2" ;;
+        rustic) exec "$RUSTIC" --no-progress -r "$repo" --cache-dir "$RUN_TMP/rustic-cache" restore latest "$2" ;;
         borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg extract --sparse "$repo::nochange" ;;
     esac
 }
 ferry_dry_run() { cd "$DATA" && FERRY_REPO=$RUN_TMP/repo-ferry exec "$FERRY_BIN" snapshot create "$DATA" --dry-run; }
 read_all() { find "$DATA" -type f -print0 | xargs -0 -r -n 256 -P 2 cat >/dev/null; }
+read_all_par() { find "$DATA" -type f -print0 | xargs -0 -r -n 64 -P 8 cat >/dev/null; }
 # Reference only (not part of the limit): zstd -3 alone on two cores.
 ref_zstd() { tar -C "$DATA" -cf - . | zstd -q -T2 -3 -c >/dev/null; }
-export -f tool_init tool_backup tool_restore ferry_dry_run read_all ref_zstd
+export -f tool_init tool_backup tool_restore ferry_dry_run read_all read_all_par ref_zstd
 export RUN_TMP FERRY_BIN
 
 # The id of the snapshot the last `ferry-agent snapshot create --json` made.
@@ -240,12 +274,13 @@ for SCALE in "${SCALE_LIST[@]}"; do
     fi
 
     for RUN in $(seq 1 "$RUNS"); do
-        log "scale $SCALE run $RUN/$RUNS"
+      for MODE in "${CACHE_LIST[@]}"; do
+        log "scale $SCALE run $RUN/$RUNS, $MODE cache"
         export DATA=$RUN_TMP/data
-        rm -rf "$DATA" "$RUN_TMP"/repo-* "$RUN_TMP"/restore-* "$RUN_TMP/borg-base" "$RUN_TMP/restic-cache"
+        rm -rf "$DATA" "$RUN_TMP"/repo-* "$RUN_TMP"/restore-* "$RUN_TMP/borg-base" "$RUN_TMP/restic-cache" "$RUN_TMP/rustic-cache"
         cp -a --sparse=always "$PRISTINE" "$DATA"
         DATA_BYTES=$(tree_bytes "$DATA")
-        record scale="$SCALE" run="$RUN" step=dataset bytes="$DATA_BYTES" \
+        [ "$MODE" = "${CACHE_LIST[0]}" ] && record scale="$SCALE" run="$RUN" step=dataset bytes="$DATA_BYTES" \
             allocated_bytes="$(($(du -s --block-size=1 "$DATA" | cut -f1)))" \
             entries="$(find "$DATA" | wc -l)"
         # rotate the order of the tools from run to run
@@ -253,11 +288,16 @@ for SCALE in "${SCALE_LIST[@]}"; do
         for _ in $(seq 2 "$RUN"); do order=("${order[@]:1}" "${order[0]}"); done
         declare -A failed=()
 
-        # machine limit 1: disk read speed of the dataset
-        if [ "$DROP_CACHES" = yes ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi
-        timed "$SCALE" "$RUN" machine disk_read bash -c read_all || true
-        warm "$DATA"
-        timed "$SCALE" "$RUN" machine ref_zstd bash -c ref_zstd || true
+        # machine limit 1: the disk's cold read rate of the dataset, with 2
+        # and with 8 parallel readers (once per run)
+        if [ "$MODE" = "${CACHE_LIST[0]}" ]; then
+            drop_cache
+            timed "$SCALE" "$RUN" machine disk_read bash -c read_all || true
+            drop_cache
+            timed "$SCALE" "$RUN" machine disk_read_par bash -c read_all_par || true
+            warm "$DATA"
+            timed "$SCALE" "$RUN" machine ref_zstd bash -c ref_zstd || true
+        fi
 
         for t in "${order[@]}"; do
             bash -c 'tool_init "$1"' _ "$t" >"$RUN_TMP/init-$t.out" 2>&1 \
@@ -265,7 +305,7 @@ for SCALE in "${SCALE_LIST[@]}"; do
         done
 
         # machine limit 2: what two cores can chunk+hash+compress+encrypt
-        if [ -z "${failed[ferry]:-}" ] && [[ " $TOOLS " == *" ferry "* ]]; then
+        if [ "$MODE" = "${CACHE_LIST[0]}" ] && [ -z "${failed[ferry]:-}" ] && [[ " $TOOLS " == *" ferry "* ]]; then
             warm "$DATA"
             timed "$SCALE" "$RUN" machine cpu_dry_run bash -c ferry_dry_run || true
         fi
@@ -274,8 +314,8 @@ for SCALE in "${SCALE_LIST[@]}"; do
             local step=$1 name=$2 t
             for t in "${order[@]}"; do
                 [ -z "${failed[$t]:-}" ] || continue
-                warm "$DATA"
-                if timed "$SCALE" "$RUN" "$t" "$step" bash -c 'tool_backup "$1" "$2"' _ "$t" "$name"; then
+                prepare_cache
+                if timed "$SCALE" "$RUN" "$t" "${step}_$MODE" bash -c 'tool_backup "$1" "$2"' _ "$t" "$name"; then
                     if [ "$t" = ferry ]; then
                         FERRY_LAST_ID=$(ferry_snapshot_id) || { log "ferry: $(tail -n3 "$RUN_TMP/last.out")"; failed[$t]=1; }
                     fi
@@ -292,7 +332,7 @@ for SCALE in "${SCALE_LIST[@]}"; do
 
         for t in "${order[@]}"; do
             [ -z "${failed[$t]:-}" ] || continue
-            record scale="$SCALE" run="$RUN" tool="$t" step=repo_size \
+            [ "$MODE" = "${CACHE_LIST[0]}" ] && record scale="$SCALE" run="$RUN" tool="$t" step=repo_size \
                 bytes="$(du -sb "$RUN_TMP/repo-$t" | cut -f1)"
         done
 
@@ -303,7 +343,8 @@ for SCALE in "${SCALE_LIST[@]}"; do
             target=$RUN_TMP/restore-$t
             rm -rf "$target"
             export FERRY_LAST_ID
-            if timed "$SCALE" "$RUN" "$t" restore \
+            prepare_cache
+            if timed "$SCALE" "$RUN" "$t" "restore_$MODE" \
                 bash -c 'tool_restore "$1" "$2"' _ "$t" "$target"; then
                 python3 "$BENCH_DIR/files.py" manifest "$target" >"$RUN_TMP/restore-$t.manifest"
                 ndiff=$( (diff "$RUN_TMP/source.manifest" "$RUN_TMP/restore-$t.manifest" || true) | grep -c '^[<>]' || true)
@@ -319,6 +360,7 @@ for SCALE in "${SCALE_LIST[@]}"; do
             # allocation (ext4 skips recently deleted inodes)
         done
         unset failed
+      done
     done
 done
 
