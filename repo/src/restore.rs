@@ -983,15 +983,18 @@ mod tests {
             xattrs: Vec::new(),
         };
         let dir: OwnedFd = File::open(&t).expect("open").into();
+        let mkfifo = || {
+            rustix::fs::mknodat(
+                &dir,
+                "pipe",
+                rustix::fs::FileType::Fifo,
+                Mode::from_raw_mode(0o600),
+                0,
+            )
+            .expect("mkfifo")
+        };
         // Restore created the fifo; someone replaced it with a symlink.
-        rustix::fs::mknodat(
-            &dir,
-            "pipe",
-            rustix::fs::FileType::Fifo,
-            Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("mkfifo");
+        mkfifo();
         std::fs::remove_file(t.join("pipe")).expect("rm");
         std::os::unix::fs::symlink(&outside, t.join("pipe")).expect("symlink");
         assert!(apply_entry_metadata(&dir, &node, b"pipe").is_err());
@@ -1003,14 +1006,7 @@ mod tests {
         assert_ne!(std::os::unix::fs::MetadataExt::mtime(&md), 1);
         // On the real fifo it applies.
         std::fs::remove_file(t.join("pipe")).expect("rm");
-        rustix::fs::mknodat(
-            &dir,
-            "pipe",
-            rustix::fs::FileType::Fifo,
-            Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("mkfifo");
+        mkfifo();
         apply_entry_metadata(&dir, &node, b"pipe").expect("applies");
         let md = std::fs::symlink_metadata(t.join("pipe")).expect("stat");
         assert_eq!(

@@ -59,6 +59,32 @@ async fn cancel_backup_midway(repo: &Repository, src: &Path) -> Duration {
     took
 }
 
+/// Restores `id` into `target` and cancels the restore as soon as it
+/// writes data.
+async fn cancel_restore_midway(
+    repo: &Repository,
+    id: crate::format::SnapshotId,
+    target: &Path,
+) -> Result<crate::restore::RestoreSummary, RepoError> {
+    let token = CancellationToken::new();
+    let (seen, progress) = counting();
+    let task = {
+        let repo = repo.with_cancel(token.clone());
+        let target = target.to_path_buf();
+        tokio::spawn(async move { repo.restore(id, None, &target, Some(progress)).await })
+    };
+    wait_until(60, "the restore to write data", || {
+        let seen = seen.clone();
+        async move { seen.load(Ordering::SeqCst) > 0 }
+    })
+    .await;
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the restore stops")
+        .expect("task")
+}
+
 /// After a cancelled backup: no snapshot, no lock, a valid repository, and
 /// the next backup completes and restores.
 async fn assert_clean_after_cancel(repo: &Repository, src: &Path, dst: &Path) {
@@ -123,24 +149,7 @@ async fn cancelled_restore_stops_and_a_new_restore_succeeds() {
     let store = faulty(local.clone());
     store.inject(Rule::new(Fault::Delay(Duration::from_millis(300))).op(Op::GetRange));
     let slow = Repository::open(store, PW).await.expect("open");
-    let token = CancellationToken::new();
-    let (seen, progress) = counting();
-    let dst = tmp.path().join("dst");
-    let task = {
-        let repo = slow.with_cancel(token.clone());
-        let dst = dst.clone();
-        tokio::spawn(async move { repo.restore(id, None, &dst, Some(progress)).await })
-    };
-    wait_until(60, "the restore to write data", || {
-        let seen = seen.clone();
-        async move { seen.load(Ordering::SeqCst) > 0 }
-    })
-    .await;
-    token.cancel();
-    let res = tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .expect("the restore stops")
-        .expect("task");
+    let res = cancel_restore_midway(&slow, id, &tmp.path().join("dst")).await;
     assert!(matches!(res, Err(RepoError::Cancelled)), "{res:?}");
     let again = tmp.path().join("again");
     repo.restore(id, None, &again, None).await.expect("restore");
@@ -162,24 +171,8 @@ async fn cancelled_backup_and_restore_on_s3() {
 
     // Restore over S3, cancelled as soon as it writes.
     let id = repo.list_snapshots().await.expect("list")[0].0;
-    let token = CancellationToken::new();
-    let (seen, progress) = counting();
     let target = tmp.path().join("cancelled-restore");
-    let task = {
-        let repo = repo.with_cancel(token.clone());
-        let target = target.clone();
-        tokio::spawn(async move { repo.restore(id, None, &target, Some(progress)).await })
-    };
-    wait_until(60, "the restore to write data", || {
-        let seen = seen.clone();
-        async move { seen.load(Ordering::SeqCst) > 0 }
-    })
-    .await;
-    token.cancel();
-    let res = tokio::time::timeout(Duration::from_secs(30), task)
-        .await
-        .expect("the restore stops")
-        .expect("task");
+    let res = cancel_restore_midway(&repo, id, &target).await;
     // A restore this small may finish before the cancel lands; it must
     // then be complete.
     match res {
