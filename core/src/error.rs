@@ -8,9 +8,9 @@
 
 use std::fmt;
 
-/// What kind of failure an error is, independent of the transport.
+/// What kind of failure an error is, independent of the transport. Not
+/// `non_exhaustive`: a new code must be mapped wherever codes are matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum ErrorCode {
     /// The input is malformed: a bad name, a bad duration, a bad record.
     InvalidArgument,

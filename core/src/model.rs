@@ -200,10 +200,11 @@ pub enum HostComponent {
 }
 
 /// What a component is on its platform. One variant per kind of platform;
-/// containers and Kubernetes workloads come with their drivers.
+/// containers and Kubernetes workloads come with their drivers. Not
+/// `non_exhaustive` on purpose: a new kind must be handled by every
+/// conversion and driver, and the compiler finds them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum ComponentKind {
     Host(HostComponent),
 }
