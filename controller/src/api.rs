@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use ferry_core::CodedError;
+
 use crate::catalog::{Catalog, CatalogError};
 use crate::fleet::Fleet;
 use crate::pki::{Pki, PkiError};
@@ -53,6 +55,12 @@ pub enum ApiError {
     Denied(String),
 }
 
+impl From<ferry_core::NameError> for ApiError {
+    fn from(e: ferry_core::NameError) -> Self {
+        Self::Catalog(e.into())
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
@@ -67,7 +75,7 @@ impl From<ApiError> for Status {
                 Status::internal(msg)
             }
             ApiError::Catalog(c) => match c {
-                CatalogError::InvalidName { .. } | CatalogError::InvalidRecord { .. } => {
+                CatalogError::InvalidName(_) | CatalogError::InvalidRecord { .. } => {
                     Status::invalid_argument(msg)
                 }
                 CatalogError::ClusterNotFound { .. } | CatalogError::AgentNotFound { .. } => {

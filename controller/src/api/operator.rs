@@ -28,7 +28,7 @@ impl OperatorApi {
 
 fn optional<T>(
     value: String,
-    parse: impl FnOnce(String) -> Result<T, crate::catalog::CatalogError>,
+    parse: impl FnOnce(String) -> Result<T, ferry_core::NameError>,
 ) -> Result<Option<T>, ApiError> {
     if value.is_empty() {
         Ok(None)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::store::{FORMAT_VERSION, Table};
 use super::*;
+use ferry_core::CodedError;
 
 pub(crate) fn t(ms: i64) -> Timestamp {
     Timestamp::from_unix_millis(ms)

@@ -4,70 +4,18 @@
 //! `v` before decoding the record, so a record written by a newer Ferry is
 //! refused with a clear error instead of being misread.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::CatalogError;
+pub use ferry_core::Timestamp;
+
 use super::name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
 
 /// The record format version this build writes and the newest it reads.
 pub const RECORD_VERSION: u32 = 1;
-
-/// Milliseconds since the Unix epoch (UTC).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Timestamp(i64);
-
-impl Timestamp {
-    /// The current wall-clock time.
-    pub fn now() -> Self {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        Self(millis)
-    }
-
-    /// A timestamp from Unix milliseconds.
-    pub const fn from_unix_millis(millis: i64) -> Self {
-        Self(millis)
-    }
-
-    /// Unix milliseconds.
-    pub const fn unix_millis(self) -> i64 {
-        self.0
-    }
-
-    /// This timestamp moved forward by `d` (saturating).
-    pub fn plus(self, d: std::time::Duration) -> Self {
-        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        Self(self.0.saturating_add(ms))
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = i128::from(self.0) * 1_000_000;
-        match time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            }) {
-            Some(s) => f.write_str(&s),
-            None => write!(f, "unix-ms {}", self.0),
-        }
-    }
-}
-
-impl fmt::Debug for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Timestamp({self})")
-    }
-}
 
 /// A cluster (or group of hosts) agents enrol into.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -324,6 +272,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::CodedError;
 
     fn cluster() -> ClusterRecord {
         ClusterRecord {
@@ -367,15 +316,6 @@ mod tests {
             let err = decode::<ClusterRecord>("clusters", "k", bytes).expect_err("corrupt");
             assert!(matches!(err, CatalogError::Corrupt { .. }), "{err}");
         }
-    }
-
-    #[test]
-    fn timestamp_displays_rfc3339() {
-        assert_eq!(
-            Timestamp::from_unix_millis(0).to_string(),
-            "1970-01-01T00:00:00Z"
-        );
-        assert!(Timestamp::now() > Timestamp::from_unix_millis(1_600_000_000_000));
     }
 
     #[test]
