@@ -407,6 +407,14 @@ status = "pgrep -x worker"
     }
 
     #[test]
+    fn the_documented_example_config_is_valid() {
+        let c = AgentConfig::parse(include_str!("../../deploy/agent.toml")).expect("valid");
+        let apps = c.app_model().expect("model");
+        assert_eq!(apps[0].components.len(), 2);
+        assert_eq!(apps[0].components[1].depends_on[0].as_str(), "db");
+    }
+
+    #[test]
     fn apps_build_the_core_model() {
         let text = format!(
             "{FULL}depends_on = [\"postgresql@15-main.service\"]\nvolumes = [\"/var/lib/postgresql/15/main\", \"/srv/spool\"]\n"
