@@ -21,14 +21,22 @@
 //! start = "/usr/local/bin/worker --daemon"   # run by /bin/sh -c
 //! stop = ["pkill", "-x", "worker"]          # or an argv list
 //! status = "pgrep -x worker"                # optional; exit 0 = running
+//! depends_on = ["db"]                       # optional; started after db
 //! ```
 //!
 //! The node and cluster come from the agent's certificate, not from here.
+//! Apps are checked by building them in the ferry-core model
+//! ([`AgentConfig::app_model`]), so the agent and the controller apply the
+//! same rules to names, paths and commands.
 
 use std::collections::BTreeSet;
-use std::path::{Component as PathComponent, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_core::{
+    App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentState, HostComponent,
+    HostPath, TeamName, UnitName, Volume, VolumeName,
+};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +94,9 @@ pub struct ComponentConfig {
     pub stop: Option<CommandSpec>,
     #[serde(default)]
     pub status: Option<CommandSpec>,
+    /// Components of the same app started before this one.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -127,29 +138,6 @@ fn default_reconnect_max() -> u64 {
 }
 fn default_command_timeout() -> u64 {
     120
-}
-
-/// DNS-label rule shared with the controller's catalog names.
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn is_component_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b':' | b'-'))
-}
-
-fn is_plain_absolute(p: &Path) -> bool {
-    p.is_absolute()
-        && p.components()
-            .all(|c| matches!(c, PathComponent::RootDir | PathComponent::Normal(_)))
 }
 
 impl AgentConfig {
@@ -197,43 +185,42 @@ impl AgentConfig {
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
             return bad("reconnect_min_ms must be positive and at most reconnect_max_ms".into());
         }
-        let mut apps = BTreeSet::new();
+        self.app_model()?;
+        Ok(())
+    }
+
+    /// The declared apps in the ferry-core model, checked: names, paths and
+    /// commands by their types, the rest by [`App::validate`]. A volume
+    /// directory is named by its path and listed once per app.
+    pub fn app_model(&self) -> Result<Vec<App>, ConfigError> {
+        let mut seen = BTreeSet::new();
+        let mut apps = Vec::with_capacity(self.apps.len());
         for app in &self.apps {
-            if !is_label(&app.name) {
-                return bad(format!(
-                    "app name {:?} must be a lowercase dns label",
-                    app.name
-                ));
+            let bad = |m: String| ConfigError::Invalid(m);
+            let name: AppName = app.name.parse().map_err(|e| bad(format!("{e}")))?;
+            let team: TeamName = app
+                .team
+                .parse()
+                .map_err(|e| bad(format!("app {name}: {e}")))?;
+            if !seen.insert((team.clone(), name.clone())) {
+                return Err(bad(format!("app {name} of team {team} is declared twice")));
             }
-            if !is_label(&app.team) {
-                return bad(format!(
-                    "team {:?} of app {} must be a lowercase dns label",
-                    app.team, app.name
-                ));
-            }
-            if !apps.insert((&app.team, &app.name)) {
-                return bad(format!(
-                    "app {} of team {} is declared twice",
-                    app.name, app.team
-                ));
-            }
-            let mut comps = BTreeSet::new();
+            let mut volumes: Vec<Volume> = Vec::new();
+            let mut components = Vec::with_capacity(app.components.len());
             for c in &app.components {
-                let what = format!("component {:?} of app {}", c.name, app.name);
-                if !is_component_name(&c.name) {
-                    return bad(format!(
-                        "{what}: name may contain only letters, digits and '_' '.' '@' ':' '-'"
-                    ));
-                }
-                if !comps.insert(&c.name) {
-                    return bad(format!("{what} is declared twice"));
-                }
-                match (&c.systemd, &c.start, &c.stop) {
+                let what = format!("component {:?} of app {name}", c.name);
+                let component: ComponentName =
+                    c.name.parse().map_err(|e| bad(format!("{what}: {e}")))?;
+                let host = match (&c.systemd, &c.start, &c.stop) {
                     (Some(unit), None, None) if !unit.trim().is_empty() => {
                         if c.status.is_some() {
-                            return bad(format!(
+                            return Err(bad(format!(
                                 "{what}: status is only for start/stop commands (systemd answers it)"
-                            ));
+                            )));
+                        }
+                        HostComponent::Systemd {
+                            unit: UnitName::new(unit.clone())
+                                .map_err(|e| bad(format!("{what}: {e}")))?,
                         }
                     }
                     (None, Some(start), Some(stop)) => {
@@ -241,26 +228,66 @@ impl AgentConfig {
                             || stop.is_empty()
                             || c.status.as_ref().is_some_and(CommandSpec::is_empty)
                         {
-                            return bad(format!("{what}: commands must not be empty"));
+                            return Err(bad(format!("{what}: commands must not be empty")));
+                        }
+                        let argv = |spec: &CommandSpec| {
+                            Argv::new(spec.argv()).map_err(|e| bad(format!("{what}: {e}")))
+                        };
+                        HostComponent::Commands {
+                            start: argv(start)?,
+                            stop: argv(stop)?,
+                            status: c.status.as_ref().map(argv).transpose()?,
                         }
                     }
                     _ => {
-                        return bad(format!(
+                        return Err(bad(format!(
                             "{what} needs either systemd = \"UNIT\" or both start and stop commands"
-                        ));
+                        )));
                     }
-                }
+                };
+                let mut uses = Vec::with_capacity(c.volumes.len());
                 for v in &c.volumes {
-                    if !is_plain_absolute(v) {
-                        return bad(format!(
-                            "{what}: volume {} must be an absolute path without '..'",
-                            v.display()
-                        ));
+                    let text = v.to_string_lossy().into_owned();
+                    let path = HostPath::new(text.clone())
+                        .map_err(|e| bad(format!("{what}: volume {e}")))?;
+                    let volume = VolumeName::new(text).map_err(|e| bad(format!("{what}: {e}")))?;
+                    if !volumes.iter().any(|known| known.name == volume) {
+                        volumes.push(Volume {
+                            name: volume.clone(),
+                            path,
+                        });
+                    }
+                    if !uses.contains(&volume) {
+                        uses.push(volume);
                     }
                 }
+                let depends_on = c
+                    .depends_on
+                    .iter()
+                    .map(|d| {
+                        d.parse()
+                            .map_err(|e| bad(format!("{what}: depends_on: {e}")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                components.push(Component {
+                    name: component,
+                    kind: ComponentKind::Host(host),
+                    stateful: c.stateful,
+                    volumes: uses,
+                    depends_on,
+                    state: ComponentState::Unknown,
+                });
             }
+            let model = App {
+                name,
+                team,
+                components,
+                volumes,
+            };
+            model.validate().map_err(|e| bad(e.to_string()))?;
+            apps.push(model);
         }
-        Ok(())
+        Ok(apps)
     }
 }
 
@@ -367,5 +394,59 @@ status = "pgrep -x worker"
             &format!("{app}name = \"a/b\"\nsystemd = \"u\"\n"),
             "component \"a/b\"",
         );
+        expect_invalid(
+            &format!("{app}name = \"c\"\nsystemd = \"u\"\ndepends_on = [\"nope\"]\n"),
+            "component c depends on nope, which the app does not have",
+        );
+        expect_invalid(
+            &format!(
+                "{app}name = \"c\"\nsystemd = \"u\"\n[[apps.components]]\nname = \"c\"\nsystemd = \"v\"\n"
+            ),
+            "component c is listed twice",
+        );
+    }
+
+    #[test]
+    fn the_documented_example_config_is_valid() {
+        let c = AgentConfig::parse(include_str!("../../deploy/agent.toml")).expect("valid");
+        let apps = c.app_model().expect("model");
+        assert_eq!(apps[0].components.len(), 2);
+        assert_eq!(apps[0].components[1].depends_on[0].as_str(), "db");
+    }
+
+    #[test]
+    fn apps_build_the_core_model() {
+        let text = format!(
+            "{FULL}depends_on = [\"postgresql@15-main.service\"]\nvolumes = [\"/var/lib/postgresql/15/main\", \"/srv/spool\"]\n"
+        );
+        let apps = AgentConfig::parse(&text)
+            .expect("valid")
+            .app_model()
+            .expect("model");
+        assert_eq!(apps.len(), 1);
+        let app = &apps[0];
+        assert_eq!(
+            (app.name.as_str(), app.team.as_str()),
+            ("billing", "payments")
+        );
+        // Both components use the database directory: listed once.
+        let names: Vec<&str> = app.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["/var/lib/postgresql/15/main", "/srv/spool"]);
+        assert_eq!(app.volumes[1].path.as_str(), "/srv/spool");
+        let db = &app.components[0];
+        assert!(matches!(
+            &db.kind,
+            ComponentKind::Host(HostComponent::Systemd { unit }) if unit.as_str() == "postgresql@15-main.service"
+        ));
+        let worker = &app.components[1];
+        assert_eq!(worker.depends_on[0].as_str(), "postgresql@15-main.service");
+        assert_eq!(worker.volumes.len(), 2);
+        match &worker.kind {
+            ComponentKind::Host(HostComponent::Commands { status, stop, .. }) => {
+                assert_eq!(stop.as_slice(), ["pkill", "-x", "worker"]);
+                assert!(status.is_some());
+            }
+            other => panic!("worker is {other:?}"),
+        }
     }
 }

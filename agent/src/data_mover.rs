@@ -360,7 +360,8 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
             }
         }
         RepoCommand::Prune { safety_delay } => {
-            let delay = ferry_repo::prune::parse_duration(&safety_delay)?;
+            let delay =
+                ferry_core::duration::parse(&safety_delay).map_err(|e| usage(e.to_string()))?;
             let repo = open(g).await?;
             let r = repo.prune(delay).await?;
             if g.json {

@@ -161,9 +161,11 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     let config = ferry_agent::config::AgentConfig::load(&config)?;
     ferry_agent::enrol::warn_if_open(&config.data_dir);
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
-    let platform: Arc<dyn ferry_agent::platform::Platform> = Arc::new(
-        ferry_agent::platform::host::HostPlatform::new(&config.apps, config.command_timeout()),
-    );
+    let platform: Arc<dyn ferry_agent::platform::Platform> =
+        Arc::new(ferry_agent::platform::host::HostPlatform::new(
+            config.app_model()?,
+            config.command_timeout(),
+        ));
     tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
     let cancel = tokio_util::sync::CancellationToken::new();
     let session = tokio::spawn(ferry_agent::session::run(

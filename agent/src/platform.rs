@@ -1,65 +1,13 @@
 //! Where applications run. One trait, one driver per kind of cluster:
 //! `host` (systemd units or command pairs, declared in the agent config)
-//! today; containers and Kubernetes later.
+//! today; containers and Kubernetes later. Every driver describes apps in
+//! the ferry-core model (`App`, `Component`, `ComponentKind`, `Volume`).
 
 pub mod host;
 
-use std::path::PathBuf;
-
 use async_trait::async_trait;
-
-/// Identifies one component: app (within its team) and component name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ComponentRef {
-    pub team: String,
-    pub app: String,
-    pub component: String,
-}
-
-impl std::fmt::Display for ComponentRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "component {} of app {}/{}",
-            self.component, self.team, self.app
-        )
-    }
-}
-
-/// How the platform runs a component.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ComponentKind {
-    SystemdUnit {
-        unit: String,
-    },
-    Commands {
-        start: Vec<String>,
-        stop: Vec<String>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComponentState {
-    Running,
-    Stopped,
-    Unknown,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Component {
-    pub name: String,
-    pub kind: ComponentKind,
-    pub stateful: bool,
-    pub volumes: Vec<PathBuf>,
-    pub state: ComponentState,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct App {
-    pub name: String,
-    pub team: String,
-    pub components: Vec<Component>,
-}
+pub use ferry_core::{App, ComponentRef, ComponentState};
+use ferry_core::{CodedError, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -89,9 +37,15 @@ pub enum PlatformError {
     },
 }
 
-impl PlatformError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Timeout { .. })
+impl CodedError for PlatformError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownComponent { .. } => ErrorCode::NotFound,
+            // The program is missing or cannot run, or it ran and failed:
+            // the host must change before a retry helps.
+            Self::Spawn { .. } | Self::CommandFailed { .. } => ErrorCode::FailedPrecondition,
+            Self::Timeout { .. } => ErrorCode::DeadlineExceeded,
+        }
     }
 }
 
@@ -101,7 +55,8 @@ pub trait Platform: Send + Sync {
     /// The driver's name, reported in the agent's hello ("host", …).
     fn name(&self) -> &'static str;
 
-    /// The apps this agent manages, with each component's current state.
+    /// The apps this agent manages, in the ferry-core model, with each
+    /// component's current state.
     async fn inventory(&self) -> Result<Vec<App>, PlatformError>;
 
     /// Whether a component runs.

@@ -128,55 +128,13 @@ impl SessionSettings {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Converts the platform's view to the wire format.
-pub fn inventory_to_pb(apps: Vec<platform::App>) -> pb::Inventory {
-    pb::Inventory {
-        taken_unix_ms: now_ms(),
-        apps: apps
-            .into_iter()
-            .map(|a| pb::App {
-                name: a.name,
-                team: a.team,
-                components: a
-                    .components
-                    .into_iter()
-                    .map(|c| {
-                        let state = match c.state {
-                            platform::ComponentState::Running => pb::ComponentState::Running,
-                            platform::ComponentState::Stopped => pb::ComponentState::Stopped,
-                            platform::ComponentState::Unknown => pb::ComponentState::Unknown,
-                        };
-                        let mut out = pb::Component {
-                            name: c.name,
-                            stateful: c.stateful,
-                            volumes: c.volumes.iter().map(|v| v.display().to_string()).collect(),
-                            state: state as i32,
-                            ..Default::default()
-                        };
-                        match c.kind {
-                            platform::ComponentKind::SystemdUnit { unit } => {
-                                out.kind = "systemd".into();
-                                out.unit = unit;
-                            }
-                            platform::ComponentKind::Commands { start, stop } => {
-                                out.kind = "commands".into();
-                                out.start = start;
-                                out.stop = stop;
-                            }
-                        }
-                        out
-                    })
-                    .collect(),
-            })
-            .collect(),
+/// The platform's view on the wire (converted by ferry-proto).
+fn inventory_to_pb(apps: Vec<ferry_core::App>) -> pb::Inventory {
+    ferry_core::Inventory {
+        apps,
+        taken_at: ferry_core::Timestamp::now(),
     }
+    .into()
 }
 
 /// The next backoff delay: doubling up to `max`, with up to 50 % jitter
@@ -307,7 +265,7 @@ async fn session_once(
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             _ = beat.tick() => {
-                let hb = send(AgentKind::Heartbeat(pb::Heartbeat { sent_unix_ms: now_ms() }));
+                let hb = send(AgentKind::Heartbeat(pb::Heartbeat { sent_unix_ms: ferry_core::now_ms() }));
                 if tx.send(hb).await.is_err() {
                     return Err(SessionError::Closed);
                 }

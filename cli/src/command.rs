@@ -112,38 +112,17 @@ enum TokenVerb {
     },
 }
 
-/// Parses `90s`, `30m`, `2h`, `1d` (or bare seconds) into seconds.
+/// A token lifetime in Ferry's duration syntax (`90s`, `30m`, `2h`, `1d`,
+/// `1h30m`, bare seconds), in whole seconds, at least one.
 fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 2h or 1d"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?} has an unknown unit {unit:?}; use s, m, h or d"
-            ));
-        }
-    };
-    match n.checked_mul(mult) {
-        Some(0) | None => Err(format!("{s:?} is not a positive duration")),
-        Some(v) => Ok(v),
+    let d = ferry_core::duration::parse(s).map_err(|e| e.to_string())?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?} is not a whole number of seconds"));
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    match d.as_secs() {
+        0 => Err(format!("{s:?} is not a positive duration")),
+        secs => Ok(secs),
+    }
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
@@ -248,7 +227,7 @@ async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
     if out == Format::Json {
         return print_json(&rows);
     }
-    let now = now_ms();
+    let now = ferry_core::now_ms();
     let mut t = Table::new(vec!["NAME", "AGENTS", "ONLINE", "CREATED"]);
     for r in rows {
         t.row(vec![
@@ -297,7 +276,7 @@ async fn agent_ls(eff: &Effective, out: Format, cluster: Option<String>) -> Resu
             .collect();
         return print_json(&rows);
     }
-    let now = now_ms();
+    let now = ferry_core::now_ms();
     let mut t = Table::new(vec![
         "CLUSTER",
         "NODE",
@@ -352,29 +331,38 @@ async fn app_ls(
         name: String,
         components: Vec<Component>,
     }
-    let rows: Vec<Row> = apps
-        .into_iter()
-        .filter_map(|r| {
-            let app = r.app?;
-            Some(Row {
-                cluster: r.cluster,
-                node: r.node,
-                team: app.team,
-                name: app.name,
-                components: app
-                    .components
-                    .into_iter()
-                    .map(|c| Component {
-                        state: state_name(c.state),
-                        name: c.name,
-                        kind: c.kind,
-                        stateful: c.stateful,
-                        volumes: c.volumes,
+    let mut rows: Vec<Row> = Vec::with_capacity(apps.len());
+    for r in apps {
+        let Some(app) = r.app else { continue };
+        let app = ferry_core::App::try_from(app).map_err(|e| CliError::Failed {
+            message: format!("the controller sent an app this ferryctl cannot read: {e}"),
+        })?;
+        let components = app
+            .components
+            .iter()
+            .map(|c| Component {
+                name: c.name.to_string(),
+                kind: c.kind.label().to_owned(),
+                stateful: c.stateful,
+                state: c.state.as_str(),
+                volumes: c
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        app.volume(v)
+                            .map_or_else(|| v.to_string(), |v| v.path.to_string())
                     })
                     .collect(),
             })
-        })
-        .collect();
+            .collect();
+        rows.push(Row {
+            cluster: r.cluster,
+            node: r.node,
+            team: app.team.to_string(),
+            name: app.name.to_string(),
+            components,
+        });
+    }
     if out == Format::Json {
         return print_json(&rows);
     }
@@ -411,14 +399,6 @@ async fn app_ls(
     emit(&t.render())
 }
 
-fn state_name(state: i32) -> &'static str {
-    match v1::ComponentState::try_from(state) {
-        Ok(v1::ComponentState::Running) => "running",
-        Ok(v1::ComponentState::Stopped) => "stopped",
-        _ => "unknown",
-    }
-}
-
 async fn token_create(
     eff: &Effective,
     out: Format,
@@ -451,7 +431,7 @@ async fn token_create(
         });
     }
     let (token, cluster, ca) = (&resp.token, &resp.cluster, &resp.ca_fingerprint);
-    let expires = when(resp.expires_unix_ms, now_ms());
+    let expires = when(resp.expires_unix_ms, ferry_core::now_ms());
     let controller = &conn.controller;
     emit(&format!(
         "token:          {token}\n\
@@ -478,5 +458,7 @@ mod tests {
         assert!(parse_duration("5y").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert!(parse_duration("1500ms").is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! (operator certificates) and the standard health service.
 //!
 //! Domain errors become `tonic::Status` in one place: [`ApiError`]'s
-//! `From` impl below.
+//! `From` impl below, through `ferry_proto::status`.
 
 pub mod agent_session;
 pub mod auth;
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use ferry_core::{CodedError, ErrorCode, RetryClass};
+use ferry_proto::convert::ConvertError;
+
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::ConnectionLimits;
 use crate::fleet::Fleet;
@@ -42,7 +45,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
-/// Errors of the API layer, mapped to gRPC statuses in one place.
+/// Errors of the API layer. Each reports its [`ErrorCode`]; the gRPC code
+/// comes from the one mapping in `ferry_proto::status`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
@@ -50,44 +54,46 @@ pub enum ApiError {
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error("invalid request: {0}")]
+    Convert(#[from] ConvertError),
+    #[error("invalid request: {0}")]
     Invalid(String),
     #[error("{0}")]
     Denied(String),
 }
 
+impl From<ferry_core::NameError> for ApiError {
+    fn from(e: ferry_core::NameError) -> Self {
+        Self::Catalog(e.into())
+    }
+}
+
+impl CodedError for ApiError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Catalog(e) => e.code(),
+            Self::Pki(e) => e.code(),
+            Self::Convert(e) => e.code(),
+            Self::Invalid(_) => ErrorCode::InvalidArgument,
+            Self::Denied(_) => ErrorCode::PermissionDenied,
+        }
+    }
+
+    fn retry_class(&self) -> RetryClass {
+        match self {
+            Self::Catalog(e) => e.retry_class(),
+            Self::Pki(e) => e.retry_class(),
+            Self::Convert(e) => e.retry_class(),
+            Self::Invalid(_) | Self::Denied(_) => self.code().retry_class(),
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        let msg = e.to_string();
-        match e {
-            ApiError::Invalid(_) => Status::invalid_argument(msg),
-            ApiError::Denied(_) => Status::permission_denied(msg),
-            ApiError::Pki(PkiError::InvalidCsr { .. } | PkiError::InvalidSan { .. }) => {
-                Status::invalid_argument(msg)
-            }
-            ApiError::Pki(p) => {
-                tracing::error!(error = %Chain(&p), "pki failure");
-                Status::internal(msg)
-            }
-            ApiError::Catalog(c) => match c {
-                CatalogError::InvalidName { .. } | CatalogError::InvalidRecord { .. } => {
-                    Status::invalid_argument(msg)
-                }
-                CatalogError::ClusterNotFound { .. } | CatalogError::AgentNotFound { .. } => {
-                    Status::not_found(msg)
-                }
-                CatalogError::TokenUnknown { .. }
-                | CatalogError::TokenExpired { .. }
-                | CatalogError::TokenUsed { .. } => Status::unauthenticated(msg),
-                CatalogError::AgentConflict { .. }
-                | CatalogError::AppOwnedElsewhere { .. }
-                | CatalogError::TokenExists { .. } => Status::failed_precondition(msg),
-                other if other.is_transient() => Status::unavailable(msg),
-                _ => {
-                    tracing::error!(error = %Chain(&c), "catalog failure");
-                    Status::internal(msg)
-                }
-            },
+        if e.code() == ErrorCode::Internal {
+            tracing::error!(error = %Chain(&e), "internal failure");
         }
+        ferry_proto::status::to_status(&e)
     }
 }
 

@@ -31,8 +31,8 @@ use async_trait::async_trait;
 pub use error::CatalogError;
 pub use name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
 pub use record::{
-    AgentRecord, AppFilter, AppInventory, AppRecord, ClusterRecord, Component, ComponentKind,
-    ComponentState, RECORD_VERSION, TeamRecord, Timestamp, TokenRecord, TokenUse, Volume,
+    AgentRecord, App, AppFilter, AppRecord, ClusterRecord, TeamRecord, Timestamp, TokenRecord,
+    TokenUse,
 };
 
 /// The controller's durable state. All writes are durable on return.
@@ -115,13 +115,13 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Atomically replaces every app that `node` of `cluster` reported with
     /// `apps`. Fails, changing nothing, if the cluster is unknown, an app is
-    /// invalid or listed twice, or another node of the cluster already
-    /// reports an app with the same (team, name).
+    /// inconsistent ([`App::validate`]) or listed twice, or another node of
+    /// the cluster already reports an app with the same (team, name).
     async fn replace_inventory(
         &self,
         cluster: &ClusterName,
         node: &NodeName,
-        apps: Vec<AppInventory>,
+        apps: Vec<App>,
         now: Timestamp,
     ) -> Result<(), CatalogError>;
 

@@ -71,6 +71,20 @@ pub enum PkiError {
     Issue { what: &'static str, reason: String },
 }
 
+impl ferry_core::CodedError for PkiError {
+    fn code(&self) -> ferry_core::ErrorCode {
+        use ferry_core::ErrorCode;
+        match self {
+            Self::InvalidCsr { .. } | Self::InvalidSan { .. } => ErrorCode::InvalidArgument,
+            Self::AlreadyInitialised { .. } => ErrorCode::AlreadyExists,
+            Self::Read { .. }
+            | Self::Write { .. }
+            | Self::InvalidFile { .. }
+            | Self::Issue { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
 /// Paths of the files `init` writes.
 #[derive(Debug, Clone)]
 pub struct PkiPaths {

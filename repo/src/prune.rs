@@ -41,26 +41,6 @@ pub struct PruneReport {
     pub deferred_by_backup: bool,
 }
 
-/// Parses `90s`, `30m`, `24h`, `7d` or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, RepoError> {
-    let bad = || {
-        RepoError::InvalidInput(format!(
-            "invalid duration {s:?}: use e.g. 30s, 15m, 24h, 7d"
-        ))
-    };
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 'h')) => (&s[..i], 3600),
-        Some((i, 'd')) => (&s[..i], 86400),
-        Some(_) => (s, 1),
-        None => return Err(bad()),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad)
-}
-
 impl Repository {
     /// Every blob (trees and data) referenced by the given snapshots.
     pub async fn referenced_blobs(
@@ -271,23 +251,4 @@ impl Repository {
 
 fn mark_key(p: &PackId) -> String {
     format!("{MARKS_PREFIX}{}", p.to_hex())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("0s").ok(), Some(Duration::ZERO));
-        assert_eq!(parse_duration("15m").ok(), Some(Duration::from_secs(900)));
-        assert_eq!(
-            parse_duration("2d").ok(),
-            Some(Duration::from_secs(172_800))
-        );
-        assert_eq!(parse_duration("42").ok(), Some(Duration::from_secs(42)));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("-1h").is_err());
-    }
 }

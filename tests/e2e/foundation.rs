@@ -156,13 +156,16 @@ async fn agent_enrols_reports_and_reconnects_after_controller_restart() -> anyho
     let app = apps[0].app.clone().context("app")?;
     assert_eq!((app.name.as_str(), app.team.as_str()), ("shop", "web"));
     assert_eq!(app.components.len(), 1);
+    // Converted by ferry-proto: validated, and typed as the host kind.
+    let app = ferry_core::App::try_from(app).context("a valid app")?;
     let db = &app.components[0];
-    assert_eq!(db.kind, "commands");
+    assert_eq!(db.kind.label(), "commands");
     assert!(db.stateful);
-    assert_eq!(
-        db.volumes,
-        vec![format!("{}/db", agent_dir.path().display())]
-    );
+    let dir = format!("{}/db", agent_dir.path().display());
+    assert_eq!(db.volumes.len(), 1);
+    assert_eq!(db.volumes[0].as_str(), dir);
+    assert_eq!(app.volumes.len(), 1);
+    assert_eq!(app.volumes[0].path.as_str(), dir);
 
     // Kill the controller: the agent goes offline in its eyes and comes back.
     ctl.kill();

@@ -9,37 +9,20 @@ use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-use super::{App, Component, ComponentKind, ComponentRef, ComponentState, Platform, PlatformError};
-use crate::config::{AppConfig, CommandSpec};
+use ferry_core::{App, ComponentKind, HostComponent};
+
+use super::{ComponentRef, ComponentState, Platform, PlatformError};
 
 /// Stderr kept for error messages.
 const STDERR_LIMIT: usize = 2048;
 /// How long stderr is read after the command exited.
 const STDERR_DRAIN: Duration = Duration::from_millis(200);
 
-#[derive(Debug, Clone)]
-struct HostComponent {
-    reference: ComponentRef,
-    stateful: bool,
-    volumes: Vec<std::path::PathBuf>,
-    how: How,
-}
-
-#[derive(Debug, Clone)]
-enum How {
-    Systemd(String),
-    Commands {
-        start: Vec<String>,
-        stop: Vec<String>,
-        status: Option<Vec<String>>,
-    },
-}
-
 /// The host platform driver.
 #[derive(Debug)]
 pub struct HostPlatform {
-    apps: Vec<(String, String)>,
-    components: Vec<HostComponent>,
+    /// The declared apps; component states are filled per inventory.
+    apps: Vec<App>,
     timeout: Duration,
 }
 
@@ -52,47 +35,20 @@ struct Ran {
 }
 
 impl HostPlatform {
-    /// Builds the driver from validated config.
-    pub fn new(apps: &[AppConfig], timeout: Duration) -> Self {
-        let mut components = Vec::new();
-        for app in apps {
-            for c in &app.components {
-                let how = match (&c.systemd, &c.start, &c.stop) {
-                    (Some(unit), _, _) => How::Systemd(unit.clone()),
-                    (None, Some(start), Some(stop)) => How::Commands {
-                        start: start.argv(),
-                        stop: stop.argv(),
-                        status: c.status.as_ref().map(CommandSpec::argv),
-                    },
-                    // Config validation rules this out; skip defensively.
-                    _ => continue,
-                };
-                components.push(HostComponent {
-                    reference: ComponentRef {
-                        team: app.team.clone(),
-                        app: app.name.clone(),
-                        component: c.name.clone(),
-                    },
-                    stateful: c.stateful,
-                    volumes: c.volumes.clone(),
-                    how,
-                });
-            }
-        }
-        Self {
-            apps: apps
-                .iter()
-                .map(|a| (a.team.clone(), a.name.clone()))
-                .collect(),
-            components,
-            timeout,
-        }
+    /// Builds the driver from the apps declared in the agent config
+    /// ([`crate::config::AgentConfig::app_model`]).
+    pub fn new(apps: Vec<App>, timeout: Duration) -> Self {
+        Self { apps, timeout }
     }
 
     fn find(&self, r: &ComponentRef) -> Result<&HostComponent, PlatformError> {
-        self.components
+        self.apps
             .iter()
-            .find(|c| c.reference == *r)
+            .filter(|a| a.team == r.team && a.name == r.app)
+            .find_map(|a| a.component(&r.component))
+            .map(|c| match &c.kind {
+                ComponentKind::Host(h) => h,
+            })
             .ok_or_else(|| PlatformError::UnknownComponent {
                 component: Box::new(r.clone()),
             })
@@ -197,51 +153,31 @@ impl Platform for HostPlatform {
     }
 
     async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
-        let mut apps = Vec::new();
-        for (team, name) in &self.apps {
-            let mut components = Vec::new();
-            for c in self
-                .components
-                .iter()
-                .filter(|c| c.reference.team == *team && c.reference.app == *name)
-            {
-                let state = match self.status(&c.reference).await {
+        let mut apps = self.apps.clone();
+        for app in &mut apps {
+            for c in &mut app.components {
+                let r = ComponentRef {
+                    team: app.team.clone(),
+                    app: app.name.clone(),
+                    component: c.name.clone(),
+                };
+                c.state = match self.status(&r).await {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(component = %c.reference, error = %e, "status unknown");
+                        tracing::warn!(component = %r, error = %e, "status unknown");
                         ComponentState::Unknown
                     }
                 };
-                let kind = match &c.how {
-                    How::Systemd(unit) => ComponentKind::SystemdUnit { unit: unit.clone() },
-                    How::Commands { start, stop, .. } => ComponentKind::Commands {
-                        start: start.clone(),
-                        stop: stop.clone(),
-                    },
-                };
-                components.push(Component {
-                    name: c.reference.component.clone(),
-                    kind,
-                    stateful: c.stateful,
-                    volumes: c.volumes.clone(),
-                    state,
-                });
             }
-            apps.push(App {
-                name: name.clone(),
-                team: team.clone(),
-                components,
-            });
         }
         Ok(apps)
     }
 
     async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
-        let c = self.find(r)?;
-        match &c.how {
-            How::Systemd(unit) => {
+        match self.find(r)? {
+            HostComponent::Systemd { unit } => {
                 let ran = self
-                    .run("status", r, &Self::systemctl("is-active", unit))
+                    .run("status", r, &Self::systemctl("is-active", unit.as_str()))
                     .await?;
                 // is-active: 0 active; 3 inactive/failed; others: cannot tell.
                 Ok(match ran.code {
@@ -250,11 +186,11 @@ impl Platform for HostPlatform {
                     _ => ComponentState::Unknown,
                 })
             }
-            How::Commands { status: None, .. } => Ok(ComponentState::Unknown),
-            How::Commands {
+            HostComponent::Commands { status: None, .. } => Ok(ComponentState::Unknown),
+            HostComponent::Commands {
                 status: Some(argv), ..
             } => {
-                let ran = self.run("status", r, argv).await?;
+                let ran = self.run("status", r, argv.as_slice()).await?;
                 Ok(if ran.success {
                     ComponentState::Running
                 } else {
@@ -265,24 +201,26 @@ impl Platform for HostPlatform {
     }
 
     async fn stop(&self, r: &ComponentRef) -> Result<(), PlatformError> {
-        let c = self.find(r)?;
-        match &c.how {
-            How::Systemd(unit) => {
-                self.run_checked("stop", r, &Self::systemctl("stop", unit))
+        match self.find(r)? {
+            HostComponent::Systemd { unit } => {
+                self.run_checked("stop", r, &Self::systemctl("stop", unit.as_str()))
                     .await
             }
-            How::Commands { stop, .. } => self.run_checked("stop", r, stop).await,
+            HostComponent::Commands { stop, .. } => {
+                self.run_checked("stop", r, stop.as_slice()).await
+            }
         }
     }
 
     async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
-        let c = self.find(r)?;
-        match &c.how {
-            How::Systemd(unit) => {
-                self.run_checked("start", r, &Self::systemctl("start", unit))
+        match self.find(r)? {
+            HostComponent::Systemd { unit } => {
+                self.run_checked("start", r, &Self::systemctl("start", unit.as_str()))
                     .await
             }
-            How::Commands { start, .. } => self.run_checked("start", r, start).await,
+            HostComponent::Commands { start, .. } => {
+                self.run_checked("start", r, start.as_slice()).await
+            }
         }
     }
 }
@@ -291,6 +229,7 @@ impl Platform for HostPlatform {
 mod tests {
     use super::*;
     use crate::config::AgentConfig;
+    use ferry_core::CodedError;
 
     fn platform(dir: &std::path::Path, timeout: Duration) -> HostPlatform {
         let d = dir.display();
@@ -323,14 +262,14 @@ stop = "true"
 "#
         );
         let cfg = AgentConfig::parse(&text).expect("valid config");
-        HostPlatform::new(&cfg.apps, timeout)
+        HostPlatform::new(cfg.app_model().expect("model"), timeout)
     }
 
     fn r(c: &str) -> ComponentRef {
         ComponentRef {
-            team: "web".into(),
-            app: "shop".into(),
-            component: c.into(),
+            team: "web".parse().expect("team"),
+            app: "shop".parse().expect("app"),
+            component: c.parse().expect("component"),
         }
     }
 
@@ -359,7 +298,11 @@ stop = "true"
         let sleeper = &inv[0].components[0];
         assert_eq!(sleeper.state, ComponentState::Running);
         assert!(sleeper.stateful);
-        assert_eq!(sleeper.volumes, vec![dir.path().join("data")]);
+        let data = format!("{}/data", dir.path().display());
+        assert_eq!(sleeper.volumes.len(), 1);
+        assert_eq!(sleeper.volumes[0].as_str(), data);
+        assert_eq!(inv[0].volumes.len(), 1);
+        assert_eq!(inv[0].volumes[0].path.as_str(), data);
         assert_eq!(inv[0].components[1].state, ComponentState::Unknown);
 
         p.stop(&r("sleeper")).await.expect("stop");
@@ -416,11 +359,11 @@ stop = "true"
             "controller = \"https://c:1\"\ndata_dir = \"/d\"\n[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps.components]]\nname = \"u\"\nsystemd = \"ferry-test-does-not-exist.service\"\n",
         )
         .expect("valid");
-        let p = HostPlatform::new(&cfg.apps, Duration::from_secs(10));
+        let p = HostPlatform::new(cfg.app_model().expect("model"), Duration::from_secs(10));
         let c = ComponentRef {
-            team: "t".into(),
-            app: "a".into(),
-            component: "u".into(),
+            team: "t".parse().expect("team"),
+            app: "a".parse().expect("app"),
+            component: "u".parse().expect("component"),
         };
         match p.status(&c).await {
             Ok(state) => assert_ne!(state, ComponentState::Running),

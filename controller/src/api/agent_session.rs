@@ -3,10 +3,10 @@
 //! agent's certificate; then heartbeats and inventories flow until either
 //! side goes away.
 
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
+use ferry_core::{Inventory, now_ms};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;
 use ferry_proto::v1::agent_sessions_server::AgentSessions;
@@ -18,10 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::AgentPeer;
 use super::{ApiError, Shared};
-use crate::catalog::{
-    AgentRecord, AppInventory, AppName, Component, ComponentKind, ComponentName, ComponentState,
-    TeamName, Timestamp, Volume,
-};
+use crate::catalog::{AgentRecord, Timestamp};
 
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,63 +33,6 @@ impl AgentSessionApi {
     pub fn new(shared: Shared) -> Self {
         Self { shared }
     }
-}
-
-/// Converts a reported inventory into catalog records, validating names.
-pub fn inventory_from_pb(inv: pb::Inventory) -> Result<Vec<AppInventory>, ApiError> {
-    inv.apps
-        .into_iter()
-        .map(|app| {
-            let components = app
-                .components
-                .into_iter()
-                .map(|c| {
-                    let kind = match c.kind.as_str() {
-                        "systemd" => ComponentKind::SystemdUnit { unit: c.unit },
-                        "commands" => ComponentKind::Commands {
-                            start: c.start,
-                            stop: c.stop,
-                        },
-                        "container" => ComponentKind::Container { container: c.unit },
-                        other => {
-                            return Err(ApiError::Invalid(format!(
-                                "component {} of app {} has unknown kind {other:?}",
-                                c.name, app.name
-                            )));
-                        }
-                    };
-                    let state = match pb::ComponentState::try_from(c.state) {
-                        Ok(pb::ComponentState::Running) => ComponentState::Running,
-                        Ok(pb::ComponentState::Stopped) => ComponentState::Stopped,
-                        _ => ComponentState::Unknown,
-                    };
-                    Ok(Component {
-                        state,
-                        name: ComponentName::new(c.name)?,
-                        kind,
-                        stateful: c.stateful,
-                        volumes: c
-                            .volumes
-                            .into_iter()
-                            .map(|p| Volume {
-                                name: p.clone(),
-                                path: PathBuf::from(p),
-                            })
-                            .collect(),
-                    })
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?;
-            Ok(AppInventory {
-                name: AppName::new(app.name)?,
-                team: TeamName::new(app.team)?,
-                components,
-            })
-        })
-        .collect()
-}
-
-fn now_ms() -> i64 {
-    Timestamp::now().unix_millis()
 }
 
 impl AgentSessionApi {
@@ -216,9 +156,9 @@ impl AgentSessions for AgentSessionApi {
                         }
                     }
                     Some(AgentKind::Inventory(inv)) => {
-                        let apps = inventory_from_pb(inv);
-                        let result = match apps {
-                            Ok(apps) => {
+                        // Validated on the way in: names, paths, kinds, consistency.
+                        let result = match Inventory::try_from(inv).map_err(ApiError::from) {
+                            Ok(Inventory { apps, .. }) => {
                                 let n = apps.len();
                                 shared
                                     .catalog

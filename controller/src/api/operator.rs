@@ -2,15 +2,13 @@
 
 use std::time::Duration;
 
+use ferry_proto::convert::{optional, parse};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::operator_server::Operator;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Shared};
-use crate::catalog::{
-    AppFilter, AppRecord, ClusterName, ComponentKind, ComponentState, TeamName, Timestamp,
-    TokenHash, TokenRecord,
-};
+use crate::catalog::{AppFilter, AppRecord, ClusterName, Timestamp, TokenHash, TokenRecord};
 
 /// Join tokens live one hour unless asked otherwise, at most one week.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -26,69 +24,17 @@ impl OperatorApi {
     }
 }
 
-fn optional<T>(
-    value: String,
-    parse: impl FnOnce(String) -> Result<T, crate::catalog::CatalogError>,
-) -> Result<Option<T>, ApiError> {
-    if value.is_empty() {
-        Ok(None)
-    } else {
-        Ok(Some(parse(value)?))
-    }
-}
-
 /// A new secret join token: `fjt_` + 32 random bytes in hex.
 fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();
     format!("fjt_{}", hex::encode(bytes))
 }
 
-pub(crate) fn app_to_pb(app: AppRecord) -> pb::AppRecord {
-    let components = app
-        .components
-        .into_iter()
-        .map(|c| {
-            let mut out = pb::Component {
-                name: c.name.to_string(),
-                stateful: c.stateful,
-                volumes: c
-                    .volumes
-                    .iter()
-                    .map(|v| v.path.display().to_string())
-                    .collect(),
-                state: match c.state {
-                    ComponentState::Running => pb::ComponentState::Running,
-                    ComponentState::Stopped => pb::ComponentState::Stopped,
-                    ComponentState::Unknown => pb::ComponentState::Unknown,
-                } as i32,
-                ..Default::default()
-            };
-            match c.kind {
-                ComponentKind::SystemdUnit { unit } => {
-                    out.kind = "systemd".into();
-                    out.unit = unit;
-                }
-                ComponentKind::Commands { start, stop } => {
-                    out.kind = "commands".into();
-                    out.start = start;
-                    out.stop = stop;
-                }
-                ComponentKind::Container { container } => {
-                    out.kind = "container".into();
-                    out.unit = container;
-                }
-            }
-            out
-        })
-        .collect();
+pub(crate) fn app_to_pb(rec: AppRecord) -> pb::AppRecord {
     pb::AppRecord {
-        cluster: app.cluster.to_string(),
-        node: app.node.to_string(),
-        app: Some(pb::App {
-            name: app.name.to_string(),
-            team: app.team.to_string(),
-            components,
-        }),
+        cluster: rec.cluster.to_string(),
+        node: rec.node.to_string(),
+        app: Some(rec.app.into()),
     }
 }
 
@@ -97,7 +43,7 @@ impl OperatorApi {
         &self,
         r: pb::CreateJoinTokenRequest,
     ) -> Result<pb::CreateJoinTokenResponse, ApiError> {
-        let cluster = ClusterName::new(r.cluster)?;
+        let cluster: ClusterName = parse(|| "cluster".to_owned(), r.cluster)?;
         let ttl = match r.ttl_seconds {
             0 => DEFAULT_TOKEN_TTL,
             s if s > MAX_TOKEN_TTL.as_secs() => {
@@ -130,7 +76,7 @@ impl OperatorApi {
         &self,
         r: pb::ListAgentsRequest,
     ) -> Result<pb::ListAgentsResponse, ApiError> {
-        let cluster = optional(r.cluster, ClusterName::new)?;
+        let cluster = optional("cluster", r.cluster)?;
         let agents = self.shared.catalog.list_agents(cluster.as_ref()).await?;
         let fleet = &self.shared.fleet;
         Ok(pb::ListAgentsResponse {
@@ -153,8 +99,8 @@ impl OperatorApi {
 
     async fn list_apps(&self, r: pb::ListAppsRequest) -> Result<pb::ListAppsResponse, ApiError> {
         let filter = AppFilter {
-            cluster: optional(r.cluster, ClusterName::new)?,
-            team: optional(r.team, TeamName::new)?,
+            cluster: optional("cluster", r.cluster)?,
+            team: optional("team", r.team)?,
         };
         let apps = self.shared.catalog.list_apps(&filter).await?;
         Ok(pb::ListAppsResponse {

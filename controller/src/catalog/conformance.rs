@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::store::{FORMAT_VERSION, Table};
 use super::*;
+use ferry_core::{
+    Argv, CodedError, Component, ComponentKind, ComponentState, HostComponent, HostPath, UnitName,
+    Volume, VolumeName,
+};
 
 pub(crate) fn t(ms: i64) -> Timestamp {
     Timestamp::from_unix_millis(ms)
@@ -116,32 +120,40 @@ fn agent(id: &str, c: &str, n: &str, at: i64) -> AgentRecord {
     }
 }
 
-fn app(name: &str, tm: &str, vol: &str) -> AppInventory {
-    AppInventory {
+fn app(name: &str, tm: &str, vol: &str) -> App {
+    let volume = VolumeName::new(vol).expect("volume name");
+    App {
         name: AppName::new(name).expect("app name"),
         team: team(tm),
+        volumes: vec![Volume {
+            name: volume.clone(),
+            path: HostPath::new(vol).expect("volume path"),
+        }],
         components: vec![
             Component {
                 state: ComponentState::Running,
                 name: ComponentName::new("postgresql@15-main.service").expect("component"),
-                kind: ComponentKind::SystemdUnit {
-                    unit: "postgresql@15-main.service".into(),
-                },
+                kind: ComponentKind::Host(HostComponent::Systemd {
+                    unit: UnitName::new("postgresql@15-main.service").expect("unit"),
+                }),
                 stateful: true,
-                volumes: vec![Volume {
-                    name: "pgdata".into(),
-                    path: vol.into(),
-                }],
+                volumes: vec![volume],
+                depends_on: vec![],
             },
             Component {
                 state: ComponentState::Running,
                 name: ComponentName::new("web").expect("component"),
-                kind: ComponentKind::Commands {
-                    start: vec!["/usr/bin/web".into(), "--serve".into()],
-                    stop: vec!["/usr/bin/pkill".into(), "-x".into(), "web".into()],
-                },
+                kind: ComponentKind::Host(HostComponent::Commands {
+                    start: Argv::new(vec!["/usr/bin/web".into(), "--serve".into()]).expect("argv"),
+                    stop: Argv::new(vec!["/usr/bin/pkill".into(), "-x".into(), "web".into()])
+                        .expect("argv"),
+                    status: None,
+                }),
                 stateful: false,
                 volumes: vec![],
+                depends_on: vec![
+                    ComponentName::new("postgresql@15-main.service").expect("component"),
+                ],
             },
         ],
     }
@@ -467,7 +479,7 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
     let all = c.list_apps(&AppFilter::default()).await.expect("all");
     let keys: Vec<_> = all
         .iter()
-        .map(|a| format!("{}/{}/{}", a.cluster, a.team, a.name))
+        .map(|a| format!("{}/{}/{}", a.cluster, a.app.team, a.app.name))
         .collect();
     assert_eq!(
         keys,
@@ -510,7 +522,7 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .expect("shop");
     assert_eq!(shop.node, node("n1"));
     assert_eq!(shop.reported_at, t(10));
-    assert_eq!(shop.components, app("shop", "web", "/srv/shop").components);
+    assert_eq!(shop.app, app("shop", "web", "/srv/shop"));
 
     // Another node may not claim an app node n1 reports; nothing changes.
     let err = c
@@ -543,16 +555,18 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .await
         .expect_err("listed twice");
     assert!(matches!(err, CatalogError::InvalidRecord { .. }), "{err}");
+    let mut dangling = app("shop", "web", "/a");
+    dangling.volumes.clear();
     let err = c
-        .replace_inventory(
-            &prod,
-            &node("n1"),
-            vec![app("shop", "web", "../etc")],
-            t(21),
-        )
+        .replace_inventory(&prod, &node("n1"), vec![dangling], t(21))
         .await
-        .expect_err("relative volume");
+        .expect_err("unknown volume");
     assert!(matches!(err, CatalogError::InvalidRecord { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("app shop of team web: component postgresql@15-main.service uses volume /a"),
+        "{err}"
+    );
 
     // A new report replaces the old one: blog and warehouse disappear.
     c.replace_inventory(
@@ -572,10 +586,7 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .expect("prod");
     assert_eq!(prod_apps.len(), 1);
     assert_eq!(prod_apps[0].reported_at, t(30));
-    assert_eq!(
-        prod_apps[0].components[0].volumes[0].path,
-        PathBuf::from("/srv/shop2")
-    );
+    assert_eq!(prod_apps[0].app.volumes[0].path.as_str(), "/srv/shop2");
 
     // An empty report clears the node; then n2 may take the app.
     c.replace_inventory(&prod, &node("n1"), vec![], t(40))

@@ -18,6 +18,9 @@ use std::time::Instant;
 
 use super::conformance::{cluster, node, t, team};
 use super::*;
+use ferry_core::{
+    Argv, Component, ComponentKind, ComponentState, HostComponent, HostPath, Volume, VolumeName,
+};
 
 const WRITER_ENV: &str = "FERRY_CRASH_WRITER";
 const ENGINE_ENV: &str = "FERRY_CRASH_ENGINE";
@@ -55,26 +58,30 @@ fn token_for(id: u64) -> TokenRecord {
 }
 
 /// The inventory written for `id`: about 1.5 KiB of checksummed paths.
-fn inventory_for(id: u64) -> AppInventory {
+fn inventory_for(id: u64) -> App {
     let d = digest(id);
-    AppInventory {
+    let volumes: Vec<Volume> = (0..8)
+        .map(|k| Volume {
+            name: VolumeName::new(format!("v{k}-{}", &d[..16])).expect("volume name"),
+            path: HostPath::new(format!("/data/{id}/{k}/{d}")).expect("volume path"),
+        })
+        .collect();
+    App {
         name: AppName::new(format!("a{id}")).expect("app name"),
         team: team("crash"),
         components: vec![Component {
             state: ComponentState::Running,
             name: ComponentName::new(format!("c{id}")).expect("component name"),
-            kind: ComponentKind::Commands {
-                start: vec!["/bin/start".into(), d.clone()],
-                stop: vec!["/bin/stop".into(), id.to_string()],
-            },
+            kind: ComponentKind::Host(HostComponent::Commands {
+                start: Argv::new(vec!["/bin/start".into(), d.clone()]).expect("argv"),
+                stop: Argv::new(vec!["/bin/stop".into(), id.to_string()]).expect("argv"),
+                status: None,
+            }),
             stateful: true,
-            volumes: (0..8)
-                .map(|k| Volume {
-                    name: format!("v{k}-{}", &d[..16]),
-                    path: format!("/data/{id}/{k}/{d}").into(),
-                })
-                .collect(),
+            volumes: volumes.iter().map(|v| v.name.clone()).collect(),
+            depends_on: vec![],
         }],
+        volumes,
     }
 }
 
@@ -221,11 +228,12 @@ async fn verify(
     let mut per_node: BTreeMap<NodeName, u64> = BTreeMap::new();
     for app in &apps {
         let id: u64 = app
+            .app
             .name
             .as_str()
             .strip_prefix('a')
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("iteration {iteration}: unexpected app {}", app.name));
+            .unwrap_or_else(|| panic!("iteration {iteration}: unexpected app {}", app.app.name));
         assert!(
             acked.contains(&id) || in_flight.contains(&id),
             "iteration {iteration}: app {id} was never written"
@@ -237,8 +245,8 @@ async fn verify(
         );
         assert_eq!(app.reported_at, t(millis(id)));
         assert_eq!(
-            app.components,
-            inventory_for(id).components,
+            app.app,
+            inventory_for(id),
             "iteration {iteration}: app {id} payload altered"
         );
         assert!(

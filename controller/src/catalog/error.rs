@@ -2,23 +2,22 @@
 
 use std::path::PathBuf;
 
+use ferry_core::{CodedError, ErrorCode, NameError};
+
 use super::name::{AgentId, AppName, ClusterName, NodeName, TeamName};
 use super::record::Timestamp;
 
 /// Everything a catalog operation can fail with.
 ///
-/// [`CatalogError::is_transient`] tells callers whether retrying the same
-/// call later can help (I/O trouble) or not (bad input, missing objects,
-/// a used token, a database held by another process).
+/// Its [`CodedError`] code tells callers what kind of failure it is and
+/// whether retrying the same call later can help (I/O trouble) or not (bad
+/// input, missing objects, a used token, a database held by another
+/// process).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CatalogError {
-    #[error("invalid {kind} {value:?}: {reason}")]
-    InvalidName {
-        kind: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
     #[error("invalid {what}: {reason}")]
     InvalidRecord { what: String, reason: String },
     #[error("cluster {cluster} not found")]
@@ -100,17 +99,63 @@ pub enum CatalogError {
     Task { op: &'static str, reason: String },
 }
 
-impl CatalogError {
-    /// True when retrying the same operation later may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Storage { .. } | Self::Task { .. })
+impl CodedError for CatalogError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidName(_) | Self::InvalidRecord { .. } | Self::UnknownEngine { .. } => {
+                ErrorCode::InvalidArgument
+            }
+            Self::ClusterNotFound { .. } | Self::AgentNotFound { .. } => ErrorCode::NotFound,
+            Self::TokenUnknown { .. } | Self::TokenExpired { .. } | Self::TokenUsed { .. } => {
+                ErrorCode::Unauthenticated
+            }
+            Self::AgentConflict { .. }
+            | Self::AppOwnedElsewhere { .. }
+            | Self::TokenExists { .. }
+            | Self::InUse { .. }
+            | Self::EngineNotBuilt { .. } => ErrorCode::FailedPrecondition,
+            Self::Storage { .. } | Self::Task { .. } => ErrorCode::Unavailable,
+            Self::UnsupportedFormat { .. }
+            | Self::UnsupportedVersion { .. }
+            | Self::Corrupt { .. }
+            | Self::Encode { .. }
+            | Self::Damaged { .. }
+            | Self::Access { .. } => ErrorCode::Internal,
+        }
     }
+}
 
+impl CatalogError {
     /// True when the error says the named object does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
             Self::ClusterNotFound { .. } | Self::AgentNotFound { .. } | Self::TokenUnknown { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_storage_trouble_is_worth_a_retry() {
+        let storage = CatalogError::Storage {
+            op: "put",
+            source: "disk full".into(),
+        };
+        assert_eq!(storage.code(), ErrorCode::Unavailable);
+        assert!(storage.is_transient());
+        let used = CatalogError::TokenUnknown { hash: "ab".into() };
+        assert_eq!(used.code(), ErrorCode::Unauthenticated);
+        assert!(!used.is_transient());
+        let corrupt = CatalogError::Corrupt {
+            table: "apps",
+            key: "k".into(),
+            reason: "bad".into(),
+        };
+        assert_eq!(corrupt.code(), ErrorCode::Internal);
+        assert!(!corrupt.is_transient());
     }
 }

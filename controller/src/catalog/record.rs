@@ -1,71 +1,29 @@
 //! Catalog records and their versioned on-disk envelope.
 //!
-//! Every value is stored as JSON `{"v": 1, "record": {...}}`. Readers check
-//! `v` before decoding the record, so a record written by a newer Ferry is
-//! refused with a clear error instead of being misread.
-
-use std::fmt;
-use std::path::PathBuf;
+//! Every value is stored as JSON `{"v": N, "record": {...}}`, where `N` is
+//! the version of that record type ([`Record::VERSION`]). Readers check `v`
+//! before decoding the record: a record written by a newer Ferry is refused
+//! with a clear error instead of being misread, and an older one is read
+//! through its type's [`Record::upgrade`].
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use ferry_core::{App, Timestamp};
+
 use super::CatalogError;
-use super::name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
+use super::name::{AgentId, ClusterName, NodeName, TeamName, TokenHash};
 
-/// The record format version this build writes and the newest it reads.
-pub const RECORD_VERSION: u32 = 1;
+/// A value stored in a catalog table.
+pub(crate) trait Record: Serialize + DeserializeOwned {
+    /// The version this build writes, and the newest it reads.
+    const VERSION: u32 = 1;
 
-/// Milliseconds since the Unix epoch (UTC).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Timestamp(i64);
-
-impl Timestamp {
-    /// The current wall-clock time.
-    pub fn now() -> Self {
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        Self(millis)
-    }
-
-    /// A timestamp from Unix milliseconds.
-    pub const fn from_unix_millis(millis: i64) -> Self {
-        Self(millis)
-    }
-
-    /// Unix milliseconds.
-    pub const fn unix_millis(self) -> i64 {
-        self.0
-    }
-
-    /// This timestamp moved forward by `d` (saturating).
-    pub fn plus(self, d: std::time::Duration) -> Self {
-        let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        Self(self.0.saturating_add(ms))
-    }
-}
-
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nanos = i128::from(self.0) * 1_000_000;
-        match time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            }) {
-            Some(s) => f.write_str(&s),
-            None => write!(f, "unix-ms {}", self.0),
-        }
-    }
-}
-
-impl fmt::Debug for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Timestamp({self})")
+    /// Reads `record` written in an older version `found` (1 ≤ found <
+    /// VERSION). Types that never changed keep the default, never called.
+    fn upgrade(found: u32, record: serde_json::Value) -> Result<Self, String> {
+        drop(record);
+        Err(format!("no reader for format version {found}"))
     }
 }
 
@@ -138,116 +96,39 @@ impl TokenRecord {
     }
 }
 
-/// How the agent starts and stops a component.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum ComponentKind {
-    /// A systemd unit, stopped and started with systemctl.
-    SystemdUnit { unit: String },
-    /// Explicit commands (argv vectors) declared in the agent's config.
-    Commands {
-        start: Vec<String>,
-        stop: Vec<String>,
-    },
-    /// A container managed through the Docker Engine API (Docker or Podman).
-    Container { container: String },
-}
-
-/// A directory holding a component's persistent data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Volume {
-    /// Name of the volume as the platform knows it (may equal the path).
-    pub name: String,
-    /// Absolute directory on the node.
-    pub path: PathBuf,
-}
-
-/// Whether a component was running when its agent last reported it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ComponentState {
-    Running,
-    Stopped,
-    /// The driver could not tell, or the record predates the field.
-    #[default]
-    Unknown,
-}
-
-/// One component of an application.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Component {
-    pub name: ComponentName,
-    pub kind: ComponentKind,
-    /// Stateful components are stopped during a cold backup.
-    pub stateful: bool,
-    pub volumes: Vec<Volume>,
-    /// As last reported (see the app's `reported_at`).
-    #[serde(default)]
-    pub state: ComponentState,
-}
-
-/// An application as an agent reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppInventory {
-    pub name: AppName,
-    pub team: TeamName,
-    pub components: Vec<Component>,
-}
-
-/// An application as the catalog holds it: the inventory plus where it was
-/// reported from.
+/// An application as the catalog holds it: the app model as its agent
+/// reported it, plus where and when.
+///
+/// Version 2. Version 1 (before ferry-core) kept `name`, `team` and
+/// `components` at the top level, a tagged component `kind`
+/// (`systemd_unit`, `commands`, `container`) and volumes inside each
+/// component; it is still read (see [`legacy`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppRecord {
-    pub name: AppName,
-    pub team: TeamName,
     pub cluster: ClusterName,
     /// The node whose agent reported this app.
     pub node: NodeName,
-    pub components: Vec<Component>,
     pub reported_at: Timestamp,
+    pub app: App,
 }
 
-impl AppInventory {
-    /// Checks what names cannot: volume paths are absolute and plain,
-    /// component names are unique, strings are bounded.
-    pub(crate) fn validate(&self) -> Result<(), CatalogError> {
-        let bad = |reason: String| CatalogError::InvalidRecord {
-            what: format!("app {} of team {}", self.name, self.team),
-            reason,
-        };
-        let mut seen = std::collections::BTreeSet::new();
-        for c in &self.components {
-            if !seen.insert(c.name.as_str()) {
-                return Err(bad(format!("component {} is listed twice", c.name)));
-            }
-            for v in &c.volumes {
-                if v.name.is_empty() || v.name.len() > 253 || v.name.contains('\0') {
-                    return Err(bad(format!(
-                        "component {} has a volume with an empty or oversized name",
-                        c.name
-                    )));
-                }
-                let plain = v.path.is_absolute()
-                    && v.path.components().all(|p| {
-                        matches!(
-                            p,
-                            std::path::Component::RootDir | std::path::Component::Normal(_)
-                        )
-                    });
-                if !plain {
-                    return Err(bad(format!(
-                        "volume {} of component {} must be an absolute path without '..': {}",
-                        v.name,
-                        c.name,
-                        v.path.display()
-                    )));
-                }
-            }
+impl Record for AppRecord {
+    const VERSION: u32 = 2;
+
+    fn upgrade(found: u32, record: serde_json::Value) -> Result<Self, String> {
+        match found {
+            1 => serde_json::from_value::<legacy::AppRecordV1>(record)
+                .map_err(|e| e.to_string())?
+                .upgrade(),
+            other => Err(format!("no reader for format version {other}")),
         }
-        Ok(())
     }
 }
+
+impl Record for ClusterRecord {}
+impl Record for TeamRecord {}
+impl Record for AgentRecord {}
+impl Record for TokenRecord {}
 
 /// Which apps `list_apps` returns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -257,9 +138,130 @@ pub struct AppFilter {
 }
 
 impl AppFilter {
-    pub(crate) fn matches(&self, app: &AppRecord) -> bool {
-        self.cluster.as_ref().is_none_or(|c| *c == app.cluster)
-            && self.team.as_ref().is_none_or(|t| *t == app.team)
+    pub(crate) fn matches(&self, rec: &AppRecord) -> bool {
+        self.cluster.as_ref().is_none_or(|c| *c == rec.cluster)
+            && self.team.as_ref().is_none_or(|t| *t == rec.app.team)
+    }
+}
+
+/// Version 1 of the app record, read and upgraded, never written.
+mod legacy {
+    use ferry_core::{
+        AppName, Argv, Component, ComponentKind, ComponentName, ComponentState, HostComponent,
+        HostPath, TeamName, UnitName, Volume, VolumeName,
+    };
+    use serde::Deserialize;
+
+    use super::{App, AppRecord, ClusterName, NodeName, Timestamp};
+
+    #[derive(Deserialize)]
+    pub(super) struct AppRecordV1 {
+        name: AppName,
+        team: TeamName,
+        cluster: ClusterName,
+        node: NodeName,
+        components: Vec<ComponentV1>,
+        reported_at: Timestamp,
+    }
+
+    #[derive(Deserialize)]
+    struct ComponentV1 {
+        name: ComponentName,
+        kind: KindV1,
+        stateful: bool,
+        volumes: Vec<VolumeV1>,
+        #[serde(default)]
+        state: ComponentState,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum KindV1 {
+        SystemdUnit {
+            unit: String,
+        },
+        Commands {
+            start: Vec<String>,
+            stop: Vec<String>,
+        },
+        Container {
+            container: String,
+        },
+    }
+
+    #[derive(Deserialize)]
+    struct VolumeV1 {
+        name: String,
+        path: String,
+    }
+
+    impl AppRecordV1 {
+        /// The same app in the model: volumes move up to the app (one per
+        /// name), components refer to them by name.
+        pub(super) fn upgrade(self) -> Result<AppRecord, String> {
+            let mut volumes: Vec<Volume> = Vec::new();
+            let mut components = Vec::with_capacity(self.components.len());
+            for c in self.components {
+                let what = |e: &dyn std::fmt::Display| format!("component {}: {e}", c.name);
+                let kind = match c.kind {
+                    KindV1::SystemdUnit { unit } => HostComponent::Systemd {
+                        unit: UnitName::new(unit).map_err(|e| what(&e))?,
+                    },
+                    KindV1::Commands { start, stop } => HostComponent::Commands {
+                        start: Argv::new(start).map_err(|e| what(&e))?,
+                        stop: Argv::new(stop).map_err(|e| what(&e))?,
+                        status: None,
+                    },
+                    KindV1::Container { container } => {
+                        return Err(what(&format!(
+                            "container {container:?} cannot be read by this build (no container driver)"
+                        )));
+                    }
+                };
+                let mut names = Vec::with_capacity(c.volumes.len());
+                for v in c.volumes {
+                    let name = VolumeName::new(v.name).map_err(|e| what(&e))?;
+                    let path = HostPath::new(v.path).map_err(|e| what(&e))?;
+                    match volumes.iter().find(|known| known.name == name) {
+                        Some(known) if known.path != path => {
+                            return Err(what(&format!(
+                                "volume {name} has two paths, {} and {path}",
+                                known.path
+                            )));
+                        }
+                        Some(_) => {}
+                        None => volumes.push(Volume {
+                            name: name.clone(),
+                            path,
+                        }),
+                    }
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                components.push(Component {
+                    name: c.name,
+                    kind: ComponentKind::Host(kind),
+                    stateful: c.stateful,
+                    volumes: names,
+                    depends_on: Vec::new(),
+                    state: c.state,
+                });
+            }
+            let app = App {
+                name: self.name,
+                team: self.team,
+                components,
+                volumes,
+            };
+            app.validate().map_err(|e| e.to_string())?;
+            Ok(AppRecord {
+                cluster: self.cluster,
+                node: self.node,
+                reported_at: self.reported_at,
+                app,
+            })
+        }
     }
 }
 
@@ -281,13 +283,10 @@ struct EnvelopeIn<T> {
     record: T,
 }
 
-/// Encodes a record in the current envelope.
-pub(crate) fn encode<T: Serialize>(
-    table: &'static str,
-    record: &T,
-) -> Result<Vec<u8>, CatalogError> {
+/// Encodes a record in its type's current envelope.
+pub(crate) fn encode<T: Record>(table: &'static str, record: &T) -> Result<Vec<u8>, CatalogError> {
     serde_json::to_vec(&EnvelopeOut {
-        v: RECORD_VERSION,
+        v: T::VERSION,
         record,
     })
     .map_err(|e| CatalogError::Encode {
@@ -296,8 +295,8 @@ pub(crate) fn encode<T: Serialize>(
     })
 }
 
-/// Decodes a record, refusing versions this build does not know.
-pub(crate) fn decode<T: DeserializeOwned>(
+/// Decodes a record, upgrading older versions and refusing newer ones.
+pub(crate) fn decode<T: Record>(
     table: &'static str,
     key: &str,
     bytes: &[u8],
@@ -309,21 +308,32 @@ pub(crate) fn decode<T: DeserializeOwned>(
     };
     let probe: VersionProbe = serde_json::from_slice(bytes)
         .map_err(|e| corrupt(format!("no readable format version: {e}")))?;
-    if probe.v == 0 || probe.v > RECORD_VERSION {
+    if probe.v == 0 || probe.v > T::VERSION {
         return Err(CatalogError::UnsupportedVersion {
             table,
             key: key.to_owned(),
             found: probe.v,
-            supported: RECORD_VERSION,
+            supported: T::VERSION,
         });
     }
-    let env: EnvelopeIn<T> = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    Ok(env.record)
+    if probe.v == T::VERSION {
+        let env: EnvelopeIn<T> =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        return Ok(env.record);
+    }
+    let env: EnvelopeIn<serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    T::upgrade(probe.v, env.record)
+        .map_err(|reason| corrupt(format!("format version {}: {reason}", probe.v)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::{
+        Argv, CodedError, Component, ComponentKind, ComponentState, HostComponent, HostPath,
+        UnitName, Volume,
+    };
 
     fn cluster() -> ClusterRecord {
         ClusterRecord {
@@ -355,6 +365,15 @@ mod tests {
         ));
         assert!(err.to_string().contains("clusters record prod"), "{err}");
         assert!(!err.is_transient());
+        let err = decode::<AppRecord>("apps", "k", br#"{"v":3,"record":{}}"#).expect_err("v3");
+        assert!(matches!(
+            err,
+            CatalogError::UnsupportedVersion {
+                found: 3,
+                supported: 2,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -369,41 +388,109 @@ mod tests {
         }
     }
 
+    fn app_record() -> AppRecord {
+        AppRecord {
+            cluster: ClusterName::new("prod").expect("valid"),
+            node: NodeName::new("node-1").expect("valid"),
+            reported_at: Timestamp::from_unix_millis(1_700_000_000_000),
+            app: App {
+                name: "shop".parse().expect("valid"),
+                team: "web".parse().expect("valid"),
+                volumes: vec![Volume {
+                    name: "/var/lib/pg".parse().expect("valid"),
+                    path: HostPath::new("/var/lib/pg").expect("valid"),
+                }],
+                components: vec![
+                    Component {
+                        name: "db".parse().expect("valid"),
+                        kind: ComponentKind::Host(HostComponent::Systemd {
+                            unit: UnitName::new("postgresql.service").expect("valid"),
+                        }),
+                        stateful: true,
+                        volumes: vec!["/var/lib/pg".parse().expect("valid")],
+                        depends_on: vec![],
+                        state: ComponentState::Running,
+                    },
+                    Component {
+                        name: "web".parse().expect("valid"),
+                        kind: ComponentKind::Host(HostComponent::Commands {
+                            start: Argv::new(vec!["/bin/web".into()]).expect("valid"),
+                            stop: Argv::new(vec!["pkill".into(), "web".into()]).expect("valid"),
+                            status: None,
+                        }),
+                        stateful: false,
+                        volumes: vec![],
+                        depends_on: vec![],
+                        state: ComponentState::Unknown,
+                    },
+                ],
+            },
+        }
+    }
+
+    /// An app record exactly as Ferry wrote it before ferry-core (version 1).
+    const APP_V1: &str = r#"{"v":1,"record":{"name":"shop","team":"web","cluster":"prod","node":"node-1","components":[{"name":"db","kind":{"type":"systemd_unit","unit":"postgresql.service"},"stateful":true,"volumes":[{"name":"/var/lib/pg","path":"/var/lib/pg"}],"state":"running"},{"name":"web","kind":{"type":"commands","start":["/bin/web"],"stop":["pkill","web"]},"stateful":false,"volumes":[]}],"reported_at":1700000000000}}"#;
+
     #[test]
-    fn timestamp_displays_rfc3339() {
-        assert_eq!(
-            Timestamp::from_unix_millis(0).to_string(),
-            "1970-01-01T00:00:00Z"
-        );
-        assert!(Timestamp::now() > Timestamp::from_unix_millis(1_600_000_000_000));
+    fn app_records_of_version_1_are_read_as_the_model() {
+        let rec: AppRecord = decode("apps", "prod/web/shop", APP_V1.as_bytes()).expect("v1 reads");
+        assert_eq!(rec, app_record());
+        // Written back, it is version 2.
+        let bytes = encode("apps", &rec).expect("encode");
+        assert!(bytes.starts_with(b"{\"v\":2,"));
+        assert_eq!(decode::<AppRecord>("apps", "k", &bytes).expect("v2"), rec);
     }
 
     #[test]
-    fn inventory_validation_rejects_unsafe_paths() {
-        let comp = |path: &str| Component {
-            state: ComponentState::default(),
-            name: ComponentName::new("db").expect("valid"),
-            kind: ComponentKind::SystemdUnit {
-                unit: "postgresql.service".into(),
-            },
-            stateful: true,
-            volumes: vec![Volume {
-                name: "data".into(),
-                path: path.into(),
-            }],
-        };
-        let app = |c: Component| AppInventory {
-            name: AppName::new("shop").expect("valid"),
-            team: TeamName::new("web").expect("valid"),
-            components: vec![c],
-        };
-        assert!(app(comp("/var/lib/postgresql")).validate().is_ok());
-        for bad in ["relative/dir", "/var/../etc", ""] {
-            let err = app(comp(bad)).validate().expect_err(bad);
-            assert!(err.to_string().contains("app shop of team web"), "{err}");
+    fn version_1_volumes_shared_by_components_become_one_app_volume() {
+        let text = APP_V1.replace(
+            r#""stateful":false,"volumes":[]"#,
+            r#""stateful":false,"volumes":[{"name":"/var/lib/pg","path":"/var/lib/pg"}]"#,
+        );
+        let rec: AppRecord = decode("apps", "k", text.as_bytes()).expect("v1 reads");
+        assert_eq!(rec.app.volumes.len(), 1);
+        assert_eq!(rec.app.components[1].volumes.len(), 1);
+    }
+
+    #[test]
+    fn unreadable_version_1_app_records_are_corrupt_and_named() {
+        let container = APP_V1.replace(
+            r#"{"type":"systemd_unit","unit":"postgresql.service"}"#,
+            r#"{"type":"container","container":"shop_db_1"}"#,
+        );
+        let bad_path = APP_V1.replace(r#""path":"/var/lib/pg""#, r#""path":"relative""#);
+        for (text, needle) in [
+            (container, "container \"shop_db_1\" cannot be read"),
+            (bad_path, "invalid volume path \"relative\""),
+        ] {
+            let err =
+                decode::<AppRecord>("apps", "prod/web/shop", text.as_bytes()).expect_err(needle);
+            assert!(matches!(err, CatalogError::Corrupt { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("apps record prod/web/shop"), "{msg}");
+            assert!(msg.contains("component db"), "{msg}");
+            assert!(msg.contains(needle), "{msg}");
         }
-        let mut twice = app(comp("/a"));
-        twice.components.push(comp("/b"));
-        assert!(twice.validate().is_err());
+    }
+
+    #[test]
+    fn app_record_version_2_shape_is_pinned() {
+        // The on-disk shape; changing it needs version 3 and an upgrade.
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode("apps", &app_record()).expect("encode")).expect("json");
+        let expected = serde_json::json!({"v": 2, "record": {
+            "cluster": "prod", "node": "node-1", "reported_at": 1_700_000_000_000_i64,
+            "app": {
+                "name": "shop", "team": "web",
+                "components": [
+                    {"name": "db", "kind": {"host": {"systemd": {"unit": "postgresql.service"}}},
+                     "stateful": true, "volumes": ["/var/lib/pg"], "depends_on": [], "state": "running"},
+                    {"name": "web", "kind": {"host": {"commands": {"start": ["/bin/web"], "stop": ["pkill", "web"], "status": null}}},
+                     "stateful": false, "volumes": [], "depends_on": [], "state": "unknown"}
+                ],
+                "volumes": [{"name": "/var/lib/pg", "path": "/var/lib/pg"}]
+            }
+        }});
+        assert_eq!(json, expected);
     }
 }

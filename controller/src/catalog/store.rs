@@ -13,11 +13,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::record::{decode, encode};
+use super::record::{Record, decode, encode};
 use super::{
-    AgentId, AgentRecord, AppFilter, AppInventory, AppName, AppRecord, Catalog, CatalogError,
-    ClusterName, ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash, TokenRecord,
-    TokenUse, run_blocking,
+    AgentId, AgentRecord, App, AppFilter, AppName, AppRecord, Catalog, CatalogError, ClusterName,
+    ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash, TokenRecord, TokenUse,
+    run_blocking,
 };
 
 /// Version of the catalog layout (tables, keys, indexes) as a whole.
@@ -95,6 +95,8 @@ struct FormatRecord {
     format: u32,
 }
 
+impl Record for FormatRecord {}
+
 #[derive(Serialize, Deserialize)]
 struct NodeAgent {
     agent: AgentId,
@@ -105,6 +107,9 @@ struct NodeApps {
     apps: Vec<String>,
 }
 
+impl Record for NodeApps {}
+impl Record for NodeAgent {}
+
 fn node_key(cluster: &ClusterName, node: &NodeName) -> String {
     format!("{cluster}/{node}")
 }
@@ -113,7 +118,7 @@ fn app_key(cluster: &ClusterName, team: &TeamName, app: &AppName) -> String {
     format!("{cluster}/{team}/{app}")
 }
 
-fn get_rec<T: serde::de::DeserializeOwned>(
+fn get_rec<T: Record>(
     tx: &mut dyn KvTxn,
     table: Table,
     key: &str,
@@ -123,7 +128,7 @@ fn get_rec<T: serde::de::DeserializeOwned>(
         .transpose()
 }
 
-fn put_rec<T: Serialize>(
+fn put_rec<T: Record>(
     tx: &mut dyn KvTxn,
     table: Table,
     key: &str,
@@ -207,7 +212,7 @@ impl<K: Kv> KvCatalog<K> {
     }
 }
 
-fn scan_decode<T: serde::de::DeserializeOwned>(
+fn scan_decode<T: Record>(
     kv: &impl Kv,
     table: Table,
     prefix: &str,
@@ -469,12 +474,15 @@ impl<K: Kv> Catalog for KvCatalog<K> {
         &self,
         cluster: &ClusterName,
         node: &NodeName,
-        apps: Vec<AppInventory>,
+        apps: Vec<App>,
         now: Timestamp,
     ) -> Result<(), CatalogError> {
         let mut keys = BTreeSet::new();
         for app in &apps {
-            app.validate()?;
+            app.validate().map_err(|e| CatalogError::InvalidRecord {
+                what: format!("app {} of team {}", e.app, e.team),
+                reason: e.problem.to_string(),
+            })?;
             if !keys.insert(app_key(cluster, &app.team, &app.name)) {
                 return Err(CatalogError::InvalidRecord {
                     what: format!("inventory of node {node} in cluster {cluster}"),
@@ -513,12 +521,10 @@ impl<K: Kv> Catalog for KvCatalog<K> {
                 let mut teams = BTreeSet::new();
                 for (app, key) in apps.iter().zip(&new_keys) {
                     let rec = AppRecord {
-                        name: app.name.clone(),
-                        team: app.team.clone(),
                         cluster: cluster.clone(),
                         node: node.clone(),
-                        components: app.components.clone(),
                         reported_at: now,
+                        app: app.clone(),
                     };
                     put_rec(tx, Table::Apps, key, &rec)?;
                     teams.insert(app.team.clone());

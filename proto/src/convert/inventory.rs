@@ -1,0 +1,431 @@
+//! Inventory: apps, components, volumes.
+
+use ferry_core::{
+    App, Argv, Component, ComponentKind, ComponentState, HostComponent, Inventory, Timestamp,
+    Volume,
+};
+
+use super::{ConvertError, parse};
+use crate::v1 as pb;
+
+impl From<ComponentState> for pb::ComponentState {
+    fn from(s: ComponentState) -> Self {
+        match s {
+            ComponentState::Running => Self::Running,
+            ComponentState::Stopped => Self::Stopped,
+            ComponentState::Unknown => Self::Unknown,
+        }
+    }
+}
+
+impl From<pb::ComponentState> for ComponentState {
+    fn from(s: pb::ComponentState) -> Self {
+        match s {
+            pb::ComponentState::Running => Self::Running,
+            pb::ComponentState::Stopped => Self::Stopped,
+            pb::ComponentState::Unspecified | pb::ComponentState::Unknown => Self::Unknown,
+        }
+    }
+}
+
+/// A state number from the wire; one this build does not know is unknown.
+fn state_from_wire(value: i32) -> ComponentState {
+    pb::ComponentState::try_from(value).map_or(ComponentState::Unknown, ComponentState::from)
+}
+
+fn argv_to_pb(a: Argv) -> pb::Argv {
+    pb::Argv { args: a.into() }
+}
+
+fn argv_from_pb(a: Option<pb::Argv>, field: &str) -> Result<Argv, ConvertError> {
+    let a = a.ok_or_else(|| ConvertError::Missing {
+        field: field.to_owned(),
+    })?;
+    parse(|| field.to_owned(), a.args)
+}
+
+impl From<HostComponent> for pb::HostComponent {
+    fn from(h: HostComponent) -> Self {
+        use pb::host_component::Control;
+        let control = match h {
+            HostComponent::Systemd { unit } => {
+                Control::Systemd(pb::SystemdUnit { unit: unit.into() })
+            }
+            HostComponent::Commands {
+                start,
+                stop,
+                status,
+            } => Control::Commands(pb::Commands {
+                start: Some(argv_to_pb(start)),
+                stop: Some(argv_to_pb(stop)),
+                status: status.map(argv_to_pb),
+            }),
+        };
+        Self {
+            control: Some(control),
+        }
+    }
+}
+
+fn host_from_pb(h: pb::HostComponent, field: &str) -> Result<HostComponent, ConvertError> {
+    use pb::host_component::Control;
+    match h.control {
+        Some(Control::Systemd(s)) => Ok(HostComponent::Systemd {
+            unit: parse(|| format!("{field}.systemd.unit"), s.unit)?,
+        }),
+        Some(Control::Commands(c)) => Ok(HostComponent::Commands {
+            start: argv_from_pb(c.start, &format!("{field}.commands.start"))?,
+            stop: argv_from_pb(c.stop, &format!("{field}.commands.stop"))?,
+            status: c
+                .status
+                .map(|s| argv_from_pb(Some(s), &format!("{field}.commands.status")))
+                .transpose()?,
+        }),
+        None => Err(ConvertError::Missing {
+            field: format!("{field}.control"),
+        }),
+    }
+}
+
+impl From<Component> for pb::Component {
+    fn from(c: Component) -> Self {
+        let kind = match c.kind {
+            ComponentKind::Host(h) => pb::component::Kind::Host(h.into()),
+        };
+        Self {
+            name: c.name.into(),
+            stateful: c.stateful,
+            state: pb::ComponentState::from(c.state) as i32,
+            volumes: c.volumes.into_iter().map(String::from).collect(),
+            depends_on: c.depends_on.into_iter().map(String::from).collect(),
+            kind: Some(kind),
+        }
+    }
+}
+
+fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, ConvertError> {
+    let kind = match c.kind {
+        Some(pb::component::Kind::Host(h)) => {
+            ComponentKind::Host(host_from_pb(h, &format!("{field}.host"))?)
+        }
+        None => {
+            return Err(ConvertError::Missing {
+                field: format!("{field}.kind"),
+            });
+        }
+    };
+    Ok(Component {
+        name: parse(|| format!("{field}.name"), c.name)?,
+        kind,
+        stateful: c.stateful,
+        volumes: c
+            .volumes
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| parse(|| format!("{field}.volumes[{i}]"), v))
+            .collect::<Result<_, _>>()?,
+        depends_on: c
+            .depends_on
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| parse(|| format!("{field}.depends_on[{i}]"), d))
+            .collect::<Result<_, _>>()?,
+        state: state_from_wire(c.state),
+    })
+}
+
+impl From<Volume> for pb::Volume {
+    fn from(v: Volume) -> Self {
+        Self {
+            name: v.name.into(),
+            path: v.path.into(),
+        }
+    }
+}
+
+fn volume_from_pb(v: pb::Volume, field: &str) -> Result<Volume, ConvertError> {
+    Ok(Volume {
+        name: parse(|| format!("{field}.name"), v.name)?,
+        path: parse(|| format!("{field}.path"), v.path)?,
+    })
+}
+
+impl From<App> for pb::App {
+    fn from(a: App) -> Self {
+        Self {
+            name: a.name.into(),
+            team: a.team.into(),
+            components: a.components.into_iter().map(Into::into).collect(),
+            volumes: a.volumes.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// Converts and checks one app; `field` names it in errors.
+pub fn app_from_pb(a: pb::App, field: &str) -> Result<App, ConvertError> {
+    let app = App {
+        name: parse(|| format!("{field}.name"), a.name)?,
+        team: parse(|| format!("{field}.team"), a.team)?,
+        volumes: a
+            .volumes
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| volume_from_pb(v, &format!("{field}.volumes[{i}]")))
+            .collect::<Result<_, _>>()?,
+        components: a
+            .components
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| component_from_pb(c, &format!("{field}.components[{i}]")))
+            .collect::<Result<_, _>>()?,
+    };
+    app.validate()
+        .map_err(|source| ConvertError::Inconsistent {
+            field: field.to_owned(),
+            source: Box::new(source),
+        })?;
+    Ok(app)
+}
+
+impl TryFrom<pb::App> for App {
+    type Error = ConvertError;
+    fn try_from(a: pb::App) -> Result<Self, Self::Error> {
+        app_from_pb(a, "app")
+    }
+}
+
+impl From<Inventory> for pb::Inventory {
+    fn from(inv: Inventory) -> Self {
+        Self {
+            apps: inv.apps.into_iter().map(Into::into).collect(),
+            taken_unix_ms: inv.taken_at.unix_millis(),
+        }
+    }
+}
+
+impl TryFrom<pb::Inventory> for Inventory {
+    type Error = ConvertError;
+    fn try_from(inv: pb::Inventory) -> Result<Self, Self::Error> {
+        let out = Inventory {
+            apps: inv
+                .apps
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| app_from_pb(a, &format!("inventory.apps[{i}]")))
+                .collect::<Result<_, _>>()?,
+            taken_at: Timestamp::from_unix_millis(inv.taken_unix_ms),
+        };
+        out.validate()
+            .map_err(|source| ConvertError::Inconsistent {
+                field: "inventory.apps".to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::{CodedError, ErrorCode, HostPath, UnitName};
+
+    fn sample() -> Inventory {
+        let argv = |s: &[&str]| Argv::new(s.iter().map(|&a| a.to_owned()).collect()).expect("argv");
+        Inventory {
+            taken_at: Timestamp::from_unix_millis(1_700_000_000_123),
+            apps: vec![App {
+                name: "shop".parse().expect("app"),
+                team: "web".parse().expect("team"),
+                volumes: vec![Volume {
+                    name: "/srv/db".parse().expect("volume"),
+                    path: HostPath::new("/srv/db").expect("path"),
+                }],
+                components: vec![
+                    Component {
+                        name: "postgresql@15-main.service".parse().expect("name"),
+                        kind: ComponentKind::Host(HostComponent::Systemd {
+                            unit: UnitName::new("postgresql@15-main.service").expect("unit"),
+                        }),
+                        stateful: true,
+                        volumes: vec!["/srv/db".parse().expect("volume")],
+                        depends_on: vec![],
+                        state: ComponentState::Running,
+                    },
+                    Component {
+                        name: "worker".parse().expect("name"),
+                        kind: ComponentKind::Host(HostComponent::Commands {
+                            start: argv(&["/bin/sh", "-c", "worker &"]),
+                            stop: argv(&["pkill", "-x", "worker"]),
+                            status: Some(argv(&["pgrep", "-x", "worker"])),
+                        }),
+                        stateful: false,
+                        volumes: vec![],
+                        depends_on: vec!["postgresql@15-main.service".parse().expect("name")],
+                        state: ComponentState::Stopped,
+                    },
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn valid_inventories_round_trip() {
+        let inv = sample();
+        let wire = pb::Inventory::from(inv.clone());
+        assert_eq!(wire.taken_unix_ms, 1_700_000_000_123);
+        // Through the real encoding, too.
+        let bytes = prost::Message::encode_to_vec(&wire);
+        let decoded: pb::Inventory = prost::Message::decode(bytes.as_slice()).expect("decode");
+        assert_eq!(Inventory::try_from(decoded).expect("valid"), inv);
+        let commands_without_status = {
+            let mut i = sample();
+            if let ComponentKind::Host(HostComponent::Commands { status, .. }) =
+                &mut i.apps[0].components[1].kind
+            {
+                *status = None;
+            }
+            i
+        };
+        let back = Inventory::try_from(pb::Inventory::from(commands_without_status.clone()))
+            .expect("valid");
+        assert_eq!(back, commands_without_status);
+    }
+
+    fn refused(mutate: impl FnOnce(&mut pb::Inventory)) -> ConvertError {
+        let mut wire = pb::Inventory::from(sample());
+        mutate(&mut wire);
+        let err = Inventory::try_from(wire).expect_err("must be refused");
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        err
+    }
+
+    fn host(c: &mut pb::Component) -> &mut pb::HostComponent {
+        match &mut c.kind {
+            Some(pb::component::Kind::Host(h)) => h,
+            None => panic!("sample components are host components"),
+        }
+    }
+
+    type Mutation = Box<dyn FnOnce(&mut pb::Inventory)>;
+
+    #[test]
+    fn bad_names_are_refused_naming_the_field() {
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|w| w.apps[0].name = "Shop".into()),
+                "inventory.apps[0].name: invalid app name \"Shop\"",
+            ),
+            (
+                Box::new(|w| w.apps[0].team = String::new()),
+                "inventory.apps[0].team: invalid team name \"\": must not be empty",
+            ),
+            (
+                Box::new(|w| w.apps[0].components[1].name = "a/b".into()),
+                "inventory.apps[0].components[1].name: invalid component name \"a/b\"",
+            ),
+            (
+                Box::new(|w| w.apps[0].volumes[0].path = "relative".into()),
+                "inventory.apps[0].volumes[0].path: invalid volume path \"relative\"",
+            ),
+            (
+                Box::new(|w| w.apps[0].components[0].volumes[0] = "bad\nname".into()),
+                "inventory.apps[0].components[0].volumes[0]: invalid volume name",
+            ),
+            (
+                Box::new(|w| w.apps[0].components[1].depends_on[0] = "x y".into()),
+                "inventory.apps[0].components[1].depends_on[0]: invalid component name",
+            ),
+            (
+                Box::new(|w| {
+                    host(&mut w.apps[0].components[0]).control =
+                        Some(pb::host_component::Control::Systemd(pb::SystemdUnit {
+                            unit: " ".into(),
+                        }));
+                }),
+                "inventory.apps[0].components[0].host.systemd.unit: invalid systemd unit",
+            ),
+        ];
+        for (mutate, needle) in cases {
+            let err = refused(mutate);
+            assert!(
+                err.to_string().starts_with(needle),
+                "{needle:?} is not the start of {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_or_bad_kinds_are_refused_naming_the_field() {
+        let err = refused(|w| w.apps[0].components[1].kind = None);
+        assert_eq!(err.field(), "inventory.apps[0].components[1].kind");
+        assert_eq!(
+            err.to_string(),
+            "inventory.apps[0].components[1].kind is missing"
+        );
+
+        let err = refused(|w| host(&mut w.apps[0].components[1]).control = None);
+        assert_eq!(err.field(), "inventory.apps[0].components[1].host.control");
+
+        let err = refused(|w| {
+            if let Some(pb::host_component::Control::Commands(c)) =
+                &mut host(&mut w.apps[0].components[1]).control
+            {
+                c.stop = None;
+            }
+        });
+        assert_eq!(
+            err.field(),
+            "inventory.apps[0].components[1].host.commands.stop"
+        );
+
+        let err = refused(|w| {
+            if let Some(pb::host_component::Control::Commands(c)) =
+                &mut host(&mut w.apps[0].components[1]).control
+            {
+                c.start = Some(pb::Argv { args: vec![] });
+            }
+        });
+        assert!(
+            err.to_string().starts_with(
+                "inventory.apps[0].components[1].host.commands.start: invalid command"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inconsistent_apps_are_refused_naming_the_app() {
+        let err = refused(|w| w.apps[0].components[0].volumes[0] = "/elsewhere".into());
+        assert_eq!(err.field(), "inventory.apps[0]");
+        assert!(err.to_string().contains("uses volume /elsewhere"), "{err}");
+
+        let err = refused(|w| {
+            let again = w.apps[0].clone();
+            w.apps.push(again);
+        });
+        assert!(
+            err.to_string()
+                .contains("app shop of team web: the app is listed twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_states_read_as_unknown() {
+        let mut wire = pb::Inventory::from(sample());
+        wire.apps[0].components[0].state = 99;
+        wire.apps[0].components[1].state = 0;
+        let inv = Inventory::try_from(wire).expect("valid");
+        assert_eq!(inv.apps[0].components[0].state, ComponentState::Unknown);
+        assert_eq!(inv.apps[0].components[1].state, ComponentState::Unknown);
+    }
+
+    #[test]
+    fn a_single_app_converts_with_its_own_field_names() {
+        let mut wire = pb::App::from(sample().apps.remove(0));
+        assert!(App::try_from(wire.clone()).is_ok());
+        wire.components[0].name = String::new();
+        let err = App::try_from(wire).expect_err("empty name");
+        assert_eq!(err.field(), "app.components[0].name");
+    }
+}
