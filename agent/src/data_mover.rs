@@ -129,6 +129,10 @@ pub enum SnapshotCommand {
         /// Host name to record (default: this machine's).
         #[arg(long)]
         host: Option<String>,
+        /// Files read at the same time (default 8; more helps a cold disk
+        /// with deep queues).
+        #[arg(long, value_name = "N")]
+        read_concurrency: Option<usize>,
     },
     /// List snapshots.
     Ls,
@@ -493,6 +497,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
             no_parent,
             dry_run,
             host,
+            read_concurrency,
         } => {
             let tags = parse_tags(&tags)?;
             let repo = open(g).await?;
@@ -511,7 +516,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                         dry_run,
                         host,
                         upload_concurrency: None,
-                        read_concurrency: None,
+                        read_concurrency,
                     },
                     progress.clone(),
                 )

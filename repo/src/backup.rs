@@ -320,7 +320,9 @@ impl Repository {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
             let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(1);
-            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(workers + 2);
+            // Room for every chunk buffer in flight, so readers reuse them
+            // instead of allocating (and faulting in) a fresh one per chunk.
+            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(workers + readers + 2);
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
