@@ -146,6 +146,9 @@ fn init(data_dir: &Path, sans: Vec<String>, operator: &str) -> anyhow::Result<()
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    // Watch for SIGTERM before anything can see the controller listening: a
+    // stop that comes right after start is then a clean shutdown, not a kill.
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -159,22 +162,27 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the address file {}", file.display()))?;
     }
     println!("ferry-controller listening on {addr}");
-    ferry_controller::server::run(config, listener, shutdown_signal()).await?;
+    ferry_controller::server::run(config, listener, shutdown).await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers the SIGTERM handler now and returns a future that ends on
+/// SIGTERM or SIGINT.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
+    let term = signal(SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
             }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the controller");
-            let _ = tokio::signal::ctrl_c().await;
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the controller");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
