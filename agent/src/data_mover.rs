@@ -162,7 +162,7 @@ impl From<RepoError> for Failure {
     fn from(e: RepoError) -> Self {
         Failure {
             code: if e.is_usage() { 2 } else { 1 },
-            message: ferry_store::error_chain(&e),
+            message: ferry_core::Chain(&e).to_string(),
         }
     }
 }

@@ -110,7 +110,7 @@ fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
     match rt.block_on(fut) {
         Ok(()) => Ok(()),
         Err(e) => {
-            eprintln!("error: {}", ferry_proto::report::Chain(e.as_ref()));
+            eprintln!("error: {}", ferry_core::Chain(e.as_ref()));
             let code = if let Some(err) = e.downcast_ref::<ferry_agent::enrol::EnrolError>() {
                 use ferry_agent::enrol::EnrolError as E;
                 match err {

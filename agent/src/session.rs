@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_core::Chain;
 use ferry_proto::identity::PeerIdentity;
-use ferry_proto::report::Chain;
 use ferry_proto::tls::{self, TlsError};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::report::Chain;
+use ferry_core::Chain;
 use ferry_proto::v1::agent_sessions_server::AgentSessionsServer;
 use ferry_proto::v1::enrollment_server::EnrollmentServer;
 use ferry_proto::v1::operator_server::OperatorServer;

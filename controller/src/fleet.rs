@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_proto::report::Chain;
+use ferry_core::Chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AgentId, Catalog, ClusterName, NodeName, Timestamp};

@@ -70,7 +70,7 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", ferry_proto::report::Chain(e.as_ref()));
+            eprintln!("error: {}", ferry_core::Chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -16,6 +16,7 @@ pub mod duration;
 pub mod error;
 pub mod model;
 pub mod name;
+pub mod report;
 
 pub use clock::{Timestamp, now_ms};
 pub use duration::{DurationError, HumanDuration};
@@ -28,3 +29,4 @@ pub use name::{
     AgentId, AppName, BackupId, ClusterName, ComponentName, JobId, LocationName, NameError,
     NodeName, TeamName, VolumeName,
 };
+pub use report::Chain;

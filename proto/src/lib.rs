@@ -9,6 +9,5 @@ pub mod v1 {
 
 pub mod convert;
 pub mod identity;
-pub mod report;
 pub mod status;
 pub mod tls;

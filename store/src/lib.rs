@@ -139,25 +139,6 @@ impl StoreError {
     }
 }
 
-/// The causes of an error, outermost first, as one line: `a: b: c`. A cause
-/// whose text the previous message already contains is left out, so a chain
-/// of wrappers that repeat their source reads once.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut last = out.clone();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !text.is_empty() && !last.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        last = text;
-        source = e.source();
-    }
-    out.replace('\n', " ")
-}
-
 /// What a storage location can do. Implementations: [`local`] (a
 /// directory), [`s3`] (any S3-compatible endpoint), and the fault-injecting
 /// wrapper used by tests.

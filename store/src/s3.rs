@@ -35,7 +35,9 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::location::S3Config;
-use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError, error_chain};
+use ferry_core::Chain;
+
+use super::{ObjectInfo, ObjectKey, ObjectStore, StoreError};
 
 /// Objects in one bucket, below an optional prefix.
 #[derive(Clone)]
@@ -356,7 +358,7 @@ impl Drop for AbortGuard {
                 Err(e) => tracing::warn!(
                     bucket = %bucket,
                     key = %key,
-                    error = %error_chain(&e),
+                    error = %Chain(&e),
                     "failed to abort multipart upload; the bucket may keep its parts until a lifecycle rule removes them"
                 ),
             }
@@ -401,15 +403,12 @@ where
         // will fail the same way again.
         SdkError::DispatchFailure(d) => (
             d.is_io() || d.is_timeout(),
-            S3Failure(format!("could not reach the server: {}", error_chain(err))),
+            S3Failure(format!("could not reach the server: {}", Chain(err))),
         ),
-        SdkError::ResponseError(_) => (
-            true,
-            S3Failure(format!("bad response: {}", error_chain(err))),
-        ),
+        SdkError::ResponseError(_) => (true, S3Failure(format!("bad response: {}", Chain(err)))),
         SdkError::ConstructionFailure(_) => (
             false,
-            S3Failure(format!("could not build the request: {}", error_chain(err))),
+            S3Failure(format!("could not build the request: {}", Chain(err))),
         ),
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status_code();
@@ -454,7 +453,7 @@ where
         }
         // A kind of failure this build does not know: assume a retry may
         // help. The retry deadline bounds what that assumption costs.
-        _ => (true, S3Failure(error_chain(err))),
+        _ => (true, S3Failure(Chain(err).to_string())),
     }
 }
 
@@ -481,7 +480,7 @@ async fn collect_body(
         .map_err(|e| StoreError::Transient {
             op,
             key: store.describe(key.as_str()),
-            source: S3Failure(format!("reading the body failed: {}", error_chain(&e))).into(),
+            source: S3Failure(format!("reading the body failed: {}", Chain(&e))).into(),
         })
 }
 

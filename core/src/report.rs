@@ -9,11 +9,11 @@
 use std::error::Error;
 use std::fmt;
 
-/// Displays an error with all its causes, joined by `": "`.
+/// Displays an error with all its causes, joined by `": "`, on one line.
 ///
 /// ```
 /// let e = std::io::Error::other("disk on fire");
-/// assert_eq!(ferry_proto::report::Chain(&e).to_string(), "disk on fire");
+/// assert_eq!(ferry_core::Chain(&e).to_string(), "disk on fire");
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct Chain<'a>(pub &'a (dyn Error + 'static));
@@ -30,7 +30,8 @@ impl fmt::Display for Chain<'_> {
             }
             cause = e.source();
         }
-        f.write_str(&said)
+        // One line, whatever a cause's text holds.
+        f.write_str(&said.replace('\n', " "))
     }
 }
 
