@@ -5,4 +5,5 @@ pub mod config;
 pub mod data_mover;
 pub mod enrol;
 pub mod platform;
+pub mod requests;
 pub mod session;

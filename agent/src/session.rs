@@ -1,6 +1,7 @@
 //! The agent's side of the session: dial out, say hello, report the
-//! inventory, send heartbeats; reconnect with exponential backoff and jitter
-//! whenever the stream fails or the controller goes away.
+//! inventory, send heartbeats, run the controller's requests (through
+//! [`Dispatcher`]); reconnect with exponential backoff and jitter whenever
+//! the stream fails or the controller goes away.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::enrol::AgentFiles;
-use crate::platform::{self, Platform};
+use crate::platform::Platform;
+use crate::requests::Dispatcher;
 
 /// Inventory is re-sent this often even when nothing asked for it.
 const INVENTORY_EVERY: Duration = Duration::from_secs(60);
@@ -44,14 +46,6 @@ pub enum SessionError {
     Closed,
     #[error("the controller's first message was not a welcome")]
     NoWelcome,
-    #[error("cannot take the inventory: {0}")]
-    Platform(Box<platform::PlatformError>),
-}
-
-impl From<platform::PlatformError> for SessionError {
-    fn from(e: platform::PlatformError) -> Self {
-        Self::Platform(Box::new(e))
-    }
 }
 
 impl From<tonic::Status> for SessionError {
@@ -128,15 +122,6 @@ impl SessionSettings {
     }
 }
 
-/// The platform's view on the wire (converted by ferry-proto).
-fn inventory_to_pb(apps: Vec<ferry_core::App>) -> pb::Inventory {
-    ferry_core::Inventory {
-        apps,
-        taken_at: ferry_core::Timestamp::now(),
-    }
-    .into()
-}
-
 /// The next backoff delay: doubling up to `max`, with up to 50 % jitter
 /// subtracted so a fleet does not reconnect in lockstep.
 pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> (Duration, Duration) {
@@ -180,7 +165,7 @@ pub async fn run(
         let started = Instant::now();
         let mut established = false;
         let result = tokio::select! {
-            r = session_once(&settings, platform.as_ref(), &cancel, &mut established) => r,
+            r = session_once(&settings, &platform, &cancel, &mut established) => r,
             () = cancel.cancelled() => Ok(()),
         };
         if cancel.is_cancelled() {
@@ -214,14 +199,14 @@ pub async fn run(
 /// controller's welcome arrives.
 async fn session_once(
     s: &SessionSettings,
-    platform: &dyn Platform,
+    platform: &Arc<dyn Platform>,
     cancel: &CancellationToken,
     established: &mut bool,
 ) -> Result<(), SessionError> {
     let channel = tls::channel(&s.controller, &s.ca_pem, &s.cert_pem, &s.key_pem).await?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let send = |kind| pb::AgentMessage { kind: Some(kind) };
-    // The channel is fresh and has room for both.
+    // The channel is fresh and has room.
     let _ = tx.try_send(send(AgentKind::Hello(pb::Hello {
         cluster: s.cluster.clone(),
         node: s.node.clone(),
@@ -246,43 +231,54 @@ async fn session_once(
         Some(_) => return Err(SessionError::NoWelcome),
         None => return Err(SessionError::Closed),
     };
-    let inventory = inventory_to_pb(platform.inventory().await?);
-    let apps = inventory.apps.len();
-    if tx
-        .send(send(AgentKind::Inventory(inventory)))
-        .await
-        .is_err()
-    {
-        return Err(SessionError::Closed);
-    }
-    tracing::info!(apps, "inventory sent");
+    let mut requests = Dispatcher::new(tx.clone(), Arc::clone(platform));
+    let result = serve(&mut requests, &tx, &mut inbound, heartbeat, cancel).await;
+    requests.shutdown().await;
+    result
+}
 
+/// The established session: heartbeats, inventories and requests until
+/// either side ends it.
+async fn serve(
+    requests: &mut Dispatcher,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    inbound: &mut tonic::Streaming<pb::ControllerMessage>,
+    heartbeat: Duration,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
     let mut beat = tokio::time::interval(heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: the inventory goes out at once.
     let mut inv_tick = tokio::time::interval(INVENTORY_EVERY);
-    inv_tick.tick().await; // the first tick is immediate; inventory was just sent
+    inv_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             _ = beat.tick() => {
-                let hb = send(AgentKind::Heartbeat(pb::Heartbeat { sent_unix_ms: ferry_core::now_ms() }));
+                let hb = pb::AgentMessage {
+                    kind: Some(AgentKind::Heartbeat(pb::Heartbeat { sent_unix_ms: ferry_core::now_ms() })),
+                };
                 if tx.send(hb).await.is_err() {
                     return Err(SessionError::Closed);
                 }
             }
-            _ = inv_tick.tick() => {
-                match platform.inventory().await {
-                    Ok(apps) => {
-                        if tx.send(send(AgentKind::Inventory(inventory_to_pb(apps)))).await.is_err() {
-                            return Err(SessionError::Closed);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %Chain(&e), "cannot take the inventory"),
-                }
-            }
+            _ = inv_tick.tick() => requests.send_inventory(),
+            () = requests.reap() => {}
             msg = inbound.message() => match msg? {
-                Some(pb::ControllerMessage { kind: Some(ControllerKind::HeartbeatAck(_)) }) => {}
-                Some(other) => tracing::debug!(message = ?other, "controller message ignored"),
+                Some(pb::ControllerMessage { kind: Some(kind) }) => match kind {
+                    ControllerKind::HeartbeatAck(_) => {}
+                    ControllerKind::Request(r) => {
+                        tracing::debug!(request = r.id, "request received");
+                        requests.request(r);
+                    }
+                    ControllerKind::Cancel(c) => requests.cancel(c.id),
+                    ControllerKind::Welcome(_) => {
+                        tracing::debug!("second welcome ignored");
+                    }
+                },
+                Some(pb::ControllerMessage { kind: None }) => {
+                    tracing::debug!("controller message of unknown kind ignored");
+                }
                 None => return Err(SessionError::Closed),
             },
         }

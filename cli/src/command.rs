@@ -84,6 +84,29 @@ enum AgentVerb {
         #[arg(long)]
         cluster: Option<String>,
     },
+    /// Send a request through an agent's session and wait for its reply
+    Ping {
+        /// The agent's node name
+        node: String,
+        /// The agent's cluster
+        #[arg(long)]
+        cluster: String,
+        /// Have the agent hold its reply this long, reporting progress
+        /// (e.g. 5s; at most 1m)
+        #[arg(long, value_parser = parse_millis)]
+        hold: Option<u64>,
+        /// Give up after this long [default: 10s more than --hold]
+        #[arg(long, value_parser = parse_millis)]
+        timeout: Option<u64>,
+    },
+    /// Ask an agent to report its applications now
+    Refresh {
+        /// The agent's node name
+        node: String,
+        /// The agent's cluster
+        #[arg(long)]
+        cluster: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +148,12 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A duration in Ferry's syntax, in milliseconds.
+fn parse_millis(s: &str) -> Result<u64, String> {
+    let d = ferry_core::duration::parse(s).map_err(|e| e.to_string())?;
+    u64::try_from(d.as_millis()).map_err(|_| format!("{s:?} is too long"))
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed {
         message: format!("cannot encode output as JSON: {e}"),
@@ -146,6 +175,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Noun::Config => show_config(&effective, out),
         Noun::Cluster(ClusterVerb::Ls) => cluster_ls(&effective, out).await,
         Noun::Agent(AgentVerb::Ls { cluster }) => agent_ls(&effective, out, cluster).await,
+        Noun::Agent(AgentVerb::Ping {
+            node,
+            cluster,
+            hold,
+            timeout,
+        }) => agent_ping(&effective, out, cluster, node, hold, timeout).await,
+        Noun::Agent(AgentVerb::Refresh { node, cluster }) => {
+            agent_refresh(&effective, out, cluster, node).await
+        }
         Noun::App(AppVerb::Ls { cluster, team }) => app_ls(&effective, out, cluster, team).await,
         Noun::Token(TokenVerb::Create { cluster, ttl }) => {
             token_create(&effective, out, cluster, ttl).await
@@ -192,18 +230,8 @@ fn show_config(eff: &Effective, out: Format) -> Result<(), CliError> {
 async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
     let conn = eff.connection()?;
     let mut client = connect::operator(&conn).await?;
-    let clusters = client
-        .list_clusters(v1::ListClustersRequest {})
-        .await
-        .map_err(|s| CliError::from_status(&conn.controller, s))?
-        .into_inner()
-        .clusters;
-    let agents = client
-        .list_agents(v1::ListAgentsRequest::default())
-        .await
-        .map_err(|s| CliError::from_status(&conn.controller, s))?
-        .into_inner()
-        .agents;
+    let clusters = all_clusters(&mut client, &conn.controller).await?;
+    let agents = all_agents(&mut client, &conn.controller, String::new()).await?;
     #[derive(Serialize)]
     struct Row {
         name: String,
@@ -243,14 +271,7 @@ async fn cluster_ls(eff: &Effective, out: Format) -> Result<(), CliError> {
 async fn agent_ls(eff: &Effective, out: Format, cluster: Option<String>) -> Result<(), CliError> {
     let conn = eff.connection()?;
     let mut client = connect::operator(&conn).await?;
-    let agents = client
-        .list_agents(v1::ListAgentsRequest {
-            cluster: cluster.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| CliError::from_status(&conn.controller, s))?
-        .into_inner()
-        .agents;
+    let agents = all_agents(&mut client, &conn.controller, cluster.unwrap_or_default()).await?;
     if out == Format::Json {
         #[derive(Serialize)]
         struct Row<'a> {
@@ -306,15 +327,26 @@ async fn app_ls(
 ) -> Result<(), CliError> {
     let conn = eff.connection()?;
     let mut client = connect::operator(&conn).await?;
-    let apps = client
-        .list_apps(v1::ListAppsRequest {
-            cluster: cluster.unwrap_or_default(),
-            team: team.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| CliError::from_status(&conn.controller, s))?
-        .into_inner()
-        .apps;
+    let (cluster, team) = (cluster.unwrap_or_default(), team.unwrap_or_default());
+    let mut apps = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_apps(v1::ListAppsRequest {
+                cluster: cluster.clone(),
+                team: team.clone(),
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(|s| CliError::from_status(&conn.controller, s))?
+            .into_inner();
+        apps.extend(page.apps);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     #[derive(Serialize)]
     struct Component {
         name: String,
@@ -397,6 +429,149 @@ async fn app_ls(
         ]);
     }
     emit(&t.render())
+}
+
+type Client = ferry_proto::v1::operator_client::OperatorClient<tonic::transport::Channel>;
+
+async fn all_clusters(client: &mut Client, url: &str) -> Result<Vec<v1::Cluster>, CliError> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_clusters(v1::ListClustersRequest {
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(|s| CliError::from_status(url, s))?
+            .into_inner();
+        out.extend(page.clusters);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+async fn all_agents(
+    client: &mut Client,
+    url: &str,
+    cluster: String,
+) -> Result<Vec<v1::Agent>, CliError> {
+    let mut out = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_agents(v1::ListAgentsRequest {
+                cluster: cluster.clone(),
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(|s| CliError::from_status(url, s))?
+            .into_inner();
+        out.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+async fn agent_ping(
+    eff: &Effective,
+    out: Format,
+    cluster: String,
+    node: String,
+    hold: Option<u64>,
+    timeout: Option<u64>,
+) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let url = &conn.controller;
+    let mut events = client
+        .ping_agent(v1::PingAgentRequest {
+            cluster,
+            node,
+            hold_ms: hold.unwrap_or(0),
+            timeout_ms: timeout.unwrap_or(0),
+        })
+        .await
+        .map_err(|s| CliError::from_agent_status(url, s))?
+        .into_inner();
+    loop {
+        let event = events
+            .message()
+            .await
+            .map_err(|s| CliError::from_agent_status(url, s))?;
+        match event.and_then(|e| e.kind) {
+            Some(v1::ping_agent_event::Kind::Progress(p)) => {
+                if out != Format::Json {
+                    eprintln!("{}", p.message);
+                }
+            }
+            Some(v1::ping_agent_event::Kind::Result(r)) => {
+                let reply = r.reply.unwrap_or_default();
+                if out == Format::Json {
+                    #[derive(Serialize)]
+                    struct Pong<'a> {
+                        round_trip_ms: u64,
+                        request_id: u64,
+                        version: &'a str,
+                        platform: &'a str,
+                        agent_unix_ms: i64,
+                        requests_running: u32,
+                    }
+                    return print_json(&Pong {
+                        round_trip_ms: r.round_trip_ms,
+                        request_id: r.request_id,
+                        version: &reply.version,
+                        platform: &reply.platform,
+                        agent_unix_ms: reply.agent_unix_ms,
+                        requests_running: reply.requests_running,
+                    });
+                }
+                return emit(&format!(
+                    "reply from agent {} ({}) in {} ms; it runs {} request(s)\n",
+                    reply.version, reply.platform, r.round_trip_ms, reply.requests_running
+                ));
+            }
+            None => {
+                return Err(CliError::Failed {
+                    message: "the controller ended the ping without a reply".to_owned(),
+                });
+            }
+        }
+    }
+}
+
+async fn agent_refresh(
+    eff: &Effective,
+    out: Format,
+    cluster: String,
+    node: String,
+) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let mut client = connect::operator(&conn).await?;
+    let resp = client
+        .refresh_agent_inventory(v1::RefreshAgentInventoryRequest {
+            cluster: cluster.clone(),
+            node: node.clone(),
+        })
+        .await
+        .map_err(|s| CliError::from_agent_status(&conn.controller, s))?
+        .into_inner();
+    if out == Format::Json {
+        #[derive(Serialize)]
+        struct Refreshed {
+            apps: u32,
+        }
+        return print_json(&Refreshed { apps: resp.apps });
+    }
+    emit(&format!(
+        "agent {node} of cluster {cluster} reported {} app(s)\n",
+        resp.apps
+    ))
 }
 
 async fn token_create(

@@ -63,6 +63,18 @@ impl CliError {
         }
     }
 
+    /// Maps the status of a request relayed to an agent: the controller
+    /// answered, so an unavailable agent is the agent's failure (exit 1),
+    /// not the controller's.
+    pub fn from_agent_status(url: &str, status: tonic::Status) -> Self {
+        match Self::from_status(url, status) {
+            CliError::Unreachable { reason, .. } if reason.contains("agent") => {
+                CliError::Failed { message: reason }
+            }
+            other => other,
+        }
+    }
+
     /// Maps a gRPC status to what it means for the user.
     pub fn from_status(url: &str, status: tonic::Status) -> Self {
         use tonic::Code;

@@ -31,6 +31,7 @@ use ferry_proto::convert::ConvertError;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::ConnectionLimits;
 use crate::fleet::Fleet;
+use crate::link::LinkError;
 use crate::pki::{Pki, PkiError};
 
 /// Everything the handlers share.
@@ -57,6 +58,8 @@ pub enum ApiError {
     Convert(#[from] ConvertError),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Link(#[from] LinkError),
     #[error("{0}")]
     Denied(String),
 }
@@ -73,6 +76,7 @@ impl CodedError for ApiError {
             Self::Catalog(e) => e.code(),
             Self::Pki(e) => e.code(),
             Self::Convert(e) => e.code(),
+            Self::Link(e) => e.code(),
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::Denied(_) => ErrorCode::PermissionDenied,
         }
@@ -83,6 +87,7 @@ impl CodedError for ApiError {
             Self::Catalog(e) => e.retry_class(),
             Self::Pki(e) => e.retry_class(),
             Self::Convert(e) => e.retry_class(),
+            Self::Link(e) => e.retry_class(),
             Self::Invalid(_) | Self::Denied(_) => self.code().retry_class(),
         }
     }

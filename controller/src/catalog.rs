@@ -48,8 +48,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// The cluster, if it exists.
     async fn get_cluster(&self, name: &ClusterName) -> Result<Option<ClusterRecord>, CatalogError>;
 
-    /// All clusters, ordered by name.
-    async fn list_clusters(&self) -> Result<Vec<ClusterRecord>, CatalogError>;
+    /// Clusters, ordered by name, one page at a time.
+    async fn list_clusters(&self, page: &PageRequest) -> Result<Page<ClusterRecord>, CatalogError>;
 
     /// Creates a team, or returns the existing record unchanged.
     async fn create_team(
@@ -103,11 +103,20 @@ pub trait Catalog: Send + Sync + 'static {
         self.touch_agents(&[(id.clone(), last_seen)]).await
     }
 
-    /// Agents, optionally of one cluster, ordered by id.
+    /// Agents, optionally of one cluster, ordered by (cluster, node), one
+    /// page at a time.
     async fn list_agents(
         &self,
         cluster: Option<&ClusterName>,
-    ) -> Result<Vec<AgentRecord>, CatalogError>;
+        page: &PageRequest,
+    ) -> Result<Page<AgentRecord>, CatalogError>;
+
+    /// The agent enrolled as `node` of `cluster`, by index (no scan).
+    async fn agent_of_node(
+        &self,
+        cluster: &ClusterName,
+        node: &NodeName,
+    ) -> Result<Option<AgentRecord>, CatalogError>;
 
     /// Removes an agent and the inventory its node reported; false if it
     /// did not exist.
@@ -133,8 +142,52 @@ pub trait Catalog: Send + Sync + 'static {
         app: &AppName,
     ) -> Result<Option<AppRecord>, CatalogError>;
 
-    /// Apps matching the filter, ordered by (cluster, team, name).
-    async fn list_apps(&self, filter: &AppFilter) -> Result<Vec<AppRecord>, CatalogError>;
+    /// Apps matching the filter, ordered by (cluster, team, name), one page
+    /// at a time.
+    async fn list_apps(
+        &self,
+        filter: &AppFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AppRecord>, CatalogError>;
+}
+
+/// Which page of a list to return.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    /// Start after this key (a previous page's [`Page::next`]).
+    pub after: Option<String>,
+    /// At most this many records (at least one is returned).
+    pub limit: usize,
+    /// Stop before the stored records' sizes add up to more than this
+    /// (a page holds at least one record, whatever its size).
+    pub max_bytes: usize,
+}
+
+impl PageRequest {
+    /// Everything in one page.
+    pub fn all() -> Self {
+        Self {
+            after: None,
+            limit: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+
+    /// The first page of at most `limit` records.
+    pub fn first(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::all()
+        }
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<String>,
 }
 
 /// Which embedded engine holds the catalog.

@@ -1,6 +1,8 @@
-//! Which agents are connected right now (memory only), and their last-seen
-//! times, flushed to the catalog in batches so a heartbeat does not cost a
-//! durable write per agent.
+//! Which agents are connected right now (memory only), with the [`Link`]
+//! to send each one requests, and their last-seen times, flushed to the
+//! catalog in batches so a heartbeat does not cost a durable write per
+//! agent. One live session per agent: a reconnect replaces the old
+//! session's entry and ends the old session.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use ferry_core::Chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{AgentId, Catalog, ClusterName, NodeName, Timestamp};
+use crate::link::{Link, LinkError};
 
 /// Identifies one session, so a stale session ending does not mark the
 /// agent's newer session offline.
@@ -28,6 +31,7 @@ pub struct OnlineAgent {
     pub session: SessionId,
     pub agent: AgentId,
     pub connected_at: Timestamp,
+    pub link: Arc<Link>,
 }
 
 #[derive(Default)]
@@ -60,21 +64,35 @@ impl Fleet {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks an agent online and returns its new session; a previous session
-    /// of the same node is superseded.
-    pub fn connect(&self, cluster: &ClusterName, node: &NodeName, agent: &AgentId) -> SessionId {
+    /// Marks an agent online, reachable through `link`, and returns its new
+    /// session; a previous session of the same node is ended.
+    pub fn connect(
+        &self,
+        cluster: &ClusterName,
+        node: &NodeName,
+        agent: &AgentId,
+        link: Arc<Link>,
+    ) -> SessionId {
         let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         let now = Timestamp::now();
-        let mut st = self.lock();
-        st.online.insert(
-            (cluster.clone(), node.clone()),
-            OnlineAgent {
-                session,
-                agent: agent.clone(),
-                connected_at: now,
-            },
-        );
-        st.seen.insert(agent.clone(), now);
+        let old = {
+            let mut st = self.lock();
+            st.seen.insert(agent.clone(), now);
+            st.online.insert(
+                (cluster.clone(), node.clone()),
+                OnlineAgent {
+                    session,
+                    agent: agent.clone(),
+                    connected_at: now,
+                    link,
+                },
+            )
+        };
+        if let Some(old) = old {
+            old.link.end(&format!(
+                "superseded by session {session} of the same agent"
+            ));
+        }
         session
     }
 
@@ -97,6 +115,16 @@ impl Fleet {
             .online
             .get(&(cluster.clone(), node.clone()))
             .cloned()
+    }
+
+    /// The link to an online agent.
+    pub fn link(&self, cluster: &ClusterName, node: &NodeName) -> Result<Arc<Link>, LinkError> {
+        self.online(cluster, node)
+            .map(|o| o.link)
+            .ok_or_else(|| LinkError::NotConnected {
+                cluster: cluster.clone(),
+                node: node.clone(),
+            })
     }
 
     pub fn online_count(&self) -> usize {
@@ -150,13 +178,21 @@ mod tests {
         let c = ClusterName::new("prod").expect("valid");
         let n = NodeName::new("n1").expect("valid");
         let a = AgentId::new("a1").expect("valid");
-        let first = fleet.connect(&c, &n, &a);
-        let second = fleet.connect(&c, &n, &a);
+        let link = || Link::new(tokio::sync::mpsc::channel(1).0);
+        let old_link = link();
+        let first = fleet.connect(&c, &n, &a, Arc::clone(&old_link));
+        let second = fleet.connect(&c, &n, &a, link());
         assert_ne!(first, second);
+        assert_eq!(old_link.pending(), 0);
+        assert!(
+            futures::FutureExt::now_or_never(old_link.closing()).is_some(),
+            "the superseded session is told to close"
+        );
         fleet.disconnect(&c, &n, first);
         assert_eq!(fleet.online(&c, &n).map(|o| o.session), Some(second));
         fleet.disconnect(&c, &n, second);
         assert!(fleet.online(&c, &n).is_none());
+        assert!(fleet.link(&c, &n).is_err());
         assert_eq!(fleet.online_count(), 0);
     }
 }

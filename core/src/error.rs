@@ -89,6 +89,11 @@ impl ErrorCode {
             Self::Internal => "internal",
         }
     }
+
+    /// The code named by [`ErrorCode::as_str`], as read back off the wire.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
 }
 
 impl fmt::Display for ErrorCode {
@@ -116,6 +121,14 @@ pub trait CodedError: std::error::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_name_reads_back() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_name(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::from_name("Cancelled"), None);
+    }
 
     #[test]
     fn only_unavailable_and_deadline_are_transient() {

@@ -7,6 +7,8 @@
 
 mod inventory;
 
+pub use inventory::{INVENTORY_PART_BYTES, InventoryParts, inventory_parts};
+
 use ferry_core::{CodedError, ErrorCode, ModelError, NameError};
 
 /// A message that does not convert into the domain model.
@@ -21,6 +23,8 @@ pub enum ConvertError {
     },
     #[error("{field} is missing")]
     Missing { field: String },
+    #[error("{field}: {reason}")]
+    TooLarge { field: String, reason: String },
     #[error("{field}: {source}")]
     Inconsistent {
         field: String,
@@ -35,6 +39,7 @@ impl ConvertError {
         match self {
             Self::Invalid { field, .. }
             | Self::Missing { field }
+            | Self::TooLarge { field, .. }
             | Self::Inconsistent { field, .. } => field,
         }
     }

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 
 async fn list_clusters(op: &mut OperatorClient<Channel>) -> anyhow::Result<usize> {
     Ok(op
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await?
         .into_inner()
         .clusters

@@ -81,7 +81,7 @@ async fn daemons_keep_their_files_private_whatever_the_umask() -> anyhow::Result
     ctl.start().await?;
     let mut op = ctl.operator().await?;
     let clusters = op
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await?
         .into_inner()
         .clusters;

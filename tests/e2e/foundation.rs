@@ -40,7 +40,7 @@ async fn clusters(
     op: &mut OperatorClient<tonic::transport::Channel>,
 ) -> anyhow::Result<Vec<String>> {
     Ok(op
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await?
         .into_inner()
         .clusters
@@ -142,6 +142,7 @@ async fn agent_enrols_reports_and_reconnects_after_controller_restart() -> anyho
                 .list_apps(pb::ListAppsRequest {
                     cluster: "prod".into(),
                     team: "web".into(),
+                    ..Default::default()
                 })
                 .await
                 .ok()?
@@ -309,7 +310,7 @@ async fn list_as(ctl: &Controller, cert: &str, key: &str) -> Result<(), tonic::S
         }
     };
     OperatorClient::new(ch)
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .map(|_| ())
 }
@@ -348,7 +349,7 @@ async fn the_controller_refuses_what_it_must_and_writes_nothing() -> anyhow::Res
     // No client certificate: only Join is reachable.
     let anon = tls::pinned_channel(&ctl.url(), &pin).await?;
     let s = OperatorClient::new(anon.clone())
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .expect_err("anonymous operator call");
     assert_eq!(s.code(), Code::Unauthenticated);
@@ -498,7 +499,7 @@ async fn the_controller_refuses_what_it_must_and_writes_nothing() -> anyhow::Res
     );
     // An agent certificate may not use the operator API, nor an operator the agent API.
     let s = OperatorClient::new(ch)
-        .list_clusters(pb::ListClustersRequest {})
+        .list_clusters(pb::ListClustersRequest::default())
         .await
         .expect_err("agent as operator");
     assert_eq!(s.code(), Code::PermissionDenied);

@@ -4,4 +4,5 @@ mod connections;
 mod ferryctl;
 mod files;
 mod foundation;
+mod link;
 mod reconnect;

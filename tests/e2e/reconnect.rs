@@ -7,7 +7,7 @@ use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, run, setup, wait_for}
 use crate::foundation::{agent_config, token};
 
 /// Enrols node `node` of cluster `prod` into a fresh data directory.
-async fn enrol(ctl: &Controller, node: &str) -> anyhow::Result<tempfile::TempDir> {
+pub(crate) async fn enrol(ctl: &Controller, node: &str) -> anyhow::Result<tempfile::TempDir> {
     let mut op = ctl.operator().await?;
     let t = token(&mut op, "prod", 0).await?;
     let dir = tempfile::tempdir()?;

@@ -1,12 +1,15 @@
 //! `AgentSessions.OpenSession`: the long-lived stream every agent keeps
 //! open. The first message must be a `Hello` whose cluster and node match the
-//! agent's certificate; then heartbeats and inventories flow until either
-//! side goes away.
+//! agent's certificate; then heartbeats and inventories flow from the agent,
+//! requests (through the session's [`Link`]) from the controller, until
+//! either side goes away or a newer session of the same agent replaces it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::{Inventory, now_ms};
+use ferry_proto::convert::InventoryParts;
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;
 use ferry_proto::v1::agent_sessions_server::AgentSessions;
@@ -19,11 +22,14 @@ use tonic::{Request, Response, Status, Streaming};
 use super::auth::AgentPeer;
 use super::{ApiError, Shared};
 use crate::catalog::{AgentRecord, Timestamp};
+use crate::link::{Link, Outbound};
 
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages buffered per session.
 const OUTBOUND_BUFFER: usize = 16;
+/// The most apps one node may report.
+const MAX_INVENTORY_APPS: usize = 100_000;
 
 pub struct AgentSessionApi {
     shared: Shared,
@@ -53,10 +59,11 @@ impl AgentSessionApi {
                 hello.node.chars().take(80).collect::<String>()
             )));
         }
-        let agents = self.shared.catalog.list_agents(Some(&peer.cluster)).await?;
-        let mut record = agents
-            .into_iter()
-            .find(|a| a.node == peer.node)
+        let mut record = self
+            .shared
+            .catalog
+            .agent_of_node(&peer.cluster, &peer.node)
+            .await?
             .ok_or_else(|| {
                 ApiError::Denied(format!(
                     "node {} is not enrolled in cluster {}",
@@ -112,12 +119,6 @@ impl AgentSessions for AgentSessionApi {
             Status::from(e)
         })?;
         let shared = self.shared.clone();
-        let session = shared
-            .fleet
-            .connect(&record.cluster, &record.node, &record.id);
-        tracing::info!(cluster = %record.cluster, node = %record.node, agent = %record.id,
-            version = %record.version, platform = %record.platform, %session, "agent online");
-
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let welcome = pb::ControllerMessage {
             kind: Some(ControllerKind::Welcome(pb::Welcome {
@@ -128,81 +129,118 @@ impl AgentSessions for AgentSessionApi {
         };
         // The channel is fresh and has room: this cannot fail.
         let _ = tx.try_send(Ok(welcome));
-        // Missing three heartbeats ends the session.
-        let silence = shared.heartbeat * 3;
+        let link = Link::new(tx.clone());
+        let session =
+            shared
+                .fleet
+                .connect(&record.cluster, &record.node, &record.id, Arc::clone(&link));
+        tracing::info!(cluster = %record.cluster, node = %record.node, agent = %record.id,
+            version = %record.version, platform = %record.platform, %session, "agent online");
         tokio::spawn(async move {
-            let end = loop {
-                let next = tokio::select! {
-                    () = shared.shutdown.cancelled() => break "controller shutting down".to_owned(),
-                    next = tokio::time::timeout(silence, inbound.message()) => next,
-                };
-                let msg = match next {
-                    Err(_) => break format!("no message for {} seconds", silence.as_secs()),
-                    Ok(Err(status)) => break format!("stream failed: {}", status.message()),
-                    Ok(Ok(None)) => break "agent closed the session".to_owned(),
-                    Ok(Ok(Some(m))) => m,
-                };
-                shared.fleet.seen(&record.id, Timestamp::now());
-                match msg.kind {
-                    Some(AgentKind::Heartbeat(hb)) => {
-                        let ack = pb::ControllerMessage {
-                            kind: Some(ControllerKind::HeartbeatAck(pb::HeartbeatAck {
-                                sent_unix_ms: hb.sent_unix_ms,
-                                received_unix_ms: now_ms(),
-                            })),
-                        };
-                        if tx.send(Ok(ack)).await.is_err() {
-                            break "agent went away".to_owned();
-                        }
-                    }
-                    Some(AgentKind::Inventory(inv)) => {
-                        // Validated on the way in: names, paths, kinds, consistency.
-                        let result = match Inventory::try_from(inv).map_err(ApiError::from) {
-                            Ok(Inventory { apps, .. }) => {
-                                let n = apps.len();
-                                shared
-                                    .catalog
-                                    .replace_inventory(
-                                        &record.cluster,
-                                        &record.node,
-                                        apps,
-                                        Timestamp::now(),
-                                    )
-                                    .await
-                                    .map(|()| n)
-                                    .map_err(ApiError::from)
-                            }
-                            Err(e) => Err(e),
-                        };
-                        match result {
-                            Ok(n) => {
-                                tracing::info!(cluster = %record.cluster, node = %record.node, apps = n, "inventory recorded")
-                            }
-                            Err(e) => {
-                                tracing::warn!(cluster = %record.cluster, node = %record.node, error = %e, "inventory refused");
-                                let _ = tx.send(Err(Status::from(e))).await;
-                                break "inventory refused".to_owned();
-                            }
-                        }
-                    }
-                    Some(AgentKind::Hello(_)) => {
-                        let _ = tx
-                            .send(Err(Status::invalid_argument(
-                                "hello sent twice in one session",
-                            )))
-                            .await;
-                        break "hello sent twice".to_owned();
-                    }
-                    None => {
-                        tracing::debug!(cluster = %record.cluster, node = %record.node, "message of unknown kind ignored");
-                    }
-                }
-            };
+            let end = serve(&shared, &record, &link, inbound, &tx).await;
+            link.end(&end);
+            drop(tx);
             shared
                 .fleet
                 .disconnect(&record.cluster, &record.node, session);
             tracing::info!(cluster = %record.cluster, node = %record.node, %session, reason = %end, "agent offline");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Serves one admitted session until it ends; returns why it ended.
+async fn serve(
+    shared: &Shared,
+    record: &AgentRecord,
+    link: &Link,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: &Outbound,
+) -> String {
+    // Missing three heartbeats ends the session.
+    let silence = shared.heartbeat * 3;
+    let mut parts = InventoryParts::new(MAX_INVENTORY_APPS);
+    loop {
+        let next = tokio::select! {
+            () = shared.shutdown.cancelled() => return "controller shutting down".to_owned(),
+            () = link.closing() => {
+                let reason = link.reason();
+                let _ = tx.try_send(Err(Status::aborted(format!("session closed: {reason}"))));
+                return reason;
+            }
+            next = tokio::time::timeout(silence, inbound.message()) => next,
+        };
+        let msg = match next {
+            Err(_) => return format!("no message for {} seconds", silence.as_secs()),
+            Ok(Err(status)) => {
+                // Tell the agent why, if it still listens: an oversized
+                // message is refused here, and the agent must learn it.
+                let reason = format!("cannot read the agent's message: {}", status.message());
+                let _ = tx.try_send(Err(Status::new(status.code(), reason.clone())));
+                return reason;
+            }
+            Ok(Ok(None)) => return "agent closed the session".to_owned(),
+            Ok(Ok(Some(m))) => m,
+        };
+        shared.fleet.seen(&record.id, Timestamp::now());
+        match msg.kind {
+            Some(AgentKind::Heartbeat(hb)) => {
+                let ack = pb::ControllerMessage {
+                    kind: Some(ControllerKind::HeartbeatAck(pb::HeartbeatAck {
+                        sent_unix_ms: hb.sent_unix_ms,
+                        received_unix_ms: now_ms(),
+                    })),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return "agent went away".to_owned();
+                }
+            }
+            Some(AgentKind::Inventory(part)) => {
+                // Validated on the way in: names, paths, kinds, consistency.
+                let result = match parts.push(part).map_err(ApiError::from) {
+                    Ok(None) => continue,
+                    Ok(Some(Inventory { apps, .. })) => {
+                        let n = apps.len();
+                        shared
+                            .catalog
+                            .replace_inventory(
+                                &record.cluster,
+                                &record.node,
+                                apps,
+                                Timestamp::now(),
+                            )
+                            .await
+                            .map(|()| n)
+                            .map_err(ApiError::from)
+                    }
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(n) => {
+                        tracing::info!(cluster = %record.cluster, node = %record.node, apps = n, "inventory recorded");
+                    }
+                    Err(e) => {
+                        tracing::warn!(cluster = %record.cluster, node = %record.node, error = %e, "inventory refused");
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return "inventory refused".to_owned();
+                    }
+                }
+            }
+            // Messages are handled in order: a reply sent after an
+            // inventory finds it recorded.
+            Some(AgentKind::Reply(reply)) => link.complete(reply),
+            Some(AgentKind::Progress(progress)) => link.progress(progress),
+            Some(AgentKind::Hello(_)) => {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "hello sent twice in one session",
+                    )))
+                    .await;
+                return "hello sent twice".to_owned();
+            }
+            None => {
+                tracing::debug!(cluster = %record.cluster, node = %record.node, "message of unknown kind ignored");
+            }
+        }
     }
 }

@@ -1,18 +1,63 @@
 //! The operator API: clusters, agents, apps and join tokens.
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use ferry_proto::convert::{optional, parse};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::operator_server::Operator;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, Shared};
-use crate::catalog::{AppFilter, AppRecord, ClusterName, Timestamp, TokenHash, TokenRecord};
+use crate::catalog::{
+    AppFilter, AppRecord, ClusterName, NodeName, Page, PageRequest, Timestamp, TokenHash,
+    TokenRecord,
+};
+use crate::link::LinkError;
 
 /// Join tokens live one hour unless asked otherwise, at most one week.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Records per page unless asked otherwise, and at most.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// A page ends before its stored records pass this, far below gRPC's
+/// 4 MiB message limit.
+const PAGE_BYTES: usize = 2 << 20;
+
+/// The longest a ping may hold its reply.
+const MAX_PING_HOLD: Duration = Duration::from_secs(60);
+/// How long an agent has to send a requested inventory.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The catalog page a request asks for. Page tokens are the hex of the
+/// last key of the previous page: opaque to clients, checked here.
+fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, ApiError> {
+    let limit = match page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        let bad = || ApiError::Invalid("page_token is not one this controller issued".to_owned());
+        let bytes = hex::decode(page_token).map_err(|_| bad())?;
+        Some(String::from_utf8(bytes).map_err(|_| bad())?)
+    };
+    Ok(PageRequest {
+        after,
+        limit: limit as usize,
+        max_bytes: PAGE_BYTES,
+    })
+}
+
+fn next_token<T>(page: &Page<T>) -> String {
+    page.next.as_deref().map(hex::encode).unwrap_or_default()
+}
 
 pub struct OperatorApi {
     shared: Shared,
@@ -72,15 +117,41 @@ impl OperatorApi {
         })
     }
 
+    async fn list_clusters(
+        &self,
+        r: pb::ListClustersRequest,
+    ) -> Result<pb::ListClustersResponse, ApiError> {
+        let page = page_request(r.page_size, &r.page_token)?;
+        let page = self.shared.catalog.list_clusters(&page).await?;
+        Ok(pb::ListClustersResponse {
+            next_page_token: next_token(&page),
+            clusters: page
+                .items
+                .into_iter()
+                .map(|c| pb::Cluster {
+                    name: c.name.to_string(),
+                    created_unix_ms: c.created_at.unix_millis(),
+                })
+                .collect(),
+        })
+    }
+
     async fn list_agents(
         &self,
         r: pb::ListAgentsRequest,
     ) -> Result<pb::ListAgentsResponse, ApiError> {
         let cluster = optional("cluster", r.cluster)?;
-        let agents = self.shared.catalog.list_agents(cluster.as_ref()).await?;
+        let page = page_request(r.page_size, &r.page_token)?;
+        let page = self
+            .shared
+            .catalog
+            .list_agents(cluster.as_ref(), &page)
+            .await?;
         let fleet = &self.shared.fleet;
         Ok(pb::ListAgentsResponse {
-            agents: agents
+            next_page_token: next_token(&page),
+            agents: page
+                .items
                 .into_iter()
                 .map(|a| pb::Agent {
                     online: fleet
@@ -102,10 +173,100 @@ impl OperatorApi {
             cluster: optional("cluster", r.cluster)?,
             team: optional("team", r.team)?,
         };
-        let apps = self.shared.catalog.list_apps(&filter).await?;
+        let page = page_request(r.page_size, &r.page_token)?;
+        let page = self.shared.catalog.list_apps(&filter, &page).await?;
         Ok(pb::ListAppsResponse {
-            apps: apps.into_iter().map(app_to_pb).collect(),
+            next_page_token: next_token(&page),
+            apps: page.items.into_iter().map(app_to_pb).collect(),
         })
+    }
+
+    fn target(&self, cluster: String, node: String) -> Result<(ClusterName, NodeName), ApiError> {
+        Ok((
+            parse(|| "cluster".to_owned(), cluster)?,
+            parse(|| "node".to_owned(), node)?,
+        ))
+    }
+
+    /// Sends the ping and returns its events as they come.
+    async fn ping_agent(
+        &self,
+        r: pb::PingAgentRequest,
+    ) -> Result<ReceiverStream<Result<pb::PingAgentEvent, Status>>, ApiError> {
+        let (cluster, node) = self.target(r.cluster, r.node)?;
+        let hold = Duration::from_millis(r.hold_ms);
+        if hold > MAX_PING_HOLD {
+            return Err(ApiError::Invalid(format!(
+                "hold_ms of {} is more than the maximum of {}",
+                r.hold_ms,
+                MAX_PING_HOLD.as_millis()
+            )));
+        }
+        let timeout = match r.timeout_ms {
+            0 => hold + Duration::from_secs(10),
+            ms => Duration::from_millis(ms),
+        };
+        let link = self.shared.fleet.link(&cluster, &node)?;
+        let started = Instant::now();
+        let mut call = link
+            .call(
+                pb::request::Kind::Ping(pb::PingRequest { hold_ms: r.hold_ms }),
+                timeout,
+            )
+            .await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let id = call.id();
+            let event = |kind| Ok(pb::PingAgentEvent { kind: Some(kind) });
+            // Progress until the agent's reply closes the progress channel
+            // (or the caller goes away: dropping the call cancels it).
+            while let Some(p) = call.progress.recv().await {
+                if tx
+                    .send(event(pb::ping_agent_event::Kind::Progress(p)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let result = match call.finish().await {
+                Ok(pb::reply::Result::Ping(reply)) => {
+                    event(pb::ping_agent_event::Kind::Result(pb::PingAgentResult {
+                        reply: Some(reply),
+                        round_trip_ms: u64::try_from(started.elapsed().as_millis())
+                            .unwrap_or(u64::MAX),
+                        request_id: id,
+                    }))
+                }
+                Ok(_) => Err(Status::from(ApiError::from(LinkError::UnexpectedReply))),
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster, node = %node, error = %e, "ping failed");
+                    Err(Status::from(ApiError::from(e)))
+                }
+            };
+            let _ = tx.send(result).await;
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    async fn refresh_agent_inventory(
+        &self,
+        r: pb::RefreshAgentInventoryRequest,
+    ) -> Result<pb::RefreshAgentInventoryResponse, ApiError> {
+        let (cluster, node) = self.target(r.cluster, r.node)?;
+        let link = self.shared.fleet.link(&cluster, &node)?;
+        let call = link
+            .call(
+                pb::request::Kind::RefreshInventory(pb::RefreshInventoryRequest {}),
+                REFRESH_TIMEOUT,
+            )
+            .await?;
+        match call.finish().await? {
+            pb::reply::Result::RefreshInventory(r) => {
+                Ok(pb::RefreshAgentInventoryResponse { apps: r.apps })
+            }
+            _ => Err(LinkError::UnexpectedReply.into()),
+        }
     }
 }
 
@@ -116,28 +277,40 @@ fn respond<T>(what: &'static str, r: Result<T, ApiError>) -> Result<Response<T>,
     })
 }
 
+type PingStream = Pin<Box<dyn Stream<Item = Result<pb::PingAgentEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Operator for OperatorApi {
+    type PingAgentStream = PingStream;
+
+    async fn ping_agent(
+        &self,
+        request: Request<pb::PingAgentRequest>,
+    ) -> Result<Response<Self::PingAgentStream>, Status> {
+        let r = OperatorApi::ping_agent(self, request.into_inner())
+            .await
+            .map(|s| Box::pin(s) as PingStream);
+        respond("ping_agent", r)
+    }
+
+    async fn refresh_agent_inventory(
+        &self,
+        request: Request<pb::RefreshAgentInventoryRequest>,
+    ) -> Result<Response<pb::RefreshAgentInventoryResponse>, Status> {
+        respond(
+            "refresh_agent_inventory",
+            OperatorApi::refresh_agent_inventory(self, request.into_inner()).await,
+        )
+    }
+
     async fn list_clusters(
         &self,
-        _request: Request<pb::ListClustersRequest>,
+        request: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
-        let r = self
-            .shared
-            .catalog
-            .list_clusters()
-            .await
-            .map_err(ApiError::from)
-            .map(|cs| pb::ListClustersResponse {
-                clusters: cs
-                    .into_iter()
-                    .map(|c| pb::Cluster {
-                        name: c.name.to_string(),
-                        created_unix_ms: c.created_at.unix_millis(),
-                    })
-                    .collect(),
-            });
-        respond("list_clusters", r)
+        respond(
+            "list_clusters",
+            OperatorApi::list_clusters(self, request.into_inner()).await,
+        )
     }
 
     async fn list_agents(

@@ -162,7 +162,13 @@ fn app(name: &str, tm: &str, vol: &str) -> App {
 pub(crate) async fn clusters_are_idempotent(engine: Engine) {
     let f = fixture(engine).await;
     let c = &f.catalog;
-    assert!(c.list_clusters().await.expect("list").is_empty());
+    assert!(
+        c.list_clusters(&PageRequest::all())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
     let first = c
         .create_cluster(&cluster("prod"), t(10))
         .await
@@ -177,9 +183,10 @@ pub(crate) async fn clusters_are_idempotent(engine: Engine) {
         .await
         .expect("create dev");
     let names: Vec<_> = c
-        .list_clusters()
+        .list_clusters(&PageRequest::all())
         .await
         .expect("list")
+        .items
         .into_iter()
         .map(|r| r.name.to_string())
         .collect();
@@ -386,10 +393,21 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
         t(901)
     );
 
-    let prod_agents = c.list_agents(Some(&cluster("prod"))).await.expect("list");
+    let prod_agents = c
+        .list_agents(Some(&cluster("prod")), &PageRequest::all())
+        .await
+        .expect("list")
+        .items;
     let ids: Vec<_> = prod_agents.iter().map(|a| a.id.to_string()).collect();
     assert_eq!(ids, ["a1", "a2"]);
-    assert_eq!(c.list_agents(None).await.expect("list").len(), 3);
+    assert_eq!(
+        c.list_agents(None, &PageRequest::all())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        3
+    );
 
     // The same id may not move to another node.
     let err = c
@@ -412,16 +430,18 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
         .expect("re-enrol");
     assert_eq!(c.get_agent(&agent_id("a1")).await.expect("get"), None);
     assert_eq!(
-        c.list_agents(Some(&cluster("prod")))
+        c.list_agents(Some(&cluster("prod")), &PageRequest::all())
             .await
             .expect("list")
+            .items
             .len(),
         2
     );
     assert_eq!(
-        c.list_apps(&AppFilter::default())
+        c.list_apps(&AppFilter::default(), &PageRequest::all())
             .await
             .expect("apps")
+            .items
             .len(),
         1
     );
@@ -430,9 +450,10 @@ pub(crate) async fn agents_enrol_touch_and_leave(engine: Engine) {
     assert!(c.remove_agent(&agent_id("a9")).await.expect("remove"));
     assert!(!c.remove_agent(&agent_id("a9")).await.expect("remove again"));
     assert!(
-        c.list_apps(&AppFilter::default())
+        c.list_apps(&AppFilter::default(), &PageRequest::all())
             .await
             .expect("apps")
+            .items
             .is_empty()
     );
     let err = c
@@ -476,7 +497,11 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
     .await
     .expect("dev report");
 
-    let all = c.list_apps(&AppFilter::default()).await.expect("all");
+    let all = c
+        .list_apps(&AppFilter::default(), &PageRequest::all())
+        .await
+        .expect("all")
+        .items;
     let keys: Vec<_> = all
         .iter()
         .map(|a| format!("{}/{}/{}", a.cluster, a.app.team, a.app.name))
@@ -491,20 +516,28 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         ]
     );
     let web_prod = c
-        .list_apps(&AppFilter {
-            cluster: Some(prod.clone()),
-            team: Some(team("web")),
-        })
+        .list_apps(
+            &AppFilter {
+                cluster: Some(prod.clone()),
+                team: Some(team("web")),
+            },
+            &PageRequest::all(),
+        )
         .await
-        .expect("filtered");
+        .expect("filtered")
+        .items;
     assert_eq!(web_prod.len(), 2);
     let web_all = c
-        .list_apps(&AppFilter {
-            cluster: None,
-            team: Some(team("web")),
-        })
+        .list_apps(
+            &AppFilter {
+                cluster: None,
+                team: Some(team("web")),
+            },
+            &PageRequest::all(),
+        )
         .await
-        .expect("filtered");
+        .expect("filtered")
+        .items;
     assert_eq!(web_all.len(), 3);
     let teams: Vec<_> = c
         .list_teams()
@@ -539,7 +572,11 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         "{err}"
     );
     assert_eq!(
-        c.list_apps(&AppFilter::default()).await.expect("all").len(),
+        c.list_apps(&AppFilter::default(), &PageRequest::all())
+            .await
+            .expect("all")
+            .items
+            .len(),
         4,
         "a refused report changes nothing"
     );
@@ -578,12 +615,16 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
     .await
     .expect("second report");
     let prod_apps = c
-        .list_apps(&AppFilter {
-            cluster: Some(prod.clone()),
-            team: None,
-        })
+        .list_apps(
+            &AppFilter {
+                cluster: Some(prod.clone()),
+                team: None,
+            },
+            &PageRequest::all(),
+        )
         .await
-        .expect("prod");
+        .expect("prod")
+        .items;
     assert_eq!(prod_apps.len(), 1);
     assert_eq!(prod_apps[0].reported_at, t(30));
     assert_eq!(prod_apps[0].app.volumes[0].path.as_str(), "/srv/shop2");
@@ -596,12 +637,16 @@ pub(crate) async fn inventory_is_replaced_atomically(engine: Engine) {
         .await
         .expect("n2 takes shop");
     let prod_apps = c
-        .list_apps(&AppFilter {
-            cluster: Some(prod),
-            team: None,
-        })
+        .list_apps(
+            &AppFilter {
+                cluster: Some(prod),
+                team: None,
+            },
+            &PageRequest::all(),
+        )
         .await
-        .expect("prod");
+        .expect("prod")
+        .items;
     assert_eq!(prod_apps.len(), 1);
     assert_eq!(prod_apps[0].node, node("n2"));
 }
@@ -635,27 +680,45 @@ pub(crate) async fn everything_survives_reopen(engine: Engine) {
         .await
         .expect("inventory");
     let before = (
-        catalog.list_clusters().await.expect("clusters"),
+        catalog
+            .list_clusters(&PageRequest::all())
+            .await
+            .expect("clusters")
+            .items,
         catalog.list_teams().await.expect("teams"),
         catalog.list_join_tokens(None).await.expect("tokens"),
-        catalog.list_agents(None).await.expect("agents"),
         catalog
-            .list_apps(&AppFilter::default())
+            .list_agents(None, &PageRequest::all())
             .await
-            .expect("apps"),
+            .expect("agents")
+            .items,
+        catalog
+            .list_apps(&AppFilter::default(), &PageRequest::all())
+            .await
+            .expect("apps")
+            .items,
     );
     drop(catalog);
 
     let catalog = open_when_free(engine, &path).await;
     let after = (
-        catalog.list_clusters().await.expect("clusters"),
+        catalog
+            .list_clusters(&PageRequest::all())
+            .await
+            .expect("clusters")
+            .items,
         catalog.list_teams().await.expect("teams"),
         catalog.list_join_tokens(None).await.expect("tokens"),
-        catalog.list_agents(None).await.expect("agents"),
         catalog
-            .list_apps(&AppFilter::default())
+            .list_agents(None, &PageRequest::all())
             .await
-            .expect("apps"),
+            .expect("agents")
+            .items,
+        catalog
+            .list_apps(&AppFilter::default(), &PageRequest::all())
+            .await
+            .expect("apps")
+            .items,
     );
     assert_eq!(after, before);
     assert_eq!(after.0.len(), 1);
@@ -741,7 +804,10 @@ pub(crate) async fn future_versions_are_refused(engine: Engine) {
         br#"{"v":2,"record":{"name":"new","created_at":2,"region":"eu"}}"#,
     );
     let catalog = open_when_free(engine, &path).await;
-    let err = catalog.list_clusters().await.expect_err("v2 record");
+    let err = catalog
+        .list_clusters(&PageRequest::all())
+        .await
+        .expect_err("v2 record");
     assert!(
         matches!(
             err,
@@ -834,6 +900,112 @@ async fn unknown_and_unbuilt_engines_are_clear_errors() {
     }
 }
 
+/// Follows `next` from the first page to the last, checking that no page
+/// is over its limit.
+macro_rules! all_pages {
+    ($page:ident, $limit:expr, $max_bytes:expr, $list:expr) => {{
+        let mut out = Vec::new();
+        let mut $page = PageRequest {
+            after: None,
+            limit: $limit,
+            max_bytes: $max_bytes,
+        };
+        let mut pages = 0;
+        loop {
+            let got = $list.await.expect("page");
+            assert!(got.items.len() <= $limit, "page over its limit");
+            pages += 1;
+            assert!(pages < 1000, "paging does not end");
+            out.extend(got.items);
+            match got.next {
+                Some(next) => $page.after = Some(next),
+                None => break,
+            }
+        }
+        (out, pages)
+    }};
+}
+
+pub(crate) async fn lists_come_in_pages(engine: Engine) {
+    let f = fixture(engine).await;
+    let c = &f.catalog;
+    for cl in ["alpha", "beta", "gamma"] {
+        c.create_cluster(&cluster(cl), t(0)).await.expect("cluster");
+    }
+    for i in 0..23 {
+        let (cl, n) = if i < 5 { ("alpha", i) } else { ("beta", i) };
+        c.upsert_agent(agent(&format!("a{i:02}"), cl, &format!("n{n:02}"), 1))
+            .await
+            .expect("agent");
+        let apps = (0..3)
+            .map(|k| {
+                app(
+                    &format!("app{i:02}-{k}"),
+                    if k == 0 { "red" } else { "blue" },
+                    "/srv/x",
+                )
+            })
+            .collect();
+        c.replace_inventory(&cluster(cl), &node(&format!("n{n:02}")), apps, t(2))
+            .await
+            .expect("inventory");
+    }
+
+    let (clusters, pages) = all_pages!(p, 2, usize::MAX, c.list_clusters(&p));
+    let names: Vec<_> = clusters.iter().map(|c| c.name.to_string()).collect();
+    assert_eq!(names, ["alpha", "beta", "gamma"]);
+    assert_eq!(pages, 2);
+
+    let everything = c
+        .list_apps(&AppFilter::default(), &PageRequest::all())
+        .await
+        .expect("all")
+        .items;
+    assert_eq!(everything.len(), 69);
+    for limit in [1, 4, 10, 69, 70] {
+        let (apps, _) = all_pages!(p, limit, usize::MAX, c.list_apps(&AppFilter::default(), &p));
+        assert_eq!(apps, everything, "pages of {limit}");
+    }
+    // A byte budget ends pages early, never below one record.
+    let (apps, pages) = all_pages!(p, 100, 1, c.list_apps(&AppFilter::default(), &p));
+    assert_eq!(apps, everything);
+    assert_eq!(pages, 69);
+    // Filters page over the matching records only.
+    let red = AppFilter {
+        cluster: Some(cluster("beta")),
+        team: Some(team("red")),
+    };
+    let (apps, _) = all_pages!(p, 4, usize::MAX, c.list_apps(&red, &p));
+    assert_eq!(apps.len(), 18);
+    assert!(
+        apps.iter()
+            .all(|a| a.cluster == cluster("beta") && a.app.team == team("red"))
+    );
+
+    let (agents, pages) = all_pages!(p, 2, usize::MAX, c.list_agents(Some(&cluster("alpha")), &p));
+    let nodes: Vec<_> = agents.iter().map(|a| a.node.to_string()).collect();
+    assert_eq!(nodes, ["n00", "n01", "n02", "n03", "n04"]);
+    assert_eq!(pages, 3);
+    let (agents, _) = all_pages!(p, 7, usize::MAX, c.list_agents(None, &p));
+    assert_eq!(agents.len(), 23);
+    let (none, _) = all_pages!(p, 7, usize::MAX, c.list_agents(Some(&cluster("gamma")), &p));
+    assert!(none.is_empty());
+
+    // The node index answers for one node without a list.
+    let found = c
+        .agent_of_node(&cluster("beta"), &node("n07"))
+        .await
+        .expect("lookup")
+        .expect("enrolled");
+    assert_eq!(found.id, agent_id("a07"));
+    assert_eq!(
+        c.agent_of_node(&cluster("alpha"), &node("n07"))
+            .await
+            .expect("lookup"),
+        None
+    );
+}
+
 macro_rules! conformance_suite {
     ($module:ident, $engine:expr) => {
         mod $module {
@@ -867,6 +1039,11 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn inventory_is_replaced_atomically() {
                 super::inventory_is_replaced_atomically($engine).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn lists_come_in_pages() {
+                super::lists_come_in_pages($engine).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -219,12 +219,16 @@ async fn verify(
     // Each node holds the inventory of its latest acknowledged write, or of
     // the write in flight when the writer died, intact.
     let apps = catalog
-        .list_apps(&AppFilter {
-            cluster: Some(crash_cluster()),
-            team: None,
-        })
+        .list_apps(
+            &AppFilter {
+                cluster: Some(crash_cluster()),
+                team: None,
+            },
+            &PageRequest::all(),
+        )
         .await
-        .unwrap_or_else(|e| panic!("iteration {iteration}: listing apps failed: {e}"));
+        .unwrap_or_else(|e| panic!("iteration {iteration}: listing apps failed: {e}"))
+        .items;
     let mut per_node: BTreeMap<NodeName, u64> = BTreeMap::new();
     for app in &apps {
         let id: u64 = app

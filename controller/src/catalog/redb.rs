@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::CatalogError;
-use super::store::{Kv, KvTxn, Table};
+use super::store::{Kv, KvTxn, Table, Visit};
 
 fn def(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     TableDefinition::new(table.name())
@@ -115,19 +115,29 @@ impl Kv for RedbKv {
         Ok(v.map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, CatalogError> {
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: Option<&str>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), CatalogError> {
+        use std::ops::Bound;
         let op = "scan";
         let txn = self.db.begin_read().map_err(|e| engine_err(op, e))?;
         let t = txn.open_table(def(table)).map_err(|e| engine_err(op, e))?;
-        let mut out = Vec::new();
-        for entry in t.range(prefix..).map_err(|e| engine_err(op, e))? {
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let range: (Bound<&str>, Bound<&str>) = (start, Bound::Unbounded);
+        for entry in t.range::<&str>(range).map_err(|e| engine_err(op, e))? {
             let (k, v) = entry.map_err(|e| engine_err(op, e))?;
             let key = k.value();
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || !visit(key, v.value())? {
                 break;
             }
-            out.push((key.to_owned(), v.value().to_vec()));
         }
-        Ok(out)
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use sled::transaction::{
 };
 
 use super::CatalogError;
-use super::store::{Kv, KvCatalog, KvTxn, Table};
+use super::store::{Kv, KvCatalog, KvTxn, Table, Visit};
 
 const TREE: &str = "catalog";
 
@@ -146,18 +146,34 @@ impl Kv for SledKv {
         Ok(v.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, CatalogError> {
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: Option<&str>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), CatalogError> {
+        use std::ops::Bound;
         let strip = table.name().len() + 1;
-        let mut out = Vec::new();
-        for entry in self.tree.scan_prefix(full_key(table, prefix)) {
+        let lower = full_key(table, prefix);
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(full_key(table, a)),
+            _ => Bound::Included(lower.clone()),
+        };
+        for entry in self.tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
             let (k, v) = entry.map_err(|e| engine_err("scan", e))?;
+            if !k.starts_with(&lower) {
+                break;
+            }
             let key = std::str::from_utf8(&k[strip..]).map_err(|_| CatalogError::Corrupt {
                 table: table.name(),
                 key: String::from_utf8_lossy(&k[strip..]).into_owned(),
                 reason: "key is not utf-8".into(),
             })?;
-            out.push((key.to_owned(), v.to_vec()));
+            if !visit(key, &v)? {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 }

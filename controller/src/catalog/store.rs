@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::record::{Record, decode, encode};
 use super::{
     AgentId, AgentRecord, App, AppFilter, AppName, AppRecord, Catalog, CatalogError, ClusterName,
-    ClusterRecord, NodeName, TeamName, TeamRecord, Timestamp, TokenHash, TokenRecord, TokenUse,
-    run_blocking,
+    ClusterRecord, NodeName, Page, PageRequest, TeamName, TeamRecord, Timestamp, TokenHash,
+    TokenRecord, TokenUse, run_blocking,
 };
 
 /// Version of the catalog layout (tables, keys, indexes) as a whole.
@@ -66,6 +66,12 @@ impl Table {
     }
 }
 
+/// Called per entry of a scan with its key and value; false stops the scan.
+pub(crate) type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<bool, CatalogError> + 'a;
+
+/// Turns a scanned entry into its record and stored size (`None`: skip it).
+type Resolve<'a, T> = dyn Fn(&str, &[u8]) -> Result<Option<(T, usize)>, CatalogError> + 'a;
+
 /// Reads and writes inside one atomic write transaction.
 pub(crate) trait KvTxn {
     fn get(&mut self, table: Table, key: &str) -> Result<Option<Vec<u8>>, CatalogError>;
@@ -86,8 +92,26 @@ pub(crate) trait Kv: Send + Sync + 'static {
     /// Reads one key.
     fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, CatalogError>;
 
+    /// Visits the entries of `table` whose key starts with `prefix` and,
+    /// given `after`, sorts after it, in key order, until `visit` returns
+    /// false.
+    fn scan_from(
+        &self,
+        table: Table,
+        prefix: &str,
+        after: Option<&str>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), CatalogError>;
+
     /// All entries of `table` whose key starts with `prefix`, ordered by key.
-    fn scan(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, CatalogError>;
+    fn scan(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, CatalogError> {
+        let mut out = Vec::new();
+        self.scan_from(table, prefix, None, &mut |k, v| {
+            out.push((k.to_owned(), v.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -212,6 +236,45 @@ impl<K: Kv> KvCatalog<K> {
     }
 }
 
+/// One page of `table` below `prefix`: records after `page.after` that
+/// `keep` accepts, up to the page's limits. `resolve` turns an entry into
+/// its record (decoding it, or following an index to it).
+fn scan_page<T>(
+    kv: &impl Kv,
+    table: Table,
+    prefix: &str,
+    page: &PageRequest,
+    resolve: &Resolve<'_, T>,
+    keep: &dyn Fn(&T) -> bool,
+) -> Result<Page<T>, CatalogError> {
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    let mut scanned: Option<String> = None;
+    let mut next = None;
+    let limit = page.limit.max(1);
+    kv.scan_from(table, prefix, page.after.as_deref(), &mut |k, v| {
+        let Some((rec, size)) = resolve(k, v)? else {
+            scanned = Some(k.to_owned());
+            return Ok(true);
+        };
+        if !keep(&rec) {
+            scanned = Some(k.to_owned());
+            return Ok(true);
+        }
+        if items.len() >= limit || (!items.is_empty() && bytes + size > page.max_bytes) {
+            // A further record exists: the next page starts after the last
+            // entry looked at.
+            next = scanned.take();
+            return Ok(false);
+        }
+        bytes += size;
+        items.push(rec);
+        scanned = Some(k.to_owned());
+        Ok(true)
+    })?;
+    Ok(Page { items, next })
+}
+
 fn scan_decode<T: Record>(
     kv: &impl Kv,
     table: Table,
@@ -257,9 +320,19 @@ impl<K: Kv> Catalog for KvCatalog<K> {
         .await
     }
 
-    async fn list_clusters(&self) -> Result<Vec<ClusterRecord>, CatalogError> {
-        self.blocking("list clusters", |kv| scan_decode(kv, Table::Clusters, ""))
-            .await
+    async fn list_clusters(&self, page: &PageRequest) -> Result<Page<ClusterRecord>, CatalogError> {
+        let page = page.clone();
+        self.blocking("list clusters", move |kv| {
+            scan_page(
+                kv,
+                Table::Clusters,
+                "",
+                &page,
+                &decode_sized(Table::Clusters),
+                &|_| true,
+            )
+        })
+        .await
     }
 
     async fn create_team(
@@ -437,14 +510,41 @@ impl<K: Kv> Catalog for KvCatalog<K> {
     async fn list_agents(
         &self,
         cluster: Option<&ClusterName>,
-    ) -> Result<Vec<AgentRecord>, CatalogError> {
-        let cluster = cluster.cloned();
+        page: &PageRequest,
+    ) -> Result<Page<AgentRecord>, CatalogError> {
+        let prefix = cluster.map(|c| format!("{c}/")).unwrap_or_default();
+        let page = page.clone();
         self.blocking("list agents", move |kv| {
-            let all: Vec<AgentRecord> = scan_decode(kv, Table::Agents, "")?;
-            Ok(all
-                .into_iter()
-                .filter(|a| cluster.as_ref().is_none_or(|c| *c == a.cluster))
-                .collect())
+            // Through the node index: ordered by (cluster, node), and one
+            // cluster's agents without reading the others'.
+            let resolve = |k: &str, v: &[u8]| {
+                let holder: NodeAgent = decode(Table::AgentNodes.name(), k, v)?;
+                let Some(bytes) = kv.get(Table::Agents, holder.agent.as_str())? else {
+                    return Ok(None);
+                };
+                let agent: AgentRecord =
+                    decode(Table::Agents.name(), holder.agent.as_str(), &bytes)?;
+                Ok(Some((agent, bytes.len())))
+            };
+            scan_page(kv, Table::AgentNodes, &prefix, &page, &resolve, &|_| true)
+        })
+        .await
+    }
+
+    async fn agent_of_node(
+        &self,
+        cluster: &ClusterName,
+        node: &NodeName,
+    ) -> Result<Option<AgentRecord>, CatalogError> {
+        let nkey = node_key(cluster, node);
+        self.blocking("get agent of node", move |kv| {
+            let Some(v) = kv.get(Table::AgentNodes, &nkey)? else {
+                return Ok(None);
+            };
+            let holder: NodeAgent = decode(Table::AgentNodes.name(), &nkey, &v)?;
+            kv.get(Table::Agents, holder.agent.as_str())?
+                .map(|b| decode(Table::Agents.name(), holder.agent.as_str(), &b))
+                .transpose()
         })
         .await
     }
@@ -564,17 +664,35 @@ impl<K: Kv> Catalog for KvCatalog<K> {
         .await
     }
 
-    async fn list_apps(&self, filter: &AppFilter) -> Result<Vec<AppRecord>, CatalogError> {
+    async fn list_apps(
+        &self,
+        filter: &AppFilter,
+        page: &PageRequest,
+    ) -> Result<Page<AppRecord>, CatalogError> {
         let filter = filter.clone();
+        let page = page.clone();
         self.blocking("list apps", move |kv| {
             let prefix = filter
                 .cluster
                 .as_ref()
                 .map(|c| format!("{c}/"))
                 .unwrap_or_default();
-            let all: Vec<AppRecord> = scan_decode(kv, Table::Apps, &prefix)?;
-            Ok(all.into_iter().filter(|a| filter.matches(a)).collect())
+            scan_page(
+                kv,
+                Table::Apps,
+                &prefix,
+                &page,
+                &decode_sized(Table::Apps),
+                &|a| filter.matches(a),
+            )
         })
         .await
     }
+}
+
+/// Decodes an entry of `table` as its record, with its stored size.
+fn decode_sized<T: Record>(
+    table: Table,
+) -> impl Fn(&str, &[u8]) -> Result<Option<(T, usize)>, CatalogError> {
+    move |k, v| Ok(Some((decode(table.name(), k, v)?, v.len())))
 }

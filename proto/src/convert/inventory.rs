@@ -199,6 +199,7 @@ impl From<Inventory> for pb::Inventory {
         Self {
             apps: inv.apps.into_iter().map(Into::into).collect(),
             taken_unix_ms: inv.taken_at.unix_millis(),
+            more: false,
         }
     }
 }
@@ -206,21 +207,127 @@ impl From<Inventory> for pb::Inventory {
 impl TryFrom<pb::Inventory> for Inventory {
     type Error = ConvertError;
     fn try_from(inv: pb::Inventory) -> Result<Self, Self::Error> {
+        let mut parts = InventoryParts::new(usize::MAX);
+        match parts.push(inv)? {
+            Some(whole) => Ok(whole),
+            None => Err(ConvertError::Missing {
+                field: "inventory: the parts after the first".to_owned(),
+            }),
+        }
+    }
+}
+
+/// The largest part an inventory is sent in, encoded: far below gRPC's
+/// 4 MiB message limit.
+pub const INVENTORY_PART_BYTES: usize = 1 << 20;
+
+/// An inventory on the wire, in parts of at most `max_part_bytes` encoded
+/// bytes each (the last with `more = false`). An app whose description
+/// alone is larger cannot be sent: it is left out and returned with its
+/// encoded size, for the caller to report.
+pub fn inventory_parts(
+    inv: Inventory,
+    max_part_bytes: usize,
+) -> (Vec<pb::Inventory>, Vec<(App, usize)>) {
+    let taken_unix_ms = inv.taken_at.unix_millis();
+    let new_part = || pb::Inventory {
+        apps: Vec::new(),
+        taken_unix_ms,
+        more: true,
+    };
+    let mut parts = vec![new_part()];
+    let mut part_bytes = 0;
+    let mut oversize = Vec::new();
+    for app in inv.apps {
+        let wire = pb::App::from(app.clone());
+        // An app's share of a part: its bytes, a tag and a length prefix.
+        let len = prost::Message::encoded_len(&wire);
+        let cost = len + 1 + prost::encoding::encoded_len_varint(len as u64);
+        if cost + 16 > max_part_bytes {
+            oversize.push((app, len));
+            continue;
+        }
+        if part_bytes + cost + 16 > max_part_bytes {
+            parts.push(new_part());
+            part_bytes = 0;
+        }
+        part_bytes += cost;
+        if let Some(p) = parts.last_mut() {
+            p.apps.push(wire);
+        }
+    }
+    if let Some(last) = parts.last_mut() {
+        last.more = false;
+    }
+    (parts, oversize)
+}
+
+/// Reassembles an inventory sent in parts; each part's apps are converted
+/// (and validated) as it arrives, the whole is checked when the last part
+/// is in.
+#[derive(Debug)]
+pub struct InventoryParts {
+    apps: Vec<App>,
+    taken_at: Option<Timestamp>,
+    max_apps: usize,
+}
+
+impl InventoryParts {
+    /// Refuses inventories of more than `max_apps` apps.
+    pub fn new(max_apps: usize) -> Self {
+        Self {
+            apps: Vec::new(),
+            taken_at: None,
+            max_apps,
+        }
+    }
+
+    /// Apps received so far of an inventory not yet complete.
+    pub fn pending(&self) -> usize {
+        self.apps.len()
+    }
+
+    /// Takes one part; returns the whole inventory with its last part. On
+    /// error the parts received so far are dropped.
+    pub fn push(&mut self, part: pb::Inventory) -> Result<Option<Inventory>, ConvertError> {
+        let result = self.take(part);
+        if !matches!(result, Ok(None)) {
+            self.apps = Vec::new();
+            self.taken_at = None;
+        }
+        result
+    }
+
+    fn take(&mut self, part: pb::Inventory) -> Result<Option<Inventory>, ConvertError> {
+        if self.apps.len().saturating_add(part.apps.len()) > self.max_apps {
+            return Err(ConvertError::TooLarge {
+                field: "inventory.apps".to_owned(),
+                reason: format!("more than {} apps in one inventory", self.max_apps),
+            });
+        }
+        let first = self.apps.len();
+        self.taken_at
+            .get_or_insert(Timestamp::from_unix_millis(part.taken_unix_ms));
+        for (i, a) in part.apps.into_iter().enumerate() {
+            let app = app_from_pb(a, &format!("inventory.apps[{}]", first + i))?;
+            self.apps.push(app);
+        }
+        if part.more {
+            return Ok(None);
+        }
         let out = Inventory {
-            apps: inv
-                .apps
-                .into_iter()
-                .enumerate()
-                .map(|(i, a)| app_from_pb(a, &format!("inventory.apps[{i}]")))
-                .collect::<Result<_, _>>()?,
-            taken_at: Timestamp::from_unix_millis(inv.taken_unix_ms),
+            apps: std::mem::take(&mut self.apps),
+            taken_at: self
+                .taken_at
+                .take()
+                .unwrap_or(Timestamp::from_unix_millis(0)),
         };
         out.validate()
             .map_err(|source| ConvertError::Inconsistent {
                 field: "inventory.apps".to_owned(),
                 source: Box::new(source),
             })?;
-        Ok(out)
+        Ok(Some(out))
     }
 }
 
@@ -427,5 +534,86 @@ mod tests {
         wire.components[0].name = String::new();
         let err = App::try_from(wire).expect_err("empty name");
         assert_eq!(err.field(), "app.components[0].name");
+    }
+
+    /// `n` copies of the sample app under distinct names.
+    fn many(n: usize) -> Inventory {
+        let mut inv = sample();
+        let one = inv.apps.remove(0);
+        inv.apps = (0..n)
+            .map(|i| App {
+                name: format!("shop-{i:04}").parse().expect("app"),
+                ..one.clone()
+            })
+            .collect();
+        inv
+    }
+
+    #[test]
+    fn a_large_inventory_goes_in_parts_and_comes_back_whole() {
+        let inv = many(500);
+        let (parts, oversize) = inventory_parts(inv.clone(), 16 << 10);
+        assert!(oversize.is_empty());
+        assert!(parts.len() > 3, "{} parts", parts.len());
+        for (i, p) in parts.iter().enumerate() {
+            assert!(
+                prost::Message::encoded_len(p) <= 16 << 10,
+                "part {i} too large"
+            );
+            assert_eq!(p.more, i + 1 < parts.len());
+            assert_eq!(p.taken_unix_ms, inv.taken_at.unix_millis());
+        }
+        let mut whole = InventoryParts::new(1000);
+        let mut got = None;
+        for p in parts {
+            assert!(got.is_none(), "whole before the last part");
+            got = whole.push(p).expect("valid part");
+        }
+        assert_eq!(got, Some(inv));
+        assert_eq!(whole.pending(), 0);
+        // Small inventories stay one message.
+        let (parts, _) = inventory_parts(sample(), INVENTORY_PART_BYTES);
+        assert_eq!(parts.len(), 1);
+        assert!(!parts[0].more);
+    }
+
+    #[test]
+    fn parts_are_checked_as_they_come_and_as_a_whole() {
+        // Too many apps in all.
+        let (parts, _) = inventory_parts(many(50), 4 << 10);
+        let mut whole = InventoryParts::new(20);
+        let err = parts
+            .into_iter()
+            .find_map(|p| whole.push(p).err())
+            .expect("refused");
+        assert!(err.to_string().contains("more than 20 apps"), "{err}");
+        assert_eq!(whole.pending(), 0, "a refused inventory is dropped");
+        // An app listed in two parts.
+        let (mut parts, _) = inventory_parts(many(2), 1 << 20);
+        let mut second = parts.remove(0);
+        let mut first = second.clone();
+        first.more = true;
+        second.apps.truncate(1);
+        let mut whole = InventoryParts::new(100);
+        assert_eq!(whole.push(first).expect("first"), None);
+        let err = whole.push(second).expect_err("duplicate");
+        assert_eq!(err.field(), "inventory.apps");
+        // A bad app names its index across parts.
+        let (mut parts, _) = inventory_parts(many(2), 1 << 20);
+        let mut second = parts.remove(0);
+        let mut first = second.clone();
+        first.more = true;
+        first.apps.truncate(1);
+        second.apps = vec![second.apps[1].clone()];
+        second.apps[0].name = "Bad Name".into();
+        let mut whole = InventoryParts::new(100);
+        whole.push(first).expect("first");
+        let err = whole.push(second).expect_err("bad name");
+        assert_eq!(err.field(), "inventory.apps[1].name");
+        // An app larger than a part is left out, and said so.
+        let (parts, oversize) = inventory_parts(many(3), 64);
+        assert_eq!(oversize.len(), 3);
+        assert_eq!(parts.len(), 1);
+        assert!(parts[0].apps.is_empty() && !parts[0].more);
     }
 }

@@ -1,0 +1,382 @@
+//! The agent's end of the link: requests from the controller, each run as a
+//! tracked task with its own cancellation token (a child of the session's),
+//! while the session loop goes on answering heartbeats.
+//!
+//! Every request gets exactly one reply: its result, or an error with a
+//! Ferry error code (`cancelled` when the controller cancelled it or the
+//! session ended, `deadline_exceeded` past its timeout, `unavailable` when
+//! the agent already runs too many). The inventory, whole or in parts, is
+//! sent by one task at a time, so parts of two inventories never interleave.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferry_core::{Chain, CodedError, ErrorCode};
+use ferry_proto::convert::{INVENTORY_PART_BYTES, inventory_parts};
+use ferry_proto::v1 as pb;
+use ferry_proto::v1::agent_message::Kind as AgentKind;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::platform::{Platform, PlatformError};
+
+/// Requests one agent works on at once; more are refused as unavailable.
+const MAX_RUNNING: usize = 64;
+/// Progress of a held ping is sent this often.
+const PING_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The longest a ping may hold its reply.
+const MAX_PING_HOLD: Duration = Duration::from_secs(60);
+
+/// Why the inventory could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("cannot take the inventory: {0}")]
+    Platform(#[from] PlatformError),
+    #[error("the session closed while the inventory was sent")]
+    Closed,
+}
+
+impl CodedError for InventoryError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Platform(e) => e.code(),
+            Self::Closed => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// What request handlers share.
+#[derive(Clone)]
+struct Ctx {
+    tx: mpsc::Sender<pb::AgentMessage>,
+    platform: Arc<dyn Platform>,
+    /// Held while an inventory's parts are sent.
+    inventory: Arc<Mutex<()>>,
+    running: Arc<AtomicUsize>,
+}
+
+impl Ctx {
+    async fn send(&self, kind: AgentKind) -> bool {
+        self.tx
+            .send(pb::AgentMessage { kind: Some(kind) })
+            .await
+            .is_ok()
+    }
+
+    /// Takes the inventory and sends it, in parts when it is large; returns
+    /// how many apps it holds.
+    async fn send_inventory(&self) -> Result<usize, InventoryError> {
+        let _one_at_a_time = self.inventory.lock().await;
+        let apps = self.platform.inventory().await?;
+        let inventory = ferry_core::Inventory {
+            apps,
+            taken_at: ferry_core::Timestamp::now(),
+        };
+        let (parts, oversize) = inventory_parts(inventory, INVENTORY_PART_BYTES);
+        for (app, bytes) in &oversize {
+            tracing::error!(app = %app.name, team = %app.team, bytes,
+                limit = INVENTORY_PART_BYTES,
+                "app left out of the inventory: its description is larger than one message may be");
+        }
+        let n: usize = parts.iter().map(|p| p.apps.len()).sum();
+        let count = parts.len();
+        for part in parts {
+            if !self.send(AgentKind::Inventory(part)).await {
+                return Err(InventoryError::Closed);
+            }
+        }
+        tracing::info!(apps = n, parts = count, "inventory sent");
+        Ok(n)
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> pb::reply::Result {
+    pb::reply::Result::Error(pb::RequestError {
+        code: code.as_str().to_owned(),
+        message: message.into(),
+    })
+}
+
+/// Runs the controller's requests of one session.
+pub struct Dispatcher {
+    ctx: Ctx,
+    session: CancellationToken,
+    tasks: JoinSet<Option<u64>>,
+    cancels: HashMap<u64, CancellationToken>,
+}
+
+impl Dispatcher {
+    pub fn new(tx: mpsc::Sender<pb::AgentMessage>, platform: Arc<dyn Platform>) -> Self {
+        Self {
+            ctx: Ctx {
+                tx,
+                platform,
+                inventory: Arc::new(Mutex::new(())),
+                running: Arc::new(AtomicUsize::new(0)),
+            },
+            session: CancellationToken::new(),
+            tasks: JoinSet::new(),
+            cancels: HashMap::new(),
+        }
+    }
+
+    /// Requests running now.
+    pub fn running(&self) -> usize {
+        self.cancels.len()
+    }
+
+    /// Sends the inventory in the background, unless one is being sent.
+    pub fn send_inventory(&mut self) {
+        if self.ctx.inventory.try_lock().is_err() {
+            tracing::debug!("an inventory is being sent; this one is skipped");
+            return;
+        }
+        let ctx = self.ctx.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = ctx.send_inventory().await {
+                tracing::warn!(error = %Chain(&e), "inventory not sent");
+            }
+            None
+        });
+    }
+
+    /// Starts a request; its reply is sent when it ends.
+    pub fn request(&mut self, r: pb::Request) {
+        let id = r.id;
+        let refuse = |code, message: String| {
+            let ctx = self.ctx.clone();
+            async move {
+                let reply = pb::Reply {
+                    id,
+                    result: Some(error(code, message)),
+                };
+                ctx.send(AgentKind::Reply(reply)).await;
+                None
+            }
+        };
+        if self.cancels.contains_key(&id) {
+            let f = refuse(
+                ErrorCode::InvalidArgument,
+                format!("request {id} is already running"),
+            );
+            self.tasks.spawn(f);
+            return;
+        }
+        if self.cancels.len() >= MAX_RUNNING {
+            let f = refuse(
+                ErrorCode::Unavailable,
+                format!("the agent runs {MAX_RUNNING} requests already"),
+            );
+            self.tasks.spawn(f);
+            return;
+        }
+        let Some(kind) = r.kind else {
+            let f = refuse(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "this agent ({}) does not know the request; upgrade it",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            );
+            self.tasks.spawn(f);
+            return;
+        };
+        let cancel = self.session.child_token();
+        self.cancels.insert(id, cancel.clone());
+        let ctx = self.ctx.clone();
+        let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
+        ctx.running.fetch_add(1, Ordering::Relaxed);
+        self.tasks.spawn(async move {
+            let work = handle(&ctx, id, kind);
+            let result = tokio::select! {
+                r = work => r,
+                () = cancel.cancelled() => error(ErrorCode::Cancelled, "cancelled"),
+                () = sleep_or_forever(timeout) => error(
+                    ErrorCode::DeadlineExceeded,
+                    format!("not done within {} ms", r.timeout_ms),
+                ),
+            };
+            ctx.running.fetch_sub(1, Ordering::Relaxed);
+            let reply = pb::Reply {
+                id,
+                result: Some(result),
+            };
+            ctx.send(AgentKind::Reply(reply)).await;
+            Some(id)
+        });
+    }
+
+    /// Asks a running request to stop; it replies `cancelled`.
+    pub fn cancel(&mut self, id: u64) {
+        match self.cancels.get(&id) {
+            Some(token) => token.cancel(),
+            None => tracing::debug!(request = id, "cancel of no running request ignored"),
+        }
+    }
+
+    /// Waits for a task to end and forgets it; pending forever when none
+    /// runs (for `select!`).
+    pub async fn reap(&mut self) {
+        match self.tasks.join_next().await {
+            Some(Ok(Some(id))) => {
+                self.cancels.remove(&id);
+            }
+            Some(Ok(None)) => {}
+            Some(Err(e)) => tracing::error!(error = %e, "request task failed"),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Ends the session's requests: cancels them all and waits briefly for
+    /// their replies (which go nowhere once the stream is closed).
+    pub async fn shutdown(mut self) {
+        self.session.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.shutdown().await;
+    }
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Result {
+    match kind {
+        pb::request::Kind::Ping(p) => {
+            let hold = Duration::from_millis(p.hold_ms).min(MAX_PING_HOLD);
+            let total = hold.as_secs();
+            let start = tokio::time::Instant::now();
+            let mut done = 0;
+            while start.elapsed() < hold {
+                let left = hold.saturating_sub(start.elapsed());
+                tokio::time::sleep(left.min(PING_PROGRESS_EVERY)).await;
+                done += 1;
+                let progress = pb::Progress {
+                    id,
+                    done: done.min(total.max(1)),
+                    total,
+                    message: format!("held {done} s of {total} s"),
+                };
+                ctx.send(AgentKind::Progress(progress)).await;
+            }
+            pb::reply::Result::Ping(pb::PingReply {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                platform: ctx.platform.name().to_owned(),
+                agent_unix_ms: ferry_core::now_ms(),
+                requests_running: u32::try_from(ctx.running.load(Ordering::Relaxed))
+                    .unwrap_or(u32::MAX),
+            })
+        }
+        pb::request::Kind::RefreshInventory(_) => match ctx.send_inventory().await {
+            Ok(n) => pb::reply::Result::RefreshInventory(pb::RefreshInventoryReply {
+                apps: u32::try_from(n).unwrap_or(u32::MAX),
+            }),
+            Err(e) => error(e.code(), Chain(&e).to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::platform::host::HostPlatform;
+
+    fn dispatcher() -> (Dispatcher, mpsc::Receiver<pb::AgentMessage>) {
+        let (tx, rx) = mpsc::channel(64);
+        let platform: Arc<dyn Platform> =
+            Arc::new(HostPlatform::new(Vec::new(), Duration::from_secs(5)));
+        (Dispatcher::new(tx, platform), rx)
+    }
+
+    fn ping(id: u64, hold_ms: u64, timeout_ms: u64) -> pb::Request {
+        pb::Request {
+            id,
+            timeout_ms,
+            kind: Some(pb::request::Kind::Ping(pb::PingRequest { hold_ms })),
+        }
+    }
+
+    /// The next reply, skipping progress.
+    async fn reply(rx: &mut mpsc::Receiver<pb::AgentMessage>) -> pb::Reply {
+        loop {
+            match rx.recv().await.and_then(|m| m.kind) {
+                Some(AgentKind::Reply(r)) => return r,
+                Some(AgentKind::Progress(_)) => continue,
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        }
+    }
+
+    fn code(r: &pb::Reply) -> &str {
+        match &r.result {
+            Some(pb::reply::Result::Error(e)) => &e.code,
+            _ => "ok",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_request_reports_progress_and_can_be_cancelled() {
+        let (mut d, mut rx) = dispatcher();
+        d.request(ping(1, 10_000, 0));
+        d.request(ping(2, 0, 0));
+        // The quick one answers while the long one runs.
+        let r = reply(&mut rx).await;
+        assert_eq!((r.id, code(&r)), (2, "ok"));
+        match rx.recv().await.and_then(|m| m.kind) {
+            Some(AgentKind::Progress(p)) => assert_eq!((p.id, p.done, p.total), (1, 1, 10)),
+            other => panic!("expected progress, got {other:?}"),
+        }
+        d.reap().await;
+        assert_eq!(d.running(), 1);
+        d.cancel(1);
+        let r = reply(&mut rx).await;
+        assert_eq!((r.id, code(&r)), (1, "cancelled"));
+        d.reap().await;
+        assert_eq!(d.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn deadlines_duplicates_and_unknown_requests_get_an_error_reply() {
+        let (mut d, mut rx) = dispatcher();
+        d.request(ping(1, 30_000, 300));
+        d.request(ping(1, 0, 0));
+        let r = reply(&mut rx).await;
+        assert_eq!((r.id, code(&r)), (1, "invalid_argument"));
+        let r = reply(&mut rx).await;
+        assert_eq!((r.id, code(&r)), (1, "deadline_exceeded"));
+        d.request(pb::Request {
+            id: 7,
+            timeout_ms: 0,
+            kind: None,
+        });
+        let r = reply(&mut rx).await;
+        assert_eq!((r.id, code(&r)), (7, "failed_precondition"));
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_session_cancels_every_request() {
+        let (mut d, mut rx) = dispatcher();
+        for id in 1..=3 {
+            d.request(ping(id, 60_000, 0));
+        }
+        d.shutdown().await;
+        let mut ids = Vec::new();
+        while let Some(m) = rx.recv().await {
+            if let Some(AgentKind::Reply(r)) = m.kind {
+                assert_eq!(code(&r), "cancelled");
+                ids.push(r.id);
+            }
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 3]);
+    }
+}
