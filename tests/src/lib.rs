@@ -176,14 +176,14 @@ impl Controller {
             .arg("serve")
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args([
-                "--listen",
-                &listen,
-                "--heartbeat-secs",
-                "1",
-                "--last-seen-flush-secs",
-                "1",
-            ])
+            .args(["--listen", &listen])
+            .args(
+                [("--heartbeat-secs", "1"), ("--last-seen-flush-secs", "1")]
+                    .into_iter()
+                    // Tests' own settings win over these defaults.
+                    .filter(|(flag, _)| !self.serve_args.iter().any(|a| a == flag))
+                    .flat_map(|(flag, value)| [flag, value]),
+            )
             .args(&self.serve_args)
             .arg("--addr-file")
             .arg(&addr_file)
@@ -211,6 +211,11 @@ impl Controller {
 
     pub fn url(&self) -> String {
         format!("https://{}", self.addr.expect("controller started"))
+    }
+
+    /// The running `serve` process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, no goodbye.
