@@ -16,6 +16,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use ferry_core::{CodedError, ErrorCode};
 use ferry_proto::identity::PeerIdentity;
 use ferry_proto::tls::{self, CaFingerprint, TlsError};
 use ferry_proto::v1::JoinRequest;
@@ -46,13 +47,15 @@ pub enum EnrolError {
     },
 }
 
-impl EnrolError {
-    /// Whether retrying may help (the controller was unreachable).
-    pub fn is_transient(&self) -> bool {
+impl CodedError for EnrolError {
+    fn code(&self) -> ErrorCode {
         match self {
-            Self::Tls(e) => e.is_transient(),
-            Self::Refused { code, .. } => matches!(code, tonic::Code::Unavailable),
-            _ => false,
+            Self::AlreadyEnrolled { .. } => ErrorCode::AlreadyExists,
+            Self::InvalidNode { .. } => ErrorCode::InvalidArgument,
+            Self::Tls(e) => e.code(),
+            Self::Refused { code, .. } => ferry_proto::status::code_from_grpc(*code),
+            Self::CaMismatch { .. } | Self::WrongIdentity { .. } => ErrorCode::PermissionDenied,
+            Self::Key(_) | Self::Write { .. } => ErrorCode::Internal,
         }
     }
 }

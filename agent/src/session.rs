@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_core::Chain;
+use ferry_core::{Chain, CodedError, ErrorCode};
 use ferry_proto::identity::PeerIdentity;
 use ferry_proto::tls::{self, TlsError};
 use ferry_proto::v1 as pb;
@@ -53,6 +53,17 @@ impl From<tonic::Status> for SessionError {
         Self::Status {
             code: s.code(),
             message: s.message().to_owned(),
+        }
+    }
+}
+
+impl CodedError for SessionError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::MissingFile { .. } | Self::NotAnAgent { .. } => ErrorCode::FailedPrecondition,
+            Self::Tls(e) => e.code(),
+            Self::Status { code, .. } => ferry_proto::status::code_from_grpc(*code),
+            Self::Closed | Self::NoWelcome => ErrorCode::Unavailable,
         }
     }
 }

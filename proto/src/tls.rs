@@ -51,10 +51,18 @@ pub enum TlsError {
     },
 }
 
-impl TlsError {
-    /// Whether retrying the same operation later may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, TlsError::Connect { .. })
+impl ferry_core::CodedError for TlsError {
+    fn code(&self) -> ferry_core::ErrorCode {
+        use ferry_core::ErrorCode;
+        match self {
+            TlsError::Connect { .. } => ErrorCode::Unavailable,
+            TlsError::Config { .. } => ErrorCode::FailedPrecondition,
+            TlsError::InvalidUrl { .. }
+            | TlsError::NotHttps { .. }
+            | TlsError::InvalidFingerprint { .. }
+            | TlsError::NoCertificate { .. }
+            | TlsError::InvalidPem { .. } => ErrorCode::InvalidArgument,
+        }
     }
 }
 
