@@ -5,8 +5,10 @@
 //!   fleet_bench [AGENTS] (default 5000); binaries from FERRY_BIN_DIR
 //!
 //! Prints one JSON object: the controller's resident memory (VmRSS, and its
-//! peak VmHWM) with the catalog only, with every agent online, after a
-//! ping of every agent through its link, and after they all went away.
+//! peak VmHWM) with the catalog only, then for each of two rounds with
+//! every agent online, after a ping of every agent through its link, and
+//! after they all went away (the second round shows whether memory of
+//! ended sessions is reused or lost).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +44,7 @@ fn memory(pid: u32) -> anyhow::Result<(f64, f64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+#[derive(Clone)]
 struct Identity {
     node: String,
     cert_pem: String,
@@ -225,122 +228,132 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (enrolled_rss, _) = memory(pid)?;
 
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (online_tx, mut online_rx) = mpsc::channel(n.max(1));
-    let mut agents = JoinSet::new();
-    let gate = Arc::new(Semaphore::new(CONCURRENCY));
-    let started = Instant::now();
-    for id in ids {
-        let permit = Arc::clone(&gate).acquire_owned().await?;
-        let (url, ca, tx, stop) = (
-            ctl.url(),
-            Arc::clone(&ca_pem),
-            online_tx.clone(),
-            stop.clone(),
-        );
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        agents.spawn(async move {
-            let (inner_tx, mut inner_rx) = mpsc::channel(1);
-            let run = agent(url, ca, id, inner_tx, stop);
-            tokio::pin!(run);
-            // Hold the connect permit until this agent is online.
-            let mut done_tx = Some(done_tx);
-            loop {
-                tokio::select! {
-                    r = &mut run => return r,
-                    Some(()) = inner_rx.recv(), if done_tx.is_some() => {
-                        let _ = tx.send(()).await;
-                        if let Some(d) = done_tx.take() { let _ = d.send(()); }
+    let mut rounds = Vec::new();
+    let rounds_n: usize = std::env::args()
+        .nth(2)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(2);
+    for round in 1..=rounds_n {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (online_tx, mut online_rx) = mpsc::channel(n.max(1));
+        let mut agents = JoinSet::new();
+        let gate = Arc::new(Semaphore::new(CONCURRENCY));
+        let started = Instant::now();
+        for id in ids.iter().cloned() {
+            let permit = Arc::clone(&gate).acquire_owned().await?;
+            let (url, ca, tx, stop) = (
+                ctl.url(),
+                Arc::clone(&ca_pem),
+                online_tx.clone(),
+                stop.clone(),
+            );
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            agents.spawn(async move {
+                let (inner_tx, mut inner_rx) = mpsc::channel(1);
+                let run = agent(url, ca, id, inner_tx, stop);
+                tokio::pin!(run);
+                // Hold the connect permit until this agent is online.
+                let mut done_tx = Some(done_tx);
+                loop {
+                    tokio::select! {
+                        r = &mut run => return r,
+                        Some(()) = inner_rx.recv(), if done_tx.is_some() => {
+                            let _ = tx.send(()).await;
+                            if let Some(d) = done_tx.take() { let _ = d.send(()); }
+                        }
                     }
                 }
-            }
-        });
-        tokio::spawn(async move {
-            let _ = done_rx.await;
-            drop(permit);
-        });
-    }
-    drop(online_tx);
-    for _ in 0..n {
-        if online_rx.recv().await.is_none() {
-            break;
+            });
+            tokio::spawn(async move {
+                let _ = done_rx.await;
+                drop(permit);
+            });
         }
-    }
-    let connect_s = started.elapsed().as_secs_f64();
-    let online = wait_for("every agent online", Duration::from_secs(120), || {
-        let ctl = &ctl;
-        async move { online_count(ctl).await.ok().filter(|c| *c == n) }
-    })
-    .await?;
-    // Two heartbeat rounds, so every session has settled.
-    tokio::time::sleep(Duration::from_secs(2 * HEARTBEAT_SECS)).await;
-    let (online_rss, online_hwm) = memory(pid)?;
+        drop(online_tx);
+        for _ in 0..n {
+            if online_rx.recv().await.is_none() {
+                break;
+            }
+        }
+        let connect_s = started.elapsed().as_secs_f64();
+        let online = wait_for("every agent online", Duration::from_secs(120), || {
+            let ctl = &ctl;
+            async move { online_count(ctl).await.ok().filter(|c| *c == n) }
+        })
+        .await?;
+        // Two heartbeat rounds, so every session has settled.
+        tokio::time::sleep(Duration::from_secs(2 * HEARTBEAT_SECS)).await;
+        let (online_rss, online_hwm) = memory(pid)?;
 
-    // Every agent pinged through its link.
-    let started = Instant::now();
-    let mut pings = JoinSet::new();
-    let op = ctl.operator().await?;
-    for i in 0..n {
-        let mut op = op.clone();
-        let permit = Arc::clone(&gate).acquire_owned().await?;
-        pings.spawn(async move {
-            let _permit = permit;
-            let mut events = op
-                .ping_agent(pb::PingAgentRequest {
-                    cluster: "fleet".into(),
-                    node: format!("node-{i:05}"),
-                    hold_ms: 0,
-                    timeout_ms: 30_000,
-                })
-                .await?
-                .into_inner();
-            while let Some(e) = events.message().await? {
-                if let Some(pb::ping_agent_event::Kind::Result(_)) = e.kind {
-                    return anyhow::Ok(());
+        // Every agent pinged through its link.
+        let started = Instant::now();
+        let mut pings = JoinSet::new();
+        let op = ctl.operator().await?;
+        for i in 0..n {
+            let mut op = op.clone();
+            let permit = Arc::clone(&gate).acquire_owned().await?;
+            pings.spawn(async move {
+                let _permit = permit;
+                let mut events = op
+                    .ping_agent(pb::PingAgentRequest {
+                        cluster: "fleet".into(),
+                        node: format!("node-{i:05}"),
+                        hold_ms: 0,
+                        timeout_ms: 30_000,
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(e) = events.message().await? {
+                    if let Some(pb::ping_agent_event::Kind::Result(_)) = e.kind {
+                        return anyhow::Ok(());
+                    }
                 }
-            }
-            anyhow::bail!("no reply")
-        });
-    }
-    let mut ok = 0;
-    while let Some(p) = pings.join_next().await {
-        if p.is_ok_and(|r| r.is_ok()) {
-            ok += 1;
+                anyhow::bail!("no reply")
+            });
         }
-    }
-    let ping_s = started.elapsed().as_secs_f64();
-    let (pinged_rss, pinged_hwm) = memory(pid)?;
+        let mut ok = 0;
+        while let Some(p) = pings.join_next().await {
+            if p.is_ok_and(|r| r.is_ok()) {
+                ok += 1;
+            }
+        }
+        let ping_s = started.elapsed().as_secs_f64();
+        let (pinged_rss, pinged_hwm) = memory(pid)?;
 
-    stop.cancel();
-    while agents.join_next().await.is_some() {}
-    wait_for("every agent offline", Duration::from_secs(120), || {
-        let ctl = &ctl;
-        async move { online_count(ctl).await.ok().filter(|c| *c == 0) }
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let (gone_rss, gone_hwm) = memory(pid)?;
-    ctl.stop().await?;
-
-    let per_agent_kib = (online_rss - enrolled_rss) * 1024.0 / n as f64;
-    println!(
-        "{}",
-        serde_json::json!({
-            "agents": n,
+        stop.cancel();
+        while agents.join_next().await.is_some() {}
+        wait_for("every agent offline", Duration::from_secs(120), || {
+            let ctl = &ctl;
+            async move { online_count(ctl).await.ok().filter(|c| *c == 0) }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (gone_rss, gone_hwm) = memory(pid)?;
+        rounds.push(serde_json::json!({
+            "round": round,
             "online": online,
             "pings_answered": ok,
-            "enrol_s": enrol_s,
             "connect_s": connect_s,
             "ping_all_s": ping_s,
             "rss_mib": {
-                "idle": idle_rss,
-                "enrolled": enrolled_rss,
                 "online": online_rss,
                 "after_ping": pinged_rss,
                 "after_disconnect": gone_rss,
             },
             "peak_rss_mib": online_hwm.max(pinged_hwm).max(gone_hwm),
-            "per_online_agent_kib": per_agent_kib,
+            "per_online_agent_kib": (online_rss - enrolled_rss) * 1024.0 / n as f64,
+        }));
+    }
+    ctl.stop().await?;
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "agents": n,
+            "enrol_s": enrol_s,
+            "rss_mib": { "idle": idle_rss, "enrolled": enrolled_rss },
+            "rounds": rounds,
         })
     );
     Ok(())
