@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The controller's memory with a fleet of simulated agents.
 #
-#   bench/fleet.sh [AGENTS]        (default 5000)
+#   bench/fleet.sh [AGENTS] [ROUNDS]   (default 5000 agents, 2 rounds)
 #
 # Builds the release controller and the fleet_bench example
 # (tests/examples/fleet_bench.rs), which starts `ferry-controller serve`,
@@ -31,5 +31,5 @@ out=${FERRY_BENCH_RESULTS:-$HOME/.cache/ferry-bench/results}
 mkdir -p "$out"
 file="$out/fleet-$(date +%Y%m%d-%H%M%S).json"
 log "running $AGENTS simulated agents"
-FERRY_BIN_DIR="$TARGET/release" "$TARGET/release/examples/fleet_bench" "$AGENTS" | tee "$file"
+FERRY_BIN_DIR="$TARGET/release" "$TARGET/release/examples/fleet_bench" "$AGENTS" "${2:-2}" | tee "$file"
 log "results in $file"

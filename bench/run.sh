@@ -92,7 +92,7 @@ if [[ " $TOOLS " == *" ferry "* ]]; then
         command -v cargo >/dev/null || die "cargo not found: install Rust or pass --ferry-bin"
         log "building ferry-agent (release)"
         (cd "$REPO_ROOT" && cargo build --release -q -p ferry-agent) || die "cargo build --release -p ferry-agent failed"
-        FERRY_BIN=$REPO_ROOT/target/release/ferry-agent
+        FERRY_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/ferry-agent
     fi
     [ -x "$FERRY_BIN" ] || die "ferry-agent binary $FERRY_BIN is not executable"
     "$FERRY_BIN" snapshot create --help >/dev/null 2>&1 \

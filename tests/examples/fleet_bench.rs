@@ -2,7 +2,7 @@
 //! mTLS session with its own enrolled certificate: hello, a one-app
 //! inventory, heartbeats, and replies to pings. Run by `bench/fleet.sh`.
 //!
-//!   fleet_bench [AGENTS] (default 5000); binaries from FERRY_BIN_DIR
+//!   fleet_bench [AGENTS] [ROUNDS] (default 5000, 2); binaries from FERRY_BIN_DIR
 //!
 //! Prints one JSON object: the controller's resident memory (VmRSS, and its
 //! peak VmHWM) with the catalog only, then for each of two rounds with
