@@ -57,6 +57,13 @@ impl From<tonic::Status> for SessionError {
     }
 }
 
+impl SessionError {
+    /// The controller ended the session for a newer one of the same agent.
+    pub fn superseded(&self) -> bool {
+        matches!(self, Self::Status { code: tonic::Code::Aborted, message } if message.contains("superseded"))
+    }
+}
+
 impl CodedError for SessionError {
     fn code(&self) -> ErrorCode {
         match self {
@@ -182,14 +189,23 @@ pub async fn run(
         if cancel.is_cancelled() {
             break;
         }
+        let mut superseded = false;
         match result {
             Ok(()) => tracing::warn!(controller = %settings.controller, "session ended"),
             Err(e) => {
-                tracing::warn!(controller = %settings.controller, error = %Chain(&e), "session failed")
+                superseded = e.superseded();
+                if superseded {
+                    tracing::error!(controller = %settings.controller, error = %Chain(&e),
+                        "another session of this agent replaced this one: is a second agent running with the same identity (a copied data directory or VM)?");
+                } else {
+                    tracing::warn!(controller = %settings.controller, error = %Chain(&e), "session failed");
+                }
             }
         }
+        // Two agents sharing one identity replace each other's sessions:
+        // backing off as for a failure keeps them from doing so in a loop.
         let end = SessionEnd {
-            established,
+            established: established && !superseded,
             lasted: started.elapsed(),
         };
         backoff = backoff_after(end, backoff, settings.reconnect_min, settings.reconnect_max);

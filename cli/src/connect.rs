@@ -67,11 +67,17 @@ impl CliError {
     /// answered, so an unavailable agent is the agent's failure (exit 1),
     /// not the controller's.
     pub fn from_agent_status(url: &str, status: tonic::Status) -> Self {
-        match Self::from_status(url, status) {
-            CliError::Unreachable { reason, .. } if reason.contains("agent") => {
-                CliError::Failed { message: reason }
+        use tonic::Code;
+        let about_agent = status.message().contains("agent");
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled
+                if about_agent =>
+            {
+                CliError::Failed {
+                    message: status.message().to_owned(),
+                }
             }
-            other => other,
+            _ => Self::from_status(url, status),
         }
     }
 

@@ -62,6 +62,8 @@ pub enum ApiError {
     Link(#[from] LinkError),
     #[error("{0}")]
     Denied(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl From<ferry_core::NameError> for ApiError {
@@ -79,6 +81,7 @@ impl CodedError for ApiError {
             Self::Link(e) => e.code(),
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::Denied(_) => ErrorCode::PermissionDenied,
+            Self::NotFound(_) => ErrorCode::NotFound,
         }
     }
 
@@ -88,7 +91,7 @@ impl CodedError for ApiError {
             Self::Pki(e) => e.retry_class(),
             Self::Convert(e) => e.retry_class(),
             Self::Link(e) => e.retry_class(),
-            Self::Invalid(_) | Self::Denied(_) => self.code().retry_class(),
+            Self::Invalid(_) | Self::Denied(_) | Self::NotFound(_) => self.code().retry_class(),
         }
     }
 }

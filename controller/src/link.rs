@@ -27,8 +27,8 @@ use crate::catalog::{ClusterName, NodeName};
 /// What the session task sends to the agent.
 pub type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
 
-/// Progress messages buffered per call; a slow reader loses the oldest
-/// news, never the reply.
+/// Progress messages buffered per call; a reader that falls behind misses
+/// the newest progress while the buffer is full, never the reply.
 const PROGRESS_BUFFER: usize = 16;
 
 /// Calls in flight on one session at most; more are refused as unavailable
@@ -170,13 +170,17 @@ impl Link {
         };
         let sent = tokio::select! {
             r = outbound.send(Ok(request)) => r.is_ok(),
+            () = self.closing.cancelled() => false,
             () = tokio::time::sleep_until(call.deadline) => {
                 return Err(LinkError::DeadlineExceeded(timeout));
             }
         };
+        drop(outbound);
         if !sent {
-            let reason = "the session's outbound stream is closed".to_owned();
-            self.end(&reason);
+            self.end("the session's outbound stream is closed");
+            return Err(LinkError::SessionEnded {
+                reason: self.reason(),
+            });
         }
         Ok(call)
     }
@@ -273,6 +277,11 @@ impl Call {
     /// The request's id within its session.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// When the caller stops waiting for the reply.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
     }
 
     /// Waits for the reply, until the request's deadline.

@@ -12,6 +12,10 @@ use crate::foundation::agent_config;
 use crate::reconnect::enrol;
 
 fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    run(&mut ferryctl_cmd(ctl, args))
+}
+
+fn ferryctl_cmd(ctl: &Controller, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("ferryctl"));
     cmd.env("FERRY_CONTROLLER", ctl.url())
         .env("FERRY_CA", ctl.path("operator/ca.crt"))
@@ -21,7 +25,7 @@ fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(bool, String, St
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_OUTPUT")
         .args(args);
-    run(&mut cmd)
+    cmd
 }
 
 /// A ping of node-1 as `ferryctl -o json` reports it, once it succeeds.
@@ -147,12 +151,48 @@ async fn requests_reach_the_agent_through_restarts_of_either_side() -> anyhow::R
     let refreshed: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(refreshed["apps"], 1, "{out}");
 
-    // A node nobody enrolled: a clear error, exit 1.
-    let (ok, _, err) = ferryctl(&ctl, &["agent", "ping", "node-9", "--cluster", "prod"])?;
-    assert!(
-        !ok && err.contains("node-9") && err.contains("not connected"),
-        "{err}"
-    );
+    // A node nobody enrolled: not found, a usage error (exit 2).
+    let mut cmd = ferryctl_cmd(&ctl, &["agent", "ping", "node-9", "--cluster", "prod"]);
+    let out = cmd.output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no agent is enrolled as node node-9"), "{err}");
+
+    // The caller goes away mid-request: the controller cancels it on the
+    // agent, long before its hold would end.
+    let mut held = ferryctl_cmd(
+        &ctl,
+        &[
+            "agent",
+            "ping",
+            "node-1",
+            "--cluster",
+            "prod",
+            "--hold",
+            "40s",
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()?;
+    let mut stderr = std::io::BufReader::new(held.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line)?;
+    assert!(line.contains("held 1 s of 40 s"), "{line:?}");
+    let busy = ping_until_answered(&ctl).await?;
+    assert_eq!(busy["requests_running"], 2, "{busy}");
+    held.kill()?;
+    held.wait()?;
+    wait_for(
+        "the agent to cancel the abandoned request",
+        DEADLINE,
+        || {
+            let got = ping_until_answered(&ctl);
+            async move { got.await.ok().filter(|p| p["requests_running"] == 1) }
+        },
+    )
+    .await?;
+    let logs = agent.logs();
+    assert!(!logs.contains("session failed"), "{logs}");
 
     agent.stop().await?;
     ctl.stop().await?;
@@ -312,8 +352,14 @@ async fn an_inventory_and_a_list_larger_than_one_message_arrive_whole() -> anyho
     let sent = logs
         .lines()
         .find(|l| l.contains("inventory sent") && l.contains("apps=2001"))
-        .unwrap_or_default();
-    assert!(!sent.contains("parts=1 "), "sent in one part: {sent}");
+        .ok_or_else(|| anyhow::anyhow!("no inventory of 2001 apps sent: {logs}"))?;
+    let parts: usize = sent
+        .split("parts=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no part count in {sent}"))?;
+    assert!(parts > 1, "sent in one part: {sent}");
     assert!(!logs.contains("session failed"), "{logs}");
     let ctl_logs = ctl.logs();
     assert!(ctl_logs.contains("apps=2001"), "{ctl_logs}");

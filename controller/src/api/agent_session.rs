@@ -28,8 +28,9 @@ use crate::link::{Link, Outbound};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages buffered per session.
 const OUTBOUND_BUFFER: usize = 16;
-/// The most apps one node may report.
+/// The most apps one node may report, and the most bytes of its inventory.
 const MAX_INVENTORY_APPS: usize = 100_000;
+const MAX_INVENTORY_BYTES: usize = 64 << 20;
 
 pub struct AgentSessionApi {
     shared: Shared,
@@ -159,13 +160,14 @@ async fn serve(
 ) -> String {
     // Missing three heartbeats ends the session.
     let silence = shared.heartbeat * 3;
-    let mut parts = InventoryParts::new(MAX_INVENTORY_APPS);
+    let mut parts = InventoryParts::new(MAX_INVENTORY_APPS, MAX_INVENTORY_BYTES);
     loop {
         let next = tokio::select! {
             () = shared.shutdown.cancelled() => return "controller shutting down".to_owned(),
             () = link.closing() => {
                 let reason = link.reason();
-                let _ = tx.try_send(Err(Status::aborted(format!("session closed: {reason}"))));
+                let status = Status::aborted(format!("session closed: {reason}"));
+                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(Err(status))).await;
                 return reason;
             }
             next = tokio::time::timeout(silence, inbound.message()) => next,

@@ -1,6 +1,7 @@
 //! The operator API: clusters, agents, apps and join tokens.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::convert::{optional, parse};
@@ -16,7 +17,7 @@ use crate::catalog::{
     AppFilter, AppRecord, ClusterName, NodeName, Page, PageRequest, Timestamp, TokenHash,
     TokenRecord,
 };
-use crate::link::LinkError;
+use crate::link::{Link, LinkError};
 
 /// Join tokens live one hour unless asked otherwise, at most one week.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -35,7 +36,8 @@ const MAX_PING_HOLD: Duration = Duration::from_secs(60);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The catalog page a request asks for. Page tokens are the hex of the
-/// last key of the previous page: opaque to clients, checked here.
+/// last key of the previous page: opaque to clients; the catalog refuses
+/// one that does not belong to the list asked for.
 fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, ApiError> {
     let limit = match page_size {
         0 => DEFAULT_PAGE_SIZE,
@@ -181,11 +183,28 @@ impl OperatorApi {
         })
     }
 
-    fn target(&self, cluster: String, node: String) -> Result<(ClusterName, NodeName), ApiError> {
-        Ok((
-            parse(|| "cluster".to_owned(), cluster)?,
-            parse(|| "node".to_owned(), node)?,
-        ))
+    /// The link to an online agent; an agent never enrolled is not found,
+    /// an enrolled one offline is unavailable.
+    async fn link(&self, cluster: String, node: String) -> Result<Arc<Link>, ApiError> {
+        let cluster: ClusterName = parse(|| "cluster".to_owned(), cluster)?;
+        let node: NodeName = parse(|| "node".to_owned(), node)?;
+        match self.shared.fleet.link(&cluster, &node) {
+            Ok(link) => Ok(link),
+            Err(e) => {
+                if self
+                    .shared
+                    .catalog
+                    .agent_of_node(&cluster, &node)
+                    .await?
+                    .is_none()
+                {
+                    return Err(ApiError::NotFound(format!(
+                        "no agent is enrolled as node {node} of cluster {cluster}"
+                    )));
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Sends the ping and returns its events as they come.
@@ -193,7 +212,7 @@ impl OperatorApi {
         &self,
         r: pb::PingAgentRequest,
     ) -> Result<ReceiverStream<Result<pb::PingAgentEvent, Status>>, ApiError> {
-        let (cluster, node) = self.target(r.cluster, r.node)?;
+        let (cluster, node) = (r.cluster.clone(), r.node.clone());
         let hold = Duration::from_millis(r.hold_ms);
         if hold > MAX_PING_HOLD {
             return Err(ApiError::Invalid(format!(
@@ -206,7 +225,7 @@ impl OperatorApi {
             0 => hold + Duration::from_secs(10),
             ms => Duration::from_millis(ms),
         };
-        let link = self.shared.fleet.link(&cluster, &node)?;
+        let link = self.link(r.cluster, r.node).await?;
         let started = Instant::now();
         let mut call = link
             .call(
@@ -218,15 +237,22 @@ impl OperatorApi {
         tokio::spawn(async move {
             let id = call.id();
             let event = |kind| Ok(pb::PingAgentEvent { kind: Some(kind) });
-            // Progress until the agent's reply closes the progress channel
-            // (or the caller goes away: dropping the call cancels it).
-            while let Some(p) = call.progress.recv().await {
-                if tx
-                    .send(event(pb::ping_agent_event::Kind::Progress(p)))
-                    .await
-                    .is_err()
-                {
-                    return;
+            // Progress until the agent's reply closes the progress channel,
+            // the deadline passes, or the caller goes away (dropping the
+            // call then cancels the request on the agent).
+            let deadline = call.deadline();
+            loop {
+                tokio::select! {
+                    p = call.progress.recv() => match p {
+                        Some(p) => {
+                            if tx.send(event(pb::ping_agent_event::Kind::Progress(p))).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => break,
+                    },
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep_until(deadline) => break,
                 }
             }
             let result = match call.finish().await {
@@ -253,8 +279,7 @@ impl OperatorApi {
         &self,
         r: pb::RefreshAgentInventoryRequest,
     ) -> Result<pb::RefreshAgentInventoryResponse, ApiError> {
-        let (cluster, node) = self.target(r.cluster, r.node)?;
-        let link = self.shared.fleet.link(&cluster, &node)?;
+        let link = self.link(r.cluster, r.node).await?;
         let call = link
             .call(
                 pb::request::Kind::RefreshInventory(pb::RefreshInventoryRequest {}),

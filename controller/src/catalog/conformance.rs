@@ -991,6 +991,23 @@ pub(crate) async fn lists_come_in_pages(engine: Engine) {
     let (none, _) = all_pages!(p, 7, usize::MAX, c.list_agents(Some(&cluster("gamma")), &p));
     assert!(none.is_empty());
 
+    // A page token of one cluster's list is refused for another's.
+    let alpha_first = c
+        .list_agents(Some(&cluster("alpha")), &PageRequest::first(2))
+        .await
+        .expect("page")
+        .next
+        .expect("more pages");
+    let foreign = PageRequest {
+        after: Some(alpha_first),
+        ..PageRequest::first(2)
+    };
+    let err = c
+        .list_agents(Some(&cluster("beta")), &foreign)
+        .await
+        .expect_err("foreign token");
+    assert!(err.to_string().contains("another list"), "{err}");
+
     // The node index answers for one node without a list.
     let found = c
         .agent_of_node(&cluster("beta"), &node("n07"))

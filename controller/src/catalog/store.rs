@@ -247,6 +247,14 @@ fn scan_page<T>(
     resolve: &Resolve<'_, T>,
     keep: &dyn Fn(&T) -> bool,
 ) -> Result<Page<T>, CatalogError> {
+    if let Some(after) = &page.after
+        && !after.starts_with(prefix)
+    {
+        return Err(CatalogError::InvalidRecord {
+            what: "page token".to_owned(),
+            reason: "it belongs to another list (another cluster?)".to_owned(),
+        });
+    }
     let mut items = Vec::new();
     let mut bytes = 0usize;
     let mut scanned: Option<String> = None;

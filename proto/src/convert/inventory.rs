@@ -207,7 +207,7 @@ impl From<Inventory> for pb::Inventory {
 impl TryFrom<pb::Inventory> for Inventory {
     type Error = ConvertError;
     fn try_from(inv: pb::Inventory) -> Result<Self, Self::Error> {
-        let mut parts = InventoryParts::new(usize::MAX);
+        let mut parts = InventoryParts::new(usize::MAX, usize::MAX);
         match parts.push(inv)? {
             Some(whole) => Ok(whole),
             None => Err(ConvertError::Missing {
@@ -264,21 +264,27 @@ pub fn inventory_parts(
 
 /// Reassembles an inventory sent in parts; each part's apps are converted
 /// (and validated) as it arrives, the whole is checked when the last part
-/// is in.
+/// is in. The parts of one inventory share its `taken_unix_ms`: a part of
+/// another time starts a new inventory and drops the unfinished one.
 #[derive(Debug)]
 pub struct InventoryParts {
     apps: Vec<App>,
     taken_at: Option<Timestamp>,
+    bytes: usize,
     max_apps: usize,
+    max_bytes: usize,
 }
 
 impl InventoryParts {
-    /// Refuses inventories of more than `max_apps` apps.
-    pub fn new(max_apps: usize) -> Self {
+    /// Refuses inventories of more than `max_apps` apps or `max_bytes`
+    /// encoded bytes.
+    pub fn new(max_apps: usize, max_bytes: usize) -> Self {
         Self {
             apps: Vec::new(),
             taken_at: None,
+            bytes: 0,
             max_apps,
+            max_bytes,
         }
     }
 
@@ -294,11 +300,28 @@ impl InventoryParts {
         if !matches!(result, Ok(None)) {
             self.apps = Vec::new();
             self.taken_at = None;
+            self.bytes = 0;
         }
         result
     }
 
     fn take(&mut self, part: pb::Inventory) -> Result<Option<Inventory>, ConvertError> {
+        let taken_at = Timestamp::from_unix_millis(part.taken_unix_ms);
+        if self.taken_at.is_some_and(|t| t != taken_at) {
+            // The rest of the unfinished inventory will not come.
+            self.apps.clear();
+            self.bytes = 0;
+        }
+        self.taken_at = Some(taken_at);
+        self.bytes = self
+            .bytes
+            .saturating_add(prost::Message::encoded_len(&part));
+        if self.bytes > self.max_bytes {
+            return Err(ConvertError::TooLarge {
+                field: "inventory".to_owned(),
+                reason: format!("more than {} bytes in one inventory", self.max_bytes),
+            });
+        }
         if self.apps.len().saturating_add(part.apps.len()) > self.max_apps {
             return Err(ConvertError::TooLarge {
                 field: "inventory.apps".to_owned(),
@@ -306,8 +329,6 @@ impl InventoryParts {
             });
         }
         let first = self.apps.len();
-        self.taken_at
-            .get_or_insert(Timestamp::from_unix_millis(part.taken_unix_ms));
         for (i, a) in part.apps.into_iter().enumerate() {
             let app = app_from_pb(a, &format!("inventory.apps[{}]", first + i))?;
             self.apps.push(app);
@@ -315,12 +336,11 @@ impl InventoryParts {
         if part.more {
             return Ok(None);
         }
+        self.taken_at = None;
+        self.bytes = 0;
         let out = Inventory {
             apps: std::mem::take(&mut self.apps),
-            taken_at: self
-                .taken_at
-                .take()
-                .unwrap_or(Timestamp::from_unix_millis(0)),
+            taken_at,
         };
         out.validate()
             .map_err(|source| ConvertError::Inconsistent {
@@ -563,7 +583,7 @@ mod tests {
             assert_eq!(p.more, i + 1 < parts.len());
             assert_eq!(p.taken_unix_ms, inv.taken_at.unix_millis());
         }
-        let mut whole = InventoryParts::new(1000);
+        let mut whole = InventoryParts::new(1000, usize::MAX);
         let mut got = None;
         for p in parts {
             assert!(got.is_none(), "whole before the last part");
@@ -581,7 +601,7 @@ mod tests {
     fn parts_are_checked_as_they_come_and_as_a_whole() {
         // Too many apps in all.
         let (parts, _) = inventory_parts(many(50), 4 << 10);
-        let mut whole = InventoryParts::new(20);
+        let mut whole = InventoryParts::new(20, usize::MAX);
         let err = parts
             .into_iter()
             .find_map(|p| whole.push(p).err())
@@ -594,7 +614,7 @@ mod tests {
         let mut first = second.clone();
         first.more = true;
         second.apps.truncate(1);
-        let mut whole = InventoryParts::new(100);
+        let mut whole = InventoryParts::new(100, usize::MAX);
         assert_eq!(whole.push(first).expect("first"), None);
         let err = whole.push(second).expect_err("duplicate");
         assert_eq!(err.field(), "inventory.apps");
@@ -606,10 +626,33 @@ mod tests {
         first.apps.truncate(1);
         second.apps = vec![second.apps[1].clone()];
         second.apps[0].name = "Bad Name".into();
-        let mut whole = InventoryParts::new(100);
+        let mut whole = InventoryParts::new(100, usize::MAX);
         whole.push(first).expect("first");
         let err = whole.push(second).expect_err("bad name");
         assert_eq!(err.field(), "inventory.apps[1].name");
+        // Too many bytes in all.
+        let (parts, _) = inventory_parts(many(50), 4 << 10);
+        let mut whole = InventoryParts::new(1000, 8 << 10);
+        let err = parts
+            .into_iter()
+            .find_map(|p| whole.push(p).err())
+            .expect("refused");
+        assert!(err.to_string().contains("bytes in one inventory"), "{err}");
+        // An unfinished inventory is dropped when a newer one starts.
+        let (mut old, _) = inventory_parts(many(40), 4 << 10);
+        old.truncate(2);
+        let mut newer = many(3);
+        newer.taken_at = Timestamp::from_unix_millis(newer.taken_at.unix_millis() + 1);
+        let (new_parts, _) = inventory_parts(newer.clone(), 1 << 20);
+        let mut whole = InventoryParts::new(1000, usize::MAX);
+        for p in old {
+            assert_eq!(whole.push(p).expect("old part"), None);
+        }
+        let mut got = None;
+        for p in new_parts {
+            got = whole.push(p).expect("new part");
+        }
+        assert_eq!(got, Some(newer));
         // An app larger than a part is left out, and said so.
         let (parts, oversize) = inventory_parts(many(3), 64);
         assert_eq!(oversize.len(), 3);
