@@ -1,24 +1,39 @@
 //! Restore of a snapshot (or a subtree) into a target directory.
 //!
-//! Phase 1 creates directories (each relative to its parent's handle),
+//! The snapshot's trees are walked once, depth first, and restored in
+//! batches of at most [`BatchLimits`] files and chunk targets; each batch
+//! is restored completely before the walk goes on, so memory does not grow
+//! with the number of files.
+//!
+//! The walk creates directories (each relative to its parent's handle),
 //! symlinks, fifos, sockets, devices and empty files, after checking every
-//! name. Phase 2 groups the needed blobs by pack and reads packs in
-//! segments, several at once (bounded); each blob is authenticated and
-//! re-hashed, then written with positioned writes at its file's data runs
-//! (holes are never written). A regular file is created (`O_EXCL`) under a
-//! temporary name by the first worker reaching one of its chunks; the
-//! worker writing its last one applies its metadata and renames it into
-//! place. Paths below the target are opened with
+//! name, and adds the regular files with data to the current batch. A full
+//! batch (and the last one) is written: its blobs are grouped by pack and
+//! read in segments, several at once (bounded); each blob is authenticated
+//! and re-hashed, then written with positioned writes at its file's data
+//! runs (holes are never written). A regular file is created (`O_EXCL`)
+//! under a temporary name by the first worker reaching one of its chunks;
+//! the worker writing its last one applies its metadata and renames it into
+//! place. Then the batch's hard links are made and the metadata of its
+//! symlinks, fifos, sockets and devices applied, and that of every
+//! directory the walk has left since the last batch (children before their
+//! parents, so deepest first). Paths below the target are opened with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` or, without it, a walk
 //! of `O_NOFOLLOW` opens: nothing is written through a symlink and nothing
-//! lands outside the target. Phase 3 makes hard links and applies the
-//! metadata of symlinks, fifos, sockets, devices and directories (deepest
-//! first); then one `syncfs` makes the restore durable.
+//! lands outside the target. Last, one `syncfs` makes the restore durable.
 //!
-//! Memory: the plan holds each file's tree node (its chunk list included)
-//! and each chunk's (file, offset) target, so it grows linearly with files
-//! and chunks; blob data in flight is bounded by `PARALLEL_SEGMENTS`
-//! segments of at most `SEGMENT` bytes (plus their decoded copies).
+//! Hard links: the first file of each hard link group is remembered (its
+//! path, for hardlinked files only); a link to it is made at the end of the
+//! link's batch, when the first file is complete (in that batch or an
+//! earlier one).
+//!
+//! Memory: one batch's files (their tree nodes, chunk lists included) and
+//! chunk targets, the trees of the directories being walked (with at most
+//! `TREE_PREFETCH` subdirectory trees fetched ahead per level), the path of
+//! each hard link group's first file, and the repository index. Blob data in
+//! flight is bounded by `PARALLEL_SEGMENTS` segments of at most `SEGMENT`
+//! bytes (plus their decoded copies). A pack whose blobs fill files of
+//! several batches is read once per batch (only the needed segments).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -56,8 +71,38 @@ pub struct RestoreSummary {
     pub skipped: Vec<String>,
     pub bytes_written: u64,
     pub bytes_total: u64,
+    /// Pack reads: a pack holding data of several batches counts once per
+    /// batch.
     pub packs_read: u64,
+    /// Batches the restore was written in.
+    pub batches: u64,
     pub duration_ms: u64,
+}
+
+/// How much one restore batch may hold. A batch is written once it holds
+/// `files` entries (files with data, hard links, symlinks, special files
+/// and finished directories) or `chunks` chunk targets; a single file with
+/// more chunks is a batch of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub files: usize,
+    pub chunks: usize,
+}
+
+impl Default for BatchLimits {
+    /// About 10 MiB of plan per batch, and enough blobs per batch that
+    /// grouping them by pack still reads each pack in few requests.
+    fn default() -> Self {
+        Self {
+            files: 20_000,
+            chunks: 50_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub batch: BatchLimits,
 }
 
 /// A path below the target: checked names joined with `/` (empty for the
@@ -77,11 +122,14 @@ const PARALLEL_SEGMENTS: usize = 4;
 /// Files a data worker keeps open between blobs before closing them all.
 const OPEN_FILES_PER_WORKER: usize = 64;
 
+/// Subdirectory trees of one directory fetched ahead, concurrently.
+const TREE_PREFETCH: usize = 16;
+
 /// One regular file to fill. It is created by the first data worker that
 /// reaches one of its chunks, and its metadata is applied by the worker
 /// that writes its last chunk.
 struct FileJob {
-    /// Index of its parent in `Plan::dirs`.
+    /// Index of its parent in its batch's `dirs`.
     dir: usize,
     node: Node,
     /// The name it is written under until complete, then renamed from.
@@ -90,38 +138,51 @@ struct FileJob {
     created: Mutex<bool>,
 }
 
-/// The temporary name of file `fi` while its data is written: hidden, and
-/// unique to this restore.
-fn tmp_name(token: &str, fi: usize) -> Vec<u8> {
-    format!(".ferry-restore-{token}-{fi:x}").into_bytes()
+/// The temporary name of the `seq`-th file with data while it is written:
+/// hidden, and unique to this restore.
+fn tmp_name(token: &str, seq: u64) -> Vec<u8> {
+    format!(".ferry-restore-{token}-{seq:x}").into_bytes()
 }
 
-struct DirJob {
-    path: RelPath,
-    /// `None` for the target itself.
-    node: Option<Node>,
-}
-
-struct Plan {
+/// What one batch holds until it is written.
+#[derive(Default)]
+struct Batch {
     files: Vec<FileJob>,
-    /// Parents before children; `dirs[0]` is the target.
-    dirs: Vec<DirJob>,
-    /// Symlinks and fifos (parent index, node): metadata applied through
-    /// their parent.
+    /// The directories its entries are in (a directory may be listed more
+    /// than once).
+    dirs: Vec<RelPath>,
+    /// Symlinks, fifos, sockets and devices (parent index, node): metadata
+    /// applied through their parent.
     others: Vec<(usize, Node)>,
-    /// (parent index, name, index of the file it links to).
-    links: Vec<(usize, Vec<u8>, usize)>,
-    summary: RestoreSummary,
+    /// (parent index, name, hard link group).
+    links: Vec<(usize, Vec<u8>, u64)>,
+    /// Directories the walk has left, children before their parents:
+    /// their metadata is applied once the batch is written.
+    closed: Vec<(RelPath, Node)>,
+    chunks: usize,
 }
 
-impl Plan {
-    fn file_path(&self, fi: usize) -> RelPath {
-        file_path(&self.dirs, &self.files[fi])
+impl Batch {
+    /// The index of directory `path` in `dirs`, added if it is not the
+    /// last one listed.
+    fn dir(&mut self, path: &[u8]) -> usize {
+        if self.dirs.last().map(Vec::as_slice) != Some(path) {
+            self.dirs.push(path.to_vec());
+        }
+        self.dirs.len() - 1
+    }
+
+    fn entries(&self) -> usize {
+        self.files.len() + self.others.len() + self.links.len() + self.closed.len()
+    }
+
+    fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.entries() >= limits.files.max(1) || self.chunks >= limits.chunks.max(1)
     }
 }
 
-fn file_path(dirs: &[DirJob], f: &FileJob) -> RelPath {
-    join(&dirs[f.dir].path, &f.node.name)
+fn file_path(dirs: &[RelPath], f: &FileJob) -> RelPath {
+    join(&dirs[f.dir], &f.node.name)
 }
 
 fn join(dir: &[u8], name: &[u8]) -> RelPath {
@@ -233,6 +294,19 @@ impl Repository {
         target: &Path,
         progress: Option<Arc<dyn Progress>>,
     ) -> Result<RestoreSummary, RepoError> {
+        self.restore_with(id, subpath, target, progress, RestoreOptions::default())
+            .await
+    }
+
+    /// [`Repository::restore`] with explicit options.
+    pub async fn restore_with(
+        &self,
+        id: SnapshotId,
+        subpath: Option<&str>,
+        target: &Path,
+        progress: Option<Arc<dyn Progress>>,
+        opts: RestoreOptions,
+    ) -> Result<RestoreSummary, RepoError> {
         let started = Instant::now();
         let index = Arc::new(self.load_index().await?);
         let snap = self.load_snapshot(id).await?;
@@ -282,61 +356,362 @@ impl Repository {
             .map_err(|e| RepoError::io("open", target, e))?
             .into();
         let root = Arc::new(root);
-
-        // Phase 1: directories, symlinks, fifos and empty files. Regular
-        // files with content are created by the data workers.
         let token = {
             let mut r = [0u8; 4];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut r);
             hex::encode(r)
         };
-        let plan = {
-            let repo = self.clone();
-            let index = index.clone();
-            let root = root.clone();
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                let mut walk = Walk {
-                    repo: &repo,
-                    index: &index,
-                    handle: &handle,
-                    plan: Plan {
-                        files: Vec::new(),
-                        dirs: vec![DirJob {
-                            path: Vec::new(),
-                            node: None,
-                        }],
-                        others: Vec::new(),
-                        links: Vec::new(),
-                        summary: RestoreSummary::default(),
-                    },
-                    groups: HashMap::new(),
-                    token: token.clone(),
-                };
-                walk.create_tree(&root, 0, &tree)?;
-                Ok::<_, RepoError>(walk.plan)
-            })
-            .await
-            .map_err(|e| RepoError::Task(e.to_string()))??
-        };
+        let repo = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let mut summary = tokio::task::spawn_blocking(move || {
+            let mut r = Restorer {
+                repo: &repo,
+                index: &index,
+                handle: &handle,
+                root: &root,
+                snapshot: id,
+                token,
+                limits: opts.batch,
+                progress,
+                started,
+                batch: Batch::default(),
+                next_file: 0,
+                groups: HashMap::new(),
+                late_dirs: Vec::new(),
+                summary: RestoreSummary::default(),
+                written: Arc::new(AtomicU64::new(0)),
+                files_done: Arc::new(AtomicU64::new(0)),
+            };
+            let top: &OwnedFd = &root;
+            r.create_tree(top, b"", tree)?;
+            r.finish()?;
+            Ok::<_, RepoError>(r.summary)
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))??;
+        summary.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(snapshot = %id, files = summary.files, bytes = summary.bytes_written, batches = summary.batches, "restore done");
+        Ok(summary)
+    }
+}
 
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            files = plan.files.len(),
-            dirs = plan.dirs.len(),
-            "restore: structure created"
-        );
-        // Phase 2: data, grouped by pack.
+/// Removes the files of a failed batch that are still under their
+/// temporary names (best effort: the restore has failed already).
+fn remove_incomplete(root: &OwnedFd, files: &[FileJob], dirs: &[RelPath]) {
+    for f in files {
+        let created = *f.created.lock().unwrap_or_else(|e| e.into_inner());
+        if f.remaining.load(Ordering::Acquire) == 0 || !created {
+            continue;
+        }
+        if let Ok(dir) = open_dir_beneath(root, &dirs[f.dir])
+            && let Err(e) = rustix::fs::unlinkat(&dir, OsStr::from_bytes(&f.tmp), AtFlags::empty())
+        {
+            tracing::warn!(path = %rel_display(&file_path(dirs, f)), error = %e, "cannot remove an incomplete file");
+        }
+    }
+}
+
+/// The walk over the snapshot's trees and the batch being filled.
+struct Restorer<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    handle: &'a tokio::runtime::Handle,
+    root: &'a Arc<OwnedFd>,
+    snapshot: SnapshotId,
+    /// Makes this restore's temporary names unique.
+    token: String,
+    limits: BatchLimits,
+    progress: Option<Arc<dyn Progress>>,
+    started: Instant,
+    batch: Batch,
+    /// Files with data seen so far (numbers their temporary names).
+    next_file: u64,
+    /// Hard link group → (directory, name) of its first file.
+    groups: HashMap<u64, (RelPath, Vec<u8>)>,
+    /// Directories whose metadata is applied after the last batch (see
+    /// [`Restorer::close_dir`]), children before their parents.
+    late_dirs: Vec<(RelPath, Node)>,
+    summary: RestoreSummary,
+    written: Arc<AtomicU64>,
+    files_done: Arc<AtomicU64>,
+}
+
+impl Restorer<'_> {
+    /// Creates the entries of `tree` in directory `dir` (at `path` below the
+    /// target), which restore created itself, writing a batch whenever one
+    /// is full.
+    fn create_tree(&mut self, dir: &OwnedFd, path: &[u8], tree: Tree) -> Result<(), RepoError> {
+        // The subdirectories' trees, fetched a few at a time ahead of the
+        // walk. A tree that cannot be fetched is fetched again in order
+        // below, so its error comes after the checks of the entries before it.
+        let ids: Vec<BlobId> = tree
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Dir { subtree } => Some(*subtree),
+                _ => None,
+            })
+            .collect();
+        let mut subtrees: HashMap<BlobId, Tree> = HashMap::new();
+        // Subdirectories reached so far, and fetched so far.
+        let (mut reached, mut fetched) = (0usize, 0usize);
+        for node in tree.nodes {
+            self.repo.check_cancel()?;
+            let rel = join(path, &node.name);
+            if let Some(reason) = unsafe_name_reason(&node.name) {
+                return Err(RepoError::UnsafeEntry {
+                    path: rel_display(&rel),
+                    reason: reason.into(),
+                });
+            }
+            match &node.kind {
+                NodeKind::Dir { subtree } => {
+                    let subtree = *subtree;
+                    let name = OsStr::from_bytes(&node.name);
+                    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))
+                        .map_err(|e| io_err("create directory", &rel, e))?;
+                    let sub_fd = rustix::fs::openat(
+                        dir,
+                        name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io_err("open directory", &rel, e))?;
+                    self.summary.dirs += 1;
+                    if reached >= fetched {
+                        fetched = (reached + TREE_PREFETCH).min(ids.len());
+                        self.prefetch(&ids[reached..fetched], &mut subtrees);
+                    }
+                    reached += 1;
+                    let sub = match subtrees.remove(&subtree) {
+                        Some(t) => t,
+                        // Not fetched ahead, or the same tree twice in one
+                        // directory.
+                        None => self
+                            .handle
+                            .block_on(self.repo.load_tree(self.index, &subtree))?,
+                    };
+                    self.create_tree(&sub_fd, &rel, sub)?;
+                    drop(sub_fd);
+                    self.close_dir(rel, node);
+                }
+                NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
+                    self.add_file(dir, path, &rel, node)?
+                }
+                NodeKind::Symlink { target } => {
+                    rustix::fs::symlinkat(
+                        OsStr::from_bytes(target),
+                        dir,
+                        OsStr::from_bytes(&node.name),
+                    )
+                    .map_err(|e| io_err("create symlink", &rel, e))?;
+                    self.summary.symlinks += 1;
+                    let di = self.batch.dir(path);
+                    self.batch.others.push((di, node));
+                }
+                NodeKind::Fifo | NodeKind::Socket | NodeKind::Device { .. } => {
+                    let (ft, dev, what) = match node.kind {
+                        NodeKind::Fifo => (rustix::fs::FileType::Fifo, 0, "fifo"),
+                        NodeKind::Socket => (rustix::fs::FileType::Socket, 0, "socket"),
+                        NodeKind::Device { block: true, rdev } => {
+                            (rustix::fs::FileType::BlockDevice, rdev, "block device")
+                        }
+                        NodeKind::Device { rdev, .. } => (
+                            rustix::fs::FileType::CharacterDevice,
+                            rdev,
+                            "character device",
+                        ),
+                        _ => unreachable!("invariant: matched above"),
+                    };
+                    let name = OsStr::from_bytes(&node.name);
+                    match rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev) {
+                        Ok(()) => {
+                            self.summary.specials += 1;
+                            let di = self.batch.dir(path);
+                            self.batch.others.push((di, node));
+                        }
+                        // Device nodes need privilege (CAP_MKNOD): without
+                        // it the entry is reported as not restored.
+                        Err(Errno::PERM) if matches!(node.kind, NodeKind::Device { .. }) => {
+                            tracing::warn!(path = %rel_display(&rel), "cannot create {what} without privilege; not restored");
+                            self.summary.skipped.push(format!(
+                                "{}: {what} needs privilege to create",
+                                rel_display(&rel)
+                            ));
+                        }
+                        Err(e) => return Err(io_err("create", &rel, e)),
+                    }
+                }
+            }
+            if self.batch.is_full(&self.limits) {
+                self.write_batch()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the trees `ids` concurrently into `into`; failures are left
+    /// out (the tree is fetched again when its turn comes).
+    fn prefetch(&self, ids: &[BlobId], into: &mut HashMap<BlobId, Tree>) {
+        let (repo, index) = (self.repo, self.index);
+        let trees: Vec<(BlobId, Tree)> = self.handle.block_on(async {
+            futures::stream::iter(ids.iter().copied())
+                .map(|id| async move { repo.load_tree(index, &id).await.map(|t| (id, t)) })
+                .buffer_unordered(TREE_PREFETCH)
+                .filter_map(|r| async move { r.ok() })
+                .collect()
+                .await
+        });
+        into.extend(trees);
+    }
+
+    /// A regular file: a hard link to a file seen before, a file without
+    /// data (created complete now), or a file for the batch.
+    fn add_file(
+        &mut self,
+        dir: &OwnedFd,
+        path: &[u8],
+        rel: &[u8],
+        node: Node,
+    ) -> Result<(), RepoError> {
+        let hardlink = node.kind.hardlink();
+        if let Some(g) = hardlink {
+            if self.groups.contains_key(&g) {
+                let di = self.batch.dir(path);
+                self.batch.links.push((di, node.name, g));
+                self.summary.hardlinks += 1;
+                return Ok(());
+            }
+            self.groups.insert(g, (path.to_vec(), node.name.clone()));
+        }
+        self.summary.files += 1;
+        self.summary.bytes_total += node.size;
+        let chunks = node.kind.data_blobs().count();
+        if chunks == 0 {
+            // Nothing to fetch (empty, or all hole): create it complete now.
+            let fd = rustix::fs::openat(
+                dir,
+                OsStr::from_bytes(&node.name),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(|e| io_err("create", rel, e))?;
+            if node.size > 0 {
+                rustix::fs::ftruncate(&fd, node.size).map_err(|e| io_err("resize", rel, e))?;
+            }
+            apply_fd_metadata(fd.as_fd(), &node, rel)?;
+            self.files_done.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let di = self.batch.dir(path);
+        let seq = self.next_file;
+        self.next_file += 1;
+        self.batch.files.push(FileJob {
+            dir: di,
+            node,
+            tmp: tmp_name(&self.token, seq),
+            remaining: AtomicUsize::new(chunks),
+            created: Mutex::new(false),
+        });
+        self.batch.chunks += chunks;
+        Ok(())
+    }
+
+    /// The walk has left directory `rel`: its metadata is applied after the
+    /// batch that holds its last entries. Without privilege, a directory
+    /// its owner may not search is kept for after the last batch, so a hard
+    /// link made later can still reach a file in it.
+    fn close_dir(&mut self, rel: RelPath, node: Node) {
+        if node.mode & 0o100 == 0 && !is_root() {
+            self.late_dirs.push((rel, node));
+        } else {
+            self.batch.closed.push((rel, node));
+        }
+    }
+
+    /// Writes the current batch: its files' data, then its hard links, then
+    /// the metadata of its other entries and of the directories left.
+    fn write_batch(&mut self) -> Result<(), RepoError> {
+        let Batch {
+            files,
+            dirs,
+            others,
+            links,
+            closed,
+            chunks,
+        } = std::mem::take(&mut self.batch);
+        if files.is_empty() && others.is_empty() && links.is_empty() && closed.is_empty() {
+            return Ok(());
+        }
+        self.summary.batches += 1;
+        let root = &**self.root;
+        let dirs = Arc::new(dirs);
+        if !files.is_empty() {
+            let files = Arc::new(files);
+            let n = files.len();
+            match self.handle.block_on(self.write_data(&files, &dirs)) {
+                Ok(packs) => self.summary.packs_read += packs,
+                Err(e) => {
+                    // Nothing half-written keeps a real name: remove every
+                    // file of this batch still under its temporary name.
+                    remove_incomplete(root, &files, &dirs);
+                    return Err(e);
+                }
+            }
+            tracing::debug!(
+                batch = self.summary.batches,
+                files = n,
+                chunks,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "restore: batch written"
+            );
+        }
+        for (di, name, g) in &links {
+            let (first_dir, first_name) = self
+                .groups
+                .get(g)
+                .expect("invariant: a link's group has a first file");
+            let fd1 = open_dir_beneath(root, first_dir)?;
+            let fd2 = open_dir_beneath(root, &dirs[*di])?;
+            rustix::fs::linkat(
+                &fd1,
+                OsStr::from_bytes(first_name),
+                &fd2,
+                OsStr::from_bytes(name),
+                AtFlags::empty(),
+            )
+            .map_err(|e| io_err("link", &join(&dirs[*di], name), e))?;
+        }
+        for (di, node) in &others {
+            let rel = join(&dirs[*di], &node.name);
+            let dir = open_dir_beneath(root, &dirs[*di])?;
+            apply_entry_metadata(&dir, node, &rel)?;
+        }
+        for (path, node) in &closed {
+            let fd = open_dir_beneath(root, path)?;
+            apply_fd_metadata(fd.as_fd(), node, path)?;
+        }
+        Ok(())
+    }
+
+    /// The data of one batch's files, grouped by pack; the number of packs
+    /// read.
+    async fn write_data(
+        &self,
+        files: &Arc<Vec<FileJob>>,
+        dirs: &Arc<Vec<RelPath>>,
+    ) -> Result<u64, RepoError> {
         let mut by_pack: HashMap<PackId, HashMap<BlobId, BlobTargets>> = HashMap::new();
-        for (fi, f) in plan.files.iter().enumerate() {
+        for (fi, f) in files.iter().enumerate() {
             for (start, content) in f.node.kind.runs().unwrap_or_default() {
                 let mut off = start;
                 for c in content {
-                    let loc = index.get(c).ok_or_else(|| RepoError::MissingBlob {
+                    let loc = self.index.get(c).ok_or_else(|| RepoError::MissingBlob {
                         blob: *c,
                         context: format!(
-                            "file {} of snapshot {id}; if an index object was lost, `ferry-agent repo repair index` rebuilds it from the packs",
-                            rel_display(&plan.file_path(fi))
+                            "file {} of snapshot {}; if an index object was lost, `ferry-agent repo repair index` rebuilds it from the packs",
+                            rel_display(&file_path(dirs, f)),
+                            self.snapshot
                         ),
                     })?;
                     let slot = by_pack
@@ -349,23 +724,7 @@ impl Repository {
                 }
             }
         }
-        let Plan {
-            files,
-            dirs,
-            others,
-            links,
-            mut summary,
-        } = plan;
-        let files = Arc::new(files);
-        let dirs = Arc::new(dirs);
-        let written = Arc::new(AtomicU64::new(0));
-        let files_done = Arc::new(AtomicU64::new(
-            files
-                .iter()
-                .filter(|f| f.remaining.load(Ordering::Relaxed) == 0)
-                .count() as u64,
-        ));
-        summary.packs_read = by_pack.len() as u64;
+        let packs = by_pack.len() as u64;
         // Read each pack in segments of nearby blobs of at most SEGMENT
         // bytes, so memory stays small whatever the pack size. Blobs stay
         // in pack order, which is the order backup read the files in.
@@ -389,15 +748,16 @@ impl Repository {
                 segments.push((pack_id, seg));
             }
         }
+        let started = self.started;
         let results: Vec<Result<(), RepoError>> = futures::stream::iter(segments)
             .map(|(pack_id, blobs)| {
-                let repo = self.clone();
-                let root = root.clone();
+                let repo = self.repo.clone();
+                let root = self.root.clone();
                 let files = files.clone();
                 let dirs = dirs.clone();
-                let written = written.clone();
-                let files_done = files_done.clone();
-                let progress = progress.clone();
+                let written = self.written.clone();
+                let files_done = self.files_done.clone();
+                let progress = self.progress.clone();
                 async move {
                     let start = blobs.first().map(|(e, _)| e.offset as u64).unwrap_or(0);
                     let end = blobs
@@ -445,86 +805,41 @@ impl Repository {
         let failed = results.into_iter().find_map(Result::err).or_else(|| {
             files.iter().find_map(|f| {
                 (f.remaining.load(Ordering::Acquire) != 0).then(|| RepoError::Corrupt {
-                    object: format!("snapshot {id}"),
+                    object: format!("snapshot {}", self.snapshot),
                     reason: format!(
                         "file {} was not completely restored",
-                        rel_display(&file_path(&dirs, f))
+                        rel_display(&file_path(dirs, f))
                     ),
                 })
             })
         });
-        if let Some(err) = failed {
-            // Nothing half-written keeps a real name: remove every file
-            // still under its temporary name.
-            let (root, files, dirs) = (root.clone(), files.clone(), dirs.clone());
-            let _ =
-                tokio::task::spawn_blocking(move || remove_incomplete(&root, &files, &dirs)).await;
-            return Err(err);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(packs),
         }
-        summary.bytes_written = written.load(Ordering::Relaxed);
-
-        tracing::info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "restore: data written"
-        );
-        // Phase 3: hard links, then metadata of symlinks, fifos, sockets,
-        // devices and directories (deepest first, after everything inside
-        // them); each directory is flushed after its entries, so a restore
-        // reported done survives a power loss.
-        let root2 = root.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), RepoError> {
-            let root = &*root2;
-            for (dir, name, first) in &links {
-                let first = &files[*first];
-                let fd1 = open_dir_beneath(root, &dirs[first.dir].path)?;
-                let fd2 = open_dir_beneath(root, &dirs[*dir].path)?;
-                rustix::fs::linkat(
-                    &fd1,
-                    OsStr::from_bytes(&first.node.name),
-                    &fd2,
-                    OsStr::from_bytes(name),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| io_err("link", &join(&dirs[*dir].path, name), e))?;
-            }
-            for (dir, node) in &others {
-                let rel = join(&dirs[*dir].path, &node.name);
-                let dir = open_dir_beneath(root, &dirs[*dir].path)?;
-                apply_entry_metadata(&dir, node, &rel)?;
-            }
-            for d in dirs.iter().rev() {
-                let fd = open_dir_beneath(root, &d.path)?;
-                if let Some(node) = &d.node {
-                    apply_fd_metadata(fd.as_fd(), node, &d.path)?;
-                }
-            }
-            // Durable before it is reported done: one flush of the target's
-            // filesystem (every file and directory restore wrote) costs far
-            // less than an fsync per file.
-            rustix::fs::syncfs(root).map_err(|e| io_err("flush", b"", e))?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| RepoError::Task(e.to_string()))??;
-        summary.duration_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(snapshot = %id, files = summary.files, bytes = summary.bytes_written, "restore done");
-        Ok(summary)
     }
-}
 
-/// Removes the files of a failed restore that are still under their
-/// temporary names (best effort: the restore has failed already).
-fn remove_incomplete(root: &OwnedFd, files: &[FileJob], dirs: &[DirJob]) {
-    for f in files {
-        let created = *f.created.lock().unwrap_or_else(|e| e.into_inner());
-        if f.remaining.load(Ordering::Acquire) == 0 || !created {
-            continue;
+    /// Writes the last batch, applies the metadata kept for the end, and
+    /// flushes the target's filesystem.
+    fn finish(&mut self) -> Result<(), RepoError> {
+        self.write_batch()?;
+        let root = &**self.root;
+        for (path, node) in &self.late_dirs {
+            let fd = open_dir_beneath(root, path)?;
+            apply_fd_metadata(fd.as_fd(), node, path)?;
         }
-        if let Ok(dir) = open_dir_beneath(root, &dirs[f.dir].path)
-            && let Err(e) = rustix::fs::unlinkat(&dir, OsStr::from_bytes(&f.tmp), AtFlags::empty())
-        {
-            tracing::warn!(path = %rel_display(&file_path(dirs, f)), error = %e, "cannot remove an incomplete file");
+        self.summary.bytes_written = self.written.load(Ordering::Relaxed);
+        if let Some(p) = &self.progress {
+            p.update(&ProgressInfo {
+                bytes: self.summary.bytes_written,
+                files: self.files_done.load(Ordering::Relaxed),
+                elapsed: self.started.elapsed(),
+            });
         }
+        // Durable before it is reported done: one flush of the target's
+        // filesystem (every file and directory restore wrote) costs far
+        // less than an fsync per file.
+        rustix::fs::syncfs(root).map_err(|e| io_err("flush", b"", e))
     }
 }
 
@@ -611,10 +926,10 @@ fn apply_fd_metadata(
     Ok(())
 }
 
-/// Where the data workers write: the target and the plan's files.
+/// Where the data workers write: the target and the files of one batch.
 struct Output<'a> {
     root: &'a OwnedFd,
-    dirs: &'a [DirJob],
+    dirs: &'a [RelPath],
     files: &'a [FileJob],
     written: &'a AtomicU64,
     files_done: &'a AtomicU64,
@@ -626,7 +941,7 @@ impl Output<'_> {
     /// write fills it entirely), so trailing holes stay holes.
     fn open_file(&self, fi: usize, whole: bool) -> Result<File, RepoError> {
         let f = &self.files[fi];
-        let path = join(&self.dirs[f.dir].path, &f.tmp);
+        let path = join(&self.dirs[f.dir], &f.tmp);
         // The lock only orders creation against later opens of the same
         // file; a poisoned lock still holds a valid flag.
         let mut created = f.created.lock().unwrap_or_else(|e| e.into_inner());
@@ -715,7 +1030,7 @@ impl Output<'_> {
     fn finish_file(&self, f: &FileJob, file: &File) -> Result<(), RepoError> {
         let rel = file_path(self.dirs, f);
         apply_fd_metadata(file.as_fd(), &f.node, &rel)?;
-        let dir = open_dir_beneath(self.root, &self.dirs[f.dir].path)?;
+        let dir = open_dir_beneath(self.root, &self.dirs[f.dir])?;
         rustix::fs::renameat_with(
             &dir,
             OsStr::from_bytes(&f.tmp),
@@ -742,175 +1057,6 @@ impl Output<'_> {
             files,
             source: Box::new(err),
         }
-    }
-}
-
-/// The structure pass: creates directories, symlinks, fifos and empty
-/// files, and plans the rest.
-struct Walk<'a> {
-    repo: &'a Repository,
-    index: &'a Index,
-    handle: &'a tokio::runtime::Handle,
-    plan: Plan,
-    /// Hard link group → index of its first file.
-    groups: HashMap<u64, usize>,
-    /// Makes this restore's temporary names unique.
-    token: String,
-}
-
-impl Walk<'_> {
-    /// Creates the entries of `tree` in directory `dir` (index `di` in the
-    /// plan), which restore created itself.
-    fn create_tree(&mut self, dir: &OwnedFd, di: usize, tree: &Tree) -> Result<(), RepoError> {
-        // The subdirectories' trees, fetched concurrently. A tree that
-        // cannot be fetched is fetched again in order below, so its error
-        // comes after the checks of the entries before it.
-        let ids: Vec<BlobId> = tree
-            .nodes
-            .iter()
-            .filter_map(|n| match &n.kind {
-                NodeKind::Dir { subtree } => Some(*subtree),
-                _ => None,
-            })
-            .collect();
-        let (repo, index) = (self.repo, self.index);
-        let mut subtrees: HashMap<BlobId, Tree> = self.handle.block_on(async {
-            futures::stream::iter(ids)
-                .map(|id| async move { repo.load_tree(index, &id).await.map(|t| (id, t)) })
-                .buffer_unordered(16)
-                .filter_map(|r| async move { r.ok() })
-                .collect()
-                .await
-        });
-        for node in &tree.nodes {
-            self.repo.check_cancel()?;
-            let rel = join(&self.plan.dirs[di].path, &node.name);
-            if let Some(reason) = unsafe_name_reason(&node.name) {
-                return Err(RepoError::UnsafeEntry {
-                    path: rel_display(&rel),
-                    reason: reason.into(),
-                });
-            }
-            let name = OsStr::from_bytes(&node.name);
-            match &node.kind {
-                NodeKind::Dir { subtree } => {
-                    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))
-                        .map_err(|e| io_err("create directory", &rel, e))?;
-                    let sub_fd = rustix::fs::openat(
-                        dir,
-                        name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| io_err("open directory", &rel, e))?;
-                    self.plan.summary.dirs += 1;
-                    self.plan.dirs.push(DirJob {
-                        path: rel,
-                        node: Some(node.clone()),
-                    });
-                    let sub_di = self.plan.dirs.len() - 1;
-                    let sub = match subtrees.remove(subtree) {
-                        Some(t) => t,
-                        // The same tree twice in one directory.
-                        None => self
-                            .handle
-                            .block_on(self.repo.load_tree(self.index, subtree))?,
-                    };
-                    self.create_tree(&sub_fd, sub_di, &sub)?;
-                }
-                NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
-                    let hardlink = node.kind.hardlink();
-                    if let Some(g) = hardlink
-                        && let Some(first) = self.groups.get(&g)
-                    {
-                        self.plan.links.push((di, node.name.clone(), *first));
-                        self.plan.summary.hardlinks += 1;
-                        continue;
-                    }
-                    if let Some(g) = hardlink {
-                        self.groups.insert(g, self.plan.files.len());
-                    }
-                    self.plan.summary.files += 1;
-                    self.plan.summary.bytes_total += node.size;
-                    let chunks = node.kind.data_blobs().count();
-                    let fi = self.plan.files.len();
-                    if chunks == 0 {
-                        // Nothing to fetch (empty, or all hole): create it
-                        // complete now.
-                        let fd = rustix::fs::openat(
-                            dir,
-                            name,
-                            OFlags::WRONLY
-                                | OFlags::CREATE
-                                | OFlags::EXCL
-                                | OFlags::NOFOLLOW
-                                | OFlags::CLOEXEC,
-                            Mode::from_raw_mode(0o600),
-                        )
-                        .map_err(|e| io_err("create", &rel, e))?;
-                        if node.size > 0 {
-                            rustix::fs::ftruncate(&fd, node.size)
-                                .map_err(|e| io_err("resize", &rel, e))?;
-                        }
-                        apply_fd_metadata(fd.as_fd(), node, &rel)?;
-                        // Kept in the plan (for hard links to it), done.
-                        self.plan.files.push(FileJob {
-                            dir: di,
-                            node: node.clone(),
-                            tmp: Vec::new(),
-                            remaining: AtomicUsize::new(0),
-                            created: Mutex::new(true),
-                        });
-                        continue;
-                    }
-                    self.plan.files.push(FileJob {
-                        dir: di,
-                        node: node.clone(),
-                        tmp: tmp_name(&self.token, fi),
-                        remaining: AtomicUsize::new(chunks),
-                        created: Mutex::new(false),
-                    });
-                }
-                NodeKind::Symlink { target } => {
-                    rustix::fs::symlinkat(OsStr::from_bytes(target), dir, name)
-                        .map_err(|e| io_err("create symlink", &rel, e))?;
-                    self.plan.summary.symlinks += 1;
-                    self.plan.others.push((di, node.clone()));
-                }
-                NodeKind::Fifo | NodeKind::Socket | NodeKind::Device { .. } => {
-                    let (ft, dev, what) = match node.kind {
-                        NodeKind::Fifo => (rustix::fs::FileType::Fifo, 0, "fifo"),
-                        NodeKind::Socket => (rustix::fs::FileType::Socket, 0, "socket"),
-                        NodeKind::Device { block: true, rdev } => {
-                            (rustix::fs::FileType::BlockDevice, rdev, "block device")
-                        }
-                        NodeKind::Device { rdev, .. } => (
-                            rustix::fs::FileType::CharacterDevice,
-                            rdev,
-                            "character device",
-                        ),
-                        _ => unreachable!("invariant: matched above"),
-                    };
-                    match rustix::fs::mknodat(dir, name, ft, Mode::from_raw_mode(0o600), dev) {
-                        Ok(()) => {
-                            self.plan.summary.specials += 1;
-                            self.plan.others.push((di, node.clone()));
-                        }
-                        // Device nodes need privilege (CAP_MKNOD): without
-                        // it the entry is reported as not restored.
-                        Err(Errno::PERM) if matches!(node.kind, NodeKind::Device { .. }) => {
-                            tracing::warn!(path = %rel_display(&rel), "cannot create {what} without privilege; not restored");
-                            self.plan.summary.skipped.push(format!(
-                                "{}: {what} needs privilege to create",
-                                rel_display(&rel)
-                            ));
-                        }
-                        Err(e) => return Err(io_err("create", &rel, e)),
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }
 

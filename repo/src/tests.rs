@@ -1127,6 +1127,7 @@ async fn round_trip_through_s3_on_seaweedfs() {
     assert_same_tree(&src, &dst2);
 }
 
+mod batches;
 mod cancel;
 mod defects;
 mod locks;
@@ -1138,9 +1139,9 @@ mod prop {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
         /// Random trees of files with random sizes and contents survive a
-        /// round trip byte for byte.
+        /// round trip byte for byte, whatever the restore's batch limits.
         #[test]
-        fn random_trees_round_trip(files in proptest::collection::vec((0u8..4, 0usize..200_000, any::<u64>()), 1..20)) {
+        fn random_trees_round_trip(files in proptest::collection::vec((0u8..4, 0usize..200_000, any::<u64>()), 1..20), batch in (1usize..30, 1usize..60)) {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
             rt.block_on(async {
                 let tmp = tempfile::tempdir().expect("tmp");
@@ -1157,7 +1158,10 @@ mod prop {
                 let repo = init(store, 128 * 1024).await;
                 let id = repo.backup(&src, backup_opts(), None).await.expect("backup").id.expect("id");
                 let dst = tmp.path().join("dst");
-                repo.restore(id, None, &dst, None).await.expect("restore");
+                let opts = crate::restore::RestoreOptions {
+                    batch: crate::restore::BatchLimits { files: batch.0, chunks: batch.1 },
+                };
+                repo.restore_with(id, None, &dst, None, opts).await.expect("restore");
                 assert_same_tree(&src, &dst);
             });
         }
