@@ -25,16 +25,20 @@
 //! - read buffers: one per reader sized to the small files it reads
 //!   (≤ 2 MiB), and a pool of two of 2 × max chunk size shared by the
 //!   readers of large files;
-//! - chunk buffers: at most `workers + 1` queued or in a worker, plus one
-//!   being filled, each up to the max chunk size, returned by the workers
-//!   to a free list;
-//! - pack buffers: a fixed pool of `workers + upload concurrency`, each
-//!   pack size + max chunk size; a worker takes one to start a pack, the
-//!   uploader gives it back after the upload.
+//! - chunk buffers: a pool bounded by bytes (`CHUNK_BYTES`, 16 MiB, or one
+//!   max-size chunk if larger) covering the buffers queued, in a worker,
+//!   and kept for reuse; a reader waits for room before copying a chunk;
+//! - pack buffers: a fixed pool of `workers + upload concurrency`, each at
+//!   most the pack size (a pack is closed before a blob that could take it
+//!   past it; a larger blob gets a pack of its own); a worker takes one to
+//!   start a pack, the uploader gives it back after the upload.
 //!
 //! What grows with the data set is the index of known blobs (the
-//! repository's, shared with reading parent trees, not copied) and, for the
-//! new blobs, their ids and pack entries (about 150 bytes per new blob).
+//! repository's, about 64 bytes a blob, shared with reading parent trees,
+//! not copied) and the ids of this backup's new blobs (32 bytes each, in a
+//! sorted array plus a set of the latest). The uploaded packs' entries are
+//! written to an index object every `INDEX_ENTRIES_PER_OBJECT` entries, so
+//! they do not accumulate.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -98,6 +102,107 @@ struct BlobJob {
     id: BlobId,
     kind: BlobKind,
     data: Vec<u8>,
+    /// `data` came from the chunk pool and goes back to it.
+    pooled: bool,
+}
+
+/// Chunk buffers between the readers and the pack workers, bounded by
+/// bytes: the capacity of every buffer handed out plus every buffer kept for
+/// reuse stays within `limit` (a chunk larger than the limit is let through
+/// alone). Buffers are recycled, not freed and reallocated per chunk: with
+/// many threads, glibc's malloc keeps freed megabytes in per-thread arenas,
+/// and a fresh buffer is faulted in again.
+struct ChunkPool {
+    limit: usize,
+    state: Mutex<PoolState>,
+    returned: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    /// Capacity of the buffers handed out and not yet given back.
+    out: usize,
+    /// Capacity of the buffers in `free`.
+    kept: usize,
+    /// Pack workers still running; none left means nothing comes back.
+    workers: usize,
+}
+
+impl ChunkPool {
+    fn new(limit: usize, workers: usize) -> Self {
+        Self {
+            limit,
+            state: Mutex::new(PoolState {
+                workers,
+                ..PoolState::default()
+            }),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+
+    /// A buffer holding a copy of `chunk`, once the budget has room for it;
+    /// `None` when the workers are gone or `give_up` says to stop waiting.
+    fn copy_of(&self, chunk: &[u8], give_up: impl Fn() -> bool) -> Option<Vec<u8>> {
+        let n = chunk.len();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = loop {
+            if st.workers == 0 || give_up() {
+                return None;
+            }
+            // The smallest kept buffer that holds the chunk.
+            let fit = st
+                .free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= n)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            if let Some(i) = fit {
+                let b = st.free.swap_remove(i);
+                st.kept -= b.capacity();
+                st.out += b.capacity();
+                break b;
+            }
+            // A new buffer, after freeing kept ones (too small) to make room.
+            while st.out + st.kept + n > self.limit
+                && let Some(b) = st.free.pop()
+            {
+                st.kept -= b.capacity();
+            }
+            if st.out + n <= self.limit || st.out == 0 {
+                let b = Vec::with_capacity(n);
+                st.out += b.capacity();
+                break b;
+            }
+            st = self
+                .returned
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        drop(st);
+        buf.clear();
+        buf.extend_from_slice(chunk);
+        Some(buf)
+    }
+
+    /// Takes back a buffer `copy_of` handed out (its capacity unchanged).
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.out = st.out.saturating_sub(buf.capacity());
+        st.kept += buf.capacity();
+        st.free.push(buf);
+        drop(st);
+        self.returned.notify_all();
+    }
+
+    fn worker_done(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.workers = st.workers.saturating_sub(1);
+        drop(st);
+        self.returned.notify_all();
+    }
 }
 
 /// Keeps the first error raised by any stage.
@@ -320,29 +425,28 @@ impl Repository {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
             let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(1);
-            // Room for every chunk buffer in flight, so readers reuse them
-            // instead of allocating (and faulting in) a fresh one per chunk.
-            let (free_tx, free_rx) = crossbeam_channel::bounded::<Vec<u8>>(workers + readers + 2);
+            let chunk_pool = ChunkPool::new(CHUNK_BYTES.max(max_chunk), workers);
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
                     let io = WorkerIo {
                         jobs: blob_rx.clone(),
-                        free_chunks: free_tx.clone(),
+                        chunks: &chunk_pool,
                         pack_buffers: pool_rx.clone(),
                         packs: pack_tx.clone(),
                     };
                     let key = repo.key().clone();
                     let level = repo.config().compression_level;
                     let errs = errs.clone();
+                    let pool = &chunk_pool;
                     joins.push(s.spawn(move || {
                         if let Err(e) = pack_worker(&key, level, pack_size, pack_cap, io) {
                             errs.set(e);
                         }
+                        pool.worker_done();
                     }));
                 }
                 drop(blob_rx);
-                drop(free_tx);
                 drop(pool_rx);
                 drop(pack_tx);
                 let max_chunk = repo.config().chunker.max_size as usize;
@@ -353,9 +457,9 @@ impl Repository {
                 let shared = Shared {
                     repo: &repo,
                     dedup: dedup.as_ref().unwrap_or(&index),
-                    sent: Mutex::new(HashSet::new()),
+                    sent: Mutex::new(SentBlobs::default()),
                     chunker,
-                    free_chunks: free_rx,
+                    chunks: &chunk_pool,
                     large_buffers: (large_tx, large_rx),
                     zero_ids: Mutex::new(HashMap::new()),
                     stop: AtomicBool::new(false),
@@ -433,10 +537,10 @@ impl Repository {
 }
 
 /// A pack worker's channels.
-struct WorkerIo {
+struct WorkerIo<'p> {
     jobs: crossbeam_channel::Receiver<BlobJob>,
-    /// Chunk buffers go back to the walker here.
-    free_chunks: crossbeam_channel::Sender<Vec<u8>>,
+    /// Chunk buffers go back to the readers here.
+    chunks: &'p ChunkPool,
     /// Empty pack buffers, from the pool.
     pack_buffers: crossbeam_channel::Receiver<Vec<u8>>,
     packs: mpsc::Sender<FinishedPack>,
@@ -447,7 +551,7 @@ fn pack_worker(
     level: i32,
     pack_size: usize,
     pack_cap: usize,
-    io: WorkerIo,
+    io: WorkerIo<'_>,
 ) -> Result<(), RepoError> {
     let mut enc = BlobEncoder::new(level).map_err(|e| RepoError::Io {
         op: "create",
@@ -462,6 +566,15 @@ fn pack_worker(
     };
     let mut current: Option<PackBuilder> = None;
     for job in io.jobs.iter() {
+        // A pack is closed before a blob that could take it past
+        // pack_size, so a pack buffer holds at most pack_size bytes (a
+        // larger blob gets a pack of its own).
+        if current.as_ref().is_some_and(|pb| {
+            !pb.is_empty() && pb.len() + job.data.len() + BLOB_OVERHEAD > pack_size
+        }) && let Some(full) = current.take()
+        {
+            send(full)?;
+        }
         let pb = match current.as_mut() {
             Some(pb) => pb,
             None => {
@@ -472,8 +585,9 @@ fn pack_worker(
             }
         };
         pb.add(&mut enc, key, job.id, job.kind, &job.data);
-        // The walker may have stopped; then the buffer is simply freed.
-        let _ = io.free_chunks.try_send(job.data);
+        if job.pooled {
+            io.chunks.give_back(job.data);
+        }
         if pb.len() >= pack_size
             && let Some(full) = current.take()
         {
@@ -518,6 +632,15 @@ async fn upload_packs(
                 collect(r, &mut done, &mut bytes, &mut count)?;
             }
         }
+        // The uploaded packs' entries go to an index object now and then,
+        // so they do not pile up in memory over a large backup. (Packs
+        // indexed but in no snapshot, left by a failed backup, are
+        // pruned like those of a forgotten snapshot.)
+        if done.iter().map(|p| p.blobs.len()).sum::<usize>() >= INDEX_ENTRIES_PER_OBJECT {
+            let n = done.len();
+            repo.write_index(std::mem::take(&mut done)).await?;
+            tracing::debug!(packs = n, "index object written for uploaded packs");
+        }
         let repo = repo.clone();
         let pool = pool.clone();
         set.spawn(async move {
@@ -555,10 +678,10 @@ struct Shared<'a> {
     /// Blobs that may be reused.
     dedup: &'a Index,
     /// Blobs sent to the workers during this backup.
-    sent: Mutex<HashSet<BlobId>>,
+    sent: Mutex<SentBlobs>,
     chunker: Chunker,
-    /// Chunk buffers returned by the workers.
-    free_chunks: crossbeam_channel::Receiver<Vec<u8>>,
+    /// Chunk buffers for the workers, bounded by bytes.
+    chunks: &'a ChunkPool,
     /// Read buffers for large files, a few only: small files are read with
     /// each reader's own small buffer, so memory does not grow with readers.
     large_buffers: (
@@ -577,6 +700,57 @@ struct Shared<'a> {
     last_progress: Mutex<Instant>,
 }
 
+/// The ids of the blobs a backup sent to the workers: a sorted array (32
+/// bytes an id) and a set of the latest ones, merged into the array every
+/// `RECENT_BLOBS` ids. A hash set of every id took up to twice as much.
+#[derive(Default)]
+struct SentBlobs {
+    sorted: Vec<BlobId>,
+    recent: HashSet<BlobId>,
+}
+
+const RECENT_BLOBS: usize = 1 << 16;
+
+impl SentBlobs {
+    fn contains(&self, id: &BlobId) -> bool {
+        self.recent.contains(id) || self.sorted.binary_search(id).is_ok()
+    }
+
+    /// Adds `id`; false if it was there already.
+    fn insert(&mut self, id: BlobId) -> bool {
+        if self.sorted.binary_search(&id).is_ok() || !self.recent.insert(id) {
+            return false;
+        }
+        if self.recent.len() >= RECENT_BLOBS {
+            let mut new: Vec<BlobId> = self.recent.drain().collect();
+            new.sort_unstable();
+            merge_sorted(&mut self.sorted, &new);
+        }
+        true
+    }
+}
+
+/// Merges sorted `new` into sorted `into`, in place from the back (no
+/// scratch copy of `into`).
+fn merge_sorted(into: &mut Vec<BlobId>, new: &[BlobId]) {
+    let n = into.len();
+    into.reserve_exact(new.len());
+    into.resize(n + new.len(), BlobId([0; 32]));
+    let (mut i, mut j) = (n, new.len());
+    for w in (0..into.len()).rev() {
+        if j == 0 {
+            break;
+        }
+        if i > 0 && into[i - 1] > new[j - 1] {
+            into[w] = into[i - 1];
+            i -= 1;
+        } else {
+            into[w] = new[j - 1];
+            j -= 1;
+        }
+    }
+}
+
 /// A file for a reader: read, chunk, hash, and answer with its node kind
 /// (`None` if it vanished) at `slot` of its directory.
 struct FileJob {
@@ -587,6 +761,12 @@ struct FileJob {
     reply: crossbeam_channel::Sender<(usize, Result<Option<NodeKind>, RepoError>)>,
 }
 
+/// Pack entries held before the uploaded packs' entries are written to an
+/// index object (about 5 MiB).
+const INDEX_ENTRIES_PER_OBJECT: usize = 100_000;
+/// Most bytes of chunk buffers the readers hand to the pack workers (in
+/// flight and kept for reuse together).
+const CHUNK_BYTES: usize = 16 << 20;
 /// Files bigger than this are read with a large buffer from the shared pool.
 const SMALL_FILE: u64 = 2 << 20;
 /// Large read buffers: at most this many large files are read at once.
@@ -727,6 +907,7 @@ impl Shared<'_> {
         id: BlobId,
         kind: BlobKind,
         data: Vec<u8>,
+        pooled: bool,
     ) -> Result<(), RepoError> {
         if self.dedup.contains(&id)
             || !self
@@ -735,13 +916,21 @@ impl Shared<'_> {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id)
         {
+            if pooled {
+                self.chunks.give_back(data);
+            }
             return Ok(());
         }
         self.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.bytes_new
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        tx.send(BlobJob { id, kind, data })
-            .map_err(|_| RepoError::Task("blob workers stopped".into()))
+        tx.send(BlobJob {
+            id,
+            kind,
+            data,
+            pooled,
+        })
+        .map_err(|_| RepoError::Task("blob workers stopped".into()))
     }
 
     fn report(&self, force: bool) {
@@ -902,10 +1091,17 @@ fn read_run(
             let id = shared.chunk_id(chunk);
             content.push(id);
             if !shared.is_known(&id) {
-                let mut data = shared.free_chunks.try_recv().unwrap_or_default();
-                data.clear();
-                data.extend_from_slice(chunk);
-                shared.submit(blobs, id, BlobKind::Data, data)?;
+                let stopped = || {
+                    shared.stop.load(Ordering::Relaxed) || shared.repo.cancel_token().is_cancelled()
+                };
+                let Some(data) = shared.chunks.copy_of(chunk, stopped) else {
+                    shared.repo.check_cancel()?;
+                    if shared.stop.load(Ordering::Relaxed) {
+                        return Err(RepoError::Cancelled);
+                    }
+                    return Err(RepoError::Task("blob workers stopped".into()));
+                };
+                shared.submit(blobs, id, BlobKind::Data, data, true)?;
             }
             shared.report(false);
             Ok(())
@@ -1089,7 +1285,35 @@ impl Walker<'_, '_> {
         let data = tree.encode();
         let id = self.shared.repo.key().blob_id(&data);
         self.shared
-            .submit(&self.blob_tx, id, BlobKind::Tree, data)?;
+            .submit(&self.blob_tx, id, BlobKind::Tree, data, false)?;
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    #[test]
+    fn sent_blobs_remember_every_id_across_merges() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut id = || {
+            let mut b = [0u8; 32];
+            rng.fill_bytes(&mut b);
+            BlobId(b)
+        };
+        let ids: Vec<BlobId> = (0..3 * RECENT_BLOBS + 17).map(|_| id()).collect();
+        let others: Vec<BlobId> = (0..1000).map(|_| id()).collect();
+        let mut sent = SentBlobs::default();
+        for (i, b) in ids.iter().enumerate() {
+            assert!(sent.insert(*b), "id {i} was new");
+            assert!(!sent.insert(*b), "id {i} inserted twice");
+        }
+        assert_eq!(sent.sorted.len(), 3 * RECENT_BLOBS);
+        assert!(sent.sorted.windows(2).all(|w| w[0] < w[1]));
+        assert!(ids.iter().all(|b| sent.contains(b)));
+        assert!(ids.iter().all(|b| !sent.insert(*b)));
+        assert!(others.iter().all(|b| !sent.contains(b)));
     }
 }
