@@ -457,7 +457,7 @@ impl Repository {
     pub async fn load_index(&self) -> Result<Index, RepoError> {
         let mut index = Index::default();
         for (_, file) in self.load_index_files().await? {
-            index.add_file(&file);
+            index.add_file_owned(file);
         }
         Ok(index)
     }

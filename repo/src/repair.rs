@@ -46,7 +46,7 @@ impl Repository {
             report.index_objects += 1;
             let bytes = self.get_object(&id.object_key()).await?;
             match self.decode_index(id, &bytes) {
-                Ok(f) => index.add_file(&f),
+                Ok(f) => index.add_file_owned(f),
                 Err(e) => {
                     tracing::warn!(index = %id, error = %e, "index object is unreadable; its packs are re-indexed");
                     unreadable.push(id);

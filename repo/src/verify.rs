@@ -63,7 +63,7 @@ impl Repository {
             }
             .await;
             match res {
-                Ok(f) => index.add_file(&f),
+                Ok(f) => index.add_file_owned(f),
                 Err(e) => report.problems.push(e.to_string()),
             }
         }
@@ -209,9 +209,8 @@ impl Repository {
         };
         let key = self.key().clone();
         let expected: Vec<pack::PackEntry> = index
-            .packs()
-            .find(|(p, _)| **p == pid)
-            .map(|(_, e)| e.clone())
+            .pack_entries(&pid)
+            .map(<[_]>::to_vec)
             .unwrap_or_default();
         tokio::task::spawn_blocking(move || {
             let mut problems = Vec::new();
