@@ -166,6 +166,24 @@ impl MasterKey {
         Ok(buf)
     }
 
+    /// [`MasterKey::open`] in place: decrypts `message` where it lies and
+    /// returns the plaintext part of it.
+    pub fn open_in_place<'m>(
+        &self,
+        aad: &[u8],
+        message: &'m mut [u8],
+    ) -> Result<&'m [u8], CryptoError> {
+        if message.len() < OVERHEAD {
+            return Err(CryptoError::TooShort { len: message.len() });
+        }
+        let (nonce, rest) = message.split_at_mut(NONCE_LEN);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        self.cipher
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, ct, Tag::from_slice(tag))
+            .map_err(|_| CryptoError::Authentication)?;
+        Ok(ct)
+    }
+
     fn to_wire(&self) -> MasterKeyWire {
         MasterKeyWire {
             enc: hex::encode(self.enc),

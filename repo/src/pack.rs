@@ -163,6 +163,61 @@ pub fn decode_blob(
     Ok(data)
 }
 
+/// The buffer [`decode_blob_in_place`] decompresses into, reused from blob
+/// to blob so decoding many large blobs does not allocate and free
+/// megabytes per blob (which glibc's malloc keeps in per-thread arenas).
+#[derive(Debug, Default)]
+pub struct DecodeBuffer {
+    plain: Vec<u8>,
+}
+
+/// [`decode_blob`] of a stored blob the caller may overwrite: decrypted in
+/// place, decompressed (if it was compressed) into `buf`. Returns the
+/// plaintext, borrowed from `stored` or `buf`.
+pub fn decode_blob_in_place<'a>(
+    key: &MasterKey,
+    entry: &PackEntry,
+    stored: &'a mut [u8],
+    buf: &'a mut DecodeBuffer,
+) -> Result<&'a [u8], BlobError> {
+    let id = entry.id;
+    let opened = key
+        .open_in_place(&blob_aad(&id, entry.kind), stored)
+        .map_err(|source| BlobError::Decrypt { id, source })?;
+    let data: &[u8] = match opened.first().copied() {
+        Some(FLAG_RAW) => &opened[1..],
+        Some(FLAG_ZSTD) => {
+            let plain = &mut buf.plain;
+            plain.clear();
+            plain.reserve_exact(entry.raw_len as usize);
+            DECOMPRESSOR
+                .with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    let dctx = match &mut *slot {
+                        Some(d) => d,
+                        None => slot.insert(zstd::bulk::Decompressor::new()?),
+                    };
+                    dctx.decompress_to_buffer(&opened[1..], plain)
+                })
+                .map_err(|e| BlobError::Decompress {
+                    id,
+                    reason: e.to_string(),
+                })?;
+            plain
+        }
+        other => {
+            return Err(BlobError::BadFlag {
+                id,
+                flag: other.unwrap_or(255),
+            });
+        }
+    };
+    if data.len() != entry.raw_len as usize || key.blob_id(data) != id {
+        return Err(BlobError::HashMismatch { id });
+    }
+    Ok(data)
+}
+
 /// Builds one pack in memory.
 #[derive(Debug, Default)]
 pub struct PackBuilder {

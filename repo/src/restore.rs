@@ -53,7 +53,7 @@ use serde::Serialize;
 
 use super::format::{BlobId, PackId, SnapshotId};
 use super::index::Index;
-use super::pack::{self, PackEntry};
+use super::pack::{self, DecodeBuffer, PackEntry};
 use super::progress::{Progress, ProgressInfo};
 use super::tree::{Node, NodeKind, Tree, unsafe_name_reason};
 use super::{RepoError, Repository, object_key};
@@ -381,6 +381,7 @@ impl Repository {
                 summary: RestoreSummary::default(),
                 written: Arc::new(AtomicU64::new(0)),
                 files_done: Arc::new(AtomicU64::new(0)),
+                decode: Arc::default(),
             };
             let top: &OwnedFd = &root;
             r.create_tree(top, b"", tree)?;
@@ -434,6 +435,8 @@ struct Restorer<'a> {
     summary: RestoreSummary,
     written: Arc<AtomicU64>,
     files_done: Arc<AtomicU64>,
+    /// Decoding buffers, one set per segment being written.
+    decode: Arc<Mutex<Vec<DecodeBuffer>>>,
 }
 
 impl Restorer<'_> {
@@ -758,6 +761,7 @@ impl Restorer<'_> {
                 let written = self.written.clone();
                 let files_done = self.files_done.clone();
                 let progress = self.progress.clone();
+                let decode = self.decode.clone();
                 async move {
                     let start = blobs.first().map(|(e, _)| e.offset as u64).unwrap_or(0);
                     let end = blobs
@@ -778,6 +782,9 @@ impl Restorer<'_> {
                             other => other,
                         })?;
                     tokio::task::spawn_blocking(move || {
+                        // Blobs are decrypted where they lie: the segment's
+                        // buffer is taken over (copied only if shared).
+                        let mut data = Vec::from(data);
                         let out = Output {
                             root: &root,
                             dirs: &dirs,
@@ -785,7 +792,15 @@ impl Restorer<'_> {
                             written: &written,
                             files_done: &files_done,
                         };
-                        out.write_pack_blobs(&repo, pack_id, &data, start, &blobs)?;
+                        let mut bufs = decode
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pop()
+                            .unwrap_or_default();
+                        let res = out
+                            .write_pack_blobs(&repo, pack_id, &mut data, start, &blobs, &mut bufs);
+                        decode.lock().unwrap_or_else(|e| e.into_inner()).push(bufs);
+                        res?;
                         if let Some(p) = &progress {
                             p.update(&ProgressInfo {
                                 bytes: written.load(Ordering::Relaxed),
@@ -971,28 +986,30 @@ impl Output<'_> {
         &self,
         repo: &Repository,
         pack_id: PackId,
-        data: &[u8],
+        data: &mut [u8],
         start: u64,
         blobs: &[BlobTargets],
+        bufs: &mut DecodeBuffer,
     ) -> Result<(), RepoError> {
         let mut open: HashMap<usize, File> = HashMap::new();
         for (entry, targets) in blobs {
             repo.check_cancel()?;
             let lo = (entry.offset as u64 - start) as usize;
             let hi = lo + entry.length as usize;
-            let stored = data.get(lo..hi).ok_or_else(|| RepoError::Corrupt {
+            let stored = data.get_mut(lo..hi).ok_or_else(|| RepoError::Corrupt {
                 object: format!("pack {pack_id}"),
                 reason: format!("blob {} is truncated", entry.id),
             })?;
-            let plain = pack::decode_blob(repo.key(), entry, stored).map_err(|source| {
-                self.in_files(
-                    targets,
-                    RepoError::Blob {
-                        pack: pack_id,
-                        source: Box::new(source),
-                    },
-                )
-            })?;
+            let plain =
+                pack::decode_blob_in_place(repo.key(), entry, stored, bufs).map_err(|source| {
+                    self.in_files(
+                        targets,
+                        RepoError::Blob {
+                            pack: pack_id,
+                            source: Box::new(source),
+                        },
+                    )
+                })?;
             for (fi, off) in targets {
                 let f = &self.files[*fi];
                 let file = match open.entry(*fi) {
@@ -1006,7 +1023,7 @@ impl Output<'_> {
                 };
                 // Zeros are written too: the source had data here (its
                 // holes are never in a run).
-                file.write_all_at(&plain, *off)
+                file.write_all_at(plain, *off)
                     .map_err(|e| io_err("write", &file_path(self.dirs, f), e))?;
                 self.written
                     .fetch_add(plain.len() as u64, Ordering::Relaxed);
