@@ -116,14 +116,7 @@ pub(crate) fn make_tree(root: &Path, seed: u64) {
     fs::write(root.join("a/hard1"), b"linked content").expect("write");
     fs::hard_link(root.join("a/hard1"), root.join("a/b/hard2")).expect("link");
     // Fifo.
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        root.join("a/fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o640),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&root.join("a/fifo"));
     // Permissions, ownership, xattrs.
     fs::set_permissions(root.join("small.txt"), fs::Permissions::from_mode(0o640)).expect("chmod");
     fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o750)).expect("chmod");
@@ -248,6 +241,27 @@ fn compare_dir(
             compare_dir(&pa, &pb, &r, la, lb, links);
         }
     }
+}
+
+/// A fifo with mode 0640.
+pub(crate) fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o640),
+        0,
+    )
+    .expect("mkfifo");
+}
+
+/// Backs `src` up with [`backup_opts`] and returns the snapshot's id.
+pub(crate) async fn backup_id(repo: &Repository, src: &Path) -> super::format::SnapshotId {
+    repo.backup(src, backup_opts(), None)
+        .await
+        .expect("backup")
+        .id
+        .expect("id")
 }
 
 pub(crate) fn backup_opts() -> BackupOptions {
@@ -484,12 +498,7 @@ async fn wrong_password_and_key_rotation() {
 
     let src = tmp.path().join("src");
     make_tree(&src, 4);
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     let data_before = store.list(DATA_PREFIX).await.expect("list");
 
     // Rotate: add a new key, open with it, remove the old one.
@@ -793,12 +802,7 @@ async fn transient_errors_and_torn_writes_are_retried() {
             .op(Op::Put)
             .probability(0.5),
     );
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     let dst = tmp.path().join("dst");
     repo.restore(id, None, &dst, None).await.expect("restore");
     assert!(
@@ -862,12 +866,7 @@ async fn corrupted_pack_fails_verify_and_restore_naming_it() {
     make_tree(&src, 5);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(store.clone(), 1 << 20).await;
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     let pack = corrupt_first(&store, DATA_PREFIX, |d| d[100] ^= 0x55).await;
 
     let report = repo
@@ -914,12 +913,7 @@ async fn corrupted_or_garbage_index_is_named() {
     make_tree(&src, 6);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(store.clone(), 1 << 20).await;
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     let idx = corrupt_first(&store, INDEX_PREFIX, |d| d.truncate(d.len() / 2)).await;
     let report = repo.verify(VerifyOptions::default()).await.expect("verify");
     assert!(
@@ -1156,7 +1150,7 @@ mod prop {
                 }
                 let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
                 let repo = init(store, 128 * 1024).await;
-                let id = repo.backup(&src, backup_opts(), None).await.expect("backup").id.expect("id");
+                let id = backup_id(&repo, &src).await;
                 let dst = tmp.path().join("dst");
                 let opts = crate::restore::RestoreOptions {
                     batch: crate::restore::BatchLimits { files: batch.0, chunks: batch.1 },

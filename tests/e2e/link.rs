@@ -5,7 +5,9 @@
 use std::process::Command;
 
 use ferry_proto::v1 as pb;
-use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, run, setup, wait_for};
+use ferry_tests::{
+    AgentProcess, Controller, DEADLINE, RawSession, bin, open_agent_session, run, setup, wait_for,
+};
 use tokio_stream::StreamExt;
 
 use crate::foundation::agent_config;
@@ -200,39 +202,17 @@ async fn requests_reach_the_agent_through_restarts_of_either_side() -> anyhow::R
 }
 
 /// An agent session opened by hand with the agent's own identity.
-async fn raw_session(
-    ctl: &Controller,
-    dir: &std::path::Path,
-) -> anyhow::Result<(
-    tokio::sync::mpsc::Sender<pb::AgentMessage>,
-    tonic::Streaming<pb::ControllerMessage>,
-)> {
+async fn raw_session(ctl: &Controller, dir: &std::path::Path) -> anyhow::Result<RawSession> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name));
-    let channel = ferry_proto::tls::channel(
+    open_agent_session(
         &ctl.url(),
         &read("ca.crt")?,
         &read("agent.crt")?,
         &read("agent.key")?,
+        "prod",
+        "node-1",
     )
-    .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
-            cluster: "prod".into(),
-            node: "node-1".into(),
-            version: "raw".into(),
-            platform: "host".into(),
-        })),
-    })
-    .await?;
-    let mut inbound = pb::agent_sessions_client::AgentSessionsClient::new(channel)
-        .open_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    match inbound.message().await?.and_then(|m| m.kind) {
-        Some(pb::controller_message::Kind::Welcome(_)) => Ok((tx, inbound)),
-        other => anyhow::bail!("expected a welcome, got {other:?}"),
-    }
+    .await
 }
 
 /// Reads the session until it fails; returns the status.

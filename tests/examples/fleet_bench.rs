@@ -18,7 +18,7 @@ use ferry_proto::tls::{self, CaFingerprint};
 use ferry_proto::v1 as pb;
 use ferry_proto::v1::agent_message::Kind as AgentKind;
 use ferry_proto::v1::controller_message::Kind as ControllerKind;
-use ferry_tests::{Controller, setup, wait_for};
+use ferry_tests::{Controller, open_agent_session, setup, wait_for};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -128,24 +128,9 @@ async fn agent(
     online: mpsc::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = tls::channel(&url, &ca_pem, &id.cert_pem, &id.key_pem).await?;
-    let (tx, rx) = mpsc::channel(8);
+    let (tx, mut inbound) =
+        open_agent_session(&url, &ca_pem, &id.cert_pem, &id.key_pem, "fleet", &id.node).await?;
     let send = |kind| pb::AgentMessage { kind: Some(kind) };
-    tx.send(send(AgentKind::Hello(pb::Hello {
-        cluster: "fleet".into(),
-        node: id.node.clone(),
-        version: "sim".into(),
-        platform: "host".into(),
-    })))
-    .await?;
-    let mut inbound = pb::agent_sessions_client::AgentSessionsClient::new(channel)
-        .open_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    match inbound.message().await?.and_then(|m| m.kind) {
-        Some(ControllerKind::Welcome(_)) => {}
-        other => anyhow::bail!("no welcome: {other:?}"),
-    }
     tx.send(send(AgentKind::Inventory(pb::Inventory {
         apps: vec![app(&id.node)],
         taken_unix_ms: ferry_core::now_ms(),

@@ -316,6 +316,44 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The two ends of an agent session opened by hand.
+pub type RawSession = (
+    tokio::sync::mpsc::Sender<ferry_proto::v1::AgentMessage>,
+    tonic::Streaming<ferry_proto::v1::ControllerMessage>,
+);
+
+/// Opens an agent session with the given identity (PEM), says hello as
+/// `node` of `cluster`, and waits for the controller's welcome.
+pub async fn open_agent_session(
+    url: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    cluster: &str,
+    node: &str,
+) -> anyhow::Result<RawSession> {
+    use ferry_proto::v1 as pb;
+    let channel = tls::channel(url, ca_pem, cert_pem, key_pem).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            version: "raw".into(),
+            platform: "host".into(),
+        })),
+    })
+    .await?;
+    let mut inbound = pb::agent_sessions_client::AgentSessionsClient::new(channel)
+        .open_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    match inbound.message().await?.and_then(|m| m.kind) {
+        Some(pb::controller_message::Kind::Welcome(_)) => Ok((tx, inbound)),
+        other => bail!("expected a welcome, got {other:?}"),
+    }
+}
+
 /// Installs ring as the process's rustls provider (idempotent).
 pub fn setup() {
     let _ = rustls::crypto::ring::default_provider().install_default();

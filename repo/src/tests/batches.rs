@@ -59,14 +59,7 @@ fn make_wide_tree(src: &Path) {
     fs::hard_link(src.join("d00/linked"), src.join("d11/link-b")).expect("link");
     fs::write(src.join("d01/empty"), b"").expect("write");
     fs::hard_link(src.join("d01/empty"), src.join("d10/sub/empty-link")).expect("link");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        src.join("d03/fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o640),
-        0,
-    )
-    .expect("mkfifo");
+    mkfifo(&src.join("d03/fifo"));
     {
         let f = fs::File::create(src.join("d04/sparse")).expect("create");
         f.set_len(6 << 20).expect("set_len");
@@ -88,12 +81,7 @@ async fn wide_repo(tmp: &Path) -> (Arc<dyn ObjectStore>, Repository, SnapshotId)
     make_wide_tree(&src);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.join("repo")));
     let repo = init(store.clone(), 128 * 1024).await;
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     (store, repo, id)
 }
 
@@ -188,12 +176,7 @@ async fn a_failure_in_a_later_batch_removes_only_its_incomplete_files() {
     }
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(store.clone(), 128 * 1024).await;
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
 
     // Corrupt the last chunk of f13 (the second file of the fourth batch
     // of four files).

@@ -140,12 +140,7 @@ async fn cancelled_restore_stops_and_a_new_restore_succeeds() {
     big_tree(&src, 16);
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
     let repo = init(local.clone(), 256 * 1024).await;
-    let id = repo
-        .backup(&src, backup_opts(), None)
-        .await
-        .expect("backup")
-        .id
-        .expect("id");
+    let id = backup_id(&repo, &src).await;
     let store = faulty(local.clone());
     store.inject(Rule::new(Fault::Delay(Duration::from_millis(300))).op(Op::GetRange));
     let slow = Repository::open(store, PW).await.expect("open");
