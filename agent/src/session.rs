@@ -58,9 +58,16 @@ impl From<tonic::Status> for SessionError {
 }
 
 impl SessionError {
-    /// The controller ended the session for a newer one of the same agent.
+    /// The controller ended the session for a newer one of the same agent
+    /// (the one status it ends a session with `ABORTED` for).
     pub fn superseded(&self) -> bool {
-        matches!(self, Self::Status { code: tonic::Code::Aborted, message } if message.contains("superseded"))
+        matches!(
+            self,
+            Self::Status {
+                code: tonic::Code::Aborted,
+                ..
+            }
+        )
     }
 }
 
