@@ -1153,12 +1153,12 @@ impl Walker<'_, '_> {
     }
 
     fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId, RepoError> {
-        let mut entries: Vec<(Vec<u8>, PathBuf)> = Vec::new();
+        let mut entries: Vec<(Vec<u8>, std::fs::DirEntry)> = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| RepoError::io("read directory", dir, e))? {
             let e = e.map_err(|e| RepoError::io("read directory", dir, e))?;
-            entries.push((e.file_name().as_bytes().to_vec(), e.path()));
+            entries.push((e.file_name().as_bytes().to_vec(), e));
         }
-        entries.sort();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let parent_nodes: HashMap<&[u8], &Node> = parent
             .map(|t| t.nodes.iter().map(|n| (n.name.as_slice(), n)).collect())
             .unwrap_or_default();
@@ -1166,12 +1166,14 @@ impl Walker<'_, '_> {
         let mut nodes: Vec<Option<Node>> = Vec::with_capacity(entries.len());
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let mut pending = 0usize;
-        for (name, path) in entries {
+        for (name, entry) in entries {
             self.shared.repo.check_cancel()?;
             if self.shared.stop.load(Ordering::Relaxed) {
                 break;
             }
-            let md = match std::fs::symlink_metadata(&path) {
+            let path = entry.path();
+            // Relative to the directory's descriptor: no path walk per entry.
+            let md = match entry.metadata() {
                 Ok(md) => md,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     tracing::warn!(path = %path.display(), "file vanished during backup");
@@ -1179,10 +1181,21 @@ impl Walker<'_, '_> {
                 }
                 Err(e) => return Err(RepoError::io("stat", &path, e)),
             };
-            let xattrs =
-                read_xattrs(&path).map_err(|e| RepoError::io("read xattrs of", &path, e))?;
-            let ft = md.file_type();
             let prev = parent_nodes.get(name.as_slice()).copied();
+            let xattrs = match prev {
+                // Setting or removing an extended attribute changes the
+                // ctime: the same inode with the same ctime has the same
+                // attributes, so they are not read again.
+                Some(p)
+                    if p.inode == md.ino()
+                        && p.dev == md.dev()
+                        && p.ctime == ts(md.ctime(), md.ctime_nsec()) =>
+                {
+                    p.xattrs.clone()
+                }
+                _ => read_xattrs(&path).map_err(|e| RepoError::io("read xattrs of", &path, e))?,
+            };
+            let ft = md.file_type();
             let node = if ft.is_dir() {
                 self.dirs += 1;
                 let prev_tree = match prev.map(|n| &n.kind) {

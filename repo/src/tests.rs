@@ -431,13 +431,23 @@ async fn incremental_backup_reads_only_changes() {
     assert_eq!(second.snapshot.summary.packs_written, 0);
     assert_eq!(second.snapshot.tree, first.snapshot.tree);
 
-    // Change one file: only it is read.
+    // Change one file: only it is read. A new extended attribute on an
+    // unchanged file (same size and mtime, new ctime) is recorded too.
     fs::write(src.join("a/b/c/f00.json"), b"changed").expect("write");
+    rustix::fs::setxattr(
+        src.join("small.txt"),
+        "user.ferry.later",
+        b"set after the first backup",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("user xattrs on the test filesystem");
     let third = repo
         .backup(&src, backup_opts(), None)
         .await
         .expect("backup");
-    assert_eq!(third.snapshot.summary.bytes_read, 7);
+    // Its new ctime has the small file read again, with the changed one.
+    let small = fs::metadata(src.join("small.txt")).expect("stat").len();
+    assert_eq!(third.snapshot.summary.bytes_read, 7 + small);
     assert_ne!(third.snapshot.tree, first.snapshot.tree);
 
     // Another tag set has no parent and reads everything, storing nothing new.
@@ -448,6 +458,7 @@ async fn incremental_backup_reads_only_changes() {
     assert!(fourth.snapshot.summary.bytes_read > 1_000_000);
     assert_eq!(fourth.snapshot.summary.bytes_new, 0);
 
+    // The restore carries the attribute set after the first backup.
     let dst = tmp.path().join("dst");
     repo.restore(third.id.expect("id"), None, &dst, None)
         .await
