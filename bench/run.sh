@@ -13,10 +13,7 @@
 # page cache is dropped before every step (what a real backup meets); in
 # `warm` mode the dataset is read into it first. Every restore is checked
 # against the source tree (content, modes, owners, mtimes, symlinks, hard
-# links). Before the first step every free page of memory is written once
-# (a fresh virtual machine pays the hypervisor for the first touch of each
-# page: 66 s of system time for 21 GiB here, and a 5-10x slower page cache
-# until then). Restore targets and dataset copies are kept until the end
+# links). Restore targets and dataset copies are kept until the end
 # of the benchmark (ext4 is slow to create files right after many were
 # deleted), so the work directory needs about (4 restores + 2) x the
 # dataset per run and cache mode. The machine limit is measured in the same run: the disk's cold
@@ -150,19 +147,6 @@ m = {
   "runs": $RUNS, "scales": "$SCALES", "tools": "$TOOLS", "caches": "$CACHES",
 }
 json.dump(m, open(sys.argv[1], "w"), indent=2)
-EOF
-
-# ---- memory: touch every free page once ---------------------------------------
-log "writing the machine's free memory once (first touch; slow only on a fresh VM)"
-python3 - <<'EOF'
-import re
-avail = int(re.search(r"MemAvailable:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
-n = max(0, avail - (2 << 30))
-step = 1 << 30
-held = []
-while n > 0:
-    held.append(bytearray(b"\x01") * min(step, n))
-    n -= step
 EOF
 
 # ---- measurement helpers ------------------------------------------------------
