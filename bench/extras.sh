@@ -36,7 +36,7 @@ done
 ensure_packages
 if [ -z "$FERRY_BIN" ]; then
     (cd "$REPO_ROOT" && cargo build --release -q -p ferry-agent) || die "cargo build failed"
-    FERRY_BIN=$REPO_ROOT/target/release/ferry-agent
+    FERRY_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/ferry-agent
 fi
 RUSTIC=$(command -v rustic || echo "${XDG_CACHE_HOME:-$HOME/.cache}/ferry-bench/rustic/bin/rustic")
 [[ " $TOOLS " != *" rustic "* ]] || [ -x "$RUSTIC" ] || die "no rustic: run bench/run.sh once (it installs it) or drop it from --tools"

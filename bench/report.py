@@ -138,8 +138,8 @@ def targets(s):
                     fmt(rss, ".0f") + " MiB" if rss else "—", None if rss is None else rss <= 100))
     r = s["tools"].get("restic", {})
     x = f.get("repo_bytes") / r["repo_bytes"] if f.get("repo_bytes") and r.get("repo_bytes") else None
-    res.append(("repository size vs restic", "≤ 1.0×", fmt(x, ".3f") + "×" if x else "—",
-                None if x is None else x <= 1.0))
+    # Not a target of the data mover issues: shown for reference.
+    res.append(("repository size vs restic", "(info)", fmt(x, ".3f") + "×" if x else "—", None))
     return res
 
 
