@@ -3,6 +3,7 @@ pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod fleet;
+pub mod jobs;
 pub mod link;
 pub mod pki;
 pub mod server;

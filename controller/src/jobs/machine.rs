@@ -1,0 +1,939 @@
+//! A job's state machine: pure, no IO, no clock of its own.
+//!
+//! A job is a plan of steps run one after another, each by one executor (an
+//! agent, or the controller itself). Steps that leave something behind name
+//! an *undo* step. When a step fails for good, or the job is cancelled, the
+//! undo steps of the steps that succeeded run in reverse order, and the job
+//! ends failed or cancelled; a job succeeds only when every step did.
+//!
+//! The engine feeds [`Job::on`] the events it observes (a reply from an
+//! agent, an agent coming or going, a cancel, the clock, its own restart)
+//! and carries out the [`Action`]s it returns, after persisting the new
+//! state: the state is what survives a crash, so it is written before the
+//! actions run. A step may therefore be dispatched again after a crash;
+//! executors make steps idempotent by their [`StepRef`].
+
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{AgentId, Timestamp};
+
+/// How long a job waits for an offline executor, and how often it tries a
+/// step whose failures are transient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// A step whose agent is offline for longer fails (milliseconds).
+    pub offline_ms: u64,
+    /// Dispatches of one step, the first included, before a transient
+    /// failure counts as final.
+    pub attempts: u32,
+    /// Wait before the next attempt after a transient failure, times the
+    /// attempts so far (milliseconds).
+    pub retry_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            offline_ms: 10 * 60 * 1000,
+            attempts: 3,
+            retry_ms: 5_000,
+        }
+    }
+}
+
+/// Who runs a step.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Executor {
+    Agent(AgentId),
+    /// The controller itself (catalog records, prune scheduling).
+    Controller,
+}
+
+/// One step of a plan: what to do (`T`, opaque here), who does it, and
+/// how to take it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step<T> {
+    pub work: T,
+    pub executor: Executor,
+    /// Whether the step may be dispatched again when its fate is unknown
+    /// (the controller restarted while it ran). A step that is not
+    /// resumable fails instead, with the reason.
+    pub resumable: bool,
+    /// Run when the job does not succeed, if this step did.
+    pub undo: Option<Box<Step<T>>>,
+}
+
+/// A step of a job, as executors see it: its place in the plan (or among
+/// the undo steps) and the attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StepRef {
+    pub index: u32,
+    pub undo: bool,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum StepStatus {
+    Pending,
+    /// Handed to its executor; `attempt` counts from 1.
+    Dispatched {
+        attempt: u32,
+        at: Timestamp,
+    },
+    Succeeded {
+        at: Timestamp,
+    },
+    Failed {
+        reason: String,
+        at: Timestamp,
+    },
+    /// Never dispatched because the job ended first.
+    Skipped,
+}
+
+impl StepStatus {
+    fn attempts(&self) -> u32 {
+        match self {
+            Self::Dispatched { attempt, .. } => *attempt,
+            _ => 0,
+        }
+    }
+}
+
+/// A step with its status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepState<T> {
+    pub step: Step<T>,
+    pub status: StepStatus,
+    /// Dispatches so far (kept across a transient failure).
+    pub attempts: u32,
+    /// Not dispatched again before this (after a transient failure).
+    #[serde(default)]
+    pub not_before: Option<Timestamp>,
+}
+
+/// How a job ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    Succeeded,
+    Failed { reason: String },
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum Phase {
+    /// Running the plan.
+    Running,
+    /// Taking back what the plan did, then ending as `cause`.
+    Undoing { cause: Outcome },
+    Done {
+        outcome: Outcome,
+        at: Timestamp,
+        /// Undo steps that failed: what may be left behind.
+        #[serde(default)]
+        leftovers: Vec<String>,
+    },
+}
+
+/// What the engine observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The clock moved (deadlines, retry delays).
+    Tick {
+        now: Timestamp,
+    },
+    /// An agent's session opened or closed.
+    Online {
+        agent: AgentId,
+        online: bool,
+        now: Timestamp,
+    },
+    Succeeded {
+        step: StepRef,
+        now: Timestamp,
+    },
+    Failed {
+        step: StepRef,
+        reason: String,
+        /// Trying again may help (the executor's error class).
+        transient: bool,
+        now: Timestamp,
+    },
+    /// The user asked to cancel.
+    Cancel {
+        now: Timestamp,
+    },
+    /// The controller started again: whatever was dispatched may or may
+    /// not still run.
+    Restarted {
+        now: Timestamp,
+    },
+}
+
+/// What the engine must do, after persisting the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action<T> {
+    /// Hand the step to its executor.
+    Dispatch {
+        step: StepRef,
+        work: T,
+        executor: Executor,
+    },
+    /// Ask the executor to stop the step (it still answers).
+    Cancel { step: StepRef, executor: Executor },
+    /// The job ended.
+    Finished(Outcome),
+}
+
+/// A job's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job<T> {
+    pub plan: Vec<StepState<T>>,
+    /// Undo steps in the order they run (the reverse of their steps').
+    pub undo: Vec<StepState<T>>,
+    pub phase: Phase,
+    pub limits: Limits,
+    /// Set by a cancel while a step runs: the job ends when it answers.
+    pub cancelling: bool,
+    /// Agents known to be online.
+    pub online: Vec<AgentId>,
+    /// Since when the current step waits for its offline agent.
+    pub waiting_since: Option<Timestamp>,
+}
+
+impl<T> StepState<T> {
+    fn new(step: Step<T>) -> Self {
+        Self {
+            step,
+            status: StepStatus::Pending,
+            attempts: 0,
+            not_before: None,
+        }
+    }
+}
+
+impl<T: Clone> Job<T> {
+    /// A job about to run `plan`; nothing is dispatched before the first
+    /// event.
+    pub fn new(plan: Vec<Step<T>>, limits: Limits, online: Vec<AgentId>) -> Self {
+        Self {
+            plan: plan.into_iter().map(StepState::new).collect(),
+            undo: Vec::new(),
+            phase: Phase::Running,
+            limits,
+            cancelling: false,
+            online,
+            waiting_since: None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done { .. })
+    }
+
+    /// The list the current phase works through.
+    fn list(&self) -> (&[StepState<T>], bool) {
+        match self.phase {
+            Phase::Undoing { .. } => (&self.undo, true),
+            _ => (&self.plan, false),
+        }
+    }
+
+    /// The first step of the current list that has not ended.
+    fn current(&self) -> Option<usize> {
+        let (list, _) = self.list();
+        list.iter().position(|s| {
+            matches!(
+                s.status,
+                StepStatus::Pending | StepStatus::Dispatched { .. }
+            )
+        })
+    }
+
+    fn step_mut(&mut self, r: StepRef) -> Option<&mut StepState<T>> {
+        let undoing = matches!(self.phase, Phase::Undoing { .. });
+        if r.undo != undoing {
+            return None;
+        }
+        let list = if r.undo {
+            &mut self.undo
+        } else {
+            &mut self.plan
+        };
+        list.get_mut(r.index as usize)
+    }
+
+    fn is_online(&self, e: &Executor) -> bool {
+        match e {
+            Executor::Controller => true,
+            Executor::Agent(a) => self.online.contains(a),
+        }
+    }
+
+    /// Applies one event; returns what to do.
+    pub fn on(&mut self, event: Event) -> Vec<Action<T>> {
+        if self.is_done() {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        let now = match event {
+            Event::Tick { now } => now,
+            Event::Online { agent, online, now } => {
+                self.online.retain(|a| *a != agent);
+                if online {
+                    self.online.push(agent);
+                }
+                now
+            }
+            Event::Succeeded { step, now } => {
+                self.answered(step, Ok(()), now);
+                now
+            }
+            Event::Failed {
+                step,
+                reason,
+                transient,
+                now,
+            } => {
+                self.answered(step, Err((reason, transient)), now);
+                now
+            }
+            Event::Cancel { now } => {
+                // Undo steps always run to their end: a cancel only stops
+                // the plan.
+                if let (Phase::Running, Some(i)) = (&self.phase, self.current()) {
+                    let s = &self.plan[i];
+                    if let StepStatus::Dispatched { attempt, .. } = s.status {
+                        // The job ends when the step answers.
+                        if !self.cancelling {
+                            actions.push(Action::Cancel {
+                                step: StepRef {
+                                    index: i as u32,
+                                    undo: false,
+                                    attempt,
+                                },
+                                executor: s.step.executor.clone(),
+                            });
+                        }
+                        self.cancelling = true;
+                    } else {
+                        self.begin_undo(Outcome::Cancelled);
+                    }
+                }
+                now
+            }
+            Event::Restarted { now } => {
+                let undoing = matches!(self.phase, Phase::Undoing { .. });
+                let cancelling = self.cancelling;
+                if let Some(i) = self.current() {
+                    let list = if undoing {
+                        &mut self.undo
+                    } else {
+                        &mut self.plan
+                    };
+                    let s = &mut list[i];
+                    if let StepStatus::Dispatched { attempt, .. } = s.status {
+                        if cancelling && !undoing {
+                            // The cancel may not have reached the executor:
+                            // ask again; the job ends when the step answers.
+                            actions.push(Action::Cancel {
+                                step: StepRef {
+                                    index: i as u32,
+                                    undo: false,
+                                    attempt,
+                                },
+                                executor: s.step.executor.clone(),
+                            });
+                        } else if s.step.resumable || undoing {
+                            // Dispatched again below; the executor knows the
+                            // step by its job and place, whatever the attempt.
+                            s.status = StepStatus::Pending;
+                        } else {
+                            s.status = StepStatus::Failed {
+                                reason: "the controller restarted while this step ran, and it cannot be resumed".into(),
+                                at: now,
+                            };
+                            let reason = format!(
+                                "step {} was interrupted by a controller restart and cannot be resumed",
+                                i + 1
+                            );
+                            self.begin_undo(Outcome::Failed { reason });
+                        }
+                    }
+                }
+                now
+            }
+        };
+        self.advance(now, &mut actions);
+        actions
+    }
+
+    /// An executor answered for `r`. Answers for anything but the current
+    /// dispatched attempt are stale and ignored.
+    fn answered(&mut self, r: StepRef, result: Result<(), (String, bool)>, now: Timestamp) {
+        let attempts = self.limits.attempts.max(1);
+        let retry_ms = self.limits.retry_ms;
+        let cancelling = self.cancelling;
+        let Some(s) = self.step_mut(r) else { return };
+        if s.status.attempts() != r.attempt || r.attempt == 0 {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                s.status = StepStatus::Succeeded { at: now };
+                let undo = s.step.undo.as_deref().cloned();
+                if !r.undo {
+                    if let Some(u) = undo {
+                        self.undo.insert(0, StepState::new(u));
+                    }
+                    if cancelling {
+                        self.cancelling = false;
+                        self.begin_undo(Outcome::Cancelled);
+                    }
+                }
+            }
+            Err((reason, transient)) => {
+                if transient && !cancelling && s.attempts < attempts {
+                    s.status = StepStatus::Pending;
+                    let delay = retry_ms.saturating_mul(u64::from(s.attempts));
+                    s.not_before = Some(now.plus(std::time::Duration::from_millis(delay)));
+                    return;
+                }
+                s.status = StepStatus::Failed {
+                    reason: reason.clone(),
+                    at: now,
+                };
+                if r.undo {
+                    return;
+                }
+                let outcome = if cancelling {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Failed {
+                        reason: format!("step {} failed: {reason}", r.index + 1),
+                    }
+                };
+                self.cancelling = false;
+                self.begin_undo(outcome);
+            }
+        }
+    }
+
+    /// Ends the plan: pending steps are skipped, the undo steps run next.
+    fn begin_undo(&mut self, cause: Outcome) {
+        for s in &mut self.plan {
+            if matches!(s.status, StepStatus::Pending) {
+                s.status = StepStatus::Skipped;
+            }
+        }
+        self.waiting_since = None;
+        self.phase = Phase::Undoing { cause };
+    }
+
+    /// Dispatches the current step if it can, waits for its agent if not,
+    /// and ends the job when its list is through.
+    fn advance(&mut self, now: Timestamp, actions: &mut Vec<Action<T>>) {
+        loop {
+            let Some(i) = self.current() else {
+                match &self.phase {
+                    Phase::Running => {
+                        self.finish(Outcome::Succeeded, now, actions);
+                    }
+                    Phase::Undoing { cause } => {
+                        let cause = cause.clone();
+                        self.finish(cause, now, actions);
+                    }
+                    Phase::Done { .. } => {}
+                }
+                return;
+            };
+            let (list, undo) = self.list();
+            let s = &list[i];
+            if !matches!(s.status, StepStatus::Pending) {
+                return; // dispatched: wait for its answer
+            }
+            if self.cancelling || s.not_before.is_some_and(|t| now < t) {
+                return;
+            }
+            let executor = s.step.executor.clone();
+            if !self.is_online(&executor) {
+                let since = *self.waiting_since.get_or_insert(now);
+                let waited = now.unix_millis().saturating_sub(since.unix_millis());
+                if u64::try_from(waited).unwrap_or(0) < self.limits.offline_ms {
+                    return;
+                }
+                let who = match &executor {
+                    Executor::Agent(a) => format!("agent {a}"),
+                    Executor::Controller => "the controller".into(),
+                };
+                let reason = format!(
+                    "{who} was offline for more than {} s",
+                    self.limits.offline_ms / 1000
+                );
+                let list = if undo { &mut self.undo } else { &mut self.plan };
+                list[i].status = StepStatus::Failed {
+                    reason: reason.clone(),
+                    at: now,
+                };
+                self.waiting_since = None;
+                if !undo {
+                    self.begin_undo(Outcome::Failed {
+                        reason: format!("step {} failed: {reason}", i + 1),
+                    });
+                }
+                continue;
+            }
+            self.waiting_since = None;
+            let list = if undo { &mut self.undo } else { &mut self.plan };
+            let s = &mut list[i];
+            s.attempts += 1;
+            s.not_before = None;
+            s.status = StepStatus::Dispatched {
+                attempt: s.attempts,
+                at: now,
+            };
+            actions.push(Action::Dispatch {
+                step: StepRef {
+                    index: i as u32,
+                    undo,
+                    attempt: s.attempts,
+                },
+                work: s.step.work.clone(),
+                executor: s.step.executor.clone(),
+            });
+            return;
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, now: Timestamp, actions: &mut Vec<Action<T>>) {
+        if outcome == Outcome::Succeeded {
+            // Kept what every step made: nothing to take back.
+            self.undo.clear();
+        }
+        let leftovers = self
+            .undo
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match &s.status {
+                StepStatus::Failed { reason, .. } => Some(format!("undo step {}: {reason}", i + 1)),
+                _ => None,
+            })
+            .collect();
+        self.phase = Phase::Done {
+            outcome: outcome.clone(),
+            at: now,
+            leftovers,
+        };
+        actions.push(Action::Finished(outcome));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(ms: i64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    fn agent(n: u8) -> AgentId {
+        AgentId::new(format!("a{n}")).expect("agent id")
+    }
+
+    fn step(work: &'static str, who: u8, undo: Option<&'static str>) -> Step<&'static str> {
+        Step {
+            work,
+            executor: Executor::Agent(agent(who)),
+            resumable: true,
+            undo: undo.map(|u| {
+                Box::new(Step {
+                    work: u,
+                    executor: Executor::Agent(agent(who)),
+                    resumable: true,
+                    undo: None,
+                })
+            }),
+        }
+    }
+
+    fn dispatched(actions: &[Action<&'static str>]) -> Vec<(StepRef, &'static str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch { step, work, .. } => Some((*step, *work)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(actions: &[Action<&'static str>]) -> Option<Outcome> {
+        actions.iter().find_map(|a| match a {
+            Action::Finished(o) => Some(o.clone()),
+            _ => None,
+        })
+    }
+
+    /// A migrate-like plan: back up on 1, restore on 2 (undo: remove the
+    /// copy), remove the source on 1.
+    fn migrate() -> Job<&'static str> {
+        Job::new(
+            vec![
+                step("backup", 1, None),
+                step("restore", 2, Some("remove copy")),
+                step("remove source", 1, None),
+            ],
+            Limits::default(),
+            vec![agent(1), agent(2)],
+        )
+    }
+
+    #[test]
+    fn steps_run_in_order_and_the_job_succeeds() {
+        let mut j = migrate();
+        let a = j.on(Event::Tick { now: t(0) });
+        let d = dispatched(&a);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].1, "backup");
+        let a = j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(1),
+        });
+        let d = dispatched(&a);
+        assert_eq!(d[0].1, "restore");
+        let a = j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(2),
+        });
+        let d = dispatched(&a);
+        assert_eq!(d[0].1, "remove source");
+        let a = j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(3),
+        });
+        assert_eq!(finished(&a), Some(Outcome::Succeeded));
+        assert!(j.is_done());
+        // Nothing moves a finished job.
+        assert!(j.on(Event::Cancel { now: t(4) }).is_empty());
+        assert!(j.on(Event::Restarted { now: t(5) }).is_empty());
+    }
+
+    #[test]
+    fn a_failure_undoes_what_succeeded_and_names_the_step() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(1),
+        }));
+        let d = dispatched(&j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(2),
+        }));
+        assert_eq!(d[0].1, "remove source");
+        let a = j.on(Event::Failed {
+            step: d[0].0,
+            reason: "permission denied".into(),
+            transient: false,
+            now: t(3),
+        });
+        let u = dispatched(&a);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].1, "remove copy");
+        assert!(u[0].0.undo);
+        let a = j.on(Event::Succeeded {
+            step: u[0].0,
+            now: t(4),
+        });
+        match finished(&a) {
+            Some(Outcome::Failed { reason }) => {
+                assert!(reason.contains("step 3"), "{reason}");
+                assert!(reason.contains("permission denied"), "{reason}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_after_a_delay_then_count() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let fail = |j: &mut Job<&'static str>, r: StepRef, now| {
+            j.on(Event::Failed {
+                step: r,
+                reason: "storage unreachable".into(),
+                transient: true,
+                now: t(now),
+            })
+        };
+        assert!(
+            dispatched(&fail(&mut j, d[0].0, 10)).is_empty(),
+            "no retry before the delay"
+        );
+        assert!(dispatched(&j.on(Event::Tick { now: t(4_000) })).is_empty());
+        let d2 = dispatched(&j.on(Event::Tick { now: t(5_010) }));
+        assert_eq!(d2[0].0.attempt, 2);
+        // An answer for the first attempt is stale.
+        assert!(
+            j.on(Event::Succeeded {
+                step: d[0].0,
+                now: t(5_020)
+            })
+            .is_empty()
+        );
+        fail(&mut j, d2[0].0, 6_000);
+        let d3 = dispatched(&j.on(Event::Tick { now: t(20_000) }));
+        assert_eq!(d3[0].0.attempt, 3);
+        let a = fail(&mut j, d3[0].0, 21_000);
+        assert!(
+            matches!(finished(&a), Some(Outcome::Failed { .. })),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn an_offline_agent_is_waited_for_up_to_the_deadline() {
+        let mut j = Job::new(
+            vec![step("backup", 1, None)],
+            Limits {
+                offline_ms: 60_000,
+                ..Limits::default()
+            },
+            vec![],
+        );
+        assert!(j.on(Event::Tick { now: t(0) }).is_empty());
+        assert!(j.on(Event::Tick { now: t(59_999) }).is_empty());
+        let a = j.on(Event::Tick { now: t(60_000) });
+        match finished(&a) {
+            Some(Outcome::Failed { reason }) => {
+                assert!(
+                    reason.contains("agent a1 was offline for more than 60 s"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        // An agent back in time gets the step.
+        let mut j = Job::new(vec![step("backup", 1, None)], Limits::default(), vec![]);
+        assert!(j.on(Event::Tick { now: t(0) }).is_empty());
+        let a = j.on(Event::Online {
+            agent: agent(1),
+            online: true,
+            now: t(1_000),
+        });
+        assert_eq!(dispatched(&a)[0].1, "backup");
+    }
+
+    #[test]
+    fn cancel_stops_the_running_step_then_undoes() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(1),
+        }));
+        assert_eq!(d[0].1, "restore");
+        let a = j.on(Event::Cancel { now: t(2) });
+        assert!(matches!(a.as_slice(), [Action::Cancel { step, .. }] if *step == d[0].0));
+        // A second cancel sends nothing more.
+        assert!(j.on(Event::Cancel { now: t(3) }).is_empty());
+        // The restore finished anyway: its copy is removed.
+        let a = j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(4),
+        });
+        let u = dispatched(&a);
+        assert_eq!(u[0].1, "remove copy");
+        let a = j.on(Event::Succeeded {
+            step: u[0].0,
+            now: t(5),
+        });
+        assert_eq!(finished(&a), Some(Outcome::Cancelled));
+        assert!(matches!(j.plan[2].status, StepStatus::Skipped));
+    }
+
+    #[test]
+    fn a_restart_resumes_resumable_steps_and_fails_the_others() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let a = j.on(Event::Restarted { now: t(1) });
+        let again = dispatched(&a);
+        assert_eq!(again[0].1, "backup");
+        assert_eq!(again[0].0.attempt, 2);
+        assert_eq!(again[0].0.index, d[0].0.index);
+
+        let mut plan = vec![step("backup", 1, None)];
+        plan[0].resumable = false;
+        let mut j = Job::new(plan, Limits::default(), vec![agent(1)]);
+        j.on(Event::Tick { now: t(0) });
+        let a = j.on(Event::Restarted { now: t(1) });
+        match finished(&a) {
+            Some(Outcome::Failed { reason }) => {
+                assert!(reason.contains("controller restart"), "{reason}")
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_state_survives_a_round_trip_through_json() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        j.on(Event::Succeeded {
+            step: d[0].0,
+            now: t(1),
+        });
+        let text = serde_json::to_string(&j).expect("encode");
+        let back: Job<String> = serde_json::from_str(&text).expect("decode");
+        assert_eq!(serde_json::to_string(&back).expect("encode"), text);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Ev {
+        Tick(u16),
+        Online(u8, bool),
+        /// Answer the n-th outstanding dispatch (modulo), with a result.
+        Answer(u8, u8),
+        Cancel,
+        Restart,
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            (0u16..5000).prop_map(Ev::Tick),
+            (1u8..3, any::<bool>()).prop_map(|(a, o)| Ev::Online(a, o)),
+            (any::<u8>(), 0u8..4).prop_map(|(n, r)| Ev::Answer(n, r)),
+            Just(Ev::Cancel),
+            Just(Ev::Restart),
+        ]
+    }
+
+    fn plan() -> impl Strategy<Value = Vec<(u8, bool, bool)>> {
+        // (agent, has undo, resumable)
+        prop::collection::vec((1u8..3, any::<bool>(), any::<bool>()), 1..5)
+    }
+
+    proptest! {
+        /// Whatever happens: at most one step runs at a time; a job that
+        /// succeeded ran every step and no undo; a job that did not succeed
+        /// ran (or tried) the undo of every step that succeeded, in reverse
+        /// order; answers for anything but the running attempt change
+        /// nothing; after a cancel only undo steps start; a finished job
+        /// stays finished and does nothing more.
+        #[test]
+        fn invariants_hold_for_any_events(p in plan(), events in prop::collection::vec(ev(), 0..60)) {
+            let plan: Vec<Step<String>> = p.iter().enumerate().map(|(i, (a, undo, resumable))| Step {
+                work: format!("s{i}"),
+                executor: Executor::Agent(agent(*a)),
+                resumable: *resumable,
+                undo: undo.then(|| Box::new(Step {
+                    work: format!("u{i}"),
+                    executor: Executor::Agent(agent(*a)),
+                    resumable: true,
+                    undo: None,
+                })),
+            }).collect();
+            let mut j = Job::new(plan, Limits { offline_ms: 10_000, attempts: 2, retry_ms: 100 }, vec![agent(1)]);
+            let mut now = 0i64;
+            let mut outstanding: Vec<StepRef> = Vec::new();
+            let mut finishes = 0;
+            let mut cancelled = false;
+            for e in events {
+                now += 1;
+                let was_done = j.is_done();
+                if matches!(e, Ev::Cancel) && j.phase == Phase::Running {
+                    cancelled = true;
+                }
+                let before = serde_json::to_string(&j).expect("encode");
+                let actions = match e {
+                    Ev::Tick(dt) => { now += i64::from(dt); j.on(Event::Tick { now: t(now) }) }
+                    Ev::Online(a, o) => j.on(Event::Online { agent: agent(a), online: o, now: t(now) }),
+                    Ev::Answer(n, r) => {
+                        if outstanding.is_empty() { continue; }
+                        let step = outstanding[n as usize % outstanding.len()];
+                        let a = match r {
+                            0 | 1 => j.on(Event::Succeeded { step, now: t(now) }),
+                            2 => j.on(Event::Failed { step, reason: "boom".into(), transient: true, now: t(now) }),
+                            _ => j.on(Event::Failed { step, reason: "boom".into(), transient: false, now: t(now) }),
+                        };
+                        outstanding.retain(|s| *s != step);
+                        a
+                    }
+                    Ev::Cancel => j.on(Event::Cancel { now: t(now) }),
+                    Ev::Restart => j.on(Event::Restarted { now: t(now) }),
+                };
+                if was_done {
+                    prop_assert!(actions.is_empty());
+                    prop_assert_eq!(serde_json::to_string(&j).expect("encode"), before);
+                }
+                for a in &actions {
+                    match a {
+                        Action::Dispatch { step, work, .. } => {
+                            // After a cancel, only undo steps start.
+                            prop_assert!(step.undo || !cancelled, "step {} started after a cancel", work);
+                            outstanding.retain(|s| !(s.index == step.index && s.undo == step.undo));
+                            outstanding.push(*step);
+                        }
+                        Action::Finished(_) => finishes += 1,
+                        Action::Cancel { .. } => {}
+                    }
+                }
+                let running = j.plan.iter().chain(j.undo.iter())
+                    .filter(|s| matches!(s.status, StepStatus::Dispatched { .. })).count();
+                prop_assert!(running <= 1, "{} steps dispatched at once", running);
+            }
+            // Liveness: with both agents online, the clock moving and every
+            // step answered, any job ends.
+            for a in [1, 2] {
+                for act in j.on(Event::Online { agent: agent(a), online: true, now: t(now) }) {
+                    if let Action::Dispatch { step, .. } = act { outstanding.push(step); }
+                    if let Action::Finished(_) = act { finishes += 1; }
+                }
+            }
+            for _ in 0..4 * (p.len() + 1) {
+                if j.is_done() { break; }
+                now += 100_000;
+                let mut acts = j.on(Event::Tick { now: t(now) });
+                if let Some(step) = outstanding.pop() {
+                    acts.extend(j.on(Event::Succeeded { step, now: t(now) }));
+                }
+                for act in acts {
+                    if let Action::Dispatch { step, .. } = act { outstanding.push(step); }
+                    if let Action::Finished(_) = act { finishes += 1; }
+                }
+            }
+            prop_assert!(j.is_done(), "the job never ended: {:?}", j.phase);
+            prop_assert!(finishes <= 1);
+            if let Phase::Done { outcome, .. } = &j.phase {
+                prop_assert_eq!(finishes, 1);
+                let succeeded: Vec<usize> = j.plan.iter().enumerate()
+                    .filter(|(_, s)| matches!(s.status, StepStatus::Succeeded { .. }))
+                    .map(|(i, _)| i).collect();
+                if *outcome == Outcome::Succeeded {
+                    prop_assert_eq!(succeeded.len(), j.plan.len());
+                    prop_assert!(j.undo.is_empty());
+                } else {
+                    // Every succeeded step with an undo has it, in reverse order, ended.
+                    let expected: Vec<String> = succeeded.iter().rev()
+                        .filter(|i| p[**i].1).map(|i| format!("u{i}")).collect();
+                    let got: Vec<String> = j.undo.iter().map(|s| s.step.work.clone()).collect();
+                    prop_assert_eq!(&got, &expected);
+                    for s in &j.undo {
+                        let ended = matches!(s.status, StepStatus::Succeeded { .. } | StepStatus::Failed { .. });
+                        prop_assert!(ended);
+                    }
+                    for s in &j.plan {
+                        let open = matches!(s.status, StepStatus::Dispatched { .. } | StepStatus::Pending);
+                        prop_assert!(!open);
+                    }
+                }
+            } else {
+                prop_assert_eq!(finishes, 0);
+            }
+        }
+    }
+}
