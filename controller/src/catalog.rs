@@ -29,10 +29,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use error::CatalogError;
-pub use name::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName, TokenHash};
+pub use name::{
+    AgentId, AppName, ClusterName, ComponentName, LocationName, NodeName, TeamName, TokenHash,
+};
 pub use record::{
-    AgentRecord, App, AppFilter, AppRecord, ClusterRecord, TeamRecord, Timestamp, TokenRecord,
-    TokenUse,
+    AgentRecord, App, AppFilter, AppRecord, ClusterRecord, StorageKind, StorageRecord, TeamRecord,
+    Timestamp, TokenRecord, TokenUse,
 };
 
 /// The controller's durable state. All writes are durable on return.
@@ -149,6 +151,24 @@ pub trait Catalog: Send + Sync + 'static {
         filter: &AppFilter,
         page: &PageRequest,
     ) -> Result<Page<AppRecord>, CatalogError>;
+
+    /// Adds a storage location; fails if the name is taken, or if a local
+    /// location's cluster is unknown.
+    async fn add_storage(&self, storage: StorageRecord) -> Result<(), CatalogError>;
+
+    /// Replaces a storage location that exists (its repository id, once
+    /// created).
+    async fn update_storage(&self, storage: StorageRecord) -> Result<(), CatalogError>;
+
+    /// The storage location, if it exists.
+    async fn get_storage(&self, name: &LocationName)
+    -> Result<Option<StorageRecord>, CatalogError>;
+
+    /// Storage locations, ordered by name, one page at a time.
+    async fn list_storage(&self, page: &PageRequest) -> Result<Page<StorageRecord>, CatalogError>;
+
+    /// Removes a storage location; false if it did not exist.
+    async fn remove_storage(&self, name: &LocationName) -> Result<bool, CatalogError>;
 }
 
 /// Which page of a list to return.

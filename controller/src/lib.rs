@@ -6,4 +6,5 @@ pub mod fleet;
 pub mod jobs;
 pub mod link;
 pub mod pki;
+pub mod seal;
 pub mod server;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::store::{FORMAT_VERSION, Table};
 use super::*;
 use ferry_core::{
-    Argv, CodedError, Component, ComponentKind, ComponentState, HostComponent, HostPath, UnitName,
-    Volume, VolumeName,
+    Argv, CodedError, Component, ComponentKind, ComponentState, ErrorCode, HostComponent, HostPath,
+    UnitName, Volume, VolumeName,
 };
 
 pub(crate) fn t(ms: i64) -> Timestamp {
@@ -1023,6 +1023,93 @@ pub(crate) async fn lists_come_in_pages(engine: Engine) {
     );
 }
 
+fn location(s: &str) -> LocationName {
+    LocationName::new(s).expect("test location name")
+}
+
+pub(crate) async fn storage_locations_are_named_once(engine: Engine) {
+    let f = fixture(engine).await;
+    let c = &f.catalog;
+    c.create_cluster(&cluster("prod"), t(1))
+        .await
+        .expect("cluster");
+    let local = StorageRecord {
+        name: location("disk"),
+        kind: StorageKind::Local {
+            cluster: cluster("prod"),
+            path: "/srv/backups".into(),
+        },
+        sealed: "00ff".into(),
+        repository_id: None,
+        created_at: t(2),
+    };
+    c.add_storage(local.clone()).await.expect("add local");
+    let s3 = StorageRecord {
+        name: location("eu"),
+        kind: StorageKind::S3 {
+            endpoint: "https://s3.example".into(),
+            bucket: "b".into(),
+            prefix: "ferry".into(),
+            region: "eu-1".into(),
+        },
+        sealed: "aa".into(),
+        repository_id: None,
+        created_at: t(3),
+    };
+    c.add_storage(s3.clone()).await.expect("add s3");
+
+    // A name is taken once; a local location needs its cluster.
+    let e = c.add_storage(local.clone()).await.expect_err("twice");
+    assert!(matches!(e, CatalogError::StorageExists { .. }), "{e}");
+    assert_eq!(e.code(), ErrorCode::AlreadyExists);
+    let mut stray = local.clone();
+    stray.name = location("stray");
+    stray.kind = StorageKind::Local {
+        cluster: cluster("nowhere"),
+        path: "/x".into(),
+    };
+    let e = c.add_storage(stray).await.expect_err("unknown cluster");
+    assert!(matches!(e, CatalogError::ClusterNotFound { .. }), "{e}");
+
+    let names: Vec<String> = c
+        .list_storage(&PageRequest::all())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(names, ["disk", "eu"]);
+
+    // The repository id is recorded once created; a missing one cannot be updated.
+    let mut created = s3.clone();
+    created.repository_id = Some("r1".into());
+    c.update_storage(created.clone()).await.expect("update");
+    assert_eq!(
+        c.get_storage(&location("eu")).await.expect("get"),
+        Some(created)
+    );
+    let mut ghost = s3.clone();
+    ghost.name = location("ghost");
+    let e = c.update_storage(ghost).await.expect_err("missing");
+    assert_eq!(e.code(), ErrorCode::NotFound);
+
+    assert!(c.remove_storage(&location("disk")).await.expect("rm"));
+    assert!(!c.remove_storage(&location("disk")).await.expect("rm again"));
+    assert_eq!(c.get_storage(&location("disk")).await.expect("get"), None);
+    assert!(
+        StorageKind::S3 {
+            endpoint: String::new(),
+            bucket: String::new(),
+            prefix: String::new(),
+            region: String::new()
+        }
+        .reachable_from(&cluster("any"))
+    );
+    assert!(!local.kind.reachable_from(&cluster("other")));
+    assert!(local.kind.reachable_from(&cluster("prod")));
+}
+
 macro_rules! conformance_suite {
     ($module:ident, $engine:expr) => {
         mod $module {
@@ -1056,6 +1143,11 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn inventory_is_replaced_atomically() {
                 super::inventory_is_replaced_atomically($engine).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn storage_locations_are_named_once() {
+                super::storage_locations_are_named_once($engine).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

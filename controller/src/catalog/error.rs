@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use ferry_core::{CodedError, ErrorCode, NameError};
 
-use super::name::{AgentId, AppName, ClusterName, NodeName, TeamName};
+use super::name::{AgentId, AppName, ClusterName, LocationName, NodeName, TeamName};
 use super::record::Timestamp;
 
 /// Everything a catalog operation can fail with.
@@ -30,6 +30,10 @@ pub enum CatalogError {
         cluster: ClusterName,
         node: NodeName,
     },
+    #[error("storage location {name} already exists")]
+    StorageExists { name: LocationName },
+    #[error("storage location {name} not found")]
+    StorageNotFound { name: LocationName },
     #[error("join token {hash} is unknown")]
     TokenUnknown { hash: String },
     #[error("join token {hash} already exists")]
@@ -105,7 +109,10 @@ impl CodedError for CatalogError {
             Self::InvalidName(_) | Self::InvalidRecord { .. } | Self::UnknownEngine { .. } => {
                 ErrorCode::InvalidArgument
             }
-            Self::ClusterNotFound { .. } | Self::AgentNotFound { .. } => ErrorCode::NotFound,
+            Self::ClusterNotFound { .. }
+            | Self::AgentNotFound { .. }
+            | Self::StorageNotFound { .. } => ErrorCode::NotFound,
+            Self::StorageExists { .. } => ErrorCode::AlreadyExists,
             Self::TokenUnknown { .. } | Self::TokenExpired { .. } | Self::TokenUsed { .. } => {
                 ErrorCode::Unauthenticated
             }

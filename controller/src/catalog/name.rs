@@ -4,7 +4,9 @@
 use std::fmt;
 
 use ferry_core::NameError;
-pub use ferry_core::{AgentId, AppName, ClusterName, ComponentName, NodeName, TeamName};
+pub use ferry_core::{
+    AgentId, AppName, ClusterName, ComponentName, LocationName, NodeName, TeamName,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

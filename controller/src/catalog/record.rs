@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub use ferry_core::{App, Timestamp};
 
 use super::CatalogError;
-use super::name::{AgentId, ClusterName, NodeName, TeamName, TokenHash};
+use super::name::{AgentId, ClusterName, LocationName, NodeName, TeamName, TokenHash};
 
 /// A value stored in a catalog table.
 pub(crate) trait Record: Serialize + DeserializeOwned {
@@ -125,7 +125,63 @@ impl Record for AppRecord {
     }
 }
 
+/// Where a storage location keeps its repository, and who can reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StorageKind {
+    /// A directory on the hosts of one cluster: its backups restore in
+    /// that cluster only (into any team).
+    Local { cluster: ClusterName, path: String },
+    /// A directory every cluster mounts (NFS, …).
+    Shared { path: String },
+    /// An S3-compatible bucket, reachable from every cluster.
+    S3 {
+        endpoint: String,
+        bucket: String,
+        #[serde(default)]
+        prefix: String,
+        #[serde(default)]
+        region: String,
+    },
+}
+
+impl StorageKind {
+    /// `local`, `shared` or `s3`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Local { .. } => "local",
+            Self::Shared { .. } => "shared",
+            Self::S3 { .. } => "s3",
+        }
+    }
+
+    /// Whether an agent of `cluster` can reach the location.
+    pub fn reachable_from(&self, cluster: &ClusterName) -> bool {
+        match self {
+            Self::Local { cluster: c, .. } => c == cluster,
+            Self::Shared { .. } | Self::S3 { .. } => true,
+        }
+    }
+}
+
+/// A storage location. Its secrets (the repository password, S3
+/// credentials) are sealed under the controller's seal key
+/// ([`crate::seal`]), bound to the location's name: the record alone
+/// reveals none of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageRecord {
+    pub name: LocationName,
+    pub kind: StorageKind,
+    /// Hex of the sealed secrets.
+    pub sealed: String,
+    /// The repository's id once it has been created.
+    #[serde(default)]
+    pub repository_id: Option<String>,
+    pub created_at: Timestamp,
+}
+
 impl Record for ClusterRecord {}
+impl Record for StorageRecord {}
 impl Record for TeamRecord {}
 impl Record for AgentRecord {}
 impl Record for TokenRecord {}

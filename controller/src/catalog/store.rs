@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use super::record::{Record, decode, encode};
 use super::{
     AgentId, AgentRecord, App, AppFilter, AppName, AppRecord, Catalog, CatalogError, ClusterName,
-    ClusterRecord, NodeName, Page, PageRequest, TeamName, TeamRecord, Timestamp, TokenHash,
-    TokenRecord, TokenUse, run_blocking,
+    ClusterRecord, LocationName, NodeName, Page, PageRequest, StorageKind, StorageRecord, TeamName,
+    TeamRecord, Timestamp, TokenHash, TokenRecord, TokenUse, run_blocking,
 };
 
 /// Version of the catalog layout (tables, keys, indexes) as a whole.
@@ -38,10 +38,12 @@ pub(crate) enum Table {
     Apps,
     /// `cluster/node` → keys of the apps that node reported.
     NodeApps,
+    /// `name` → storage location.
+    Storage,
 }
 
 impl Table {
-    pub(crate) const ALL: [Table; 8] = [
+    pub(crate) const ALL: [Table; 9] = [
         Table::Meta,
         Table::Clusters,
         Table::Teams,
@@ -50,6 +52,7 @@ impl Table {
         Table::Tokens,
         Table::Apps,
         Table::NodeApps,
+        Table::Storage,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -62,6 +65,7 @@ impl Table {
             Table::Tokens => "tokens",
             Table::Apps => "apps",
             Table::NodeApps => "node_apps",
+            Table::Storage => "storage",
         }
     }
 }
@@ -693,6 +697,77 @@ impl<K: Kv> Catalog for KvCatalog<K> {
                 &decode_sized(Table::Apps),
                 &|a| filter.matches(a),
             )
+        })
+        .await
+    }
+
+    async fn add_storage(&self, storage: StorageRecord) -> Result<(), CatalogError> {
+        self.blocking("add storage", move |kv| {
+            kv.write("add storage", &|tx| {
+                if let StorageKind::Local { cluster, .. } = &storage.kind {
+                    require_cluster(tx, cluster)?;
+                }
+                let key = storage.name.as_str();
+                if tx.get(Table::Storage, key)?.is_some() {
+                    return Err(CatalogError::StorageExists {
+                        name: storage.name.clone(),
+                    });
+                }
+                put_rec(tx, Table::Storage, key, &storage)
+            })
+        })
+        .await
+    }
+
+    async fn update_storage(&self, storage: StorageRecord) -> Result<(), CatalogError> {
+        self.blocking("update storage", move |kv| {
+            kv.write("update storage", &|tx| {
+                let key = storage.name.as_str();
+                if tx.get(Table::Storage, key)?.is_none() {
+                    return Err(CatalogError::StorageNotFound {
+                        name: storage.name.clone(),
+                    });
+                }
+                put_rec(tx, Table::Storage, key, &storage)
+            })
+        })
+        .await
+    }
+
+    async fn get_storage(
+        &self,
+        name: &LocationName,
+    ) -> Result<Option<StorageRecord>, CatalogError> {
+        let name = name.clone();
+        self.blocking("get storage", move |kv| {
+            kv.get(Table::Storage, name.as_str())?
+                .map(|b| decode(Table::Storage.name(), name.as_str(), &b))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn list_storage(&self, page: &PageRequest) -> Result<Page<StorageRecord>, CatalogError> {
+        let page = page.clone();
+        self.blocking("list storage", move |kv| {
+            scan_page(
+                kv,
+                Table::Storage,
+                "",
+                &page,
+                &decode_sized(Table::Storage),
+                &|_| true,
+            )
+        })
+        .await
+    }
+
+    async fn remove_storage(&self, name: &LocationName) -> Result<bool, CatalogError> {
+        let name = name.clone();
+        self.blocking("remove storage", move |kv| {
+            kv.write("remove storage", &|tx| {
+                tx.remove(Table::Storage, name.as_str())
+            })
         })
         .await
     }
