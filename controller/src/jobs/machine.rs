@@ -205,6 +205,18 @@ pub struct Job<T> {
     pub waiting_since: Option<Timestamp>,
 }
 
+/// The request to stop plan step `index`, dispatched as `attempt`.
+fn cancel_of<T>(index: usize, attempt: u32, s: &StepState<T>) -> Action<T> {
+    Action::Cancel {
+        step: StepRef {
+            index: index as u32,
+            undo: false,
+            attempt,
+        },
+        executor: s.step.executor.clone(),
+    }
+}
+
 impl<T> StepState<T> {
     fn new(step: Step<T>) -> Self {
         Self {
@@ -310,14 +322,7 @@ impl<T: Clone> Job<T> {
                     if let StepStatus::Dispatched { attempt, .. } = s.status {
                         // The job ends when the step answers.
                         if !self.cancelling {
-                            actions.push(Action::Cancel {
-                                step: StepRef {
-                                    index: i as u32,
-                                    undo: false,
-                                    attempt,
-                                },
-                                executor: s.step.executor.clone(),
-                            });
+                            actions.push(cancel_of(i, attempt, s));
                         }
                         self.cancelling = true;
                     } else {
@@ -340,14 +345,7 @@ impl<T: Clone> Job<T> {
                         if cancelling && !undoing {
                             // The cancel may not have reached the executor:
                             // ask again; the job ends when the step answers.
-                            actions.push(Action::Cancel {
-                                step: StepRef {
-                                    index: i as u32,
-                                    undo: false,
-                                    attempt,
-                                },
-                                executor: s.step.executor.clone(),
-                            });
+                            actions.push(cancel_of(i, attempt, s));
                         } else if s.step.resumable || undoing {
                             // Dispatched again below; the executor knows the
                             // step by its job and place, whatever the attempt.
@@ -561,6 +559,10 @@ mod tests {
         }
     }
 
+    fn ok(j: &mut Job<&'static str>, step: StepRef, ms: i64) -> Vec<Action<&'static str>> {
+        j.on(Event::Succeeded { step, now: t(ms) })
+    }
+
     fn dispatched(actions: &[Action<&'static str>]) -> Vec<(StepRef, &'static str)> {
         actions
             .iter()
@@ -599,22 +601,13 @@ mod tests {
         let d = dispatched(&a);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].1, "backup");
-        let a = j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(1),
-        });
+        let a = ok(&mut j, d[0].0, 1);
         let d = dispatched(&a);
         assert_eq!(d[0].1, "restore");
-        let a = j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(2),
-        });
+        let a = ok(&mut j, d[0].0, 2);
         let d = dispatched(&a);
         assert_eq!(d[0].1, "remove source");
-        let a = j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(3),
-        });
+        let a = ok(&mut j, d[0].0, 3);
         assert_eq!(finished(&a), Some(Outcome::Succeeded));
         assert!(j.is_done());
         // Nothing moves a finished job.
@@ -626,14 +619,8 @@ mod tests {
     fn a_failure_undoes_what_succeeded_and_names_the_step() {
         let mut j = migrate();
         let d = dispatched(&j.on(Event::Tick { now: t(0) }));
-        let d = dispatched(&j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(1),
-        }));
-        let d = dispatched(&j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(2),
-        }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
+        let d = dispatched(&ok(&mut j, d[0].0, 2));
         assert_eq!(d[0].1, "remove source");
         let a = j.on(Event::Failed {
             step: d[0].0,
@@ -645,10 +632,7 @@ mod tests {
         assert_eq!(u.len(), 1);
         assert_eq!(u[0].1, "remove copy");
         assert!(u[0].0.undo);
-        let a = j.on(Event::Succeeded {
-            step: u[0].0,
-            now: t(4),
-        });
+        let a = ok(&mut j, u[0].0, 4);
         match finished(&a) {
             Some(Outcome::Failed { reason }) => {
                 assert!(reason.contains("step 3"), "{reason}");
@@ -732,26 +716,17 @@ mod tests {
     fn cancel_stops_the_running_step_then_undoes() {
         let mut j = migrate();
         let d = dispatched(&j.on(Event::Tick { now: t(0) }));
-        let d = dispatched(&j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(1),
-        }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
         assert_eq!(d[0].1, "restore");
         let a = j.on(Event::Cancel { now: t(2) });
         assert!(matches!(a.as_slice(), [Action::Cancel { step, .. }] if *step == d[0].0));
         // A second cancel sends nothing more.
         assert!(j.on(Event::Cancel { now: t(3) }).is_empty());
         // The restore finished anyway: its copy is removed.
-        let a = j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(4),
-        });
+        let a = ok(&mut j, d[0].0, 4);
         let u = dispatched(&a);
         assert_eq!(u[0].1, "remove copy");
-        let a = j.on(Event::Succeeded {
-            step: u[0].0,
-            now: t(5),
-        });
+        let a = ok(&mut j, u[0].0, 5);
         assert_eq!(finished(&a), Some(Outcome::Cancelled));
         assert!(matches!(j.plan[2].status, StepStatus::Skipped));
     }
@@ -783,10 +758,7 @@ mod tests {
     fn the_state_survives_a_round_trip_through_json() {
         let mut j = migrate();
         let d = dispatched(&j.on(Event::Tick { now: t(0) }));
-        j.on(Event::Succeeded {
-            step: d[0].0,
-            now: t(1),
-        });
+        ok(&mut j, d[0].0, 1);
         let text = serde_json::to_string(&j).expect("encode");
         let back: Job<String> = serde_json::from_str(&text).expect("decode");
         assert_eq!(serde_json::to_string(&back).expect("encode"), text);
