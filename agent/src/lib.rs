@@ -4,6 +4,7 @@
 pub mod config;
 pub mod data_mover;
 pub mod enrol;
+pub mod journal;
 pub mod platform;
 pub mod requests;
 pub mod session;

@@ -167,6 +167,11 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
             config.command_timeout(),
         ));
     tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
+    // Whatever an interrupted operation stopped runs again before anything else.
+    let journal = ferry_agent::journal::Journal::open(&config.data_dir)?;
+    for problem in ferry_agent::journal::replay(&journal, platform.as_ref()).await {
+        tracing::error!("{problem}");
+    }
     let cancel = tokio_util::sync::CancellationToken::new();
     let session = tokio::spawn(ferry_agent::session::run(
         settings,

@@ -4,5 +4,6 @@ mod connections;
 mod ferryctl;
 mod files;
 mod foundation;
+mod journal;
 mod link;
 mod reconnect;
