@@ -8,3 +8,4 @@ pub mod journal;
 pub mod platform;
 pub mod requests;
 pub mod session;
+pub mod storage;

@@ -292,6 +292,10 @@ async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Resul
                 Err(e) => error(ErrorCode::Internal, format!("inventory task failed: {e}")),
             }
         }
+        pb::request::Kind::InitRepository(r) => match crate::storage::init_repository(r).await {
+            Ok(reply) => pb::reply::Result::InitRepository(reply),
+            Err(f) => error(f.code, f.message),
+        },
     }
 }
 

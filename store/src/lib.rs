@@ -25,7 +25,7 @@ pub mod testing;
 #[cfg(any(test, feature = "testsuite"))]
 pub use faulty::FaultyStore;
 pub use local::LocalStore;
-pub use location::{LocationError, S3Config, StorageConfig};
+pub use location::{LocationError, S3Config, Secret, StorageConfig};
 pub use memory::MemoryStore;
 pub use retry::{RetryPolicy, Retrying};
 pub use s3::S3Store;
