@@ -66,6 +66,9 @@ enum Noun {
     /// Join tokens for enrolling agents
     #[command(subcommand)]
     Token(TokenVerb),
+    /// Storage locations: where backups go
+    #[command(subcommand)]
+    Storage(crate::storage::StorageVerb),
     /// Show the connection settings in effect and where they come from
     Config,
 }
@@ -154,7 +157,7 @@ fn parse_millis(s: &str) -> Result<u64, String> {
     u64::try_from(d.as_millis()).map_err(|_| format!("{s:?} is too long"))
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| CliError::Failed {
         message: format!("cannot encode output as JSON: {e}"),
     })?;
@@ -188,6 +191,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Noun::Token(TokenVerb::Create { cluster, ttl }) => {
             token_create(&effective, out, cluster, ttl).await
         }
+        Noun::Storage(verb) => crate::storage::run(&effective, out, verb).await,
     }
 }
 

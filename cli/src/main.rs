@@ -8,6 +8,7 @@ mod command;
 mod config;
 mod connect;
 mod output;
+mod storage;
 
 use std::io::Write as _;
 use std::process::ExitCode;

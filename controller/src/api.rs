@@ -10,6 +10,7 @@ pub mod auth;
 pub mod enrolment;
 pub mod incoming;
 pub mod operator;
+mod storage;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub catalog: Arc<dyn Catalog>,
     pub pki: Arc<Pki>,
     pub fleet: Arc<Fleet>,
+    /// Seals secrets kept in the catalog.
+    pub seal: Arc<crate::seal::SealKey>,
     /// Heartbeat interval asked of agents.
     pub heartbeat: Duration,
     /// Ends agent sessions at shutdown.
@@ -60,6 +63,11 @@ pub enum ApiError {
     Invalid(String),
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
+    /// Nothing that could do it is reachable now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Denied(String),
     #[error("{0}")]
@@ -79,6 +87,8 @@ impl CodedError for ApiError {
             Self::Pki(e) => e.code(),
             Self::Convert(e) => e.code(),
             Self::Link(e) => e.code(),
+            Self::Seal(e) => e.code(),
+            Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::Denied(_) => ErrorCode::PermissionDenied,
             Self::NotFound(_) => ErrorCode::NotFound,
@@ -91,7 +101,10 @@ impl CodedError for ApiError {
             Self::Pki(e) => e.retry_class(),
             Self::Convert(e) => e.retry_class(),
             Self::Link(e) => e.retry_class(),
-            Self::Invalid(_) | Self::Denied(_) | Self::NotFound(_) => self.code().retry_class(),
+            Self::Seal(e) => e.retry_class(),
+            Self::Invalid(_) | Self::Denied(_) | Self::NotFound(_) | Self::Unavailable(_) => {
+                self.code().retry_class()
+            }
         }
     }
 }

@@ -127,6 +127,23 @@ impl Fleet {
             })
     }
 
+    /// The links of the online agents, optionally of one cluster, ordered
+    /// by (cluster, node).
+    pub fn online_links(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Vec<(ClusterName, NodeName, Arc<Link>)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .online
+            .iter()
+            .filter(|((c, _), _)| cluster.is_none_or(|want| want == c))
+            .map(|((c, n), o)| (c.clone(), n.clone(), o.link.clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
     pub fn online_count(&self) -> usize {
         self.lock().online.len()
     }

@@ -28,6 +28,8 @@ pub enum ServeError {
     },
     #[error("cannot open the catalog: {0}")]
     Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -44,6 +46,7 @@ pub async fn run(
         dir: config.data_dir.clone(),
         source,
     })?;
+    let seal = Arc::new(crate::seal::SealKey::load_or_create(&config.data_dir)?);
     let catalog = catalog::open(config.engine, &config.catalog_path()).await?;
     let fleet = Fleet::new();
     let root = CancellationToken::new();
@@ -56,6 +59,7 @@ pub async fn run(
         catalog,
         pki: Arc::new(pki),
         fleet,
+        seal,
         heartbeat: config.heartbeat,
         shutdown: root.child_token(),
     };

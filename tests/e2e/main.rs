@@ -7,3 +7,4 @@ mod foundation;
 mod journal;
 mod link;
 mod reconnect;
+mod storage;

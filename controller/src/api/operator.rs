@@ -38,7 +38,7 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(60);
 /// The catalog page a request asks for. Page tokens are the hex of the
 /// last key of the previous page: opaque to clients; the catalog refuses
 /// one that does not belong to the list asked for.
-fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, ApiError> {
+pub(super) fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, ApiError> {
     let limit = match page_size {
         0 => DEFAULT_PAGE_SIZE,
         n => n.min(MAX_PAGE_SIZE),
@@ -57,12 +57,12 @@ fn page_request(page_size: u32, page_token: &str) -> Result<PageRequest, ApiErro
     })
 }
 
-fn next_token<T>(page: &Page<T>) -> String {
+pub(super) fn next_token<T>(page: &Page<T>) -> String {
     page.next.as_deref().map(hex::encode).unwrap_or_default()
 }
 
 pub struct OperatorApi {
-    shared: Shared,
+    pub(super) shared: Shared,
 }
 
 impl OperatorApi {
@@ -365,6 +365,46 @@ impl Operator for OperatorApi {
         respond(
             "create_join_token",
             OperatorApi::create_join_token(self, request.into_inner()).await,
+        )
+    }
+
+    async fn add_storage(
+        &self,
+        request: Request<pb::AddStorageRequest>,
+    ) -> Result<Response<pb::Storage>, Status> {
+        respond(
+            "add_storage",
+            OperatorApi::add_storage(self, request.into_inner()).await,
+        )
+    }
+
+    async fn list_storage(
+        &self,
+        request: Request<pb::ListStorageRequest>,
+    ) -> Result<Response<pb::ListStorageResponse>, Status> {
+        respond(
+            "list_storage",
+            OperatorApi::list_storage(self, request.into_inner()).await,
+        )
+    }
+
+    async fn get_storage(
+        &self,
+        request: Request<pb::GetStorageRequest>,
+    ) -> Result<Response<pb::Storage>, Status> {
+        respond(
+            "get_storage",
+            OperatorApi::get_storage(self, request.into_inner()).await,
+        )
+    }
+
+    async fn remove_storage(
+        &self,
+        request: Request<pb::RemoveStorageRequest>,
+    ) -> Result<Response<pb::RemoveStorageResponse>, Status> {
+        respond(
+            "remove_storage",
+            OperatorApi::remove_storage(self, request.into_inner()).await,
         )
     }
 }

@@ -1,0 +1,347 @@
+//! `ferryctl storage …`: storage locations. Credentials come from a file or
+//! the environment, never from the command line, and are never printed.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use ferry_proto::v1;
+use serde::Serialize;
+
+use crate::config::Effective;
+use crate::connect::{self, CliError};
+use crate::output::{Format, Table, emit, when};
+
+#[derive(Debug, Subcommand)]
+pub enum StorageVerb {
+    /// Add a storage location; the controller has an agent create its repository
+    Add(AddArgs),
+    /// List storage locations
+    Ls,
+    /// Show one storage location
+    Show { name: String },
+    /// Forget a storage location (its repository and data stay in place)
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The location's name (a DNS label)
+    pub name: String,
+    #[command(subcommand)]
+    pub kind: KindArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KindArgs {
+    /// A directory on the hosts of one cluster: its backups restore in that cluster only
+    Local {
+        /// The cluster whose hosts hold the directory
+        #[arg(long)]
+        cluster: String,
+        /// The directory, absolute
+        #[arg(long)]
+        path: String,
+    },
+    /// A directory every cluster mounts (NFS, …)
+    Shared {
+        /// The directory, absolute
+        #[arg(long)]
+        path: String,
+    },
+    /// An S3-compatible bucket, reachable from every cluster
+    S3 {
+        /// http(s)://host[:port]
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        bucket: String,
+        /// Keep the repository below this prefix of the bucket
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// [default: us-east-1]
+        #[arg(long, default_value = "")]
+        region: String,
+        /// A file of AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=… and
+        /// optionally AWS_SESSION_TOKEN=… lines
+        #[arg(long, conflicts_with = "credentials_env")]
+        credentials_file: Option<PathBuf>,
+        /// Take the credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+        /// and AWS_SESSION_TOKEN. Without this or --credentials-file, agents
+        /// use their own credentials
+        #[arg(long)]
+        credentials_env: bool,
+    },
+}
+
+/// Credentials from `KEY=VALUE` lines (blank lines and `#` comments
+/// ignored); the values are never echoed in errors.
+fn parse_credentials(text: &str, from: &str) -> Result<v1::S3Credentials, CliError> {
+    let mut c = v1::S3Credentials::default();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(CliError::Input(format!(
+                "{from} line {}: expected KEY=VALUE",
+                n + 1
+            )));
+        };
+        let v = v.trim().trim_matches('"').to_owned();
+        match k.trim().trim_start_matches("export ").trim() {
+            "AWS_ACCESS_KEY_ID" => c.access_key_id = v,
+            "AWS_SECRET_ACCESS_KEY" => c.secret_access_key = v,
+            "AWS_SESSION_TOKEN" => c.session_token = v,
+            other => {
+                return Err(CliError::Input(format!(
+                    "{from} line {}: unknown key {other:?}",
+                    n + 1
+                )));
+            }
+        }
+    }
+    if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
+        return Err(CliError::Input(format!(
+            "{from} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )));
+    }
+    Ok(c)
+}
+
+fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
+    let mut s = v1::Storage {
+        name: args.name,
+        ..v1::Storage::default()
+    };
+    let mut credentials = None;
+    match args.kind {
+        KindArgs::Local { cluster, path } => {
+            s.kind = "local".into();
+            s.cluster = cluster;
+            s.path = path;
+        }
+        KindArgs::Shared { path } => {
+            s.kind = "shared".into();
+            s.path = path;
+        }
+        KindArgs::S3 {
+            endpoint,
+            bucket,
+            prefix,
+            region,
+            credentials_file,
+            credentials_env,
+        } => {
+            s.kind = "s3".into();
+            s.endpoint = endpoint;
+            s.bucket = bucket;
+            s.prefix = prefix;
+            s.region = region;
+            if let Some(f) = credentials_file {
+                let text = std::fs::read_to_string(&f).map_err(|source| CliError::ReadFile {
+                    what: "credentials file",
+                    path: f.display().to_string(),
+                    source,
+                })?;
+                credentials = Some(parse_credentials(&text, &f.display().to_string())?);
+            } else if credentials_env {
+                let var = |k: &str| std::env::var(k).unwrap_or_default();
+                let text = format!(
+                    "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_SESSION_TOKEN={}\n",
+                    var("AWS_ACCESS_KEY_ID"),
+                    var("AWS_SECRET_ACCESS_KEY"),
+                    var("AWS_SESSION_TOKEN")
+                );
+                credentials = Some(parse_credentials(&text, "the environment")?);
+            }
+        }
+    }
+    Ok(v1::AddStorageRequest {
+        storage: Some(s),
+        credentials,
+    })
+}
+
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    kind: String,
+    cluster: String,
+    path: String,
+    endpoint: String,
+    bucket: String,
+    prefix: String,
+    region: String,
+    repository_id: String,
+    has_credentials: bool,
+    created_unix_ms: i64,
+}
+
+impl From<v1::Storage> for Row {
+    fn from(s: v1::Storage) -> Self {
+        Self {
+            name: s.name,
+            kind: s.kind,
+            cluster: s.cluster,
+            path: s.path,
+            endpoint: s.endpoint,
+            bucket: s.bucket,
+            prefix: s.prefix,
+            region: s.region,
+            repository_id: s.repository_id,
+            has_credentials: s.has_credentials,
+            created_unix_ms: s.created_unix_ms,
+        }
+    }
+}
+
+impl Row {
+    /// Where it is, in one cell.
+    fn place(&self) -> String {
+        match self.kind.as_str() {
+            "local" => format!("{} on cluster {}", self.path, self.cluster),
+            "s3" if self.prefix.is_empty() => format!("{}/{}", self.endpoint, self.bucket),
+            "s3" => format!("{}/{}/{}", self.endpoint, self.bucket, self.prefix),
+            _ => self.path.clone(),
+        }
+    }
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+pub async fn run(eff: &Effective, out: Format, verb: StorageVerb) -> Result<(), CliError> {
+    let conn = eff.connection()?;
+    let url = conn.controller.clone();
+    match verb {
+        StorageVerb::Add(args) => {
+            let req = request(args)?;
+            let mut client = connect::operator(&conn).await?;
+            let s = client
+                .add_storage(req)
+                .await
+                .map_err(|st| CliError::from_agent_status(&url, st))?
+                .into_inner();
+            let row = Row::from(s);
+            if out == Format::Json {
+                return crate::command::print_json(&row);
+            }
+            emit(&format!(
+                "storage {} added: {} {}, repository {}\n",
+                row.name,
+                row.kind,
+                row.place(),
+                short(&row.repository_id)
+            ))
+        }
+        StorageVerb::Ls => {
+            let mut client = connect::operator(&conn).await?;
+            let mut rows = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = client
+                    .list_storage(v1::ListStorageRequest {
+                        page_size: 0,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(|st| CliError::from_status(&url, st))?
+                    .into_inner();
+                rows.extend(page.storage.into_iter().map(Row::from));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if out == Format::Json {
+                return crate::command::print_json(&rows);
+            }
+            let now = ferry_core::now_ms();
+            let mut t = Table::new(vec!["NAME", "KIND", "WHERE", "REPOSITORY", "CREATED"]);
+            for r in &rows {
+                t.row(vec![
+                    r.name.clone(),
+                    r.kind.clone(),
+                    r.place(),
+                    short(&r.repository_id),
+                    when(r.created_unix_ms, now),
+                ]);
+            }
+            emit(&t.render())
+        }
+        StorageVerb::Show { name } => {
+            let mut client = connect::operator(&conn).await?;
+            let s = client
+                .get_storage(v1::GetStorageRequest { name })
+                .await
+                .map_err(|st| CliError::from_status(&url, st))?
+                .into_inner();
+            let r = Row::from(s);
+            if out == Format::Json {
+                return crate::command::print_json(&r);
+            }
+            let now = ferry_core::now_ms();
+            emit(&format!(
+                "name:        {}\nkind:        {}\nwhere:       {}\nregion:      {}\nrepository:  {}\ncredentials: {}\ncreated:     {}\n",
+                r.name,
+                r.kind,
+                r.place(),
+                if r.region.is_empty() { "-" } else { &r.region },
+                r.repository_id,
+                if r.has_credentials {
+                    "kept, sealed"
+                } else {
+                    "none (agents use their own)"
+                },
+                when(r.created_unix_ms, now),
+            ))
+        }
+        StorageVerb::Rm { name } => {
+            let mut client = connect::operator(&conn).await?;
+            let r = client
+                .remove_storage(v1::RemoveStorageRequest { name: name.clone() })
+                .await
+                .map_err(|st| CliError::from_status(&url, st))?
+                .into_inner();
+            if !r.removed {
+                return Err(CliError::Rejected {
+                    message: format!("storage location {name} not found"),
+                });
+            }
+            if out == Format::Json {
+                #[derive(Serialize)]
+                struct Removed {
+                    removed: bool,
+                }
+                return crate::command::print_json(&Removed { removed: true });
+            }
+            emit(&format!(
+                "storage {name} removed from the catalog (its repository is left in place)\n"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_files_are_read_and_never_echoed() {
+        let c = parse_credentials(
+            "# keys\nexport AWS_ACCESS_KEY_ID=AKID\nAWS_SECRET_ACCESS_KEY=\"s3cr3t\"\n",
+            "f",
+        )
+        .expect("parse");
+        assert_eq!(c.access_key_id, "AKID");
+        assert_eq!(c.secret_access_key, "s3cr3t");
+        let e = parse_credentials("AWS_SECRET_ACCESS_KEY=hunter2\n", "f").expect_err("no id");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = parse_credentials("PASSWORD=hunter2\n", "f").expect_err("unknown key");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = parse_credentials("hunter2\n", "f").expect_err("no =");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+}

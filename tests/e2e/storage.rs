@@ -1,0 +1,258 @@
+//! Storage locations over the real binaries: `ferryctl storage add` has an
+//! agent create the repository (a local directory, a SeaweedFS bucket),
+//! the secrets stay sealed in the catalog, and every refusal is clear.
+
+use std::process::Command;
+
+use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, setup, wait_for};
+
+use crate::foundation::agent_config;
+use crate::reconnect::enrol;
+
+fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(bin("ferryctl"))
+        .env("FERRY_CONTROLLER", ctl.url())
+        .env("FERRY_CA", ctl.path("operator/ca.crt"))
+        .env("FERRY_CERT", ctl.path("operator/operator.crt"))
+        .env("FERRY_KEY", ctl.path("operator/operator.key"))
+        .env("HOME", ctl.dir.path())
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_OUTPUT")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Bytes of every file under `dir`, concatenated.
+fn all_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.extend(b);
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> anyhow::Result<()> {
+    setup();
+    let mut ctl = Controller::init()?;
+    ctl.start().await?;
+    // No agent online yet: nothing can create the repository.
+    let repo_dir = ctl.dir.path().join("backups");
+    let path = repo_dir.display().to_string();
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "early", "shared", "--path", &path],
+    )?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no agent is online to create the repository of storage early"),
+        "{err}"
+    );
+
+    let dir = enrol(&ctl, "node-1").await?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, agent_config(&ctl.url(), dir.path()))?;
+    let mut agent = AgentProcess::spawn(&config, dir.path().join("agent.log"))?;
+    wait_for("the agent online", DEADLINE, || {
+        let r = ferryctl(&ctl, &["agent", "ls", "-o", "json"]).ok();
+        async move {
+            let (_, out, _) = r?;
+            out.contains("\"online\": true").then_some(())
+        }
+    })
+    .await?;
+
+    // A local location: the agent creates the repository in the directory.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "disk",
+            "local",
+            "--cluster",
+            "prod",
+            "--path",
+            &path,
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("storage disk added: local"), "{out}");
+    let repo_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo_dir.join("config"))?)?;
+    let repo_id = repo_config["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(repo_id.len(), 64, "{repo_config}");
+    let (code, out, _) = ferryctl(&ctl, &["storage", "show", "disk", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let shown: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(shown["repository_id"], repo_id.as_str());
+    assert_eq!(shown["cluster"], "prod");
+    assert_eq!(shown["has_credentials"], false);
+
+    // An S3 location on SeaweedFS, with credentials from a file.
+    let weed = ferry_store::testing::seaweed().await;
+    let bucket = weed.new_bucket().await;
+    let s3 = weed.config(&bucket, "");
+    let secret = s3
+        .secret_access_key
+        .as_ref()
+        .map(|s| s.expose().to_owned())
+        .unwrap_or_default();
+    let creds = ctl.dir.path().join("s3.env");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={secret}\n",
+            s3.access_key_id.clone().unwrap_or_default()
+        ),
+    )?;
+    let endpoint = s3.endpoint.clone().unwrap_or_default();
+    let creds_arg = creds.display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "eu",
+            "s3",
+            "--endpoint",
+            &endpoint,
+            "--bucket",
+            &bucket,
+            "--prefix",
+            "ferry",
+            "--credentials-file",
+            &creds_arg,
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = ferryctl(&ctl, &["storage", "ls", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&out)?;
+    let names: Vec<&str> = listed
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["disk", "eu"]);
+    assert_eq!(listed[1]["has_credentials"], true);
+    assert_eq!(listed[1]["repository_id"].as_str().map(str::len), Some(64));
+    let (_, shown, _) = ferryctl(&ctl, &["storage", "show", "eu"])?;
+    assert!(shown.contains("credentials: kept, sealed"), "{shown}");
+    assert!(!shown.contains(&secret), "the secret was printed: {shown}");
+
+    // A wrong secret: refused by the agent's attempt, nothing recorded.
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY=wrong-secret-value\n",
+            s3.access_key_id.clone().unwrap_or_default()
+        ),
+    )?;
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "bad",
+            "s3",
+            "--endpoint",
+            &endpoint,
+            "--bucket",
+            &bucket,
+            "--credentials-file",
+            &creds_arg,
+        ],
+    )?;
+    assert_ne!(code, 0);
+    assert!(!err.contains("wrong-secret-value"), "{err}");
+    let (code, _, _) = ferryctl(&ctl, &["storage", "show", "bad"])?;
+    assert_eq!(code, 2, "a failed add left a record");
+
+    // Refusals: a taken name, an unknown cluster, a cluster with no agent
+    // online, a relative path.
+    let (code, _, err) = ferryctl(&ctl, &["storage", "add", "disk", "shared", "--path", &path])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("storage location disk already exists"),
+        "{err}"
+    );
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "far",
+            "local",
+            "--cluster",
+            "nowhere",
+            "--path",
+            "/x",
+        ],
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nowhere"), "{err}");
+    ferryctl(&ctl, &["token", "create", "--cluster", "edge"])?;
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "far",
+            "local",
+            "--cluster",
+            "edge",
+            "--path",
+            "/x",
+        ],
+    )?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no agent of cluster edge is online"), "{err}");
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "rel", "shared", "--path", "rel/dir"],
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("absolute path"), "{err}");
+
+    // The catalog holds no secret in clear; the agent's log neither.
+    ctl.stop().await?;
+    let catalog = all_bytes(&ctl.data_dir());
+    assert!(
+        !contains(&catalog, &secret),
+        "the S3 secret is in the controller's files in clear"
+    );
+    let logs = agent.logs();
+    assert!(
+        !logs.contains(&secret),
+        "the S3 secret is in the agent's log"
+    );
+    agent.stop().await?;
+
+    // Removing forgets the location and leaves its repository in place.
+    ctl.start().await?;
+    let (code, out, _) = ferryctl(&ctl, &["storage", "rm", "disk"])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(repo_dir.join("config").exists());
+    let (code, _, err) = ferryctl(&ctl, &["storage", "rm", "disk"])?;
+    assert_eq!(code, 2, "{err}");
+    Ok(())
+}
