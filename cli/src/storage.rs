@@ -19,7 +19,7 @@ pub enum StorageVerb {
     Ls,
     /// Show one storage location
     Show { name: String },
-    /// Forget a storage location (its repository and data stay in place)
+    /// Forget a storage location and its password (its repository stays in place, unreachable)
     Rm { name: String },
 }
 
@@ -53,14 +53,15 @@ pub enum KindArgs {
         /// http(s)://host[:port]
         #[arg(long)]
         endpoint: String,
+        /// The bucket (it must exist)
         #[arg(long)]
         bucket: String,
         /// Keep the repository below this prefix of the bucket
-        #[arg(long, default_value = "")]
-        prefix: String,
-        /// [default: us-east-1]
-        #[arg(long, default_value = "")]
-        region: String,
+        #[arg(long)]
+        prefix: Option<String>,
+        /// The bucket's region [default: us-east-1]
+        #[arg(long)]
+        region: Option<String>,
         /// A file of AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=… and
         /// optionally AWS_SESSION_TOKEN=… lines
         #[arg(long, conflicts_with = "credentials_env")]
@@ -136,8 +137,8 @@ fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
             s.kind = "s3".into();
             s.endpoint = endpoint;
             s.bucket = bucket;
-            s.prefix = prefix;
-            s.region = region;
+            s.prefix = prefix.unwrap_or_default();
+            s.region = region.unwrap_or_default();
             if let Some(f) = credentials_file {
                 let text = std::fs::read_to_string(&f).map_err(|source| CliError::ReadFile {
                     what: "credentials file",
@@ -318,7 +319,9 @@ pub async fn run(eff: &Effective, out: Format, verb: StorageVerb) -> Result<(), 
                 return crate::command::print_json(&Removed { removed: true });
             }
             emit(&format!(
-                "storage {name} removed from the catalog (its repository is left in place)\n"
+                "storage {name} removed from the catalog. Its repository is left in place, but the \
+                 controller no longer holds its password: adding the location again creates no \
+                 access to it\n"
             ))
         }
     }
