@@ -17,7 +17,7 @@ fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(bool, String, St
     run(&mut ferryctl_cmd(ctl, args))
 }
 
-fn ferryctl_cmd(ctl: &Controller, args: &[&str]) -> Command {
+pub(crate) fn ferryctl_cmd(ctl: &Controller, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("ferryctl"));
     cmd.env("FERRY_CONTROLLER", ctl.url())
         .env("FERRY_CA", ctl.path("operator/ca.crt"))

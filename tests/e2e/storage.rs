@@ -2,25 +2,15 @@
 //! agent create the repository (a local directory, a SeaweedFS bucket),
 //! the secrets stay sealed in the catalog, and every refusal is clear.
 
-use std::process::Command;
-
-use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, setup, wait_for};
+use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
 
 use crate::foundation::agent_config;
 use crate::reconnect::enrol;
 
 fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let out = Command::new(bin("ferryctl"))
-        .env("FERRY_CONTROLLER", ctl.url())
-        .env("FERRY_CA", ctl.path("operator/ca.crt"))
-        .env("FERRY_CERT", ctl.path("operator/operator.crt"))
-        .env("FERRY_KEY", ctl.path("operator/operator.key"))
-        .env("HOME", ctl.dir.path())
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_OUTPUT")
+    let out = crate::link::ferryctl_cmd(ctl, args)
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
-        .args(args)
         .output()?;
     Ok((
         out.status.code().unwrap_or(-1),
@@ -188,50 +178,43 @@ async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> a
     assert_eq!(code, 2, "a failed add left a record");
 
     // Refusals: a taken name, an unknown cluster, a cluster with no agent
-    // online, a relative path.
-    let (code, _, err) = ferryctl(&ctl, &["storage", "add", "disk", "shared", "--path", &path])?;
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("storage location disk already exists"),
-        "{err}"
-    );
-    let (code, _, err) = ferryctl(
-        &ctl,
-        &[
-            "storage",
-            "add",
-            "far",
-            "local",
-            "--cluster",
-            "nowhere",
-            "--path",
-            "/x",
-        ],
-    )?;
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("nowhere"), "{err}");
+    // online, a relative path; each with its exit code and reason.
     ferryctl(&ctl, &["token", "create", "--cluster", "edge"])?;
-    let (code, _, err) = ferryctl(
-        &ctl,
-        &[
+    let local = |name: &'static str, cluster: &'static str| {
+        vec![
             "storage",
             "add",
-            "far",
+            name,
             "local",
             "--cluster",
-            "edge",
+            cluster,
             "--path",
             "/x",
-        ],
-    )?;
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no agent of cluster edge is online"), "{err}");
-    let (code, _, err) = ferryctl(
-        &ctl,
-        &["storage", "add", "rel", "shared", "--path", "rel/dir"],
-    )?;
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("absolute path"), "{err}");
+        ]
+    };
+    let cases: [(Vec<&str>, i32, &str); 4] = [
+        (
+            vec!["storage", "add", "disk", "shared", "--path", &path],
+            2,
+            "storage location disk already exists",
+        ),
+        (local("far", "nowhere"), 2, "nowhere"),
+        (
+            local("far", "edge"),
+            1,
+            "no agent of cluster edge is online",
+        ),
+        (
+            vec!["storage", "add", "rel", "shared", "--path", "rel/dir"],
+            2,
+            "absolute path",
+        ),
+    ];
+    for (args, want_code, want_text) in cases {
+        let (code, _, err) = ferryctl(&ctl, &args)?;
+        assert_eq!(code, want_code, "{args:?}: {err}");
+        assert!(err.contains(want_text), "{args:?}: {err}");
+    }
 
     // The catalog holds no secret in clear; the agent's log neither.
     ctl.stop().await?;
