@@ -296,6 +296,10 @@ async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Resul
             Ok(reply) => pb::reply::Result::InitRepository(reply),
             Err(f) => error(f.code, f.message),
         },
+        pb::request::Kind::ProbeStorage(r) => match crate::storage::probe_storage(r).await {
+            Ok(reply) => pb::reply::Result::ProbeStorage(reply),
+            Err(f) => error(f.code, f.message),
+        },
     }
 }
 

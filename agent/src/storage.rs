@@ -74,28 +74,40 @@ fn repo_failure(target: &str, e: RepoError) -> StorageFailure {
     StorageFailure { code, message }
 }
 
+fn store_failure(op: &str, target: &str, e: ferry_store::StoreError) -> StorageFailure {
+    StorageFailure {
+        code: if e.is_transient() {
+            ErrorCode::Unavailable
+        } else {
+            ErrorCode::FailedPrecondition
+        },
+        message: format!("cannot {op} storage {target}: {}", ferry_core::Chain(&e)),
+    }
+}
+
+/// The target's store, its description for messages, and the password.
+async fn open_target(
+    target: Option<pb::StorageTarget>,
+    password: Vec<u8>,
+) -> Result<(Arc<dyn ObjectStore>, String, zeroize::Zeroizing<Vec<u8>>), StorageFailure> {
+    let config = config(target)?;
+    let password = zeroize::Zeroizing::new(password);
+    if password.is_empty() {
+        return Err(invalid("the repository password is empty"));
+    }
+    let target = config.to_string();
+    let store = ferry_store::open(&config)
+        .await
+        .map_err(|e| store_failure("open", &target, e))?;
+    Ok((store, target, password))
+}
+
 /// Creates the repository at the target, or opens the one there with the
 /// password; returns its id and whether it was created.
 pub async fn init_repository(
     r: pb::InitRepositoryRequest,
 ) -> Result<pb::InitRepositoryReply, StorageFailure> {
-    let config = config(r.target)?;
-    let password = zeroize::Zeroizing::new(r.password);
-    if password.is_empty() {
-        return Err(invalid("the repository password is empty"));
-    }
-    let target = config.to_string();
-    let store: Arc<dyn ObjectStore> =
-        ferry_store::open(&config)
-            .await
-            .map_err(|e| StorageFailure {
-                code: if e.is_transient() {
-                    ErrorCode::Unavailable
-                } else {
-                    ErrorCode::FailedPrecondition
-                },
-                message: format!("cannot open storage {target}: {}", ferry_core::Chain(&e)),
-            })?;
+    let (store, target, password) = open_target(r.target, r.password).await?;
     let (repo, created) = match Repository::open(store.clone(), &password).await {
         Ok(repo) => (repo, false),
         Err(RepoError::NotARepository) => {
@@ -110,6 +122,45 @@ pub async fn init_repository(
     Ok(pb::InitRepositoryReply {
         repository_id: repo.config().id.clone(),
         created,
+    })
+}
+
+/// Opens the target's repository with the password, then writes, reads
+/// back and removes a probe object, timing both.
+pub async fn probe_storage(
+    r: pb::ProbeStorageRequest,
+) -> Result<pb::ProbeStorageReply, StorageFailure> {
+    let (store, target, password) = open_target(r.target, r.password).await?;
+    let repo = Repository::open(store.clone(), &password)
+        .await
+        .map_err(|e| repo_failure(&target, e))?;
+    let probe: [u8; 16] = rand::random();
+    let key = ferry_store::ObjectKey::new(format!("probes/{}", hex::encode(probe)))
+        .map_err(|e| store_failure("write to", &target, e))?;
+    let body = bytes::Bytes::from((0..4096u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let ms = |t: std::time::Instant| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let t = std::time::Instant::now();
+    store
+        .put(&key, body.clone())
+        .await
+        .map_err(|e| store_failure("write to", &target, e))?;
+    let write_ms = ms(t);
+    let t = std::time::Instant::now();
+    let got = store.get(&key).await;
+    let read_ms = ms(t);
+    let removed = store.delete(&key).await;
+    let got = got.map_err(|e| store_failure("read from", &target, e))?;
+    if got != body {
+        return Err(StorageFailure {
+            code: ErrorCode::Internal,
+            message: format!("storage {target} returned other bytes than the probe it was given"),
+        });
+    }
+    removed.map_err(|e| store_failure("delete from", &target, e))?;
+    Ok(pb::ProbeStorageReply {
+        repository_id: repo.config().id.clone(),
+        write_ms,
+        read_ms,
     })
 }
 
@@ -137,6 +188,26 @@ mod tests {
         let again = init_repository(local(&dir, b"pw-1")).await.expect("open");
         assert!(!again.created);
         assert_eq!(again.repository_id, first.repository_id);
+        // A check opens it, and leaves no probe behind.
+        let check = |pw: &[u8]| {
+            let r = local(&dir, pw);
+            probe_storage(pb::ProbeStorageRequest {
+                target: r.target,
+                password: r.password,
+            })
+        };
+        let checked = check(b"pw-1").await.expect("check");
+        assert_eq!(checked.repository_id, first.repository_id);
+        assert_eq!(
+            std::fs::read_dir(dir.join("probes"))
+                .map(|d| d.count())
+                .unwrap_or(0),
+            0
+        );
+        assert_eq!(
+            check(b"pw-2").await.expect_err("wrong password").code,
+            ErrorCode::FailedPrecondition
+        );
         // Another password: refused, and the repository is left as it was.
         let e = init_repository(local(&dir, b"pw-2"))
             .await

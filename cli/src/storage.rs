@@ -19,6 +19,8 @@ pub enum StorageVerb {
     Ls,
     /// Show one storage location
     Show { name: String },
+    /// Have an online agent of every cluster that can reach it write, read and remove a probe there
+    Check { name: String },
     /// Forget a storage location and its password (its repository stays in place, unreachable)
     Rm { name: String },
 }
@@ -298,6 +300,73 @@ pub async fn run(eff: &Effective, out: Format, verb: StorageVerb) -> Result<(), 
                 },
                 when(r.created_unix_ms, now),
             ))
+        }
+        StorageVerb::Check { name } => {
+            let mut client = connect::operator(&conn).await?;
+            let r = client
+                .check_storage(v1::CheckStorageRequest { name: name.clone() })
+                .await
+                .map_err(|st| CliError::from_status(&url, st))?
+                .into_inner();
+            #[derive(Serialize)]
+            struct Check {
+                cluster: String,
+                node: String,
+                ok: bool,
+                error: String,
+                write_ms: u64,
+                read_ms: u64,
+            }
+            let checks: Vec<Check> = r
+                .checks
+                .into_iter()
+                .map(|c| Check {
+                    cluster: c.cluster,
+                    node: c.node,
+                    ok: c.ok,
+                    error: c.error,
+                    write_ms: c.write_ms,
+                    read_ms: c.read_ms,
+                })
+                .collect();
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if out == Format::Json {
+                crate::command::print_json(&checks)?;
+            } else {
+                let mut t = Table::new(vec!["CLUSTER", "NODE", "RESULT", "WRITE", "READ"]);
+                for c in &checks {
+                    let (result, w, r) = if c.ok {
+                        (
+                            "ok".to_owned(),
+                            format!("{} ms", c.write_ms),
+                            format!("{} ms", c.read_ms),
+                        )
+                    } else {
+                        (c.error.clone(), "-".into(), "-".into())
+                    };
+                    t.row(vec![
+                        c.cluster.clone(),
+                        if c.node.is_empty() {
+                            "-".into()
+                        } else {
+                            c.node.clone()
+                        },
+                        result,
+                        w,
+                        r,
+                    ]);
+                }
+                emit(&t.render())?;
+            }
+            if failed > 0 {
+                return Err(CliError::Failed {
+                    message: format!(
+                        "storage {name}: {failed} of {} cluster(s) cannot use it",
+                        checks.len()
+                    ),
+                });
+            }
+            Ok(())
         }
         StorageVerb::Rm { name } => {
             let mut client = connect::operator(&conn).await?;

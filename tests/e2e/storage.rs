@@ -216,6 +216,31 @@ async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> a
         assert!(err.contains(want_text), "{args:?}: {err}");
     }
 
+    // Checks: the local location from its cluster; the S3 one from every
+    // cluster, and edge has no agent online.
+    let (code, out, err) = ferryctl(&ctl, &["storage", "check", "disk", "-o", "json"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let checks: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(checks.as_array().map(Vec::len), Some(1), "{checks}");
+    assert_eq!(checks[0]["cluster"], "prod");
+    assert_eq!(checks[0]["ok"], true, "{checks}");
+    assert!(
+        !repo_dir.join("probes").exists()
+            || std::fs::read_dir(repo_dir.join("probes"))?.count() == 0
+    );
+    let (code, out, err) = ferryctl(&ctl, &["storage", "check", "eu"])?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("no agent of cluster edge is online"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("prod") && l.contains(" ok ")),
+        "{out}"
+    );
+    assert!(
+        err.contains("storage eu: 1 of 2 cluster(s) cannot use it"),
+        "{err}"
+    );
+
     // The catalog holds no secret in clear; the agent's log neither.
     ctl.stop().await?;
     let catalog = all_bytes(&ctl.data_dir());

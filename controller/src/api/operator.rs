@@ -398,6 +398,16 @@ impl Operator for OperatorApi {
         )
     }
 
+    async fn check_storage(
+        &self,
+        request: Request<pb::CheckStorageRequest>,
+    ) -> Result<Response<pb::CheckStorageResponse>, Status> {
+        respond(
+            "check_storage",
+            OperatorApi::check_storage(self, request.into_inner()).await,
+        )
+    }
+
     async fn remove_storage(
         &self,
         request: Request<pb::RemoveStorageRequest>,

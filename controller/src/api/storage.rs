@@ -153,7 +153,91 @@ fn target(kind: &StorageKind, secrets: &Secrets) -> pb::StorageTarget {
     pb::StorageTarget { target: Some(t) }
 }
 
+/// How long an agent has to probe a location.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl OperatorApi {
+    /// The location's secrets, opened with the seal key.
+    fn secrets_of(&self, r: &StorageRecord) -> Result<Secrets, ApiError> {
+        let sealed = hex::decode(&r.sealed).map_err(|_| crate::seal::SealError::Open {
+            purpose: purpose(&r.name),
+        })?;
+        let plain = self.shared.seal.open(&purpose(&r.name), &sealed)?;
+        serde_json::from_slice(&plain).map_err(|_| {
+            crate::seal::SealError::Open {
+                purpose: purpose(&r.name),
+            }
+            .into()
+        })
+    }
+
+    /// One online agent of every cluster that can reach the location
+    /// probes it; clusters with none online are reported as such.
+    pub(super) async fn check_storage(
+        &self,
+        r: pb::CheckStorageRequest,
+    ) -> Result<pb::CheckStorageResponse, ApiError> {
+        let name: LocationName = parse(|| "name".to_owned(), r.name)?;
+        let Some(record) = self.shared.catalog.get_storage(&name).await? else {
+            return Err(crate::catalog::CatalogError::StorageNotFound { name }.into());
+        };
+        let secrets = self.secrets_of(&record)?;
+        let clusters: Vec<ClusterName> = match &record.kind {
+            StorageKind::Local { cluster, .. } => vec![cluster.clone()],
+            _ => self
+                .shared
+                .catalog
+                .list_clusters(&crate::catalog::PageRequest::all())
+                .await?
+                .items
+                .into_iter()
+                .map(|c| c.name)
+                .collect(),
+        };
+        let probes = clusters.into_iter().map(|cluster| {
+            let link = self.shared.fleet.online_links(Some(&cluster)).into_iter().next();
+            let expected = record.repository_id.clone();
+            let request = pb::request::Kind::ProbeStorage(pb::ProbeStorageRequest {
+                target: Some(target(&record.kind, &secrets)),
+                password: secrets.password.as_bytes().to_vec(),
+            });
+            async move {
+                let mut check = pb::StorageCheck {
+                    cluster: cluster.to_string(),
+                    ..pb::StorageCheck::default()
+                };
+                let Some((_, node, link)) = link else {
+                    check.error = format!("no agent of cluster {cluster} is online");
+                    return check;
+                };
+                check.node = node.to_string();
+                let answer = match link.call(request, PROBE_TIMEOUT).await {
+                    Ok(call) => call.finish().await,
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok(pb::reply::Result::ProbeStorage(p)) => {
+                        if expected.as_deref().is_some_and(|id| id != p.repository_id) {
+                            check.error = format!(
+                                "the repository there is {}, not the one this location was created with",
+                                p.repository_id
+                            );
+                        } else {
+                            check.ok = true;
+                            check.write_ms = p.write_ms;
+                            check.read_ms = p.read_ms;
+                        }
+                    }
+                    Ok(_) => check.error = LinkError::UnexpectedReply.to_string(),
+                    Err(e) => check.error = e.to_string(),
+                }
+                check
+            }
+        });
+        let checks = futures::future::join_all(probes).await;
+        Ok(pb::CheckStorageResponse { checks })
+    }
+
     fn has_credentials(&self, r: &StorageRecord) -> bool {
         let Ok(sealed) = hex::decode(&r.sealed) else {
             return false;
