@@ -29,6 +29,10 @@ pub enum StorageVerb {
 pub struct AddArgs {
     /// The location's name (a DNS label)
     pub name: String,
+    /// Take an existing repository at the location under the controller:
+    /// a file holding its password (without it, the controller generates one)
+    #[arg(long, global = true)]
+    pub password_file: Option<PathBuf>,
     #[command(subcommand)]
     pub kind: KindArgs,
 }
@@ -113,6 +117,7 @@ fn parse_credentials(text: &str, from: &str) -> Result<v1::S3Credentials, CliErr
 }
 
 fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
+    let password_file = args.password_file;
     let mut s = v1::Storage {
         name: args.name,
         ..v1::Storage::default()
@@ -160,9 +165,28 @@ fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
             }
         }
     }
+    let password = match password_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(&f).map_err(|source| CliError::ReadFile {
+                what: "password file",
+                path: f.display().to_string(),
+                source,
+            })?;
+            let pw = text.trim_end_matches(['\n', '\r']).as_bytes().to_vec();
+            if pw.is_empty() {
+                return Err(CliError::Input(format!(
+                    "password file {} is empty",
+                    f.display()
+                )));
+            }
+            pw
+        }
+        None => Vec::new(),
+    };
     Ok(v1::AddStorageRequest {
         storage: Some(s),
         credentials,
+        password,
     })
 }
 

@@ -241,12 +241,69 @@ async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> a
         "{err}"
     );
 
+    // An existing repository is taken under the controller with its password;
+    // with another password it is refused and nothing is recorded.
+    let old = ctl.dir.path().join("old-repo");
+    let pw = ctl.dir.path().join("old.pw");
+    std::fs::write(&pw, "old repository password\n")?;
+    let out = std::process::Command::new(ferry_tests::bin("ferry-agent"))
+        .args(["repo", "init", "--repo"])
+        .arg(&old)
+        .arg("--password-file")
+        .arg(&pw)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old_id = serde_json::from_slice::<serde_json::Value>(&std::fs::read(old.join("config"))?)?
+        ["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (old_s, pw_s) = (old.display().to_string(), pw.display().to_string());
+    let attach = |name: &'static str| {
+        vec![
+            "storage",
+            "add",
+            name,
+            "local",
+            "--cluster",
+            "prod",
+            "--path",
+            &old_s,
+            "--password-file",
+            &pw_s,
+            "-o",
+            "json",
+        ]
+    };
+    let (code, out, err) = ferryctl(&ctl, &attach("old"))?;
+    assert_eq!(code, 0, "{out}{err}");
+    let attached: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(attached["repository_id"], old_id.as_str());
+    std::fs::write(&pw, "not the password\n")?;
+    let (code, _, err) = ferryctl(&ctl, &attach("old2"))?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("does not open with this location's password"),
+        "{err}"
+    );
+    assert!(!err.contains("not the password"), "{err}");
+    let (code, _, _) = ferryctl(&ctl, &["storage", "show", "old2"])?;
+    assert_eq!(code, 2, "a refused attach left a record");
+
     // The catalog holds no secret in clear; the agent's log neither.
     ctl.stop().await?;
     let catalog = all_bytes(&ctl.data_dir());
     assert!(
         !contains(&catalog, &secret),
         "the S3 secret is in the controller's files in clear"
+    );
+    assert!(
+        !contains(&catalog, "old repository password"),
+        "a repository password is in the controller's files in clear"
     );
     let logs = agent.logs();
     assert!(

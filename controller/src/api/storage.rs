@@ -293,10 +293,15 @@ impl OperatorApi {
             (None, _) => None,
         };
         let has_credentials = s3.is_some();
-        let secrets = Secrets {
-            password: hex::encode(rand::random::<[u8; 32]>()),
-            s3,
+        let given = Zeroizing::new(r.password);
+        let password = if given.is_empty() {
+            hex::encode(rand::random::<[u8; 32]>())
+        } else {
+            String::from_utf8(given.to_vec()).map_err(|_| {
+                ApiError::Invalid("the repository password is not UTF-8 text".into())
+            })?
         };
+        let secrets = Secrets { password, s3 };
 
         // An online agent that can reach it creates (or opens) the repository.
         let wanted = match &kind {
