@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use ferry_core::{AppName, ComponentName, ComponentRef, ComponentState, TeamName};
+use ferry_core::{ComponentRef, ComponentState};
 
 use crate::platform::{Platform, PlatformError};
 
@@ -46,19 +46,11 @@ impl ferry_core::CodedError for JournalError {
     }
 }
 
-/// One component as journalled.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Recorded {
-    team: TeamName,
-    app: AppName,
-    component: ComponentName,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct EntryFile {
     format: u32,
     /// In stop order.
-    stopped: Vec<Recorded>,
+    stopped: Vec<ComponentRef>,
 }
 
 /// A journal entry: the components one operation stopped, in stop order.
@@ -116,14 +108,7 @@ impl Journal {
         check_key(key)?;
         let file = EntryFile {
             format: FORMAT,
-            stopped: components
-                .iter()
-                .map(|c| Recorded {
-                    team: c.team.clone(),
-                    app: c.app.clone(),
-                    component: c.component.clone(),
-                })
-                .collect(),
+            stopped: components.to_vec(),
         };
         let path = self.path(key);
         let io = |op, source| JournalError::Io {
@@ -213,15 +198,7 @@ impl Journal {
         }
         Ok(Entry {
             key: key.to_owned(),
-            stopped: file
-                .stopped
-                .into_iter()
-                .map(|r| ComponentRef {
-                    team: r.team,
-                    app: r.app,
-                    component: r.component,
-                })
-                .collect(),
+            stopped: file.stopped,
         })
     }
 }
@@ -277,7 +254,9 @@ pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::platform::host::HostPlatform;
-    use ferry_core::{App, Argv, Component, ComponentKind, HostComponent};
+    use ferry_core::{
+        App, AppName, Argv, Component, ComponentKind, ComponentName, HostComponent, TeamName,
+    };
     use std::time::Duration;
 
     /// An app of command components whose "running" state is a marker

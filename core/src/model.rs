@@ -433,7 +433,7 @@ impl App {
 }
 
 /// Identifies one component: app (within its team) and component name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ComponentRef {
     pub team: TeamName,
     pub app: AppName,

@@ -108,13 +108,14 @@ async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> a
         .map(|s| s.expose().to_owned())
         .unwrap_or_default();
     let creds = ctl.dir.path().join("s3.env");
-    std::fs::write(
-        &creds,
-        format!(
-            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={secret}\n",
-            s3.access_key_id.clone().unwrap_or_default()
-        ),
-    )?;
+    let key_id = s3.access_key_id.clone().unwrap_or_default();
+    let write_creds = |secret: &str| {
+        std::fs::write(
+            &creds,
+            format!("AWS_ACCESS_KEY_ID={key_id}\nAWS_SECRET_ACCESS_KEY={secret}\n"),
+        )
+    };
+    write_creds(&secret)?;
     let endpoint = s3.endpoint.clone().unwrap_or_default();
     let creds_arg = creds.display().to_string();
     let (code, out, err) = ferryctl(
@@ -150,13 +151,7 @@ async fn storage_locations_get_a_repository_and_keep_their_secrets_sealed() -> a
     assert!(!shown.contains(&secret), "the secret was printed: {shown}");
 
     // A wrong secret: refused by the agent's attempt, nothing recorded.
-    std::fs::write(
-        &creds,
-        format!(
-            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY=wrong-secret-value\n",
-            s3.access_key_id.clone().unwrap_or_default()
-        ),
-    )?;
+    write_creds("wrong-secret-value")?;
     let (code, _, err) = ferryctl(
         &ctl,
         &[

@@ -77,9 +77,8 @@ pub struct StepRef {
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum StepStatus {
     Pending,
-    /// Handed to its executor; `attempt` counts from 1.
+    /// Handed to its executor, as attempt [`StepState::attempts`].
     Dispatched {
-        attempt: u32,
         at: Timestamp,
     },
     Succeeded {
@@ -93,21 +92,13 @@ pub enum StepStatus {
     Skipped,
 }
 
-impl StepStatus {
-    fn attempts(&self) -> u32 {
-        match self {
-            Self::Dispatched { attempt, .. } => *attempt,
-            _ => 0,
-        }
-    }
-}
-
 /// A step with its status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepState<T> {
     pub step: Step<T>,
     pub status: StepStatus,
-    /// Dispatches so far (kept across a transient failure).
+    /// Dispatches so far (kept across a transient failure); the one
+    /// dispatched last is the attempt executors answer for.
     pub attempts: u32,
     /// Not dispatched again before this (after a transient failure).
     #[serde(default)]
@@ -319,7 +310,8 @@ impl<T: Clone> Job<T> {
                 // the plan.
                 if let (Phase::Running, Some(i)) = (&self.phase, self.current()) {
                     let s = &self.plan[i];
-                    if let StepStatus::Dispatched { attempt, .. } = s.status {
+                    if let StepStatus::Dispatched { .. } = s.status {
+                        let attempt = s.attempts;
                         // The job ends when the step answers.
                         if !self.cancelling {
                             actions.push(cancel_of(i, attempt, s));
@@ -341,7 +333,8 @@ impl<T: Clone> Job<T> {
                         &mut self.plan
                     };
                     let s = &mut list[i];
-                    if let StepStatus::Dispatched { attempt, .. } = s.status {
+                    if let StepStatus::Dispatched { .. } = s.status {
+                        let attempt = s.attempts;
                         if cancelling && !undoing {
                             // The cancel may not have reached the executor:
                             // ask again; the job ends when the step answers.
@@ -377,7 +370,7 @@ impl<T: Clone> Job<T> {
         let retry_ms = self.limits.retry_ms;
         let cancelling = self.cancelling;
         let Some(s) = self.step_mut(r) else { return };
-        if s.status.attempts() != r.attempt || r.attempt == 0 {
+        if !matches!(s.status, StepStatus::Dispatched { .. }) || s.attempts != r.attempt {
             return;
         }
         match result {
@@ -490,10 +483,7 @@ impl<T: Clone> Job<T> {
             let s = &mut list[i];
             s.attempts += 1;
             s.not_before = None;
-            s.status = StepStatus::Dispatched {
-                attempt: s.attempts,
-                at: now,
-            };
+            s.status = StepStatus::Dispatched { at: now };
             actions.push(Action::Dispatch {
                 step: StepRef {
                     index: i as u32,
