@@ -32,9 +32,10 @@ pub use error::CatalogError;
 pub use name::{
     AgentId, AppName, ClusterName, ComponentName, LocationName, NodeName, TeamName, TokenHash,
 };
+pub use ferry_core::{BackupId, JobId};
 pub use record::{
-    AgentRecord, App, AppFilter, AppRecord, ClusterRecord, StorageKind, StorageRecord, TeamRecord,
-    Timestamp, TokenRecord, TokenUse,
+    AgentRecord, App, AppFilter, AppRecord, BackupRecord, ClusterRecord, JobRecord, StorageKind,
+    StorageRecord, TeamRecord, Timestamp, TokenRecord, TokenUse,
 };
 
 /// The controller's durable state. All writes are durable on return.
@@ -169,6 +170,77 @@ pub trait Catalog: Send + Sync + 'static {
 
     /// Removes a storage location; false if it did not exist.
     async fn remove_storage(&self, name: &LocationName) -> Result<bool, CatalogError>;
+
+    /// Allocates the next id of a kind (1, 2, …; never handed out twice).
+    async fn next_id(&self, counter: Counter) -> Result<u64, CatalogError>;
+
+    /// Inserts or replaces a job.
+    async fn put_job(&self, job: JobRecord) -> Result<(), CatalogError>;
+
+    async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, CatalogError>;
+
+    /// Jobs, oldest first, optionally only those that have not ended, one
+    /// page at a time.
+    async fn list_jobs(
+        &self,
+        active_only: bool,
+        page: &PageRequest,
+    ) -> Result<Page<JobRecord>, CatalogError>;
+
+    /// Inserts or replaces a backup; its id is never allocated again.
+    async fn put_backup(&self, backup: BackupRecord) -> Result<(), CatalogError>;
+
+    async fn get_backup(&self, id: BackupId) -> Result<Option<BackupRecord>, CatalogError>;
+
+    /// Backups, oldest first, one page at a time.
+    async fn list_backups(
+        &self,
+        filter: &BackupFilter,
+        page: &PageRequest,
+    ) -> Result<Page<BackupRecord>, CatalogError>;
+
+    /// Removes a backup record; false if it did not exist.
+    async fn remove_backup(&self, id: BackupId) -> Result<bool, CatalogError>;
+}
+
+/// The id sequences the catalog keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Job,
+    Backup,
+}
+
+impl Counter {
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Self::Job => "next_job",
+            Self::Backup => "next_backup",
+        }
+    }
+}
+
+/// Which backups `list_backups` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupFilter {
+    pub cluster: Option<ClusterName>,
+    pub team: Option<TeamName>,
+    pub app: Option<AppName>,
+    pub storage: Option<LocationName>,
+}
+
+impl BackupFilter {
+    pub(crate) fn matches(&self, b: &BackupRecord) -> bool {
+        let m = &b.manifest;
+        self.cluster.as_ref().is_none_or(|c| *c == m.cluster)
+            && self.team.as_ref().is_none_or(|t| *t == m.app.team)
+            && self.app.as_ref().is_none_or(|a| *a == m.app.name)
+            && self.storage.as_ref().is_none_or(|s| *s == m.storage)
+    }
+}
+
+/// The key of a numbered record: zero-padded, so keys sort as numbers.
+pub(crate) fn id_key(id: u64) -> String {
+    format!("{id:020}")
 }
 
 /// Which page of a list to return.

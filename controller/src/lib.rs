@@ -5,6 +5,7 @@ pub mod config;
 pub mod fleet;
 pub mod jobs;
 pub mod link;
+pub mod locations;
 pub mod pki;
 pub mod seal;
 pub mod server;

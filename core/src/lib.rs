@@ -7,10 +7,12 @@
 //! - [`error`]: error codes with a retry class, which every layer's error
 //!   reports through [`CodedError`].
 //! - [`duration`]: the one duration syntax (`30s`, `15m`, `24h`, `7d`, `1h30m`).
+//! - [`backup`]: what an application backup is, its manifest.
 //! - [`clock`]: wall-clock time as Unix milliseconds.
 //!
 //! Wire types (`ferry.v1`) and their conversions live in `ferry-proto`.
 
+pub mod backup;
 pub mod clock;
 pub mod duration;
 pub mod error;
@@ -18,6 +20,7 @@ pub mod model;
 pub mod name;
 pub mod report;
 
+pub use backup::{AppManifest, BackupMode, BackupTimings, VolumeSnapshot};
 pub use clock::{Timestamp, now_ms};
 pub use duration::{DurationError, HumanDuration};
 pub use error::{CodedError, ErrorCode, RetryClass};

@@ -17,6 +17,8 @@ pub const INDEX_PREFIX: &str = "index/";
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 pub const LOCKS_PREFIX: &str = "locks/";
 pub const MARKS_PREFIX: &str = "marks/";
+/// App manifests (`apps/<name>`): what an application backup holds.
+pub const APPS_PREFIX: &str = "apps/";
 
 /// Error for an identifier that is not 64 lowercase hex digits.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 //! reads it (chunk → hash → compress → encrypt → pack → upload, and back).
 //! The format is described in `docs/repository-format.md`.
 
+pub mod apps;
 pub mod backup;
 pub mod chunker;
 pub mod clock;

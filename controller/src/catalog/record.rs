@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use ferry_core::{App, Timestamp};
+use ferry_core::{AppManifest, BackupId, JobId};
 
 use super::CatalogError;
 use super::name::{AgentId, ClusterName, LocationName, NodeName, TeamName, TokenHash};
@@ -180,6 +181,36 @@ pub struct StorageRecord {
     pub created_at: Timestamp,
 }
 
+/// A job: what it is about and its state machine, owned by the job engine
+/// and stored here as it is (JSON), so the catalog need not know it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    /// "backup", "restore", "migrate", "delete-backup", "verify".
+    pub kind: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// Ended (succeeded, failed or cancelled).
+    pub done: bool,
+    pub state: serde_json::Value,
+}
+
+/// A backup: its app manifest, as written into its location's
+/// repository (which can rebuild this record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub manifest: AppManifest,
+    pub recorded_at: Timestamp,
+}
+
+impl BackupRecord {
+    pub fn id(&self) -> BackupId {
+        self.manifest.backup
+    }
+}
+
+impl Record for JobRecord {}
+impl Record for BackupRecord {}
 impl Record for ClusterRecord {}
 impl Record for StorageRecord {}
 impl Record for TeamRecord {}

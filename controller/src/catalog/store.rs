@@ -19,6 +19,7 @@ use super::{
     ClusterRecord, LocationName, NodeName, Page, PageRequest, StorageKind, StorageRecord, TeamName,
     TeamRecord, Timestamp, TokenHash, TokenRecord, TokenUse, run_blocking,
 };
+use super::{BackupFilter, BackupId, BackupRecord, Counter, JobId, JobRecord, id_key};
 
 /// Version of the catalog layout (tables, keys, indexes) as a whole.
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -40,10 +41,14 @@ pub(crate) enum Table {
     NodeApps,
     /// `name` → storage location.
     Storage,
+    /// Zero-padded job id → job.
+    Jobs,
+    /// Zero-padded backup id → backup.
+    Backups,
 }
 
 impl Table {
-    pub(crate) const ALL: [Table; 9] = [
+    pub(crate) const ALL: [Table; 11] = [
         Table::Meta,
         Table::Clusters,
         Table::Teams,
@@ -53,6 +58,8 @@ impl Table {
         Table::Apps,
         Table::NodeApps,
         Table::Storage,
+        Table::Jobs,
+        Table::Backups,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -66,6 +73,8 @@ impl Table {
             Table::Apps => "apps",
             Table::NodeApps => "node_apps",
             Table::Storage => "storage",
+            Table::Jobs => "jobs",
+            Table::Backups => "backups",
         }
     }
 }
@@ -124,6 +133,23 @@ struct FormatRecord {
 }
 
 impl Record for FormatRecord {}
+
+/// The next id of a sequence (`Table::Meta`).
+#[derive(Serialize, Deserialize)]
+struct NextId {
+    next: u64,
+}
+
+impl Record for NextId {}
+
+/// Makes sure the sequence never hands out `id` (or a lower one) again.
+fn bump_counter(tx: &mut dyn KvTxn, counter: Counter, id: u64) -> Result<(), CatalogError> {
+    let next = get_rec::<NextId>(tx, Table::Meta, counter.key())?.map_or(1, |n| n.next);
+    if next <= id {
+        put_rec(tx, Table::Meta, counter.key(), &NextId { next: id + 1 })?;
+    }
+    Ok(())
+}
 
 #[derive(Serialize, Deserialize)]
 struct NodeAgent {
@@ -768,6 +794,118 @@ impl<K: Kv> Catalog for KvCatalog<K> {
             kv.write("remove storage", &|tx| {
                 tx.remove(Table::Storage, name.as_str())
             })
+        })
+        .await
+    }
+
+    async fn next_id(&self, counter: Counter) -> Result<u64, CatalogError> {
+        self.blocking("allocate an id", move |kv| {
+            kv.write("allocate an id", &|tx| {
+                let id = get_rec::<NextId>(tx, Table::Meta, counter.key())?.map_or(1, |n| n.next);
+                put_rec(tx, Table::Meta, counter.key(), &NextId { next: id + 1 })?;
+                Ok(id)
+            })
+        })
+        .await
+    }
+
+    async fn put_job(&self, job: JobRecord) -> Result<(), CatalogError> {
+        let id = job.id.get();
+        self.put_numbered("put job", Table::Jobs, Counter::Job, id, job)
+            .await
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, CatalogError> {
+        self.get_numbered("get job", Table::Jobs, id.get()).await
+    }
+
+    async fn list_jobs(
+        &self,
+        active_only: bool,
+        page: &PageRequest,
+    ) -> Result<Page<JobRecord>, CatalogError> {
+        let page = page.clone();
+        self.blocking("list jobs", move |kv| {
+            scan_page(
+                kv,
+                Table::Jobs,
+                "",
+                &page,
+                &decode_sized(Table::Jobs),
+                &|j: &JobRecord| !active_only || !j.done,
+            )
+        })
+        .await
+    }
+
+    async fn put_backup(&self, backup: BackupRecord) -> Result<(), CatalogError> {
+        let id = backup.id().get();
+        self.put_numbered("put backup", Table::Backups, Counter::Backup, id, backup)
+            .await
+    }
+
+    async fn get_backup(&self, id: BackupId) -> Result<Option<BackupRecord>, CatalogError> {
+        self.get_numbered("get backup", Table::Backups, id.get())
+            .await
+    }
+
+    async fn list_backups(
+        &self,
+        filter: &BackupFilter,
+        page: &PageRequest,
+    ) -> Result<Page<BackupRecord>, CatalogError> {
+        let page = page.clone();
+        let filter = filter.clone();
+        self.blocking("list backups", move |kv| {
+            scan_page(
+                kv,
+                Table::Backups,
+                "",
+                &page,
+                &decode_sized(Table::Backups),
+                &|b| filter.matches(b),
+            )
+        })
+        .await
+    }
+
+    async fn remove_backup(&self, id: BackupId) -> Result<bool, CatalogError> {
+        self.blocking("remove backup", move |kv| {
+            kv.write("remove backup", &|tx| tx.remove(Table::Backups, &id_key(id.get())))
+        })
+        .await
+    }
+}
+
+impl<K: Kv> KvCatalog<K> {
+    async fn put_numbered<T: Record + Send + Sync + 'static>(
+        &self,
+        op: &'static str,
+        table: Table,
+        counter: Counter,
+        id: u64,
+        record: T,
+    ) -> Result<(), CatalogError> {
+        self.blocking(op, move |kv| {
+            kv.write(op, &|tx| {
+                bump_counter(tx, counter, id)?;
+                put_rec(tx, table, &id_key(id), &record)
+            })
+        })
+        .await
+    }
+
+    async fn get_numbered<T: Record + Send + 'static>(
+        &self,
+        op: &'static str,
+        table: Table,
+        id: u64,
+    ) -> Result<Option<T>, CatalogError> {
+        self.blocking(op, move |kv| {
+            let key = id_key(id);
+            kv.get(table, &key)?
+                .map(|b| decode(table.name(), &key, &b))
+                .transpose()
         })
         .await
     }
