@@ -8,4 +8,5 @@ pub mod journal;
 pub mod platform;
 pub mod requests;
 pub mod session;
+pub mod steps;
 pub mod storage;

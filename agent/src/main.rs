@@ -162,10 +162,11 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     ferry_agent::enrol::warn_if_open(&config.data_dir);
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
     let platform: Arc<dyn ferry_agent::platform::Platform> =
-        Arc::new(ferry_agent::platform::host::HostPlatform::new(
+        Arc::new(ferry_agent::platform::host::HostPlatform::with_copies(
             config.app_model()?,
             config.command_timeout(),
-        ));
+            &config.data_dir,
+        )?);
     tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
     // Whatever an interrupted operation stopped runs again before anything else.
     let journal = ferry_agent::journal::Journal::open(&config.data_dir)?;
@@ -173,15 +174,20 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
         tracing::error!("{problem}");
     }
     let cancel = tokio_util::sync::CancellationToken::new();
-    let session = tokio::spawn(ferry_agent::session::run(
-        settings,
-        platform,
-        cancel.clone(),
-    ));
+    let steps = ferry_agent::steps::StepCtx {
+        platform: platform.clone(),
+        journal: Some(journal.clone()),
+    };
+    let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();
     session.await?;
+    // A step cancelled by the shutdown may not have finished starting what
+    // it stopped: the journal knows, and is replayed before the agent exits.
+    for problem in ferry_agent::journal::replay(&journal, platform.as_ref()).await {
+        tracing::error!("{problem}");
+    }
     Ok(())
 }
 

@@ -29,6 +29,16 @@ pub enum PlatformError {
         stderr: String,
     },
     /// A retry may help.
+    #[error("app registry {}: {reason}", path.display())]
+    Registry {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("app {team}/{app} already exists on this agent")]
+    AppExists {
+        team: ferry_core::TeamName,
+        app: ferry_core::AppName,
+    },
     #[error("{action} of {component} did not finish within {secs} seconds")]
     Timeout {
         action: &'static str,
@@ -45,6 +55,8 @@ impl CodedError for PlatformError {
             // the host must change before a retry helps.
             Self::Spawn { .. } | Self::CommandFailed { .. } => ErrorCode::FailedPrecondition,
             Self::Timeout { .. } => ErrorCode::DeadlineExceeded,
+            Self::Registry { .. } => ErrorCode::Internal,
+            Self::AppExists { .. } => ErrorCode::AlreadyExists,
         }
     }
 }
@@ -67,4 +79,27 @@ pub trait Platform: Send + Sync {
 
     /// Starts a component; returns when the start command has succeeded.
     async fn start(&self, component: &ComponentRef) -> Result<(), PlatformError>;
+
+    /// Where restored copies' volumes go; none: this agent makes no copies.
+    fn copies_dir(&self) -> Option<std::path::PathBuf>;
+
+    /// An app's definition (component states unknown), if the agent has it.
+    fn app(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<App>;
+
+    /// The job that restored the copy `team/app`; none if it is no copy.
+    fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64>;
+
+    /// Ports the apps' commands declare, so that a copy picks others.
+    fn ports_in_use(&self) -> Vec<u16>;
+
+    /// Registers, durably, a copy restored by job `job`.
+    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError>;
+
+    /// Unregisters a copy, or retires a declared app (hidden from then on);
+    /// returns its definition, none if there was no such app.
+    async fn forget_app(
+        &self,
+        team: &ferry_core::TeamName,
+        app: &ferry_core::AppName,
+    ) -> Result<Option<App>, PlatformError>;
 }

@@ -53,6 +53,7 @@ impl CodedError for InventoryError {
 struct Ctx {
     tx: mpsc::Sender<pb::AgentMessage>,
     platform: Arc<dyn Platform>,
+    steps: crate::steps::StepCtx,
     /// Held while an inventory's parts are sent.
     inventory: Arc<Mutex<()>>,
     running: Arc<AtomicUsize>,
@@ -109,11 +110,12 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(tx: mpsc::Sender<pb::AgentMessage>, platform: Arc<dyn Platform>) -> Self {
+    pub fn new(tx: mpsc::Sender<pb::AgentMessage>, steps: crate::steps::StepCtx) -> Self {
         Self {
             ctx: Ctx {
                 tx,
-                platform,
+                platform: steps.platform.clone(),
+                steps,
                 inventory: Arc::new(Mutex::new(())),
                 running: Arc::new(AtomicUsize::new(0)),
             },
@@ -191,14 +193,25 @@ impl Dispatcher {
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
         ctx.running.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(async move {
-            let work = handle(&ctx, id, kind);
-            let result = tokio::select! {
+            let result = if is_step(&kind) {
+                // A job step handles its own cancel (it may have to start
+                // what it stopped first) and runs in a task of its own, so
+                // that the end of the session cannot cut it short.
+                let step = tokio::spawn(step(ctx.clone(), id, kind, cancel));
+                match step.await {
+                    Ok(r) => r,
+                    Err(e) => error(ErrorCode::Internal, format!("step task failed: {e}")),
+                }
+            } else {
+                let work = handle(&ctx, id, kind);
+                tokio::select! {
                 r = work => r,
                 () = cancel.cancelled() => error(ErrorCode::Cancelled, "cancelled"),
                 () = sleep_or_forever(timeout) => error(
                     ErrorCode::DeadlineExceeded,
                     format!("not done within {} ms", r.timeout_ms),
                 ),
+                }
             };
             ctx.running.fetch_sub(1, Ordering::Relaxed);
             let reply = pb::Reply {
@@ -250,6 +263,79 @@ async fn sleep_or_forever(d: Option<Duration>) {
     }
 }
 
+fn is_step(kind: &pb::request::Kind) -> bool {
+    use pb::request::Kind as K;
+    matches!(
+        kind,
+        K::BackupApp(_)
+            | K::RestoreApp(_)
+            | K::RemoveApp(_)
+            | K::CheckApp(_)
+            | K::ForgetBackup(_)
+            | K::VerifyBackup(_)
+            | K::Prune(_)
+    )
+}
+
+/// Runs a job step to its answer, progress sent as it goes.
+async fn step(
+    ctx: Ctx,
+    id: u64,
+    kind: pb::request::Kind,
+    cancel: CancellationToken,
+) -> pb::reply::Result {
+    use crate::steps;
+    use pb::reply::Result as R;
+    use pb::request::Kind as K;
+    let tx = ctx.tx.clone();
+    let last = Arc::new(std::sync::Mutex::new(
+        std::time::Instant::now() - PROGRESS_EVERY,
+    ));
+    let report: steps::Report = Arc::new(move |done, total, message| {
+        // At most one progress message per interval; the rest are dropped.
+        let mut at = last.lock().unwrap_or_else(|p| p.into_inner());
+        if at.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        *at = std::time::Instant::now();
+        let _ = tx.try_send(pb::AgentMessage {
+            kind: Some(AgentKind::Progress(pb::Progress {
+                id,
+                done,
+                total,
+                message,
+            })),
+        });
+    });
+    let s = &ctx.steps;
+    let result = match kind {
+        K::BackupApp(r) => steps::backup_app(s, r, cancel, report)
+            .await
+            .map(R::BackupApp),
+        K::RestoreApp(r) => steps::restore_app(s, r, cancel, report)
+            .await
+            .map(R::RestoreApp),
+        K::RemoveApp(r) => steps::remove_app(s, r).await.map(R::RemoveApp),
+        K::CheckApp(r) => {
+            tokio::select! {
+                r = steps::check_app(s, r) => r.map(R::CheckApp),
+                () = cancel.cancelled() => Err(steps::StepFailure { code: ErrorCode::Cancelled, message: "cancelled".into() }),
+            }
+        }
+        K::ForgetBackup(r) => steps::forget_backup(r, cancel).await.map(R::ForgetBackup),
+        K::VerifyBackup(r) => steps::verify_backup(r, cancel).await.map(R::VerifyBackup),
+        K::Prune(r) => steps::prune(r, cancel).await.map(R::Prune),
+        _ => Err(steps::StepFailure {
+            code: ErrorCode::Internal,
+            message: "not a job step".into(),
+        }),
+    };
+    result.unwrap_or_else(|f| error(f.code, f.message))
+}
+
+/// Progress of a job step is sent at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Result {
     match kind {
         pb::request::Kind::Ping(p) => {
@@ -300,6 +386,7 @@ async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Resul
             Ok(reply) => pb::reply::Result::ProbeStorage(reply),
             Err(f) => error(f.code, f.message),
         },
+        other => step(ctx.clone(), id, other, CancellationToken::new()).await,
     }
 }
 
@@ -312,7 +399,11 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let platform: Arc<dyn Platform> =
             Arc::new(HostPlatform::new(Vec::new(), Duration::from_secs(5)));
-        (Dispatcher::new(tx, platform), rx)
+        let steps = crate::steps::StepCtx {
+            platform,
+            journal: None,
+        };
+        (Dispatcher::new(tx, steps), rx)
     }
 
     fn ping(id: u64, hold_ms: u64, timeout_ms: u64) -> pb::Request {

@@ -3,7 +3,6 @@
 //! [`Dispatcher`]); reconnect with exponential backoff and jitter whenever
 //! the stream fails or the controller goes away.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_core::{Chain, CodedError, ErrorCode};
@@ -19,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::enrol::AgentFiles;
-use crate::platform::Platform;
 use crate::requests::Dispatcher;
 
 /// Inventory is re-sent this often even when nothing asked for it.
@@ -182,7 +180,7 @@ pub fn backoff_after(end: SessionEnd, current: Duration, min: Duration, max: Dur
 /// Keeps a session open until `cancel`; reconnects forever otherwise.
 pub async fn run(
     settings: SessionSettings,
-    platform: Arc<dyn Platform>,
+    steps: crate::steps::StepCtx,
     cancel: CancellationToken,
 ) {
     let mut backoff = settings.reconnect_min;
@@ -190,7 +188,7 @@ pub async fn run(
         let started = Instant::now();
         let mut established = false;
         let result = tokio::select! {
-            r = session_once(&settings, &platform, &cancel, &mut established) => r,
+            r = session_once(&settings, &steps, &cancel, &mut established) => r,
             () = cancel.cancelled() => Ok(()),
         };
         if cancel.is_cancelled() {
@@ -233,7 +231,7 @@ pub async fn run(
 /// controller's welcome arrives.
 async fn session_once(
     s: &SessionSettings,
-    platform: &Arc<dyn Platform>,
+    steps: &crate::steps::StepCtx,
     cancel: &CancellationToken,
     established: &mut bool,
 ) -> Result<(), SessionError> {
@@ -245,7 +243,7 @@ async fn session_once(
         cluster: s.cluster.clone(),
         node: s.node.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        platform: platform.name().to_owned(),
+        platform: steps.platform.name().to_owned(),
     })));
     let mut inbound = AgentSessionsClient::new(channel)
         .open_session(ReceiverStream::new(rx))
@@ -265,7 +263,7 @@ async fn session_once(
         Some(_) => return Err(SessionError::NoWelcome),
         None => return Err(SessionError::Closed),
     };
-    let mut requests = Dispatcher::new(tx.clone(), Arc::clone(platform));
+    let mut requests = Dispatcher::new(tx.clone(), steps.clone());
     let result = serve(&mut requests, &tx, &mut inbound, heartbeat, cancel).await;
     requests.shutdown().await;
     result

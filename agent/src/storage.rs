@@ -58,7 +58,7 @@ pub fn config(target: Option<pb::StorageTarget>) -> Result<StorageConfig, Storag
     Ok(config)
 }
 
-fn repo_failure(target: &str, e: RepoError) -> StorageFailure {
+pub fn repo_failure(target: &str, e: RepoError) -> StorageFailure {
     let code = match &e {
         RepoError::WrongPassword => ErrorCode::FailedPrecondition,
         e if e.is_transient() => ErrorCode::Unavailable,
@@ -100,6 +100,19 @@ async fn open_target(
         .await
         .map_err(|e| store_failure("open", &target, e))?;
     Ok((store, target, password))
+}
+
+/// Opens the target's repository with the password; returns it and the
+/// target's description for messages.
+pub async fn open_repository(
+    target: Option<pb::StorageTarget>,
+    password: Vec<u8>,
+) -> Result<(Repository, String), StorageFailure> {
+    let (store, target, password) = open_target(target, password).await?;
+    let repo = Repository::open(store, &password)
+        .await
+        .map_err(|e| repo_failure(&target, e))?;
+    Ok((repo, target))
 }
 
 /// Creates the repository at the target, or opens the one there with the

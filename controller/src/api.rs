@@ -9,6 +9,7 @@ pub mod agent_session;
 pub mod auth;
 pub mod enrolment;
 pub mod incoming;
+mod jobs;
 pub mod operator;
 mod storage;
 
@@ -39,6 +40,7 @@ use crate::pki::{Pki, PkiError};
 #[derive(Clone)]
 pub struct Shared {
     pub catalog: Arc<dyn Catalog>,
+    pub engine: crate::jobs::engine::Engine,
     pub pki: Arc<Pki>,
     pub fleet: Arc<Fleet>,
     /// Seals secrets kept in the catalog.
@@ -65,6 +67,10 @@ pub enum ApiError {
     Link(#[from] LinkError),
     #[error(transparent)]
     Seal(#[from] crate::seal::SealError),
+    #[error(transparent)]
+    Plan(#[from] crate::jobs::plan::PlanError),
+    #[error(transparent)]
+    Engine(#[from] crate::jobs::engine::EngineError),
     /// Nothing that could do it is reachable now.
     #[error("{0}")]
     Unavailable(String),
@@ -88,6 +94,8 @@ impl CodedError for ApiError {
             Self::Convert(e) => e.code(),
             Self::Link(e) => e.code(),
             Self::Seal(e) => e.code(),
+            Self::Plan(e) => e.code(),
+            Self::Engine(e) => e.code(),
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Invalid(_) => ErrorCode::InvalidArgument,
             Self::Denied(_) => ErrorCode::PermissionDenied,
@@ -102,6 +110,8 @@ impl CodedError for ApiError {
             Self::Convert(e) => e.retry_class(),
             Self::Link(e) => e.retry_class(),
             Self::Seal(e) => e.retry_class(),
+            Self::Plan(e) => e.retry_class(),
+            Self::Engine(e) => e.retry_class(),
             Self::Invalid(_) | Self::Denied(_) | Self::NotFound(_) | Self::Unavailable(_) => {
                 self.code().retry_class()
             }

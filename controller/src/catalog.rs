@@ -29,10 +29,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use error::CatalogError;
+pub use ferry_core::{BackupId, JobId};
 pub use name::{
     AgentId, AppName, ClusterName, ComponentName, LocationName, NodeName, TeamName, TokenHash,
 };
-pub use ferry_core::{BackupId, JobId};
 pub use record::{
     AgentRecord, App, AppFilter, AppRecord, BackupRecord, ClusterRecord, JobRecord, StorageKind,
     StorageRecord, TeamRecord, Timestamp, TokenRecord, TokenUse,

@@ -20,6 +20,24 @@ pub struct ServeConfig {
     /// How often last-seen times are flushed to the catalog.
     pub last_seen_flush: Duration,
     pub connections: ConnectionLimits,
+    /// Job steps: how long one waits for its offline agent, how many run
+    /// on one agent at once.
+    pub jobs: JobLimits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobLimits {
+    pub offline: Duration,
+    pub per_agent: usize,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            offline: Duration::from_secs(600),
+            per_agent: 2,
+        }
+    }
 }
 
 /// What a connection may take of the controller (see `api::incoming`).

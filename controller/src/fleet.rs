@@ -144,6 +144,28 @@ impl Fleet {
         v
     }
 
+    /// The link to an online agent, by its id.
+    pub fn link_of_agent(&self, agent: &AgentId) -> Option<Arc<Link>> {
+        self.lock()
+            .online
+            .values()
+            .find(|o| o.agent == *agent)
+            .map(|o| o.link.clone())
+    }
+
+    /// The online agents of a cluster with their nodes, ordered by node.
+    pub fn online_agents(&self, cluster: &ClusterName) -> Vec<(NodeName, AgentId)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .online
+            .iter()
+            .filter(|((c, _), _)| c == cluster)
+            .map(|((_, n), o)| (n.clone(), o.agent.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn online_count(&self) -> usize {
         self.lock().online.len()
     }

@@ -8,4 +8,7 @@
 //!   an offline agent up to a deadline; cancel; what a controller restart
 //!   leaves to resume or to fail.
 
+pub mod engine;
 pub mod machine;
+pub mod plan;
+pub mod work;

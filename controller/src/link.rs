@@ -248,6 +248,17 @@ impl Link {
         self.lock().pending.len()
     }
 
+    /// Asks the agent to stop request `id`, still awaiting its reply (a
+    /// job step that must clean up before it answers).
+    pub fn send_cancel(&self, id: u64) {
+        let cancel = pb::ControllerMessage {
+            kind: Some(ControllerKind::Cancel(pb::Cancel { id })),
+        };
+        if let Some(tx) = &*self.outbound.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.try_send(Ok(cancel));
+        }
+    }
+
     fn abandon(&self, id: u64) {
         if self.lock().pending.remove(&id).is_some() {
             let cancel = pb::ControllerMessage {

@@ -46,9 +46,7 @@ fn purpose(name: &LocationName) -> String {
 impl Secrets {
     /// Seals the secrets of location `name`, as stored in its record (hex).
     pub fn seal(&self, seal: &SealKey, name: &LocationName) -> String {
-        let plain = Zeroizing::new(
-            serde_json::to_vec(self).expect("invariant: secrets serialise"),
-        );
+        let plain = Zeroizing::new(serde_json::to_vec(self).expect("invariant: secrets serialise"));
         hex::encode(seal.seal(&purpose(name), &plain))
     }
 

@@ -62,6 +62,13 @@ enum Command {
         /// long, or a connection silent for three intervals, is closed.
         #[arg(long, env = "FERRY_KEEPALIVE_SECS", default_value_t = 30)]
         keepalive_secs: u64,
+        /// Seconds a job step waits for its agent to come online before it
+        /// fails.
+        #[arg(long, env = "FERRY_STEP_OFFLINE_SECS", default_value_t = 600)]
+        step_offline_secs: u64,
+        /// Job steps one agent runs at once; more wait their turn.
+        #[arg(long, env = "FERRY_STEPS_PER_AGENT", default_value_t = 2)]
+        steps_per_agent: usize,
     },
 }
 
@@ -104,6 +111,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections,
             handshake_timeout_secs,
             keepalive_secs,
+            step_offline_secs,
+            steps_per_agent,
         } => {
             let config = ServeConfig {
                 data_dir,
@@ -116,6 +125,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_connections: max_connections.max(1),
                     handshake_timeout: Duration::from_secs(handshake_timeout_secs.max(1)),
                     keepalive: Duration::from_secs(keepalive_secs.max(1)),
+                },
+                jobs: ferry_controller::config::JobLimits {
+                    offline: Duration::from_secs(step_offline_secs.max(1)),
+                    per_agent: steps_per_agent.max(1),
                 },
             };
             tokio::runtime::Runtime::new()

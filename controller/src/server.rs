@@ -55,7 +55,21 @@ pub async fn run(
         config.last_seen_flush,
         root.child_token(),
     ));
+    let limits = crate::jobs::machine::Limits {
+        offline_ms: u64::try_from(config.jobs.offline.as_millis()).unwrap_or(u64::MAX),
+        ..crate::jobs::machine::Limits::default()
+    };
+    let (engine, engine_task) = crate::jobs::engine::Engine::start(
+        catalog.clone(),
+        fleet.clone(),
+        seal.clone(),
+        limits,
+        config.jobs.per_agent,
+        root.child_token(),
+    )
+    .await?;
     let shared = Shared {
+        engine,
         catalog,
         pki: Arc::new(pki),
         fleet,
@@ -71,6 +85,9 @@ pub async fn run(
     })
     .await;
     root.cancel();
+    if let Err(e) = engine_task.await {
+        tracing::warn!(error = %e, "job engine task failed");
+    }
     if let Err(e) = flusher.await {
         tracing::warn!(error = %e, "last-seen flusher task failed");
     }

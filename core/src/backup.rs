@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 use crate::model::{App, HostPath};
-use crate::name::{BackupId, ClusterName, ComponentName, JobId, LocationName, NodeName, VolumeName};
+use crate::name::{
+    BackupId, ClusterName, ComponentName, JobId, LocationName, NodeName, VolumeName,
+};
 
 /// The manifest format this build writes, and the newest it reads.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -152,15 +154,14 @@ impl AppManifest {
                 return Err(format!("volume {} is listed twice", v.volume));
             }
             if v.snapshot.len() != 64 || !v.snapshot.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "volume {} has no valid snapshot id",
-                    v.volume
-                ));
+                return Err(format!("volume {} has no valid snapshot id", v.volume));
             }
         }
         for c in &self.stopped {
             if self.app.component(c).is_none() {
-                return Err(format!("stopped component {c} is not a component of the app"));
+                return Err(format!(
+                    "stopped component {c} is not a component of the app"
+                ));
             }
         }
         Ok(())
@@ -224,12 +225,17 @@ mod tests {
 
         let mut newer = serde_json::to_value(&m).expect("value");
         newer["format"] = 2.into();
-        let err = AppManifest::parse(&serde_json::to_vec(&newer).expect("json")).expect_err("newer");
+        let err =
+            AppManifest::parse(&serde_json::to_vec(&newer).expect("json")).expect_err("newer");
         assert!(err.contains("upgrade Ferry"), "{err}");
 
         let mut bad = m.clone();
         bad.volumes[0].volume = "/elsewhere".parse().expect("volume");
-        assert!(AppManifest::parse(&bad.to_json()).expect_err("unknown").contains("not a volume"));
+        assert!(
+            AppManifest::parse(&bad.to_json())
+                .expect_err("unknown")
+                .contains("not a volume")
+        );
         let mut bad = m.clone();
         bad.volumes[0].snapshot = "xyz".into();
         assert!(AppManifest::parse(&bad.to_json()).is_err());

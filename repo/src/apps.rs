@@ -113,9 +113,13 @@ mod tests {
         let repo = Repository::init(store.clone(), b"pw", "test")
             .await
             .expect("init");
-        repo.save_app_manifest("17", b"{\"a\":1}").await.expect("save");
+        repo.save_app_manifest("17", b"{\"a\":1}")
+            .await
+            .expect("save");
         // The same document again is fine; another is refused.
-        repo.save_app_manifest("17", b"{\"a\":1}").await.expect("again");
+        repo.save_app_manifest("17", b"{\"a\":1}")
+            .await
+            .expect("again");
         let err = repo
             .save_app_manifest("17", b"{\"a\":2}")
             .await

@@ -9,7 +9,11 @@ use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
-use ferry_core::{App, ComponentKind, HostComponent};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName};
 
 use super::{ComponentRef, ComponentState, Platform, PlatformError};
 
@@ -21,9 +25,104 @@ const STDERR_DRAIN: Duration = Duration::from_millis(200);
 /// The host platform driver.
 #[derive(Debug)]
 pub struct HostPlatform {
-    /// The declared apps; component states are filled per inventory.
-    apps: Vec<App>,
+    /// The declared apps and the registered copies; component states are
+    /// filled per inventory.
+    apps: std::sync::RwLock<Apps>,
     timeout: Duration,
+    /// Where copies are recorded (`D/apps.json`) and their volumes go
+    /// (`D/copies/`); none: copies cannot be made.
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Apps {
+    #[serde(skip)]
+    declared: Vec<App>,
+    #[serde(default)]
+    copies: Vec<Copy>,
+    /// Declared apps removed as the source of a move.
+    #[serde(default)]
+    retired: Vec<(TeamName, AppName)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Copy {
+    app: App,
+    /// The job that restored it.
+    job: u64,
+}
+
+impl Apps {
+    fn all(&self) -> impl Iterator<Item = &App> {
+        self.declared
+            .iter()
+            .filter(|a| !self.retired.contains(&(a.team.clone(), a.name.clone())))
+            .chain(self.copies.iter().map(|c| &c.app))
+    }
+}
+
+/// Where the registry of copies lives.
+fn registry_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("apps.json")
+}
+
+/// Expands `{port:NAME=DEFAULT}` placeholders to the port.
+pub fn expand_ports(arg: &str) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(start) = rest.find("{port:") {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        match tail.find('}') {
+            Some(end) => {
+                let inner = &tail[6..end];
+                match inner.split_once('=') {
+                    Some((_, port)) if port.parse::<u16>().is_ok() => out.push_str(port),
+                    _ => out.push_str(&tail[..=end]),
+                }
+                rest = &tail[end + 1..];
+            }
+            None => {
+                out.push_str(tail);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The ports an app's commands declare, by name.
+pub fn declared_ports(app: &App) -> std::collections::BTreeMap<String, u16> {
+    let mut ports = std::collections::BTreeMap::new();
+    for arg in commands_of(app).flat_map(|a| a.as_slice().iter()) {
+        let mut rest = arg.as_str();
+        while let Some(start) = rest.find("{port:") {
+            let tail = &rest[start + 6..];
+            let Some(end) = tail.find('}') else { break };
+            if let Some((name, port)) = tail[..end].split_once('=')
+                && let Ok(port) = port.parse::<u16>()
+            {
+                ports.insert(name.to_owned(), port);
+            }
+            rest = &tail[end..];
+        }
+    }
+    ports
+}
+
+fn commands_of(app: &App) -> impl Iterator<Item = &ferry_core::Argv> {
+    app.components.iter().flat_map(|c| match &c.kind {
+        ComponentKind::Host(HostComponent::Commands {
+            start,
+            stop,
+            status,
+        }) => vec![start, stop]
+            .into_iter()
+            .chain(status.iter())
+            .collect::<Vec<_>>(),
+        ComponentKind::Host(HostComponent::Systemd { .. }) => Vec::new(),
+    })
 }
 
 /// The outcome of one command.
@@ -38,16 +137,84 @@ impl HostPlatform {
     /// Builds the driver from the apps declared in the agent config
     /// ([`crate::config::AgentConfig::app_model`]).
     pub fn new(apps: Vec<App>, timeout: Duration) -> Self {
-        Self { apps, timeout }
+        Self {
+            apps: std::sync::RwLock::new(Apps {
+                declared: apps,
+                ..Apps::default()
+            }),
+            timeout,
+            data_dir: None,
+        }
     }
 
-    fn find(&self, r: &ComponentRef) -> Result<&HostComponent, PlatformError> {
-        self.apps
-            .iter()
+    /// The driver with the copies recorded under `data_dir` (restored
+    /// apps), which it can add to.
+    pub fn with_copies(
+        apps: Vec<App>,
+        timeout: Duration,
+        data_dir: &Path,
+    ) -> Result<Self, PlatformError> {
+        let path = registry_path(data_dir);
+        let mut registry: Apps = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PlatformError::Registry {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Apps::default(),
+            Err(e) => {
+                return Err(PlatformError::Registry {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        registry.declared = apps;
+        Ok(Self {
+            apps: std::sync::RwLock::new(registry),
+            timeout,
+            data_dir: Some(data_dir.to_owned()),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Apps> {
+        self.apps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the registry (temp file, fsync, rename, fsync of the dir).
+    fn save(&self, apps: &Apps) -> Result<(), PlatformError> {
+        let Some(dir) = &self.data_dir else {
+            return Err(PlatformError::Registry {
+                path: PathBuf::from("(none)"),
+                reason: "this agent keeps no registry of copies".into(),
+            });
+        };
+        let path = registry_path(dir);
+        let err = |e: std::io::Error| PlatformError::Registry {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let text = serde_json::to_vec_pretty(apps).map_err(|e| err(e.into()))?;
+        let tmp = dir.join(".apps.json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(&text)
+                .and_then(|()| f.sync_all())
+                .map_err(err)?;
+        }
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
+    }
+
+    fn find(&self, r: &ComponentRef) -> Result<HostComponent, PlatformError> {
+        self.read()
+            .all()
             .filter(|a| a.team == r.team && a.name == r.app)
             .find_map(|a| a.component(&r.component))
             .map(|c| match &c.kind {
-                ComponentKind::Host(h) => h,
+                ComponentKind::Host(h) => h.clone(),
             })
             .ok_or_else(|| PlatformError::UnknownComponent {
                 component: Box::new(r.clone()),
@@ -71,8 +238,10 @@ impl HostPlatform {
                 "empty command",
             ))
         })?;
-        let mut child = Command::new(program)
-            .args(args)
+        let mut child = Command::new(expand_ports(program))
+            .args(args.iter().map(|a| expand_ports(a)))
+            .env("FERRY_TEAM", component.team.as_str())
+            .env("FERRY_APP", component.app.as_str())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -152,8 +321,79 @@ impl Platform for HostPlatform {
         "host"
     }
 
+    fn copies_dir(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|d| d.join("copies"))
+    }
+
+    fn app(&self, team: &TeamName, app: &AppName) -> Option<App> {
+        self.read()
+            .all()
+            .find(|a| a.team == *team && a.name == *app)
+            .cloned()
+    }
+
+    fn copy_job(&self, team: &TeamName, app: &AppName) -> Option<u64> {
+        self.read()
+            .copies
+            .iter()
+            .find(|c| c.app.team == *team && c.app.name == *app)
+            .map(|c| c.job)
+    }
+
+    fn ports_in_use(&self) -> Vec<u16> {
+        self.read()
+            .all()
+            .flat_map(|a| declared_ports(a).into_values())
+            .collect()
+    }
+
+    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
+        let mut apps = self.read().clone();
+        apps.declared = self.read().declared.clone();
+        if apps.all().any(|a| a.team == app.team && a.name == app.name) {
+            return Err(PlatformError::AppExists {
+                team: app.team,
+                app: app.name,
+            });
+        }
+        apps.copies.push(Copy { app, job });
+        self.save(&apps)?;
+        *self.apps.write().unwrap_or_else(|p| p.into_inner()) = apps;
+        Ok(())
+    }
+
+    async fn forget_app(
+        &self,
+        team: &TeamName,
+        app: &AppName,
+    ) -> Result<Option<App>, PlatformError> {
+        let mut apps = self.read().clone();
+        apps.declared = self.read().declared.clone();
+        let found = if let Some(i) = apps
+            .copies
+            .iter()
+            .position(|c| c.app.team == *team && c.app.name == *app)
+        {
+            Some(apps.copies.remove(i).app)
+        } else {
+            let found = apps
+                .all()
+                .find(|a| a.team == *team && a.name == *app)
+                .cloned();
+            if found.is_some() {
+                apps.retired.push((team.clone(), app.clone()));
+            }
+            found
+        };
+        if found.is_some() {
+            self.save(&apps)?;
+            *self.apps.write().unwrap_or_else(|p| p.into_inner()) = apps;
+        }
+        Ok(found)
+    }
+
     async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
-        let mut apps = self.apps.clone();
+        let mut apps: Vec<App> = self.read().all().cloned().collect();
         for app in &mut apps {
             for c in &mut app.components {
                 let r = ComponentRef {

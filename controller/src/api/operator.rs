@@ -307,6 +307,17 @@ type PingStream = Pin<Box<dyn Stream<Item = Result<pb::PingAgentEvent, Status>> 
 #[tonic::async_trait]
 impl Operator for OperatorApi {
     type PingAgentStream = PingStream;
+    type WatchJobStream = super::jobs::JobStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        respond(
+            "watch_job",
+            OperatorApi::watch_job(self, request.into_inner()).await,
+        )
+    }
 
     async fn ping_agent(
         &self,
@@ -415,6 +426,105 @@ impl Operator for OperatorApi {
         respond(
             "remove_storage",
             OperatorApi::remove_storage(self, request.into_inner()).await,
+        )
+    }
+    async fn backup_app(
+        &self,
+        request: Request<pb::BackupAppJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "backup_app",
+            OperatorApi::backup_app(self, request.into_inner()).await,
+        )
+    }
+
+    async fn restore_backup(
+        &self,
+        request: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "restore_backup",
+            OperatorApi::restore_backup(self, request.into_inner()).await,
+        )
+    }
+
+    async fn migrate_app(
+        &self,
+        request: Request<pb::MigrateAppRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "migrate_app",
+            OperatorApi::migrate_app(self, request.into_inner()).await,
+        )
+    }
+
+    async fn delete_backup(
+        &self,
+        request: Request<pb::DeleteBackupRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "delete_backup",
+            OperatorApi::delete_backup(self, request.into_inner()).await,
+        )
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<pb::VerifyBackupJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "verify_backup",
+            OperatorApi::verify_backup(self, request.into_inner()).await,
+        )
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        respond(
+            "list_jobs",
+            OperatorApi::list_jobs(self, request.into_inner()).await,
+        )
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "get_job",
+            OperatorApi::get_job(self, request.into_inner()).await,
+        )
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        respond(
+            "cancel_job",
+            OperatorApi::cancel_job(self, request.into_inner()).await,
+        )
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        respond(
+            "list_backups",
+            OperatorApi::list_backups(self, request.into_inner()).await,
+        )
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        respond(
+            "get_backup",
+            OperatorApi::get_backup(self, request.into_inner()).await,
         )
     }
 }

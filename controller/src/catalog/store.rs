@@ -871,7 +871,9 @@ impl<K: Kv> Catalog for KvCatalog<K> {
 
     async fn remove_backup(&self, id: BackupId) -> Result<bool, CatalogError> {
         self.blocking("remove backup", move |kv| {
-            kv.write("remove backup", &|tx| tx.remove(Table::Backups, &id_key(id.get())))
+            kv.write("remove backup", &|tx| {
+                tx.remove(Table::Backups, &id_key(id.get()))
+            })
         })
         .await
     }

@@ -1,0 +1,757 @@
+//! Job steps the controller hands to this agent: back up an app, restore
+//! a backup as a copy, remove an app, check that one runs, forget, verify
+//! and prune backups.
+//!
+//! Every step is idempotent: run again (a retry, or after a restart of
+//! either daemon) it finds what an earlier run left and goes on. A step is
+//! cancelled through its token; a backup that has stopped components
+//! starts them again before it answers, whatever happened.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_core::{
+    App, AppManifest, AppName, BackupId, BackupMode, BackupTimings, Chain, ClusterName,
+    ComponentKind, ComponentName, ComponentRef, ComponentState, ErrorCode, HostComponent, HostPath,
+    JobId, NodeName, TeamName, Timestamp, Volume, VolumeSnapshot,
+};
+use ferry_proto::v1 as pb;
+use ferry_repo::Repository;
+use ferry_repo::backup::{BackupOptions, ProgressInfo};
+use ferry_repo::format::SnapshotId;
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::{self, Journal};
+use crate::platform::{Platform, PlatformError};
+use crate::storage::{StorageFailure, open_repository, repo_failure};
+
+/// Why a step failed, with the code the controller sees.
+pub type StepResult<T> = Result<T, StepFailure>;
+
+#[derive(Debug)]
+pub struct StepFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl From<StorageFailure> for StepFailure {
+    fn from(f: StorageFailure) -> Self {
+        Self {
+            code: f.code,
+            message: f.message,
+        }
+    }
+}
+
+impl From<PlatformError> for StepFailure {
+    fn from(e: PlatformError) -> Self {
+        use ferry_core::CodedError;
+        Self {
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> StepFailure {
+    StepFailure {
+        code,
+        message: message.into(),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> StepFailure {
+    fail(ErrorCode::InvalidArgument, message)
+}
+
+fn name<T: std::str::FromStr<Err = ferry_core::NameError>>(what: &str, v: &str) -> StepResult<T> {
+    v.parse().map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+/// Sends a step's progress.
+pub type Report = Arc<dyn Fn(u64, u64, String) + Send + Sync>;
+
+/// What steps share.
+#[derive(Clone)]
+pub struct StepCtx {
+    pub platform: Arc<dyn Platform>,
+    pub journal: Option<Journal>,
+}
+
+/// Components in start order: each after those it depends on.
+fn start_order(app: &App) -> Vec<ComponentName> {
+    let mut done: Vec<ComponentName> = Vec::new();
+    while done.len() < app.components.len() {
+        let before = done.len();
+        for c in &app.components {
+            if !done.contains(&c.name) && c.depends_on.iter().all(|d| done.contains(d)) {
+                done.push(c.name.clone());
+            }
+        }
+        if done.len() == before {
+            // A cycle (refused by App::validate): the rest as declared.
+            for c in &app.components {
+                if !done.contains(&c.name) {
+                    done.push(c.name.clone());
+                }
+            }
+        }
+    }
+    done
+}
+
+fn repo_err(target: &str, e: ferry_repo::RepoError) -> StepFailure {
+    if matches!(e, ferry_repo::RepoError::Cancelled) {
+        return fail(ErrorCode::Cancelled, "cancelled");
+    }
+    repo_failure(target, e).into()
+}
+
+// ---- backup -------------------------------------------------------------
+
+pub async fn backup_app(
+    ctx: &StepCtx,
+    r: pb::BackupAppRequest,
+    cancel: CancellationToken,
+    report: Report,
+) -> StepResult<pb::BackupAppReply> {
+    let started_at = Timestamp::now();
+    let started = Instant::now();
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let mode: BackupMode = r.mode.parse().map_err(invalid)?;
+    let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
+    let step = r.step.unwrap_or_default();
+    let job = JobId::new(step.job_id).map_err(|e| invalid(e.to_string()))?;
+    let app = ctx.platform.app(&team, &app_name).ok_or_else(|| {
+        fail(
+            ErrorCode::NotFound,
+            format!("app {team}/{app_name} is not on this agent"),
+        )
+    })?;
+    let (repo, target) = open_repository(r.target, r.password).await?;
+    let repo = repo.with_cancel(cancel.clone());
+    let object = AppManifest::object_name(backup);
+    // Done before (the answer was lost): the same manifest.
+    if let Some(doc) = repo
+        .load_app_manifest(&object)
+        .await
+        .map_err(|e| repo_err(&target, e))?
+    {
+        tracing::info!(backup = %backup, "backup already committed; answering with its manifest");
+        return Ok(pb::BackupAppReply { manifest: doc });
+    }
+
+    // Which stateful components run now: those are what cold mode stops.
+    let mut running = Vec::new();
+    for c in start_order(&app) {
+        let comp = app.component(&c).expect("invariant: ordered from the app");
+        let r = app.reference(&c);
+        let state = ctx.platform.status(&r).await?;
+        if comp.stateful && state == ComponentState::Running {
+            running.push(r);
+        } else if comp.stateful && state == ComponentState::Unknown && mode != BackupMode::Hot {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!("cannot tell whether {r} runs (it has no status command); give it one"),
+            ));
+        }
+    }
+    if mode == BackupMode::Refuse
+        && let Some(r) = running.first()
+    {
+        return Err(fail(
+            ErrorCode::FailedPrecondition,
+            format!("{r} runs, and mode refuse backs up only stopped apps; nothing was stopped"),
+        ));
+    }
+    let volumes = app.volumes.clone();
+    let total: u64 = 0;
+    let tags = |pass: &str| {
+        BTreeMap::from([
+            ("ferry.backup".to_owned(), backup.to_string()),
+            ("ferry.pass".to_owned(), pass.to_owned()),
+            ("ferry.volume".to_owned(), String::new()),
+        ])
+    };
+
+    // Pass one, while the app runs.
+    let cold = mode == BackupMode::Cold && !running.is_empty();
+    let first_pass = if cold { "pre-copy" } else { "copy" };
+    let mut pre: Vec<SnapshotId> = Vec::new();
+    for v in &volumes {
+        let mut t = tags(if cold { "pre" } else { "final" });
+        t.insert("ferry.volume".into(), v.name.to_string());
+        let snap = copy_volume(&repo, &target, v, t, None, first_pass, &report, total).await?;
+        pre.push(snap);
+    }
+    let pre_copy_ms = ms(started.elapsed());
+
+    let mut stopped: Vec<ComponentRef> = Vec::new();
+    let mut timings = BackupTimings {
+        pre_copy_ms,
+        ..BackupTimings::default()
+    };
+    let finals = if cold {
+        // Record what is about to stop, durably, before stopping anything.
+        let key = format!("job-{}-{}", step.job_id, step.index);
+        let stop_order: Vec<ComponentRef> = running.iter().rev().cloned().collect();
+        if let Some(j) = &ctx.journal {
+            j.record(&key, &stop_order)
+                .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?;
+        }
+        let stop_at = Instant::now();
+        let result = async {
+            for c in &stop_order {
+                report(0, 0, format!("stopping {c}"));
+                ctx.platform.stop(c).await?;
+                stopped.push(c.clone());
+            }
+            let delta = Instant::now();
+            let mut finals = Vec::new();
+            for (v, parent) in volumes.iter().zip(&pre) {
+                let mut t = tags("final");
+                t.insert("ferry.volume".into(), v.name.to_string());
+                finals.push(
+                    copy_volume(
+                        &repo,
+                        &target,
+                        v,
+                        t,
+                        Some(*parent),
+                        "delta pass",
+                        &report,
+                        total,
+                    )
+                    .await?,
+                );
+            }
+            Ok::<_, StepFailure>((finals, ms(delta.elapsed())))
+        }
+        .await;
+        // Whatever happened: start again exactly what was stopped, in
+        // start order, never what was not.
+        let entry = journal::Entry {
+            key: key.clone(),
+            stopped: stopped.clone(),
+        };
+        report(0, 0, "starting the app again".into());
+        let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
+        let wait = wait_running(ctx.platform.as_ref(), &stopped, Duration::from_secs(60)).await;
+        timings.downtime_ms = ms(stop_at.elapsed());
+        match (&restarted, &wait) {
+            (Ok(()), Ok(())) => {
+                if let Some(j) = &ctx.journal
+                    && let Err(e) = j.clear(&key)
+                {
+                    tracing::error!(error = %e, "journal entry not cleared");
+                }
+            }
+            _ => {
+                tracing::error!(journal = %key, "components Ferry stopped did not all start again; the journal keeps them")
+            }
+        }
+        let (finals, delta_ms) = result?;
+        restarted?;
+        wait.map_err(|m| fail(ErrorCode::FailedPrecondition, m))?;
+        timings.delta_ms = delta_ms;
+        // The pre-copy snapshots are superseded by the final ones (their
+        // data is shared); forget them so only the final state is listed.
+        if let Err(e) = repo.forget(&pre).await {
+            tracing::warn!(error = %Chain(&e), "pre-copy snapshots not forgotten");
+        }
+        finals
+    } else {
+        pre
+    };
+
+    let mut vols = Vec::with_capacity(volumes.len());
+    for (v, snap) in volumes.iter().zip(&finals) {
+        let s = repo
+            .load_snapshot(*snap)
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        timings.bytes_new += s.summary.bytes_new;
+        vols.push(VolumeSnapshot {
+            volume: v.name.clone(),
+            path: v.path.clone(),
+            snapshot: snap.to_hex(),
+            files: s.summary.files,
+            bytes: s.summary.bytes_total,
+        });
+    }
+    timings.total_ms = ms(started.elapsed());
+    let mut captured = app.clone();
+    for c in &mut captured.components {
+        c.state = ComponentState::Unknown;
+    }
+    let manifest = AppManifest {
+        format: ferry_core::backup::MANIFEST_FORMAT,
+        backup,
+        job,
+        storage: name("storage", &r.storage)?,
+        ferry_version: env!("CARGO_PKG_VERSION").to_owned(),
+        cluster: name::<ClusterName>("cluster", &r.cluster)?,
+        node: name::<NodeName>("node", &r.node)?,
+        app: captured,
+        mode,
+        stopped: stopped.iter().map(|c| c.component.clone()).collect(),
+        volumes: vols,
+        started_at,
+        finished_at: Timestamp::now(),
+        timings,
+    };
+    let doc = manifest.to_json();
+    // The commit point.
+    repo.save_app_manifest(&object, &doc)
+        .await
+        .map_err(|e| repo_err(&target, e))?;
+    tracing::info!(backup = %backup, app = %app_name, team = %team, downtime_ms = manifest.timings.downtime_ms, "backup committed");
+    Ok(pb::BackupAppReply { manifest: doc })
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_volume(
+    repo: &Repository,
+    target: &str,
+    v: &Volume,
+    tags: BTreeMap<String, String>,
+    parent: Option<SnapshotId>,
+    pass: &str,
+    report: &Report,
+    total: u64,
+) -> StepResult<SnapshotId> {
+    let line = format!("{pass} of {}", v.path);
+    report(0, total, line.clone());
+    let r = report.clone();
+    let progress = Arc::new(move |p: &ProgressInfo| {
+        r(p.bytes, total, format!("{line}: {} files", p.files));
+    });
+    let opts = BackupOptions {
+        tags,
+        parent,
+        no_parent: parent.is_none(),
+        ..BackupOptions::default()
+    };
+    let out = repo
+        .backup(v.path.as_path(), opts, Some(progress))
+        .await
+        .map_err(|e| repo_err(target, e))?;
+    out.id
+        .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))
+}
+
+/// Waits until every component runs, or says which do not.
+async fn wait_running(
+    platform: &dyn Platform,
+    components: &[ComponentRef],
+    wait: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut down = Vec::new();
+        for c in components {
+            match platform.status(c).await {
+                Ok(ComponentState::Running) => {}
+                Ok(s) => down.push(format!("{c} is {s}")),
+                Err(e) => down.push(e.to_string()),
+            }
+        }
+        if down.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not running after {} s: {}",
+                wait.as_secs(),
+                down.join("; ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- restore ------------------------------------------------------------
+
+/// Replaces `{port:NAME=OLD}` with `{port:NAME=NEW}` where NAME is remapped.
+fn remap_ports(arg: &str, ports: &BTreeMap<String, (u16, u16)>) -> String {
+    let mut out = arg.to_owned();
+    for (name, (old, new)) in ports {
+        out = out.replace(
+            &format!("{{port:{name}={old}}}"),
+            &format!("{{port:{name}={new}}}"),
+        );
+    }
+    out
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// The copy of `app` as `team/name`, with its volumes at `paths` and its
+/// ports moved where the original's are taken.
+fn copy_of(
+    app: &App,
+    team: &TeamName,
+    name: &AppName,
+    paths: &[PathBuf],
+    taken: &[u16],
+) -> StepResult<(App, Vec<String>)> {
+    // Longest first, so /a/b is replaced before /a.
+    let mut moves: Vec<(String, String)> = app
+        .volumes
+        .iter()
+        .zip(paths)
+        .map(|(v, p)| (v.path.to_string(), p.display().to_string()))
+        .collect();
+    moves.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+    let mut ports = BTreeMap::new();
+    let mut used: Vec<u16> = taken.to_vec();
+    for (pname, port) in crate::platform::host::declared_ports(app) {
+        let mut p = port;
+        while used.contains(&p) || !port_free(p) {
+            p = p.checked_add(1).ok_or_else(|| {
+                fail(
+                    ErrorCode::Unavailable,
+                    format!("no free port above {port} for {pname}"),
+                )
+            })?;
+        }
+        used.push(p);
+        if p != port {
+            ports.insert(pname, (port, p));
+        }
+    }
+    let rewrite = |arg: &String| {
+        let mut a = arg.clone();
+        for (from, to) in &moves {
+            a = a.replace(from.as_str(), to);
+        }
+        remap_ports(&a, &ports)
+    };
+    let argv = |a: &ferry_core::Argv| {
+        ferry_core::Argv::new(a.as_slice().iter().map(rewrite).collect())
+            .map_err(|e| invalid(e.to_string()))
+    };
+    let mut copy = app.clone();
+    copy.team = team.clone();
+    copy.name = name.clone();
+    for (v, p) in copy.volumes.iter_mut().zip(paths) {
+        v.path = HostPath::new(p.display().to_string()).map_err(|e| invalid(e.to_string()))?;
+    }
+    for c in &mut copy.components {
+        c.state = ComponentState::Unknown;
+        if let ComponentKind::Host(HostComponent::Commands {
+            start,
+            stop,
+            status,
+        }) = &c.kind
+        {
+            c.kind = ComponentKind::Host(HostComponent::Commands {
+                start: argv(start)?,
+                stop: argv(stop)?,
+                status: status.as_ref().map(argv).transpose()?,
+            });
+        } else {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "component {} is a systemd unit; a copy needs start/stop commands (a unit cannot run twice)",
+                    c.name
+                ),
+            ));
+        }
+    }
+    copy.validate().map_err(|e| invalid(e.to_string()))?;
+    let remapped = ports
+        .iter()
+        .map(|(n, (_, new))| format!("{n}={new}"))
+        .collect();
+    Ok((copy, remapped))
+}
+
+pub async fn restore_app(
+    ctx: &StepCtx,
+    r: pb::RestoreAppRequest,
+    cancel: CancellationToken,
+    report: Report,
+) -> StepResult<pb::RestoreAppReply> {
+    let manifest =
+        AppManifest::parse(&r.manifest).map_err(|e| invalid(format!("manifest: {e}")))?;
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let job = r.step.unwrap_or_default().job_id;
+    let root = ctx.platform.copies_dir().ok_or_else(|| {
+        fail(
+            ErrorCode::FailedPrecondition,
+            "this agent cannot hold copies",
+        )
+    })?;
+    // Done before (the answer was lost)?
+    if let Some(existing) = ctx.platform.app(&team, &app_name) {
+        if ctx.platform.copy_job(&team, &app_name) == Some(job) {
+            return Ok(pb::RestoreAppReply {
+                volume_paths: existing
+                    .volumes
+                    .iter()
+                    .map(|v| v.path.to_string())
+                    .collect(),
+                remapped_ports: Vec::new(),
+            });
+        }
+        return Err(fail(
+            ErrorCode::AlreadyExists,
+            format!("app {team}/{app_name} already exists on this agent"),
+        ));
+    }
+    let (repo, target) = open_repository(r.target, r.password).await?;
+    let repo = repo.with_cancel(cancel);
+    let base = root.join(team.as_str()).join(app_name.as_str());
+    let mut paths = Vec::new();
+    for (i, v) in manifest.volumes.iter().enumerate() {
+        let dir = base.join(format!("v{i}"));
+        let partial = base.join(format!(".v{i}.partial"));
+        // What an interrupted attempt left goes first.
+        for p in [&partial, &dir] {
+            if p.exists() {
+                std::fs::remove_dir_all(p).map_err(|e| {
+                    fail(
+                        ErrorCode::Internal,
+                        format!("cannot clear {}: {e}", p.display()),
+                    )
+                })?;
+            }
+        }
+        std::fs::create_dir_all(&base).map_err(|e| {
+            fail(
+                ErrorCode::Internal,
+                format!("cannot create {}: {e}", base.display()),
+            )
+        })?;
+        let snap: SnapshotId = v
+            .snapshot
+            .parse()
+            .map_err(|_| invalid(format!("snapshot id of volume {}", v.volume)))?;
+        let line = format!("restore {} to {}", v.volume, dir.display());
+        report(0, v.bytes, line.clone());
+        let rep = report.clone();
+        let total = v.bytes;
+        let progress = Arc::new(move |p: &ProgressInfo| rep(p.bytes, total, line.clone()));
+        repo.restore(snap, None, &partial, Some(progress))
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        std::fs::rename(&partial, &dir).map_err(|e| {
+            fail(
+                ErrorCode::Internal,
+                format!("cannot move {} into place: {e}", dir.display()),
+            )
+        })?;
+        paths.push(dir);
+    }
+    // Volumes the manifest has no snapshot for (none today) start empty.
+    let mut all_paths = Vec::new();
+    for v in &manifest.app.volumes {
+        match manifest.volumes.iter().position(|s| s.volume == v.name) {
+            Some(i) => all_paths.push(paths[i].clone()),
+            None => {
+                let d = base.join(format!("empty-{}", all_paths.len()));
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+                all_paths.push(d);
+            }
+        }
+    }
+    let (copy, remapped) = copy_of(
+        &manifest.app,
+        &team,
+        &app_name,
+        &all_paths,
+        &ctx.platform.ports_in_use(),
+    )?;
+    ctx.platform.add_copy(copy.clone(), job).await?;
+    report(0, 0, format!("starting {team}/{app_name}"));
+    for c in start_order(&copy) {
+        let r = copy.reference(&c);
+        if ctx.platform.status(&r).await? != ComponentState::Running {
+            ctx.platform.start(&r).await?;
+        }
+    }
+    tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
+    Ok(pb::RestoreAppReply {
+        volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
+        remapped_ports: remapped,
+    })
+}
+
+// ---- remove, check ------------------------------------------------------
+
+pub async fn remove_app(ctx: &StepCtx, r: pb::RemoveAppRequest) -> StepResult<pb::RemoveAppReply> {
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let Some(app) = ctx.platform.app(&team, &app_name) else {
+        return Ok(pb::RemoveAppReply { removed: false });
+    };
+    let copy_job = ctx.platform.copy_job(&team, &app_name);
+    if r.restored_by_job != 0 && copy_job != Some(r.restored_by_job) {
+        // Not the copy this job made: not ours to remove.
+        return Ok(pb::RemoveAppReply { removed: false });
+    }
+    for c in start_order(&app).iter().rev() {
+        let cr = app.reference(c);
+        if ctx.platform.status(&cr).await? != ComponentState::Stopped {
+            ctx.platform.stop(&cr).await?;
+        }
+    }
+    ctx.platform.forget_app(&team, &app_name).await?;
+    if r.delete_data && copy_job.is_some() {
+        let root = ctx.platform.copies_dir();
+        for v in &app.volumes {
+            // Only directories under the copies root are Ferry's to delete.
+            if root
+                .as_ref()
+                .is_some_and(|root| v.path.as_path().starts_with(root))
+                && let Err(e) = std::fs::remove_dir_all(v.path.as_path())
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(fail(
+                    ErrorCode::Internal,
+                    format!("cannot remove {}: {e}", v.path),
+                ));
+            }
+        }
+    }
+    tracing::info!(team = %team, app = %app_name, copy = copy_job.is_some(), "app removed");
+    Ok(pb::RemoveAppReply { removed: true })
+}
+
+pub async fn check_app(ctx: &StepCtx, r: pb::CheckAppRequest) -> StepResult<pb::CheckAppReply> {
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let app = ctx.platform.app(&team, &app_name).ok_or_else(|| {
+        fail(
+            ErrorCode::NotFound,
+            format!("app {team}/{app_name} is not on this agent"),
+        )
+    })?;
+    let refs: Vec<ComponentRef> = app
+        .components
+        .iter()
+        .map(|c| app.reference(&c.name))
+        .collect();
+    wait_running(
+        ctx.platform.as_ref(),
+        &refs,
+        Duration::from_millis(r.wait_ms),
+    )
+    .await
+    .map_err(|m| {
+        fail(
+            ErrorCode::FailedPrecondition,
+            format!("app {team}/{app_name}: {m}"),
+        )
+    })?;
+    Ok(pb::CheckAppReply {
+        running: app.components.iter().map(|c| c.name.to_string()).collect(),
+    })
+}
+
+// ---- forget, verify, prune ----------------------------------------------
+
+fn snapshot_ids(ids: &[String]) -> StepResult<Vec<SnapshotId>> {
+    ids.iter()
+        .map(|s| s.parse().map_err(|_| invalid(format!("snapshot id {s:?}"))))
+        .collect()
+}
+
+pub async fn forget_backup(
+    r: pb::ForgetBackupRequest,
+    cancel: CancellationToken,
+) -> StepResult<pb::ForgetBackupReply> {
+    let (repo, target) = open_repository(r.target, r.password).await?;
+    let repo = repo.with_cancel(cancel);
+    let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
+    // The manifest first: once it is gone, so is the backup.
+    repo.remove_app_manifest(&AppManifest::object_name(backup))
+        .await
+        .map_err(|e| repo_err(&target, e))?;
+    let present: std::collections::HashSet<SnapshotId> = repo
+        .snapshot_ids()
+        .await
+        .map_err(|e| repo_err(&target, e))?
+        .into_iter()
+        .collect();
+    let ids: Vec<SnapshotId> = snapshot_ids(&r.snapshots)?
+        .into_iter()
+        .filter(|s| present.contains(s))
+        .collect();
+    repo.forget(&ids).await.map_err(|e| repo_err(&target, e))?;
+    Ok(pb::ForgetBackupReply {
+        snapshots_forgotten: u32::try_from(ids.len()).unwrap_or(u32::MAX),
+    })
+}
+
+pub async fn verify_backup(
+    r: pb::VerifyBackupRequest,
+    cancel: CancellationToken,
+) -> StepResult<pb::VerifyBackupReply> {
+    let (repo, target) = open_repository(r.target, r.password).await?;
+    let repo = repo.with_cancel(cancel);
+    let pct = u8::try_from(r.read_data_percent.min(100)).unwrap_or(100);
+    let mut lines = Vec::new();
+    for snap in snapshot_ids(&r.snapshots)? {
+        let report = repo
+            .verify(ferry_repo::verify::VerifyOptions {
+                snapshot: Some(snap),
+                read_data_percent: (pct > 0).then_some(pct),
+            })
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        if let Some(first) = report.problems.first() {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "backup {} snapshot {} has {} problem(s); first: {first}",
+                    r.backup_id,
+                    snap.short(),
+                    report.problems.len()
+                ),
+            ));
+        }
+        lines.push(format!(
+            "snapshot {}: {} trees, {} blobs, {} packs read",
+            snap.short(),
+            report.trees,
+            report.data_blobs,
+            report.packs_read
+        ));
+    }
+    Ok(pb::VerifyBackupReply {
+        summary: lines.join("; "),
+    })
+}
+
+/// Packs no snapshot uses are deleted by a prune this long after an
+/// earlier one marked them.
+const PRUNE_SAFETY_DELAY: Duration = Duration::from_secs(3600);
+
+pub async fn prune(r: pb::PruneRequest, cancel: CancellationToken) -> StepResult<pb::PruneReply> {
+    let (repo, target) = open_repository(r.target, r.password).await?;
+    let repo = repo.with_cancel(cancel);
+    let report = repo
+        .prune(PRUNE_SAFETY_DELAY)
+        .await
+        .map_err(|e| repo_err(&target, e))?;
+    Ok(pb::PruneReply {
+        summary: format!(
+            "{} packs newly marked unused, {} deleted ({} bytes)",
+            report.packs_newly_marked, report.packs_deleted, report.bytes_deleted
+        ),
+    })
+}
