@@ -69,6 +69,12 @@ enum Noun {
     /// Storage locations: where backups go
     #[command(subcommand)]
     Storage(crate::storage::StorageVerb),
+    /// Backups: list, show, restore as a copy, verify, delete
+    #[command(subcommand)]
+    Backup(crate::jobs::BackupVerb),
+    /// Jobs: every backup, restore, migration, deletion and verification
+    #[command(subcommand)]
+    Job(crate::jobs::JobVerb),
     /// Show the connection settings in effect and where they come from
     Config,
 }
@@ -123,6 +129,10 @@ enum AppVerb {
         #[arg(long)]
         team: Option<String>,
     },
+    /// Back an app up: its definition and its volumes, at one moment
+    Backup(crate::jobs::BackupArgs),
+    /// Move an app to another cluster or team: backup, restore as a copy, check it runs
+    Migrate(crate::jobs::MigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +202,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             token_create(&effective, out, cluster, ttl).await
         }
         Noun::Storage(verb) => crate::storage::run(&effective, out, verb).await,
+        Noun::App(AppVerb::Backup(a)) => crate::jobs::backup_app(&effective, out, a).await,
+        Noun::App(AppVerb::Migrate(a)) => crate::jobs::migrate_app(&effective, out, a).await,
+        Noun::Backup(verb) => crate::jobs::backup(&effective, out, verb).await,
+        Noun::Job(verb) => crate::jobs::job(&effective, out, verb).await,
     }
 }
 

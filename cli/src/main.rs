@@ -7,6 +7,7 @@
 mod command;
 mod config;
 mod connect;
+mod jobs;
 mod output;
 mod storage;
 
