@@ -330,6 +330,13 @@ async fn step(
             message: "not a job step".into(),
         }),
     };
+    if matches!(result, Ok(R::RestoreApp(_) | R::RemoveApp(_))) {
+        // The apps changed: the controller learns it now, not at the next
+        // periodic inventory.
+        if let Err(e) = ctx.send_inventory().await {
+            tracing::warn!(error = %Chain(&e), "inventory not sent after the apps changed");
+        }
+    }
     result.unwrap_or_else(|f| error(f.code, f.message))
 }
 

@@ -355,7 +355,7 @@ pub async fn follow(
     let mut stream = client
         .watch_job(v1::GetJobRequest { job_id: job.id })
         .await
-        .map_err(|st| CliError::from_status(&url, st))?
+        .map_err(|st| CliError::from_agent_status(&url, st))?
         .into_inner();
     let tty = std::io::stderr().is_terminal() && out != Format::Json;
     if out != Format::Json {
@@ -366,7 +366,7 @@ pub async fn follow(
     while let Some(j) = stream
         .message()
         .await
-        .map_err(|st| CliError::from_status(&url, st))?
+        .map_err(|st| CliError::from_agent_status(&url, st))?
     {
         let line = progress_line(&j);
         if out != Format::Json && line != shown {
@@ -417,7 +417,7 @@ pub async fn backup_app(eff: &Effective, out: Format, a: BackupArgs) -> Result<(
             mode: a.mode,
         })
         .await
-        .map_err(|st| CliError::from_status(&url, st))?
+        .map_err(|st| CliError::from_agent_status(&url, st))?
         .into_inner();
     follow(eff, out, job, a.follow.detach).await
 }
@@ -439,7 +439,7 @@ pub async fn migrate_app(eff: &Effective, out: Format, a: MigrateArgs) -> Result
             delete_source: a.target.delete_source,
         })
         .await
-        .map_err(|st| CliError::from_status(&url, st))?
+        .map_err(|st| CliError::from_agent_status(&url, st))?
         .into_inner();
     follow(eff, out, job, a.follow.detach).await
 }
@@ -448,7 +448,7 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
     let conn = eff.connection()?;
     let url = conn.controller.clone();
     let mut client = connect::operator(&conn).await?;
-    let status = |st| CliError::from_status(&url, st);
+    let status = |st| CliError::from_agent_status(&url, st);
     match verb {
         BackupVerb::Ls {
             cluster,
@@ -590,7 +590,7 @@ pub async fn job(eff: &Effective, out: Format, verb: JobVerb) -> Result<(), CliE
     let conn = eff.connection()?;
     let url = conn.controller.clone();
     let mut client = connect::operator(&conn).await?;
-    let status = |st| CliError::from_status(&url, st);
+    let status = |st| CliError::from_agent_status(&url, st);
     match verb {
         JobVerb::Ls { active } => {
             let mut jobs = Vec::new();

@@ -4,6 +4,7 @@ mod connections;
 mod ferryctl;
 mod files;
 mod foundation;
+mod jobs;
 mod journal;
 mod link;
 mod reconnect;

@@ -1,0 +1,417 @@
+//! Jobs over the real binaries: a cold backup stops the app's stateful
+//! component for the final delta only and starts it again, the backup is
+//! listed with its downtime, it restores as a copy beside the original
+//! (own volume, own process) and migrates to another cluster; a local
+//! location's backup is refused elsewhere; refuse mode stops nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, run, setup, wait_for};
+
+use crate::foundation::token;
+
+fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = crate::link::ferryctl_cmd(ctl, args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn json(out: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(out)?)
+}
+
+async fn enrol_in(
+    ctl: &Controller,
+    cluster: &str,
+    node: &str,
+) -> anyhow::Result<tempfile::TempDir> {
+    let mut op = ctl.operator().await?;
+    let t = token(&mut op, cluster, 0).await?;
+    let dir = tempfile::tempdir()?;
+    let (ok, _, err) = run(Command::new(bin("ferry-agent"))
+        .args(["join", "--controller", &ctl.url(), "--token", &t.token])
+        .args(["--ca-fingerprint", &t.ca_fingerprint, "--node", node])
+        .arg("--data-dir")
+        .arg(dir.path()))?;
+    anyhow::ensure!(ok, "join failed: {err}");
+    Ok(dir)
+}
+
+/// An agent config with app web/shop: one stateful component whose process
+/// keeps its pid in `run` (a directory every host has, like /run; per team
+/// and app, so a copy has its own)
+/// and appends a line to its volume's `starts` file at every start.
+fn config(controller: &str, d: &Path, run: &Path, with_app: bool) -> String {
+    let r = run.display();
+    let d = d.display();
+    let app = if with_app {
+        format!(
+            r#"
+[[apps]]
+name = "shop"
+team = "web"
+
+[[apps.components]]
+name = "db"
+stateful = true
+volumes = ["{d}/vol"]
+start = "mkdir -p {r} && echo start >> {d}/vol/starts && (sleep 300 >/dev/null 2>&1 & echo $! > {r}/$FERRY_TEAM-$FERRY_APP.pid)"
+stop = "kill $(cat {r}/$FERRY_TEAM-$FERRY_APP.pid) && rm {r}/$FERRY_TEAM-$FERRY_APP.pid"
+status = "test -f {r}/$FERRY_TEAM-$FERRY_APP.pid && kill -0 $(cat {r}/$FERRY_TEAM-$FERRY_APP.pid)"
+"#
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"controller = "{controller}"
+data_dir = "{d}"
+heartbeat_secs = 1
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+{app}"#
+    )
+}
+
+fn pid_of(d: &Path, team: &str, app: &str) -> Option<u32> {
+    std::fs::read_to_string(d.join(format!("{team}-{app}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z")
+}
+
+async fn wait_online(ctl: &Controller, n: usize) -> anyhow::Result<()> {
+    wait_for("agents online", DEADLINE, || {
+        let r = ferryctl(ctl, &["agent", "ls", "-o", "json"]).ok();
+        async move {
+            let (_, out, _) = r?;
+            (out.matches("\"online\": true").count() >= n).then_some(())
+        }
+    })
+    .await
+}
+
+async fn wait_app(ctl: &Controller, cluster: &str, team: &str, app: &str) -> anyhow::Result<()> {
+    wait_for("the app in the inventory", DEADLINE, || {
+        let r = ferryctl(ctl, &["app", "ls", "--cluster", cluster, "-o", "json"]).ok();
+        let (team, app) = (team.to_owned(), app.to_owned());
+        async move {
+            let (_, out, _) = r?;
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            v.as_array()?
+                .iter()
+                .any(|a| a["team"] == team.as_str() && a["name"] == app.as_str())
+                .then_some(())
+        }
+    })
+    .await
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_backup_restore_as_a_copy_and_migrate() -> anyhow::Result<()> {
+    setup();
+    let mut ctl = Controller::init()?;
+    ctl.start().await?;
+    let a = enrol_in(&ctl, "a", "node-a").await?;
+    let b = enrol_in(&ctl, "b", "node-b").await?;
+    let (da, db) = (a.path(), b.path());
+    std::fs::create_dir_all(da.join("vol/sub"))?;
+    std::fs::write(da.join("vol/data.txt"), "rows before the backup\n")?;
+    std::fs::write(da.join("vol/sub/big.bin"), vec![7u8; 3 << 20])?;
+    let rundir = ctl.dir.path().join("run");
+    let rd = rundir.as_path();
+    std::fs::write(da.join("agent.toml"), config(&ctl.url(), da, rd, true))?;
+    std::fs::write(db.join("agent.toml"), config(&ctl.url(), db, rd, false))?;
+    let mut agent_a = AgentProcess::spawn(&da.join("agent.toml"), da.join("agent.log"))?;
+    let mut agent_b = AgentProcess::spawn(&db.join("agent.toml"), db.join("agent.log"))?;
+    wait_online(&ctl, 2).await?;
+    wait_app(&ctl, "a", "web", "shop").await?;
+
+    // The app runs before the backup.
+    let (ok, _, err) = run(Command::new("sh").arg("-c").arg(format!(
+        "cd {} && mkdir -p {r} && echo start >> vol/starts && (sleep 300 >/dev/null 2>&1 & echo $! > {r}/web-shop.pid)",
+        da.display(),
+        r = rd.display()
+    )))?;
+    anyhow::ensure!(ok, "{err}");
+    let before = pid_of(rd, "web", "shop").expect("pid");
+
+    let shared = ctl.dir.path().join("shared");
+    let shared_arg = shared.display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "nfs", "shared", "--path", &shared_arg],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let local = ctl.dir.path().join("local-a");
+    let local_arg = local.display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "storage",
+            "add",
+            "disk-a",
+            "local",
+            "--cluster",
+            "a",
+            "--path",
+            &local_arg,
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+
+    // refuse mode: the component runs, so nothing is stopped or copied.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "backup",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "--storage",
+            "nfs",
+            "--mode",
+            "refuse",
+        ],
+    )?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("mode refuse") && err.contains("nothing was stopped"),
+        "{err}"
+    );
+    assert_eq!(pid_of(rd, "web", "shop"), Some(before));
+    assert!(alive(before));
+
+    // Cold backup.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "backup",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "--storage",
+            "nfs",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let backup_id = job["backup_id"].as_u64().expect("backup id");
+    assert!(job["downtime_ms"].as_u64().unwrap_or(0) > 0, "{job}");
+    // Stopped and started again: a new process, the old one gone.
+    let after = pid_of(rd, "web", "shop").expect("running again");
+    assert_ne!(after, before);
+    assert!(alive(after) && !alive(before));
+    assert_eq!(
+        std::fs::read_to_string(da.join("vol/starts"))?,
+        "start\nstart\n"
+    );
+    assert!(
+        !da.join("journal")
+            .read_dir()?
+            .any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json")))
+    );
+
+    let (code, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let list = json(&out)?;
+    let listed = list.as_array().expect("array");
+    assert_eq!(listed.len(), 1, "{list}");
+    assert_eq!(listed[0]["id"], backup_id);
+    assert_eq!(listed[0]["mode"], "cold");
+    assert_eq!(listed[0]["stopped"][0], "db");
+    // The manifest is in the repository, encrypted.
+    assert!(shared.join(format!("apps/{backup_id}")).exists());
+
+    // Restore as a copy beside the original, into team t2 on cluster a.
+    let id = backup_id.to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "backup",
+            "restore",
+            &id,
+            "--to-cluster",
+            "a",
+            "--to-team",
+            "t2",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["copy"], "a/t2/shop", "{job}");
+    let copy_pid = pid_of(rd, "t2", "shop").expect("the copy runs");
+    assert!(alive(copy_pid) && alive(after), "both run");
+    let copy_dir = da.join("copies/t2/shop/v0");
+    assert_eq!(
+        std::fs::read_to_string(copy_dir.join("data.txt"))?,
+        "rows before the backup\n"
+    );
+    assert_eq!(
+        std::fs::read(copy_dir.join("sub/big.bin"))?,
+        vec![7u8; 3 << 20]
+    );
+    // The backup holds the volume as it was while the app was stopped
+    // (one start); the copy started on its own volume, the original's is
+    // untouched.
+    assert_eq!(
+        std::fs::read_to_string(copy_dir.join("starts"))?,
+        "start\nstart\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(da.join("vol/starts"))?,
+        "start\nstart\n"
+    );
+    wait_app(&ctl, "a", "t2", "shop").await?;
+
+    // A local location's backup restores only in its cluster.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "backup",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "--storage",
+            "disk-a",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let local_backup = json(&out)?["backup_id"].as_u64().expect("id").to_string();
+    let (code, _, err) = ferryctl(
+        &ctl,
+        &[
+            "backup",
+            "restore",
+            &local_backup,
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "web",
+        ],
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("local to cluster a") && err.contains("not in cluster b"),
+        "{err}"
+    );
+
+    // Migrate to cluster b, team t3, through the shared location.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "migrate",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "--storage",
+            "nfs",
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "t3",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["kind"], "migrate");
+    assert_eq!(job["copy"], "b/t3/shop", "{job}");
+    let on_b = pid_of(rd, "t3", "shop").expect("runs on b");
+    assert!(alive(on_b));
+    let moved = db.join("copies/t3/shop/v0");
+    assert_eq!(
+        std::fs::read_to_string(moved.join("data.txt"))?,
+        "rows before the backup\n"
+    );
+    assert_eq!(files_under(&moved).len(), 3, "{:?}", files_under(&moved));
+    // The source still runs (no --delete-source).
+    assert!(pid_of(rd, "web", "shop").is_some_and(alive));
+
+    // Delete the first backup: gone from the catalog and the repository.
+    let (code, out, err) = ferryctl(&ctl, &["backup", "rm", &id])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!shared.join(format!("apps/{id}")).exists());
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &id])?;
+    assert!(out.is_empty());
+
+    // Jobs are listed with their outcome.
+    let (code, out, _) = ferryctl(&ctl, &["job", "ls", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let jobs = json(&out)?;
+    let states: Vec<&str> = jobs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|j| j["state"].as_str())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "failed",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "succeeded",
+            "succeeded"
+        ],
+        "{jobs}"
+    );
+
+    // Stop every process the test started.
+    for team in ["web", "t2", "t3"] {
+        if let Some(p) = pid_of(rd, team, "shop") {
+            let _ = Command::new("kill").arg(p.to_string()).status();
+        }
+    }
+    agent_a.stop().await?;
+    agent_b.stop().await?;
+    Ok(())
+}
