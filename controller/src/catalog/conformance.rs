@@ -1103,6 +1103,132 @@ pub(crate) async fn storage_locations_are_named_once(engine: Engine) {
     assert!(local.kind.reachable_from(&cluster("prod")));
 }
 
+fn manifest(id: u64, app_name: &str, storage: &str) -> ferry_core::AppManifest {
+    ferry_core::AppManifest {
+        format: ferry_core::backup::MANIFEST_FORMAT,
+        backup: BackupId::new(id).expect("id"),
+        job: JobId::new(1).expect("id"),
+        storage: location(storage),
+        ferry_version: "test".into(),
+        cluster: cluster("prod"),
+        node: NodeName::new("n1").expect("node"),
+        app: app(app_name, "web", "/srv/data"),
+        mode: ferry_core::BackupMode::Cold,
+        stopped: Vec::new(),
+        volumes: Vec::new(),
+        started_at: t(1),
+        finished_at: t(2),
+        timings: ferry_core::BackupTimings::default(),
+    }
+}
+
+pub(crate) async fn jobs_and_backups_are_numbered_and_kept(engine: Engine) {
+    let f = fixture(engine).await;
+    let c = &f.catalog;
+    // Sequences start at 1, never repeat, and are separate.
+    assert_eq!(c.next_id(Counter::Job).await.expect("id"), 1);
+    assert_eq!(c.next_id(Counter::Job).await.expect("id"), 2);
+    assert_eq!(c.next_id(Counter::Backup).await.expect("id"), 1);
+    let job = |id: u64, done: bool| JobRecord {
+        id: JobId::new(id).expect("id"),
+        kind: "backup".into(),
+        created_at: t(id as i64),
+        updated_at: t(id as i64),
+        done,
+        state: serde_json::json!({"step": id}),
+    };
+    for (id, done) in [(1, true), (2, false), (12, false)] {
+        c.put_job(job(id, done)).await.expect("put job");
+    }
+    // A job written with an id the sequence had not reached moves it on.
+    assert_eq!(c.next_id(Counter::Job).await.expect("id"), 13);
+    let mut updated = job(2, true);
+    updated.state = serde_json::json!({"step": "done"});
+    c.put_job(updated.clone()).await.expect("update");
+    assert_eq!(
+        c.get_job(JobId::new(2).expect("id")).await.expect("get"),
+        Some(updated)
+    );
+    let all = c
+        .list_jobs(false, &PageRequest::all())
+        .await
+        .expect("list")
+        .items;
+    let ids: Vec<u64> = all.iter().map(|j| j.id.get()).collect();
+    assert_eq!(ids, [1, 2, 12], "ordered by number, not as text");
+    let active = c
+        .list_jobs(true, &PageRequest::all())
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(active.iter().map(|j| j.id.get()).collect::<Vec<_>>(), [12]);
+    let first = c
+        .list_jobs(false, &PageRequest::first(2))
+        .await
+        .expect("page");
+    assert_eq!(first.items.len(), 2);
+    assert!(first.next.is_some());
+
+    for (id, a, s) in [(3, "shop", "nfs"), (9, "blog", "nfs"), (10, "shop", "s3")] {
+        c.put_backup(BackupRecord {
+            manifest: manifest(id, a, s),
+            recorded_at: t(5),
+        })
+        .await
+        .expect("put backup");
+    }
+    assert_eq!(c.next_id(Counter::Backup).await.expect("id"), 11);
+    let b = c
+        .get_backup(BackupId::new(9).expect("id"))
+        .await
+        .expect("get")
+        .expect("present");
+    assert_eq!(b.manifest, manifest(9, "blog", "nfs"));
+    let shop = BackupFilter {
+        app: Some(AppName::new("shop").expect("app")),
+        ..BackupFilter::default()
+    };
+    let found = c
+        .list_backups(&shop, &PageRequest::all())
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(
+        found.iter().map(|b| b.id().get()).collect::<Vec<_>>(),
+        [3, 10]
+    );
+    let on_nfs = BackupFilter {
+        storage: Some(location("nfs")),
+        ..BackupFilter::default()
+    };
+    assert_eq!(
+        c.list_backups(&on_nfs, &PageRequest::all())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
+    assert!(
+        c.remove_backup(BackupId::new(3).expect("id"))
+            .await
+            .expect("rm")
+    );
+    assert!(
+        !c.remove_backup(BackupId::new(3).expect("id"))
+            .await
+            .expect("rm again")
+    );
+    assert_eq!(
+        c.get_backup(BackupId::new(3).expect("id"))
+            .await
+            .expect("get"),
+        None
+    );
+    // Removing a backup never hands its id out again.
+    assert_eq!(c.next_id(Counter::Backup).await.expect("id"), 12);
+}
+
 macro_rules! conformance_suite {
     ($module:ident, $engine:expr) => {
         mod $module {
@@ -1141,6 +1267,11 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn storage_locations_are_named_once() {
                 super::storage_locations_are_named_once($engine).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn jobs_and_backups_are_numbered_and_kept() {
+                super::jobs_and_backups_are_numbered_and_kept($engine).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
