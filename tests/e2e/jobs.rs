@@ -405,6 +405,36 @@ async fn cold_backup_restore_as_a_copy_and_migrate() -> anyhow::Result<()> {
         "{jobs}"
     );
 
+    // A component that was stopped before the backup stays stopped.
+    let (ok, _, err) = run(Command::new("sh").arg("-c").arg(format!(
+        "kill $(cat {r}/web-shop.pid) && rm {r}/web-shop.pid",
+        r = rd.display()
+    )))?;
+    anyhow::ensure!(ok, "{err}");
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "backup",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "--storage",
+            "nfs",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["downtime_ms"], 0, "{job}");
+    assert_eq!(pid_of(rd, "web", "shop"), None, "not started by Ferry");
+    let id = job["backup_id"].as_u64().expect("id").to_string();
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &id, "-o", "json"])?;
+    assert_eq!(json(&out)?["stopped"], serde_json::json!([]));
+
     // Stop every process the test started.
     for team in ["web", "t2", "t3"] {
         if let Some(p) = pid_of(rd, team, "shop") {
@@ -413,5 +443,85 @@ async fn cold_backup_restore_as_a_copy_and_migrate() -> anyhow::Result<()> {
     }
     agent_a.stop().await?;
     agent_b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_agent_stays_offline_fails_at_the_deadline() -> anyhow::Result<()> {
+    setup();
+    let mut ctl = Controller::init()?;
+    ctl.serve_args(["--step-offline-secs", "2"]);
+    ctl.start().await?;
+    let a = enrol_in(&ctl, "a", "node-a").await?;
+    let b = enrol_in(&ctl, "b", "node-b").await?;
+    let (da, db) = (a.path(), b.path());
+    std::fs::create_dir_all(da.join("vol"))?;
+    std::fs::write(da.join("vol/data.txt"), "x")?;
+    let rundir = ctl.dir.path().join("run");
+    std::fs::write(da.join("agent.toml"), config(&ctl.url(), da, &rundir, true))?;
+    std::fs::write(
+        db.join("agent.toml"),
+        config(&ctl.url(), db, &rundir, false),
+    )?;
+    let mut agent_a = AgentProcess::spawn(&da.join("agent.toml"), da.join("agent.log"))?;
+    let mut agent_b = AgentProcess::spawn(&db.join("agent.toml"), db.join("agent.log"))?;
+    wait_online(&ctl, 2).await?;
+    wait_app(&ctl, "a", "web", "shop").await?;
+    let shared = ctl.dir.path().join("shared").display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "nfs", "shared", "--path", &shared],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "app",
+            "backup",
+            "shop",
+            "--cluster",
+            "a",
+            "--team",
+            "web",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let id = json(&out)?["backup_id"].as_u64().expect("id").to_string();
+
+    // Agent b goes away; a restore there waits for it, then fails.
+    agent_b.stop().await?;
+    wait_for("agent b offline", DEADLINE, || {
+        let r = ferryctl(&ctl, &["agent", "ls", "-o", "json"]).ok();
+        async move {
+            let (_, out, _) = r?;
+            (out.matches("\"online\": true").count() == 1).then_some(())
+        }
+    })
+    .await?;
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "backup",
+            "restore",
+            &id,
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "t2",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 1, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("was offline for more than 2 s"), "{reason}");
+    // Nothing was restored, so nothing is left behind.
+    assert_eq!(job["leftovers"], serde_json::json!([]));
+    assert!(!db.join("copies").exists());
+    agent_a.stop().await?;
     Ok(())
 }
