@@ -184,7 +184,11 @@ impl Engine {
                 None => break,
             }
         }
-        for view in restarted {
+        for mut view in restarted {
+            // Whoever was online before the restart is not yet: the steps
+            // wait for their agents to reconnect (up to the deadline)
+            // instead of spending their attempts on missing links.
+            view.state.machine.online.clear();
             tracing::info!(job = %view.id, kind = view.state.kind.as_str(), "reconciling a job the controller was running");
             let id = view.id;
             actor.adopt(view);
