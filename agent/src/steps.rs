@@ -168,12 +168,11 @@ pub async fn backup_app(
         ));
     }
     let volumes = app.volumes.clone();
-    let total: u64 = 0;
-    let tags = |pass: &str| {
+    let tags = |pass: &str, v: &Volume| {
         BTreeMap::from([
             ("ferry.backup".to_owned(), backup.to_string()),
             ("ferry.pass".to_owned(), pass.to_owned()),
-            ("ferry.volume".to_owned(), String::new()),
+            ("ferry.volume".to_owned(), v.name.to_string()),
         ])
     };
 
@@ -182,9 +181,8 @@ pub async fn backup_app(
     let first_pass = if cold { "pre-copy" } else { "copy" };
     let mut pre: Vec<SnapshotId> = Vec::new();
     for v in &volumes {
-        let mut t = tags(if cold { "pre" } else { "final" });
-        t.insert("ferry.volume".into(), v.name.to_string());
-        let snap = copy_volume(&repo, &target, v, t, None, first_pass, &report, total).await?;
+        let t = tags(if cold { "pre" } else { "final" }, v);
+        let snap = copy_volume(&repo, &target, v, t, None, first_pass, &report).await?;
         pre.push(snap);
     }
     let pre_copy_ms = ms(started.elapsed());
@@ -212,20 +210,9 @@ pub async fn backup_app(
             let delta = Instant::now();
             let mut finals = Vec::new();
             for (v, parent) in volumes.iter().zip(&pre) {
-                let mut t = tags("final");
-                t.insert("ferry.volume".into(), v.name.to_string());
+                let t = tags("final", v);
                 finals.push(
-                    copy_volume(
-                        &repo,
-                        &target,
-                        v,
-                        t,
-                        Some(*parent),
-                        "delta pass",
-                        &report,
-                        total,
-                    )
-                    .await?,
+                    copy_volume(&repo, &target, v, t, Some(*parent), "delta pass", &report).await?,
                 );
             }
             Ok::<_, StepFailure>((finals, ms(delta.elapsed())))
@@ -316,7 +303,8 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Backs a volume up; its progress has no total (a backup does not know
+/// how much it will read).
 async fn copy_volume(
     repo: &Repository,
     target: &str,
@@ -325,13 +313,12 @@ async fn copy_volume(
     parent: Option<SnapshotId>,
     pass: &str,
     report: &Report,
-    total: u64,
 ) -> StepResult<SnapshotId> {
     let line = format!("{pass} of {}", v.path);
-    report(0, total, line.clone());
+    report(0, 0, line.clone());
     let r = report.clone();
     let progress = Arc::new(move |p: &ProgressInfo| {
-        r(p.bytes, total, format!("{line}: {} files", p.files));
+        r(p.bytes, 0, format!("{line}: {} files", p.files));
     });
     let opts = BackupOptions {
         tags,

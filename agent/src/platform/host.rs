@@ -349,7 +349,6 @@ impl Platform for HostPlatform {
 
     async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
         let mut apps = self.read().clone();
-        apps.declared = self.read().declared.clone();
         if apps.all().any(|a| a.team == app.team && a.name == app.name) {
             return Err(PlatformError::AppExists {
                 team: app.team,
@@ -368,7 +367,6 @@ impl Platform for HostPlatform {
         app: &AppName,
     ) -> Result<Option<App>, PlatformError> {
         let mut apps = self.read().clone();
-        apps.declared = self.read().declared.clone();
         let found = if let Some(i) = apps
             .copies
             .iter()

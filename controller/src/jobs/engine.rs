@@ -629,19 +629,38 @@ async fn step_result(
     on_reply(deps, work, reply).await
 }
 
-/// The location of a backup, with its secrets.
+/// How an agent reaches a location: its kind, the target with any
+/// credentials, and the repository password.
+struct Reach {
+    kind: crate::catalog::StorageKind,
+    target: pb::StorageTarget,
+    password: Vec<u8>,
+}
+
 async fn location_of(
     deps: &Deps,
     storage: &ferry_core::LocationName,
-) -> Result<(StorageRecord, Secrets), StepFailure> {
-    let record = deps
+) -> Result<Reach, StepFailure> {
+    let record: StorageRecord = deps
         .catalog
         .get_storage(storage)
         .await?
         .ok_or_else(|| StepFailure::permanent(format!("storage location {storage} is gone")))?;
     let secrets = Secrets::open(&deps.seal, &record)
         .map_err(|e| StepFailure::permanent(Chain(&e).to_string()))?;
-    Ok((record, secrets))
+    Ok(Reach {
+        target: target(&record.kind, &secrets),
+        password: secrets.password_bytes(),
+        kind: record.kind,
+    })
+}
+
+fn snapshots_of(b: &BackupRecord) -> Vec<String> {
+    b.manifest
+        .volumes
+        .iter()
+        .map(|v| v.snapshot.clone())
+        .collect()
 }
 
 async fn backup_of(deps: &Deps, backup: ferry_core::BackupId) -> Result<BackupRecord, StepFailure> {
@@ -675,8 +694,8 @@ async fn request_for(
             backup,
             mode,
         } => {
-            let (record, secrets) = location_of(deps, storage).await?;
-            if !reachable_from(&record.kind, &source.cluster) {
+            let at = location_of(deps, storage).await?;
+            if !reachable_from(&at.kind, &source.cluster) {
                 return Err(StepFailure::permanent(format!(
                     "storage {storage} is local to another cluster than {}",
                     source.cluster
@@ -684,8 +703,8 @@ async fn request_for(
             }
             Kind::BackupApp(pb::BackupAppRequest {
                 step: Some(step_key(id, step)),
-                target: Some(target(&record.kind, &secrets)),
-                password: secrets.password_bytes(),
+                target: Some(at.target),
+                password: at.password,
                 storage: storage.to_string(),
                 backup_id: backup.get(),
                 team: source.team.to_string(),
@@ -697,8 +716,8 @@ async fn request_for(
         }
         Work::Restore { backup, copy } => {
             let b = backup_of(deps, *backup).await?;
-            let (record, secrets) = location_of(deps, &b.manifest.storage).await?;
-            if !reachable_from(&record.kind, &copy.cluster) {
+            let at = location_of(deps, &b.manifest.storage).await?;
+            if !reachable_from(&at.kind, &copy.cluster) {
                 return Err(StepFailure::permanent(format!(
                     "backup {backup} is in storage {}, local to another cluster than {}",
                     b.manifest.storage, copy.cluster
@@ -706,8 +725,8 @@ async fn request_for(
             }
             Kind::RestoreApp(pb::RestoreAppRequest {
                 step: Some(step_key(id, step)),
-                target: Some(target(&record.kind, &secrets)),
-                password: secrets.password_bytes(),
+                target: Some(at.target),
+                password: at.password,
                 manifest: b.manifest.to_json(),
                 team: copy.team.to_string(),
                 app: copy.app.to_string(),
@@ -729,24 +748,19 @@ async fn request_for(
         }),
         Work::Forget { backup } => {
             let b = backup_of(deps, *backup).await?;
-            let (record, secrets) = location_of(deps, &b.manifest.storage).await?;
+            let at = location_of(deps, &b.manifest.storage).await?;
             Kind::ForgetBackup(pb::ForgetBackupRequest {
-                target: Some(target(&record.kind, &secrets)),
-                password: secrets.password_bytes(),
+                target: Some(at.target),
+                password: at.password,
                 backup_id: backup.get(),
-                snapshots: b
-                    .manifest
-                    .volumes
-                    .iter()
-                    .map(|v| v.snapshot.clone())
-                    .collect(),
+                snapshots: snapshots_of(&b),
             })
         }
         Work::Prune { storage } => {
-            let (record, secrets) = location_of(deps, storage).await?;
+            let at = location_of(deps, storage).await?;
             Kind::Prune(pb::PruneRequest {
-                target: Some(target(&record.kind, &secrets)),
-                password: secrets.password_bytes(),
+                target: Some(at.target),
+                password: at.password,
             })
         }
         Work::Verify {
@@ -754,17 +768,12 @@ async fn request_for(
             read_data_percent,
         } => {
             let b = backup_of(deps, *backup).await?;
-            let (record, secrets) = location_of(deps, &b.manifest.storage).await?;
+            let at = location_of(deps, &b.manifest.storage).await?;
             Kind::VerifyBackup(pb::VerifyBackupRequest {
-                target: Some(target(&record.kind, &secrets)),
-                password: secrets.password_bytes(),
+                target: Some(at.target),
+                password: at.password,
                 backup_id: backup.get(),
-                snapshots: b
-                    .manifest
-                    .volumes
-                    .iter()
-                    .map(|v| v.snapshot.clone())
-                    .collect(),
+                snapshots: snapshots_of(&b),
                 read_data_percent: *read_data_percent,
             })
         }
