@@ -11,7 +11,7 @@ use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, run, setup, wait_for}
 
 use crate::foundation::token;
 
-fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+pub(crate) fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     let out = crate::link::ferryctl_cmd(ctl, args).output()?;
     Ok((
         out.status.code().unwrap_or(-1),
@@ -20,11 +20,11 @@ fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, String, Str
     ))
 }
 
-fn json(out: &str) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn json(out: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(out)?)
 }
 
-async fn enrol_in(
+pub(crate) async fn enrol_in(
     ctl: &Controller,
     cluster: &str,
     node: &str,
@@ -85,12 +85,12 @@ fn pid_of(d: &Path, team: &str, app: &str) -> Option<u32> {
         .ok()
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     !stat.is_empty() && !stat.contains(") Z")
 }
 
-async fn wait_online(ctl: &Controller, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn wait_online(ctl: &Controller, n: usize) -> anyhow::Result<()> {
     wait_for("agents online", DEADLINE, || {
         let r = ferryctl(ctl, &["agent", "ls", "-o", "json"]).ok();
         async move {
@@ -101,7 +101,7 @@ async fn wait_online(ctl: &Controller, n: usize) -> anyhow::Result<()> {
     .await
 }
 
-async fn wait_app(ctl: &Controller, cluster: &str, team: &str, app: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_app(ctl: &Controller, cluster: &str, team: &str, app: &str) -> anyhow::Result<()> {
     wait_for("the app in the inventory", DEADLINE, || {
         let r = ferryctl(ctl, &["app", "ls", "--cluster", cluster, "-o", "json"]).ok();
         let (team, app) = (team.to_owned(), app.to_owned());
@@ -117,7 +117,7 @@ async fn wait_app(ctl: &Controller, cluster: &str, team: &str, app: &str) -> any
     .await
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
