@@ -7,15 +7,23 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 
 # Install the Debian packages the benchmark needs, only when something is missing.
+# With arguments, only those (restic borg python3 zstd time postgresql runuser);
+# without, all of them.
 ensure_packages() {
-    local missing=()
-    command -v restic >/dev/null || missing+=(restic)
-    command -v borg >/dev/null || missing+=(borgbackup)
-    command -v python3 >/dev/null || missing+=(python3)
-    command -v zstd >/dev/null || missing+=(zstd)
-    [ -x /usr/bin/time ] || missing+=(time)
-    ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing+=(postgresql)
-    command -v runuser >/dev/null || missing+=(util-linux)
+    local want=("$@") missing=() w
+    [ ${#want[@]} -gt 0 ] || want=(restic borg python3 zstd time postgresql runuser)
+    for w in "${want[@]}"; do
+        case $w in
+            restic) command -v restic >/dev/null || missing+=(restic) ;;
+            borg) command -v borg >/dev/null || missing+=(borgbackup) ;;
+            python3) command -v python3 >/dev/null || missing+=(python3) ;;
+            zstd) command -v zstd >/dev/null || missing+=(zstd) ;;
+            time) [ -x /usr/bin/time ] || missing+=(time) ;;
+            postgresql) ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1 || missing+=(postgresql) ;;
+            runuser) command -v runuser >/dev/null || missing+=(util-linux) ;;
+            *) die "ensure_packages: no rule for '$w'" ;;
+        esac
+    done
     if [ ${#missing[@]} -gt 0 ]; then
         [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]} and not root to install them"
         log "installing ${missing[*]}"
