@@ -174,6 +174,11 @@ pub trait Catalog: Send + Sync + 'static {
     /// Allocates the next id of a kind (1, 2, …; never handed out twice).
     async fn next_id(&self, counter: Counter) -> Result<u64, CatalogError>;
 
+    /// Makes sure `next_id(counter)` never hands out `id` or a lower id,
+    /// for ids used where the catalog did not see them (found in a
+    /// repository). The sequence never moves back.
+    async fn reserve_id(&self, counter: Counter, id: u64) -> Result<(), CatalogError>;
+
     /// Inserts or replaces a job.
     async fn put_job(&self, job: JobRecord) -> Result<(), CatalogError>;
 

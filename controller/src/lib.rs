@@ -7,5 +7,6 @@ pub mod jobs;
 pub mod link;
 pub mod locations;
 pub mod pki;
+pub mod rebuild;
 pub mod seal;
 pub mod server;

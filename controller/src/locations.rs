@@ -4,6 +4,7 @@
 //! agent step that needs them.
 
 use ferry_proto::v1 as pb;
+use ferry_store::{LocationError, S3Config, Secret, StorageConfig};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -91,11 +92,88 @@ pub fn target(kind: &StorageKind, secrets: &Secrets) -> pb::StorageTarget {
     pb::StorageTarget { target: Some(t) }
 }
 
+/// The store configuration the controller itself opens the location with
+/// (an offline `catalog rebuild`): the directory, or the bucket with the
+/// sealed credentials (without them, the standard AWS chain). The
+/// credentials stay redacted from its `Debug` and `Display`.
+pub fn store_config(kind: &StorageKind, secrets: &Secrets) -> Result<StorageConfig, LocationError> {
+    match kind {
+        StorageKind::Local { path, .. } | StorageKind::Shared { path } => {
+            if !path.starts_with('/') {
+                return Err(LocationError::RelativePath { path: path.clone() });
+            }
+            Ok(StorageConfig::Local { path: path.into() })
+        }
+        StorageKind::S3 {
+            endpoint,
+            bucket,
+            prefix,
+            region,
+        } => {
+            let mut c = S3Config::new(endpoint.clone(), bucket.clone());
+            c.prefix.clone_from(prefix);
+            if !region.is_empty() {
+                c.region.clone_from(region);
+            }
+            if let Some(cred) = &secrets.s3 {
+                c = c.with_credentials(&cred.access_key_id, &cred.secret_access_key);
+                if !cred.session_token.is_empty() {
+                    c.session_token = Some(Secret::new(cred.session_token.clone()));
+                }
+            }
+            c.validate()?;
+            Ok(StorageConfig::S3(Box::new(c)))
+        }
+    }
+}
+
 /// Whether agents of `cluster` reach the location: a local location only
 /// from its own cluster; shared and S3 locations from every cluster.
 pub fn reachable_from(kind: &StorageKind, cluster: &ClusterName) -> bool {
     match kind {
         StorageKind::Local { cluster: own, .. } => own == cluster,
         StorageKind::Shared { .. } | StorageKind::S3 { .. } => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_controller_opens_a_location_as_its_agents_do() {
+        let secrets = Secrets {
+            password: "pw".into(),
+            s3: Some(S3Secrets {
+                access_key_id: "AKID".into(),
+                secret_access_key: "hunter2secret".into(),
+                session_token: String::new(),
+            }),
+        };
+        let shared = StorageKind::Shared {
+            path: "/srv/ferry".into(),
+        };
+        assert_eq!(
+            store_config(&shared, &secrets).expect("shared"),
+            StorageConfig::Local {
+                path: "/srv/ferry".into()
+            }
+        );
+        let relative = StorageKind::Shared { path: "srv".into() };
+        assert!(store_config(&relative, &secrets).is_err());
+        let s3 = StorageKind::S3 {
+            endpoint: "http://127.0.0.1:8333".into(),
+            bucket: "b".into(),
+            prefix: "p".into(),
+            region: String::new(),
+        };
+        let config = store_config(&s3, &secrets).expect("s3");
+        let StorageConfig::S3(c) = &config else {
+            panic!("not s3: {config}");
+        };
+        assert_eq!(c.access_key_id.as_deref(), Some("AKID"));
+        assert_eq!(c.region, ferry_store::location::DEFAULT_REGION);
+        assert_eq!(config.to_string(), "s3:http://127.0.0.1:8333/b/p");
+        assert!(!format!("{config:?}").contains("hunter2secret"));
     }
 }

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_controller::catalog::Engine;
+use ferry_controller::catalog::{Engine, LocationName};
 use ferry_controller::config::{ConnectionLimits, ServeConfig};
 use ferry_controller::pki::{self, Pki, PkiPaths};
+use ferry_controller::rebuild;
 
 #[derive(Debug, Parser)]
 #[command(name = "ferry-controller", version, about = "Ferry controller")]
@@ -69,6 +70,28 @@ enum Command {
         /// Job steps one agent runs at once; more wait their turn.
         #[arg(long, env = "FERRY_STEPS_PER_AGENT", default_value_t = 2)]
         steps_per_agent: usize,
+    },
+    /// Offline maintenance of the catalog (the controller must be stopped).
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogCommand {
+    /// Recreate the backup records of a storage location from its
+    /// repository: record the backups whose manifests it holds, remove the
+    /// records whose manifests it does not.
+    Rebuild {
+        #[arg(long, env = "FERRY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The storage location whose backups are rebuilt.
+        #[arg(long)]
+        storage: LocationName,
+        /// Catalog engine the controller serves with: redb (default) or sled.
+        #[arg(long, default_value = "redb")]
+        catalog_engine: Engine,
     },
 }
 
@@ -134,6 +157,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")?
                 .block_on(serve(config))
+        }
+        Command::Catalog {
+            command:
+                CatalogCommand::Rebuild {
+                    data_dir,
+                    storage,
+                    catalog_engine,
+                },
+        } => {
+            let opts = rebuild::Options {
+                data_dir,
+                engine: catalog_engine,
+                storage,
+            };
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")?
+                .block_on(rebuild::run(&opts))?;
+            Ok(())
         }
     }
 }

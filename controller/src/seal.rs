@@ -77,6 +77,16 @@ impl SealKey {
         }
     }
 
+    /// Loads the key of `data_dir`, which must exist: for offline commands,
+    /// which open what `serve` sealed and never create a key.
+    pub fn load(data_dir: &Path) -> Result<Self, SealError> {
+        let path = key_path(data_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Self::parse(&path, text),
+            Err(source) => Err(SealError::Read { path, source }),
+        }
+    }
+
     fn parse(path: &Path, text: String) -> Result<Self, SealError> {
         let text = Zeroizing::new(text);
         let mut key = Zeroizing::new([0u8; 32]);
@@ -206,6 +216,16 @@ mod tests {
         // The same key comes back from the file; another directory's does not open it.
         let again = SealKey::load_or_create(dir.path()).expect("load");
         assert!(again.open("storage/eu", &sealed).is_ok());
+        let loaded = SealKey::load(dir.path()).expect("load existing");
+        assert!(loaded.open("storage/eu", &sealed).is_ok());
+        // `load` never creates a key.
+        let empty = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(empty.path().join("pki")).expect("mkdir");
+        assert!(matches!(
+            SealKey::load(empty.path()),
+            Err(SealError::Read { .. })
+        ));
+        assert!(!key_path(empty.path()).exists());
         let other = tempfile::tempdir().expect("tmp");
         std::fs::create_dir(other.path().join("pki")).expect("mkdir");
         let stranger = SealKey::load_or_create(other.path()).expect("create");

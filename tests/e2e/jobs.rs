@@ -45,7 +45,7 @@ pub(crate) async fn enrol_in(
 /// keeps its pid in `run` (a directory every host has, like /run; per team
 /// and app, so a copy has its own)
 /// and appends a line to its volume's `starts` file at every start.
-fn config(controller: &str, d: &Path, run: &Path, with_app: bool) -> String {
+pub(crate) fn config(controller: &str, d: &Path, run: &Path, with_app: bool) -> String {
     let r = run.display();
     let d = d.display();
     let app = if with_app {
@@ -77,7 +77,7 @@ reconnect_max_ms = 500
     )
 }
 
-fn pid_of(d: &Path, team: &str, app: &str) -> Option<u32> {
+pub(crate) fn pid_of(d: &Path, team: &str, app: &str) -> Option<u32> {
     std::fs::read_to_string(d.join(format!("{team}-{app}.pid")))
         .ok()?
         .trim()
@@ -101,7 +101,12 @@ pub(crate) async fn wait_online(ctl: &Controller, n: usize) -> anyhow::Result<()
     .await
 }
 
-pub(crate) async fn wait_app(ctl: &Controller, cluster: &str, team: &str, app: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_app(
+    ctl: &Controller,
+    cluster: &str,
+    team: &str,
+    app: &str,
+) -> anyhow::Result<()> {
     wait_for("the app in the inventory", DEADLINE, || {
         let r = ferryctl(ctl, &["app", "ls", "--cluster", cluster, "-o", "json"]).ok();
         let (team, app) = (team.to_owned(), app.to_owned());

@@ -7,5 +7,6 @@ mod foundation;
 mod jobs;
 mod journal;
 mod link;
+mod rebuild;
 mod reconnect;
 mod storage;

@@ -1229,6 +1229,52 @@ pub(crate) async fn jobs_and_backups_are_numbered_and_kept(engine: Engine) {
     assert_eq!(c.next_id(Counter::Backup).await.expect("id"), 12);
 }
 
+pub(crate) async fn ids_can_be_reserved(engine: Engine) {
+    let Fixture {
+        _dir,
+        path,
+        catalog,
+        ..
+    } = fixture(engine).await;
+    // Ids used outside the catalog (found in a repository) are never
+    // handed out; a lower id never moves the sequence back.
+    assert_eq!(catalog.next_id(Counter::Backup).await.expect("id"), 1);
+    catalog
+        .reserve_id(Counter::Backup, 7)
+        .await
+        .expect("reserve");
+    catalog
+        .reserve_id(Counter::Backup, 3)
+        .await
+        .expect("reserve lower");
+    catalog
+        .reserve_id(Counter::Backup, 7)
+        .await
+        .expect("reserve again");
+    assert_eq!(catalog.next_id(Counter::Backup).await.expect("id"), 8);
+    // Each sequence on its own.
+    assert_eq!(catalog.next_id(Counter::Job).await.expect("id"), 1);
+    catalog.reserve_id(Counter::Job, 4).await.expect("reserve");
+    assert_eq!(catalog.next_id(Counter::Backup).await.expect("id"), 9);
+    // The end of the id space is refused rather than wrapped around, and
+    // changes nothing.
+    let err = catalog
+        .reserve_id(Counter::Backup, u64::MAX)
+        .await
+        .expect_err("no id after the last");
+    assert!(matches!(err, CatalogError::InvalidRecord { .. }), "{err}");
+    assert_eq!(catalog.next_id(Counter::Backup).await.expect("id"), 10);
+    catalog
+        .reserve_id(Counter::Backup, 41)
+        .await
+        .expect("reserve");
+    // Durable: the sequences continue after a reopen.
+    drop(catalog);
+    let catalog = open_when_free(engine, &path).await;
+    assert_eq!(catalog.next_id(Counter::Backup).await.expect("id"), 42);
+    assert_eq!(catalog.next_id(Counter::Job).await.expect("id"), 5);
+}
+
 macro_rules! conformance_suite {
     ($module:ident, $engine:expr) => {
         mod $module {
@@ -1272,6 +1318,11 @@ macro_rules! conformance_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn jobs_and_backups_are_numbered_and_kept() {
                 super::jobs_and_backups_are_numbered_and_kept($engine).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn ids_can_be_reserved() {
+                super::ids_can_be_reserved($engine).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

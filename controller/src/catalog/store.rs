@@ -146,9 +146,20 @@ impl Record for NextId {}
 fn bump_counter(tx: &mut dyn KvTxn, counter: Counter, id: u64) -> Result<(), CatalogError> {
     let next = get_rec::<NextId>(tx, Table::Meta, counter.key())?.map_or(1, |n| n.next);
     if next <= id {
-        put_rec(tx, Table::Meta, counter.key(), &NextId { next: id + 1 })?;
+        let next = following(counter, id)?;
+        put_rec(tx, Table::Meta, counter.key(), &NextId { next })?;
     }
     Ok(())
+}
+
+/// The id after `id` in `counter`'s sequence; refused at the end of `u64`
+/// rather than wrapping to an id already handed out.
+fn following(counter: Counter, id: u64) -> Result<u64, CatalogError> {
+    id.checked_add(1)
+        .ok_or_else(|| CatalogError::InvalidRecord {
+            what: format!("id {id} of sequence {}", counter.key()),
+            reason: "it is the last id the sequence has".to_owned(),
+        })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -802,9 +813,17 @@ impl<K: Kv> Catalog for KvCatalog<K> {
         self.blocking("allocate an id", move |kv| {
             kv.write("allocate an id", &|tx| {
                 let id = get_rec::<NextId>(tx, Table::Meta, counter.key())?.map_or(1, |n| n.next);
-                put_rec(tx, Table::Meta, counter.key(), &NextId { next: id + 1 })?;
+                let next = following(counter, id)?;
+                put_rec(tx, Table::Meta, counter.key(), &NextId { next })?;
                 Ok(id)
             })
+        })
+        .await
+    }
+
+    async fn reserve_id(&self, counter: Counter, id: u64) -> Result<(), CatalogError> {
+        self.blocking("reserve an id", move |kv| {
+            kv.write("reserve an id", &|tx| bump_counter(tx, counter, id))
         })
         .await
     }
