@@ -123,6 +123,9 @@ pub struct AgentConfig {
     /// Seconds a start/stop/status command may run.
     #[serde(default = "default_command_timeout")]
     pub command_timeout_secs: u64,
+    /// Seconds a step retries an unreachable S3 location before it fails.
+    #[serde(default = "default_storage_retry")]
+    pub storage_retry_secs: u64,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
 }
@@ -135,6 +138,9 @@ fn default_reconnect_min() -> u64 {
 }
 fn default_reconnect_max() -> u64 {
     30_000
+}
+fn default_storage_retry() -> u64 {
+    300
 }
 fn default_command_timeout() -> u64 {
     120

@@ -174,10 +174,11 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
         tracing::error!("{problem}");
     }
     let cancel = tokio_util::sync::CancellationToken::new();
-    let steps = ferry_agent::steps::StepCtx {
-        platform: platform.clone(),
-        journal: Some(journal.clone()),
-    };
+    let steps = ferry_agent::steps::StepCtx::new(
+        platform.clone(),
+        Some(journal.clone()),
+        std::time::Duration::from_secs(config.storage_retry_secs.max(1)),
+    );
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");

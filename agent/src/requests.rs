@@ -308,6 +308,26 @@ async fn step(
         });
     });
     let s = &ctx.steps;
+    let app = match &kind {
+        K::BackupApp(r) => Some((r.team.as_str(), r.app.as_str())),
+        K::RestoreApp(r) => Some((r.team.as_str(), r.app.as_str())),
+        K::RemoveApp(r) => Some((r.team.as_str(), r.app.as_str())),
+        _ => None,
+    };
+    let _claim = match app {
+        Some((team, app)) => match s.claim(team, app) {
+            Some(c) => Some(c),
+            None => {
+                return error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "another step on {team}/{app} still runs on this agent (an earlier attempt finishing); try again once it ends"
+                    ),
+                );
+            }
+        },
+        None => None,
+    };
     let result = match kind {
         K::BackupApp(r) => steps::backup_app(s, r, cancel, report)
             .await
@@ -322,9 +342,13 @@ async fn step(
                 () = cancel.cancelled() => Err(steps::StepFailure { code: ErrorCode::Cancelled, message: "cancelled".into() }),
             }
         }
-        K::ForgetBackup(r) => steps::forget_backup(r, cancel).await.map(R::ForgetBackup),
-        K::VerifyBackup(r) => steps::verify_backup(r, cancel).await.map(R::VerifyBackup),
-        K::Prune(r) => steps::prune(r, cancel).await.map(R::Prune),
+        K::ForgetBackup(r) => steps::forget_backup(s, r, cancel)
+            .await
+            .map(R::ForgetBackup),
+        K::VerifyBackup(r) => steps::verify_backup(s, r, cancel)
+            .await
+            .map(R::VerifyBackup),
+        K::Prune(r) => steps::prune(s, r, cancel).await.map(R::Prune),
         _ => Err(steps::StepFailure {
             code: ErrorCode::Internal,
             message: "not a job step".into(),
@@ -385,14 +409,18 @@ async fn handle(ctx: &Ctx, id: u64, kind: pb::request::Kind) -> pb::reply::Resul
                 Err(e) => error(ErrorCode::Internal, format!("inventory task failed: {e}")),
             }
         }
-        pb::request::Kind::InitRepository(r) => match crate::storage::init_repository(r).await {
-            Ok(reply) => pb::reply::Result::InitRepository(reply),
-            Err(f) => error(f.code, f.message),
-        },
-        pb::request::Kind::ProbeStorage(r) => match crate::storage::probe_storage(r).await {
-            Ok(reply) => pb::reply::Result::ProbeStorage(reply),
-            Err(f) => error(f.code, f.message),
-        },
+        pb::request::Kind::InitRepository(r) => {
+            match crate::storage::init_repository(r, ctx.steps.storage_retry).await {
+                Ok(reply) => pb::reply::Result::InitRepository(reply),
+                Err(f) => error(f.code, f.message),
+            }
+        }
+        pb::request::Kind::ProbeStorage(r) => {
+            match crate::storage::probe_storage(r, ctx.steps.storage_retry).await {
+                Ok(reply) => pb::reply::Result::ProbeStorage(reply),
+                Err(f) => error(f.code, f.message),
+            }
+        }
         other => step(ctx.clone(), id, other, CancellationToken::new()).await,
     }
 }
@@ -406,10 +434,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let platform: Arc<dyn Platform> =
             Arc::new(HostPlatform::new(Vec::new(), Duration::from_secs(5)));
-        let steps = crate::steps::StepCtx {
-            platform,
-            journal: None,
-        };
+        let steps = crate::steps::StepCtx::new(platform, None, Duration::from_secs(300));
         (Dispatcher::new(tx, steps), rx)
     }
 

@@ -78,6 +78,52 @@ pub type Report = Arc<dyn Fn(u64, u64, String) + Send + Sync>;
 pub struct StepCtx {
     pub platform: Arc<dyn Platform>,
     pub journal: Option<Journal>,
+    /// How long a step retries an unreachable S3 location.
+    pub storage_retry: Duration,
+    /// Apps (`team/app`) a step works on now, across sessions: a step
+    /// dispatched again while an earlier attempt still runs (the session
+    /// ended, the agent did not) waits its turn instead of overlapping.
+    pub busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl StepCtx {
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        journal: Option<Journal>,
+        storage_retry: Duration,
+    ) -> Self {
+        Self {
+            platform,
+            journal,
+            storage_retry,
+            busy: Arc::default(),
+        }
+    }
+
+    /// Claims `team/app` for one step; `None` while another step has it.
+    pub fn claim(&self, team: &str, app: &str) -> Option<AppClaim> {
+        let key = format!("{team}/{app}");
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        busy.insert(key.clone()).then(|| AppClaim {
+            busy: self.busy.clone(),
+            key,
+        })
+    }
+}
+
+/// An app claimed by a running step, released when dropped.
+pub struct AppClaim {
+    busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for AppClaim {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 /// Components in start order: each after those it depends on.
@@ -131,7 +177,7 @@ pub async fn backup_app(
             format!("app {team}/{app_name} is not on this agent"),
         )
     })?;
-    let (repo, target) = open_repository(r.target, r.password).await?;
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel.clone());
     let object = AppManifest::object_name(backup);
     // Done before (the answer was lost): the same manifest.
@@ -498,7 +544,7 @@ pub async fn restore_app(
             format!("app {team}/{app_name} already exists on this agent"),
         ));
     }
-    let (repo, target) = open_repository(r.target, r.password).await?;
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel);
     let base = root.join(team.as_str()).join(app_name.as_str());
     let mut paths = Vec::new();
@@ -658,10 +704,11 @@ fn snapshot_ids(ids: &[String]) -> StepResult<Vec<SnapshotId>> {
 }
 
 pub async fn forget_backup(
+    ctx: &StepCtx,
     r: pb::ForgetBackupRequest,
     cancel: CancellationToken,
 ) -> StepResult<pb::ForgetBackupReply> {
-    let (repo, target) = open_repository(r.target, r.password).await?;
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel);
     let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
     // The manifest first: once it is gone, so is the backup.
@@ -685,10 +732,11 @@ pub async fn forget_backup(
 }
 
 pub async fn verify_backup(
+    ctx: &StepCtx,
     r: pb::VerifyBackupRequest,
     cancel: CancellationToken,
 ) -> StepResult<pb::VerifyBackupReply> {
-    let (repo, target) = open_repository(r.target, r.password).await?;
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel);
     let pct = u8::try_from(r.read_data_percent.min(100)).unwrap_or(100);
     let mut lines = Vec::new();
@@ -728,8 +776,12 @@ pub async fn verify_backup(
 /// earlier one marked them.
 const PRUNE_SAFETY_DELAY: Duration = Duration::from_secs(3600);
 
-pub async fn prune(r: pb::PruneRequest, cancel: CancellationToken) -> StepResult<pb::PruneReply> {
-    let (repo, target) = open_repository(r.target, r.password).await?;
+pub async fn prune(
+    ctx: &StepCtx,
+    r: pb::PruneRequest,
+    cancel: CancellationToken,
+) -> StepResult<pb::PruneReply> {
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel);
     let report = repo
         .prune(PRUNE_SAFETY_DELAY)

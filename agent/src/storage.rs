@@ -3,6 +3,7 @@
 //! password, for one request only. Nothing here is stored or logged.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_core::ErrorCode;
 use ferry_proto::v1 as pb;
@@ -25,7 +26,11 @@ fn invalid(message: impl Into<String>) -> StorageFailure {
 
 /// The store configuration of a target; credentials stay in it, redacted
 /// from its `Debug` and `Display`.
-pub fn config(target: Option<pb::StorageTarget>) -> Result<StorageConfig, StorageFailure> {
+/// `retry` bounds how long a transient storage failure is retried.
+pub fn config(
+    target: Option<pb::StorageTarget>,
+    retry: Duration,
+) -> Result<StorageConfig, StorageFailure> {
     let target = target
         .and_then(|t| t.target)
         .ok_or_else(|| invalid("the storage target is missing"))?;
@@ -51,6 +56,7 @@ pub fn config(target: Option<pb::StorageTarget>) -> Result<StorageConfig, Storag
                     c.session_token = Some(ferry_store::Secret::new(cred.session_token));
                 }
             }
+            c.tuning.retry.deadline = retry;
             c.validate().map_err(|e| invalid(e.to_string()))?;
             StorageConfig::S3(Box::new(c))
         }
@@ -89,8 +95,9 @@ fn store_failure(op: &str, target: &str, e: ferry_store::StoreError) -> StorageF
 async fn open_target(
     target: Option<pb::StorageTarget>,
     password: Vec<u8>,
+    retry: Duration,
 ) -> Result<(Arc<dyn ObjectStore>, String, zeroize::Zeroizing<Vec<u8>>), StorageFailure> {
-    let config = config(target)?;
+    let config = config(target, retry)?;
     let password = zeroize::Zeroizing::new(password);
     if password.is_empty() {
         return Err(invalid("the repository password is empty"));
@@ -107,8 +114,9 @@ async fn open_target(
 pub async fn open_repository(
     target: Option<pb::StorageTarget>,
     password: Vec<u8>,
+    retry: Duration,
 ) -> Result<(Repository, String), StorageFailure> {
-    let (store, target, password) = open_target(target, password).await?;
+    let (store, target, password) = open_target(target, password, retry).await?;
     let repo = Repository::open(store, &password)
         .await
         .map_err(|e| repo_failure(&target, e))?;
@@ -119,8 +127,9 @@ pub async fn open_repository(
 /// password; returns its id and whether it was created.
 pub async fn init_repository(
     r: pb::InitRepositoryRequest,
+    retry: Duration,
 ) -> Result<pb::InitRepositoryReply, StorageFailure> {
-    let (store, target, password) = open_target(r.target, r.password).await?;
+    let (store, target, password) = open_target(r.target, r.password, retry).await?;
     let (repo, created) = match Repository::open(store.clone(), &password).await {
         Ok(repo) => (repo, false),
         Err(RepoError::NotARepository) => {
@@ -142,8 +151,9 @@ pub async fn init_repository(
 /// back and removes a probe object, timing both.
 pub async fn probe_storage(
     r: pb::ProbeStorageRequest,
+    retry: Duration,
 ) -> Result<pb::ProbeStorageReply, StorageFailure> {
-    let (store, target, password) = open_target(r.target, r.password).await?;
+    let (store, target, password) = open_target(r.target, r.password, retry).await?;
     let repo = Repository::open(store.clone(), &password)
         .await
         .map_err(|e| repo_failure(&target, e))?;
@@ -181,6 +191,8 @@ pub async fn probe_storage(
 mod tests {
     use super::*;
 
+    const RETRY: Duration = Duration::from_secs(300);
+
     fn local(path: &std::path::Path, password: &[u8]) -> pb::InitRepositoryRequest {
         pb::InitRepositoryRequest {
             target: Some(pb::StorageTarget {
@@ -194,20 +206,27 @@ mod tests {
     async fn a_repository_is_created_once_then_opened_with_its_password() {
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path().join("repo");
-        let first = init_repository(local(&dir, b"pw-1")).await.expect("create");
+        let first = init_repository(local(&dir, b"pw-1"), RETRY)
+            .await
+            .expect("create");
         assert!(first.created);
         assert_eq!(first.repository_id.len(), 64);
         assert!(dir.join("config").exists());
-        let again = init_repository(local(&dir, b"pw-1")).await.expect("open");
+        let again = init_repository(local(&dir, b"pw-1"), RETRY)
+            .await
+            .expect("open");
         assert!(!again.created);
         assert_eq!(again.repository_id, first.repository_id);
         // A check opens it, and leaves no probe behind.
         let check = |pw: &[u8]| {
             let r = local(&dir, pw);
-            probe_storage(pb::ProbeStorageRequest {
-                target: r.target,
-                password: r.password,
-            })
+            probe_storage(
+                pb::ProbeStorageRequest {
+                    target: r.target,
+                    password: r.password,
+                },
+                RETRY,
+            )
         };
         let checked = check(b"pw-1").await.expect("check");
         assert_eq!(checked.repository_id, first.repository_id);
@@ -222,7 +241,7 @@ mod tests {
             ErrorCode::FailedPrecondition
         );
         // Another password: refused, and the repository is left as it was.
-        let e = init_repository(local(&dir, b"pw-2"))
+        let e = init_repository(local(&dir, b"pw-2"), RETRY)
             .await
             .expect_err("wrong password");
         assert_eq!(e.code, ErrorCode::FailedPrecondition);
@@ -234,15 +253,15 @@ mod tests {
         );
         assert!(!e.message.contains("pw-"), "{}", e.message);
         // Bad input is named.
-        let e = init_repository(local(std::path::Path::new("relative"), b"pw"))
+        let e = init_repository(local(std::path::Path::new("relative"), b"pw"), RETRY)
             .await
             .expect_err("relative");
         assert_eq!(e.code, ErrorCode::InvalidArgument);
-        let e = init_repository(local(&dir, b""))
+        let e = init_repository(local(&dir, b""), RETRY)
             .await
             .expect_err("empty password");
         assert!(e.message.contains("password is empty"), "{}", e.message);
-        let e = init_repository(pb::InitRepositoryRequest::default())
+        let e = init_repository(pb::InitRepositoryRequest::default(), RETRY)
             .await
             .expect_err("no target");
         assert!(e.message.contains("target is missing"), "{}", e.message);
@@ -275,12 +294,12 @@ mod tests {
             .expect("secret")
             .expose()
             .to_owned();
-        let made = init_repository(s3(&secret)).await.expect("create");
+        let made = init_repository(s3(&secret), RETRY).await.expect("create");
         assert!(made.created);
-        let again = init_repository(s3(&secret)).await.expect("open");
+        let again = init_repository(s3(&secret), RETRY).await.expect("open");
         assert_eq!(again.repository_id, made.repository_id);
         // A wrong secret is refused without repeating it.
-        let e = init_repository(s3("not-the-secret-at-all"))
+        let e = init_repository(s3("not-the-secret-at-all"), RETRY)
             .await
             .expect_err("wrong secret");
         assert!(

@@ -344,9 +344,13 @@ impl Repository {
             None => None,
         };
 
+        // The directory's own metadata, taken before its entries are read.
+        let root_md = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
+        let root_xattrs = read_xattrs(path).unwrap_or_default();
         let (root, mut summary, new_packs) = self
             .run_pipeline(path, index, dedup, parent_tree, &opts, progress, started)
             .await?;
+        let root_node = base_node(b"", &root_md, NodeKind::Dir { subtree: root }, root_xattrs);
         summary.duration_ms = started.elapsed().as_millis() as u64;
         let snapshot = Snapshot {
             version: super::snapshot::SNAPSHOT_VERSION,
@@ -357,6 +361,7 @@ impl Repository {
             tags: opts.tags.clone(),
             parent: parent.map(|(id, _)| id),
             tree: root,
+            root: Some(root_node),
             summary,
         };
         let id = if opts.dry_run {

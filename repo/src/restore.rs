@@ -338,6 +338,10 @@ impl Repository {
         if let Some(n) = single {
             tree = Tree { nodes: vec![n] };
         }
+        // A whole restore gives the target the backed-up directory's own
+        // owner and mode (a database refuses a data directory that is not
+        // its user's, mode 0700); a subpath restore leaves the target as is.
+        let root_node = snap.root.clone().filter(|_| subpath.is_none());
         match std::fs::read_dir(target) {
             Ok(mut rd) => {
                 if rd.next().is_some() {
@@ -385,6 +389,10 @@ impl Repository {
             };
             let top: &OwnedFd = &root;
             r.create_tree(top, b"", tree)?;
+            if let Some(node) = root_node {
+                // Last of all, after every child (its times and mode).
+                r.late_dirs.push((Vec::new(), node));
+            }
             r.finish()?;
             Ok::<_, RepoError>(r.summary)
         })

@@ -24,6 +24,11 @@ pub struct Snapshot {
     pub parent: Option<SnapshotId>,
     /// The root tree: the entries of the backed-up directory.
     pub tree: BlobId,
+    /// The backed-up directory's own owner, mode, times and extended
+    /// attributes (its name is empty), applied to the target of a whole
+    /// restore. Absent in snapshots of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<super::tree::Node>,
     pub summary: BackupSummary,
 }
 

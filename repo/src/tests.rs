@@ -145,6 +145,12 @@ pub(crate) fn make_tree(root: &Path, seed: u64) {
     set_mtime(&root.join("a/b/c"), 1_400_000_000, 5);
     set_mtime(&root.join("a/b"), 1_400_000_001, 6);
     set_mtime(&root.join("a"), 1_400_000_002, 7);
+    // The directory itself: a whole restore gives its target these.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o750)).expect("chmod");
+    if root_user {
+        std::os::unix::fs::chown(root, Some(2345), Some(6789)).expect("chown");
+    }
+    set_mtime(root, 1_300_000_000, 8);
 }
 
 fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -165,6 +171,20 @@ fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// Asserts that two trees are equal in content and metadata.
 pub(crate) fn assert_same_tree(a: &Path, b: &Path) {
+    let (ma, mb) = (
+        fs::metadata(a).expect("stat"),
+        fs::metadata(b).expect("stat"),
+    );
+    assert_eq!(
+        (ma.mode(), ma.uid(), ma.gid()),
+        (mb.mode(), mb.uid(), mb.gid()),
+        "mode and owner of the restored directory itself"
+    );
+    assert_eq!(
+        (ma.mtime(), ma.mtime_nsec()),
+        (mb.mtime(), mb.mtime_nsec()),
+        "mtime of the restored directory itself"
+    );
     compare_dir(a, b, "", &mut HashMap::new(), &mut HashMap::new(), true);
 }
 
@@ -585,6 +605,7 @@ async fn hostile_snapshot(repo: &Repository, nodes: Vec<Node>) -> super::format:
         tags: BTreeMap::new(),
         parent: None,
         tree: tree_id,
+        root: None,
         summary: Default::default(),
     })
     .await

@@ -7,6 +7,7 @@ mod foundation;
 mod jobs;
 mod journal;
 mod link;
+mod postgres;
 mod rebuild;
 mod reconnect;
 mod storage;

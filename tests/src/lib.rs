@@ -13,6 +13,8 @@ use ferry_proto::tls;
 use ferry_proto::v1::operator_client::OperatorClient;
 use tonic::transport::Channel;
 
+pub mod lab;
+
 /// Default deadline for conditions the tests wait on.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -120,12 +122,19 @@ impl Controller {
 
     /// `init` and every later `serve` run under `umask`.
     pub fn init_with_umask(umask: Option<&str>) -> anyhow::Result<Self> {
+        Self::init_with(umask, &[])
+    }
+
+    /// `init` with extra server certificate names (besides 127.0.0.1 and
+    /// localhost), e.g. the address agents in a namespace dial.
+    pub fn init_with(umask: Option<&str>, sans: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let (ok, out, err) = run(command("ferry-controller", umask)
             .arg("init")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--san", "127.0.0.1", "--san", "localhost"]))?;
+            .args(["--san", "127.0.0.1", "--san", "localhost"])
+            .args(sans.iter().flat_map(|s| ["--san", s])))?;
         if !ok {
             bail!("ferry-controller init failed: {err}");
         }
@@ -281,7 +290,21 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn spawn(config: &Path, log: PathBuf) -> anyhow::Result<Self> {
-        let child = Command::new(bin("ferry-agent"))
+        Self::spawn_in(None, config, log)
+    }
+
+    /// `ferry-agent run` inside network namespace `netns` (`ip netns
+    /// exec` replaces itself with the agent, so the pid is the agent's).
+    pub fn spawn_in(netns: Option<&str>, config: &Path, log: PathBuf) -> anyhow::Result<Self> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("ferry-agent"));
+                c
+            }
+            None => Command::new(bin("ferry-agent")),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -294,6 +317,12 @@ impl AgentProcess {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no goodbye (a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub async fn stop(&mut self) -> anyhow::Result<()> {

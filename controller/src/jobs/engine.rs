@@ -451,7 +451,10 @@ impl Actor {
                 view.state.remapped_ports = ports;
             }
         }
-        let ran_step = matches!(event, Event::Succeeded { .. } | Event::Failed { .. });
+        let ran_step = matches!(
+            event,
+            Event::Succeeded { .. } | Event::Failed { .. } | Event::Lost { .. }
+        );
         let actions = view.state.machine.on(event);
         if view.state == before {
             return; // a tick that changed nothing
@@ -523,6 +526,8 @@ async fn persist(catalog: &dyn Catalog, view: &JobView) -> Result<(), CatalogErr
 struct StepFailure {
     reason: String,
     transient: bool,
+    /// The agent went away: try again once it is back.
+    lost: bool,
 }
 
 impl StepFailure {
@@ -530,6 +535,7 @@ impl StepFailure {
         Self {
             reason: reason.into(),
             transient: false,
+            lost: false,
         }
     }
 }
@@ -538,6 +544,10 @@ impl From<LinkError> for StepFailure {
     fn from(e: LinkError) -> Self {
         Self {
             transient: e.retry_class() == RetryClass::Transient,
+            lost: matches!(
+                e,
+                LinkError::NotConnected { .. } | LinkError::SessionEnded { .. }
+            ),
             reason: e.to_string(),
         }
     }
@@ -547,6 +557,7 @@ impl From<CatalogError> for StepFailure {
     fn from(e: CatalogError) -> Self {
         Self {
             transient: e.retry_class() == RetryClass::Transient,
+            lost: false,
             reason: Chain(&e).to_string(),
         }
     }
@@ -569,6 +580,14 @@ async fn run_step(
     let now = Timestamp::now();
     let event = match result {
         Ok(()) => Event::Succeeded { step, now },
+        Err(f) if f.lost => {
+            tracing::warn!(job = %id, step = step.index + 1, undo = step.undo, reason = %f.reason, "step lost with its agent; runs again once the agent is back");
+            Event::Lost {
+                step,
+                reason: f.reason,
+                now,
+            }
+        }
         Err(f) => {
             tracing::warn!(job = %id, step = step.index + 1, undo = step.undo, reason = %f.reason, transient = f.transient, "step failed");
             Event::Failed {
@@ -603,6 +622,7 @@ async fn step_result(
     let link = deps.fleet.link_of_agent(agent).ok_or_else(|| StepFailure {
         reason: format!("agent {agent} is not connected"),
         transient: true,
+        lost: true,
     })?;
     let mut call = link.call(kind, STEP_TIMEOUT).await?;
     let call_id = call.id();

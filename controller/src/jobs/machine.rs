@@ -154,6 +154,15 @@ pub enum Event {
         transient: bool,
         now: Timestamp,
     },
+    /// The executor's agent went away while the step ran (its session
+    /// ended, or it was not connected): the step's fate is unknown. It is
+    /// dispatched again once the agent is back (the agent restarts what a
+    /// step stopped and makes steps idempotent), as another attempt.
+    Lost {
+        step: StepRef,
+        reason: String,
+        now: Timestamp,
+    },
     /// The user asked to cancel.
     Cancel {
         now: Timestamp,
@@ -305,6 +314,10 @@ impl<T: Clone> Job<T> {
                 self.answered(step, Err((reason, transient)), now);
                 now
             }
+            Event::Lost { step, reason, now } => {
+                self.lost(step, reason, now);
+                now
+            }
             Event::Cancel { now } => {
                 // Undo steps always run to their end: a cancel only stops
                 // the plan.
@@ -411,6 +424,27 @@ impl<T: Clone> Job<T> {
                 self.cancelling = false;
                 self.begin_undo(outcome);
             }
+        }
+    }
+
+    /// The agent of `r` went away mid-step: wait for it and dispatch the
+    /// step again, while attempts remain and no cancel is under way.
+    fn lost(&mut self, r: StepRef, reason: String, now: Timestamp) {
+        let attempts = self.limits.attempts.max(1);
+        let cancelling = self.cancelling;
+        let Some(s) = self.step_mut(r) else { return };
+        if !matches!(s.status, StepStatus::Dispatched { .. }) || s.attempts != r.attempt {
+            return;
+        }
+        if cancelling || s.attempts >= attempts {
+            let reason = format!("{reason} (attempt {} of {attempts})", s.attempts);
+            self.answered(r, Err((reason, false)), now);
+            return;
+        }
+        s.status = StepStatus::Pending;
+        s.not_before = None;
+        if let Executor::Agent(agent) = s.step.executor.clone() {
+            self.online.retain(|a| *a != agent);
         }
     }
 
@@ -745,6 +779,58 @@ mod tests {
     }
 
     #[test]
+    fn a_step_lost_with_its_agent_runs_again_once_the_agent_is_back() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let lost = j.on(Event::Lost {
+            step: d[0].0,
+            reason: "the session ended".into(),
+            now: t(1),
+        });
+        // Not dispatched again while the agent is away, however long the
+        // clock runs short of the offline deadline.
+        assert!(lost.is_empty(), "{lost:?}");
+        assert!(j.on(Event::Tick { now: t(100) }).is_empty());
+        let back = j.on(Event::Online {
+            agent: agent(1),
+            online: true,
+            now: t(101),
+        });
+        let again = dispatched(&back);
+        assert_eq!(again[0].0.index, d[0].0.index);
+        assert_eq!(again[0].0.attempt, 2);
+        // Lost on every attempt: the job fails and says so.
+        let mut step = again[0].0;
+        let mut end = Vec::new();
+        for n in 0..5 {
+            end = j.on(Event::Lost {
+                step,
+                reason: "the session ended".into(),
+                now: t(200 + n),
+            });
+            end.extend(j.on(Event::Online {
+                agent: agent(1),
+                online: true,
+                now: t(200 + n),
+            }));
+            match dispatched(&end).first() {
+                Some((s, _)) if !s.undo => step = *s,
+                _ => break,
+            }
+        }
+        assert!(j.plan[0].attempts <= Limits::default().attempts);
+        match &j.plan[0].status {
+            StepStatus::Failed { reason, .. } => {
+                assert!(
+                    reason.contains("session ended") && reason.contains("attempt 3 of 3"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected the step to fail, got {other:?} after {end:?}"),
+        }
+    }
+
+    #[test]
     fn the_state_survives_a_round_trip_through_json() {
         let mut j = migrate();
         let d = dispatched(&j.on(Event::Tick { now: t(0) }));
@@ -768,7 +854,7 @@ mod tests {
         prop_oneof![
             (0u16..5000).prop_map(Ev::Tick),
             (1u8..3, any::<bool>()).prop_map(|(a, o)| Ev::Online(a, o)),
-            (any::<u8>(), 0u8..4).prop_map(|(n, r)| Ev::Answer(n, r)),
+            (any::<u8>(), 0u8..5).prop_map(|(n, r)| Ev::Answer(n, r)),
             Just(Ev::Cancel),
             Just(Ev::Restart),
         ]
@@ -820,6 +906,7 @@ mod tests {
                         let a = match r {
                             0 | 1 => j.on(Event::Succeeded { step, now: t(now) }),
                             2 => j.on(Event::Failed { step, reason: "boom".into(), transient: true, now: t(now) }),
+                            3 => j.on(Event::Lost { step, reason: "gone".into(), now: t(now) }),
                             _ => j.on(Event::Failed { step, reason: "boom".into(), transient: false, now: t(now) }),
                         };
                         outstanding.retain(|s| *s != step);

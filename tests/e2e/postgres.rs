@@ -1,0 +1,597 @@
+//! A real PostgreSQL server, run by the host driver, in two clusters that
+//! are network namespaces (`tests/src/lab.rs`): agents of clusters a and b
+//! each live in their own namespace and reach the controller and SeaweedFS
+//! only through forwards on the host's bridge address, which the tests can
+//! cut. PostgreSQL listens on 127.0.0.1 of its namespace (a copy on the same
+//! cluster must move to another port; on cluster b port 5432 is free) and on
+//! a unix socket the test reads through the shared filesystem.
+//!
+//! Needs root: network namespaces, and PostgreSQL runs as the `postgres`
+//! user (`runuser`), like a packaged server.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use ferry_tests::lab::{Forward, Lab};
+use ferry_tests::{AgentProcess, Controller, DEADLINE, run, setup, wait_for};
+
+use crate::jobs::{alive, enrol_in, ferryctl, json, wait_app, wait_online};
+
+const TEAM: &str = "fin";
+const APP: &str = "ledger";
+
+/// The newest PostgreSQL's binaries.
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (/usr/lib/postgresql): apt-get install postgresql")?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    dirs.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop()
+        .context("no pg_ctl under /usr/lib/postgresql/*/bin")
+}
+
+fn sh(line: &str) -> anyhow::Result<String> {
+    let (ok, out, err) = run(Command::new("sh").arg("-c").arg(line))?;
+    ensure!(ok, "{line}: {err}");
+    Ok(out)
+}
+
+/// PostgreSQL servers the test started (directly or through Ferry), stopped
+/// at the end whatever happened.
+#[derive(Default)]
+struct Servers {
+    bin: PathBuf,
+    dirs: Mutex<Vec<PathBuf>>,
+}
+
+impl Servers {
+    fn watch(&self, data: &Path) {
+        if let Ok(mut d) = self.dirs.lock() {
+            d.push(data.to_path_buf());
+        }
+    }
+
+    /// The postmaster's pid of the server on `data`, if one runs.
+    fn postmaster(data: &Path) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(data.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid).then_some(pid)
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let dirs = self.dirs.lock().map(|d| d.clone()).unwrap_or_default();
+        for d in dirs {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&d)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}
+
+/// A SQL client on the server whose socket is in `sock`.
+#[derive(Clone)]
+struct Db {
+    psql: PathBuf,
+    sock: PathBuf,
+    port: u16,
+}
+
+impl Db {
+    fn query(&self, sql: &str) -> anyhow::Result<String> {
+        let (ok, out, err) = run(Command::new(&self.psql)
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-XAtq"])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql]))?;
+        ensure!(ok, "{sql}: {err}");
+        Ok(out.trim().to_owned())
+    }
+
+    /// A checksum over every row of `table`.
+    fn checksum(&self, table: &str) -> anyhow::Result<String> {
+        self.query(&format!(
+            "select count(*) || '/' || md5(coalesce(string_agg(t::text, ',' order by t::text), '')) from {table} t"
+        ))
+    }
+
+    /// The ids in table `t`.
+    fn ids(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self
+            .query("select id from t order by id")?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
+    }
+}
+
+/// Inserts rows 1, 2, 3 … into `t` one transaction at a time, until
+/// stopped, recording which committed and when each attempt failed.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Written>,
+}
+
+#[derive(Debug, Default)]
+struct Written {
+    /// (id, when it committed)
+    committed: Vec<(u64, Instant)>,
+    /// When an insert failed (the server was down).
+    failed: Vec<Instant>,
+}
+
+impl Writer {
+    fn start(db: Db) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let mut w = Written::default();
+            let mut id = 1u64;
+            while !s.load(Ordering::SeqCst) {
+                match db.query(&format!("insert into t values ({id})")) {
+                    Ok(_) => {
+                        w.committed.push((id, Instant::now()));
+                        id += 1;
+                    }
+                    Err(_) => {
+                        w.failed.push(Instant::now());
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            w
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(self) -> anyhow::Result<Written> {
+        self.stop.store(true, Ordering::SeqCst);
+        Ok(self.task.await?)
+    }
+}
+
+/// The controller, SeaweedFS, agents of clusters a and b in their own
+/// namespaces, and PostgreSQL as app fin/ledger on cluster a.
+struct Site {
+    agent_a: AgentProcess,
+    agent_b: AgentProcess,
+    servers: Servers,
+    ctl: Controller,
+    s3: Forward,
+    _ctl_fwd: Forward,
+    a: tempfile::TempDir,
+    b: tempfile::TempDir,
+    /// Socket directories, one per team and app.
+    sock: PathBuf,
+    lab: Lab,
+}
+
+impl Site {
+    /// `stop_extra` is appended to the stop command (e.g. work the app does
+    /// as it shuts down).
+    async fn new(stop_extra: &str, serve_args: &[&str]) -> anyhow::Result<Self> {
+        setup();
+        ensure!(
+            std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
+            "this test needs root (network namespaces, PostgreSQL as user postgres)"
+        );
+        let bin = pg_bin()?;
+        let lab = Lab::new(&["a", "b"])?;
+        let host = lab.host_ip();
+        let mut ctl = Controller::init_with(None, &[&host.to_string()])?;
+        ctl.serve_args(serve_args.iter().copied());
+        let addr = ctl.start().await?;
+        let ctl_fwd = Forward::start(host, addr).await?;
+        let weed = ferry_store::testing::seaweed().await;
+        let weed_addr: std::net::SocketAddr = weed
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .context("seaweedfs endpoint")?;
+        let s3 = Forward::start(host, weed_addr).await?;
+
+        let a = enrol_in(&ctl, "a", "node-a").await?;
+        let b = enrol_in(&ctl, "b", "node-b").await?;
+        let sock = ctl.dir.path().join("s");
+        std::fs::create_dir_all(&sock)?;
+        // postgres must reach its data and socket directories.
+        for d in [ctl.dir.path(), a.path(), b.path()] {
+            sh(&format!("chmod 755 {}", d.display()))?;
+        }
+        let vol = a.path().join("pg");
+        std::fs::create_dir_all(&vol)?;
+        sh(&format!(
+            "chown postgres:postgres {v} && chmod 700 {v} && runuser -u postgres -- {b}/initdb -D {v} -U postgres --auth=trust --locale=C -E UTF8 >/dev/null",
+            v = vol.display(),
+            b = bin.display()
+        ))?;
+        let url = format!("https://{}", ctl_fwd.addr);
+        let app = app_config(&bin, &vol, &sock, stop_extra);
+        std::fs::write(
+            a.path().join("agent.toml"),
+            agent_config(&url, a.path(), &app),
+        )?;
+        std::fs::write(
+            b.path().join("agent.toml"),
+            agent_config(&url, b.path(), ""),
+        )?;
+        let agent_a = AgentProcess::spawn_in(
+            Some(&lab.namespace("a")),
+            &a.path().join("agent.toml"),
+            a.path().join("agent.log"),
+        )?;
+        let agent_b = AgentProcess::spawn_in(
+            Some(&lab.namespace("b")),
+            &b.path().join("agent.toml"),
+            b.path().join("agent.log"),
+        )?;
+        let site = Self {
+            agent_a,
+            agent_b,
+            servers: Servers {
+                bin,
+                dirs: Mutex::default(),
+            },
+            ctl,
+            s3,
+            _ctl_fwd: ctl_fwd,
+            a,
+            b,
+            sock,
+            lab,
+        };
+        wait_online(&site.ctl, 2).await?;
+        wait_app(&site.ctl, "a", TEAM, APP).await?;
+
+        // The S3 location: agents reach SeaweedFS through the forward.
+        let bucket = weed.new_bucket().await;
+        let creds = site.ctl.dir.path().join("s3.env");
+        std::fs::write(
+            &creds,
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+                ferry_store::testing::ACCESS_KEY,
+                ferry_store::testing::SECRET_KEY
+            ),
+        )?;
+        let endpoint = format!("http://{}", site.s3.addr);
+        let creds_arg = creds.display().to_string();
+        let (code, out, err) = ferryctl(
+            &site.ctl,
+            &[
+                "storage",
+                "add",
+                "objects",
+                "s3",
+                "--endpoint",
+                &endpoint,
+                "--bucket",
+                &bucket,
+                "--credentials-file",
+                &creds_arg,
+            ],
+        )?;
+        ensure!(code == 0, "storage add: {out}{err}");
+
+        // PostgreSQL runs before the backup, started as Ferry would.
+        let start = app_start(&site.servers.bin, &vol, &site.sock);
+        sh(&format!(
+            "FERRY_TEAM={TEAM} FERRY_APP={APP} ip netns exec {} sh -c '{}'",
+            site.lab.namespace("a"),
+            start.replace("{port:pg=5432}", "5432")
+        ))?;
+        site.servers.watch(&vol);
+        let db = site.db(TEAM, APP)?;
+        db.query(
+            "create table known(id int primary key, v text);
+             insert into known select g, md5(g::text) from generate_series(1, 2000) g;
+             create table t(id bigint);
+             create table bulk as select g, repeat(md5(g::text), 30) as v from generate_series(1, 40000) g;",
+        )?;
+        Ok(site)
+    }
+
+    fn vol(&self) -> PathBuf {
+        self.a.path().join("pg")
+    }
+
+    /// A client of the server of `team/app` (its port read from the socket
+    /// it listens on).
+    fn db(&self, team: &str, app: &str) -> anyhow::Result<Db> {
+        let sock = self.sock.join(format!("{team}-{app}"));
+        let port = std::fs::read_dir(&sock)
+            .with_context(|| format!("no socket directory for {team}/{app}"))?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix(".s.PGSQL.")?.parse::<u16>().ok()
+            })
+            .next()
+            .with_context(|| format!("{team}/{app} listens on no socket"))?;
+        Ok(Db {
+            psql: self.servers.bin.join("psql"),
+            sock,
+            port,
+        })
+    }
+
+    /// Waits until `team/app` answers queries.
+    async fn ready(&self, team: &str, app: &str) -> anyhow::Result<Db> {
+        wait_for("PostgreSQL to answer", DEADLINE, || {
+            let db = self
+                .db(team, app)
+                .ok()
+                .filter(|db| db.query("select 1").is_ok());
+            async move { db }
+        })
+        .await
+    }
+
+    fn backup(&self, extra: &[&str]) -> anyhow::Result<(i32, serde_json::Value, String)> {
+        let mut args = vec![
+            "app",
+            "backup",
+            APP,
+            "--cluster",
+            "a",
+            "--team",
+            TEAM,
+            "--storage",
+            "objects",
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = ferryctl(&self.ctl, &args)?;
+        let v = json(&out).unwrap_or(serde_json::Value::Null);
+        Ok((code, v, format!("{out}{err}")))
+    }
+
+    fn backups(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let (code, out, err) = ferryctl(&self.ctl, &["backup", "ls", "-o", "json"])?;
+        ensure!(code == 0, "{err}");
+        Ok(json(&out)?.as_array().cloned().unwrap_or_default())
+    }
+
+    /// PostgreSQL's log of `team`'s copy, for failure messages.
+    fn pg_log(&self, team: &str) -> String {
+        let log = self.sock.join(format!("{team}-{APP}/log"));
+        format!(
+            "\n--- {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    }
+
+    fn journal_entries(&self) -> usize {
+        std::fs::read_dir(self.a.path().join("journal"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+fn app_start(bin: &Path, vol: &Path, sock: &Path) -> String {
+    format!(
+        r#"S={s}/$FERRY_TEAM-$FERRY_APP; mkdir -p $S && chown postgres $S && runuser -u postgres -- {b}/pg_ctl -D {v} -l $S/log -w -t 60 -o "-p {{port:pg=5432}} -k $S -c listen_addresses=127.0.0.1" start >/dev/null"#,
+        s = sock.display(),
+        b = bin.display(),
+        v = vol.display()
+    )
+}
+
+fn app_config(bin: &Path, vol: &Path, sock: &Path, stop_extra: &str) -> String {
+    let (b, v) = (bin.display(), vol.display());
+    format!(
+        r#"
+[[apps]]
+name = "{APP}"
+team = "{TEAM}"
+
+[[apps.components]]
+name = "db"
+stateful = true
+volumes = ["{v}"]
+start = '{start}'
+stop = 'runuser -u postgres -- {b}/pg_ctl -D {v} -m fast -w -t 60 stop >/dev/null{stop_extra}'
+status = 'runuser -u postgres -- {b}/pg_ctl -D {v} status >/dev/null'
+"#,
+        start = app_start(bin, vol, sock)
+    )
+}
+
+fn agent_config(controller: &str, d: &Path, apps: &str) -> String {
+    format!(
+        r#"controller = "{controller}"
+data_dir = "{d}"
+heartbeat_secs = 1
+reconnect_min_ms = 50
+reconnect_max_ms = 500
+storage_retry_secs = 3
+{apps}"#,
+        d = d.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Result<()> {
+    let mut site = Site::new("", &[]).await?;
+    let db = site.db(TEAM, APP)?;
+    assert_eq!(db.port, 5432);
+    let known = db.checksum("known")?;
+    let vol = site.vol();
+
+    // refuse mode with PostgreSQL running: refused, nothing stopped.
+    let pm = Servers::postmaster(&vol).context("postgres runs")?;
+    let (code, job, out) = site.backup(&["--mode", "refuse"])?;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(out.contains("nothing was stopped"), "{out}");
+    assert_eq!(Servers::postmaster(&vol), Some(pm));
+    assert!(site.backups()?.is_empty());
+
+    // Cold backup while rows are being written.
+    let writer = Writer::start(db.clone());
+    wait_for("rows before the backup", DEADLINE, || {
+        let n = db.query("select count(*) from t").ok();
+        async move { n.filter(|n| n.parse::<u32>().unwrap_or(0) >= 5) }
+    })
+    .await?;
+    let started = Instant::now();
+    let (code, job, out) = site.backup(&[])?;
+    let ended = Instant::now();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let downtime = job["downtime_ms"].as_u64().unwrap_or(0);
+    assert!(downtime > 0, "{job}");
+    // Ferry stopped and started PostgreSQL: a new postmaster.
+    let pm2 = Servers::postmaster(&vol).context("postgres runs again")?;
+    assert_ne!(pm2, pm);
+    assert!(!alive(pm));
+    assert_eq!(site.journal_entries(), 0);
+    // A few rows after the restart, then stop writing.
+    let resumed = db.ids()?.len();
+    wait_for("rows after the backup", DEADLINE, || {
+        let n = db.ids().map(|v| v.len()).unwrap_or(0);
+        async move { (n >= resumed + 3).then_some(()) }
+    })
+    .await?;
+    let written = writer.finish().await?;
+    let first_failure = written
+        .failed
+        .iter()
+        .copied()
+        .find(|f| *f >= started)
+        .context("the writer never saw the server down: was it stopped?")?;
+    assert!(first_failure < ended);
+    let before_stop: Vec<u64> = written
+        .committed
+        .iter()
+        .filter(|(_, at)| *at < first_failure)
+        .map(|(id, _)| *id)
+        .collect();
+    let during_pre_copy = written
+        .committed
+        .iter()
+        .filter(|(_, at)| *at >= started && *at < first_failure)
+        .count();
+    assert!(
+        during_pre_copy > 0,
+        "no row committed while the backup pre-copied"
+    );
+    let backup = job["backup_id"].as_u64().context("backup id")?.to_string();
+    let listed = site.backups()?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["stopped"][0], "db");
+
+    // The backup restored as a copy on cluster a beside the original:
+    // port 5432 is taken in a's namespace, so the copy moves.
+    let (code, out, err) = ferryctl(
+        &site.ctl,
+        &[
+            "backup",
+            "restore",
+            &backup,
+            "--to-cluster",
+            "a",
+            "--to-team",
+            "qa",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}{}", site.pg_log("qa"));
+    assert_eq!(json(&out)?["copy"], "a/qa/ledger");
+    let copy = site.ready("qa", APP).await?;
+    site.servers
+        .watch(&site.a.path().join("copies/qa/ledger/v0"));
+    assert_ne!(copy.port, 5432);
+    assert_eq!(copy.checksum("known")?, known);
+    // Every row committed before PostgreSQL stopped is in the backup (those
+    // written during the pre-copy too), none written after it restarted.
+    let in_copy = copy.ids()?;
+    for id in &before_stop {
+        assert!(
+            in_copy.contains(id),
+            "row {id} committed before the stop is missing"
+        );
+    }
+    let restarted_at = written
+        .committed
+        .iter()
+        .find(|(_, at)| *at > first_failure)
+        .map(|(id, _)| *id)
+        .context("rows after the restart")?;
+    assert!(in_copy.iter().all(|id| *id < restarted_at), "{in_copy:?}");
+    // Both run, each on its own data.
+    assert!(Servers::postmaster(&vol).is_some());
+    copy.query("insert into t values (999999)")?;
+    assert!(!db.ids()?.contains(&999_999));
+
+    // Migrate to cluster b, team t2: port 5432 is free in b's namespace.
+    let source = db.checksum("t")?;
+    let (code, out, err) = ferryctl(
+        &site.ctl,
+        &[
+            "app",
+            "migrate",
+            APP,
+            "--cluster",
+            "a",
+            "--team",
+            TEAM,
+            "--storage",
+            "objects",
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "t2",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["copy"], "b/t2/ledger", "{job}");
+    let moved = site.ready("t2", APP).await?;
+    site.servers
+        .watch(&site.b.path().join("copies/t2/ledger/v0"));
+    assert_eq!(moved.port, 5432);
+    assert_eq!(moved.checksum("known")?, known);
+    assert_eq!(moved.checksum("t")?, source);
+    // The source still runs.
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(db.checksum("t")?, source);
+
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
