@@ -517,6 +517,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                         host,
                         upload_concurrency: None,
                         read_concurrency,
+                        read_done: None,
                     },
                     progress.clone(),
                 )

@@ -179,9 +179,20 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
         Some(journal.clone()),
         std::time::Duration::from_secs(config.storage_retry_secs.max(1)),
     );
+    let stop_steps = steps.shutdown.clone();
+    let running = steps.clone();
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
+    // Steps stop first and start again what they stopped (bounded: the
+    // journal below covers one that does not finish in time).
+    stop_steps.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while running.running() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     cancel.cancel();
     session.await?;
     // A step cancelled by the shutdown may not have finished starting what

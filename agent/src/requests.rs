@@ -187,7 +187,13 @@ impl Dispatcher {
             self.tasks.spawn(f);
             return;
         };
-        let cancel = self.session.child_token();
+        // A step outlives its session (the next attempt finds it); the
+        // agent's shutdown or the controller's cancel stops it.
+        let cancel = if is_step(&kind) {
+            self.ctx.steps.shutdown.child_token()
+        } else {
+            self.session.child_token()
+        };
         self.cancels.insert(id, cancel.clone());
         let ctx = self.ctx.clone();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
@@ -314,18 +320,39 @@ async fn step(
         K::RemoveApp(r) => Some((r.team.as_str(), r.app.as_str())),
         _ => None,
     };
+    // An earlier attempt of a step on the same app may still run (its
+    // session ended, this agent did not): wait for it, then this attempt
+    // finds what it did. A cancel of this attempt also stops an earlier
+    // attempt of the same step.
+    let holder = steps::Holder {
+        step: step_of(&kind),
+        cancel: cancel.clone(),
+    };
     let _claim = match app {
-        Some((team, app)) => match s.claim(team, app) {
-            Some(c) => Some(c),
-            None => {
-                return error(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "another step on {team}/{app} still runs on this agent (an earlier attempt finishing); try again once it ends"
-                    ),
-                );
+        Some((team, app)) => {
+            let mut relayed = false;
+            loop {
+                match s.claim(team, app, &holder) {
+                    Ok(c) => break Some(c),
+                    Err(other) => {
+                        if cancel.is_cancelled() && !relayed {
+                            if other.step.is_none() || other.step != holder.step {
+                                return error(
+                                    ErrorCode::Cancelled,
+                                    "cancelled while another step on the app ran",
+                                );
+                            }
+                            other.cancel.cancel();
+                            relayed = true;
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            () = cancel.cancelled(), if !relayed => {}
+                        }
+                    }
+                }
             }
-        },
+        }
         None => None,
     };
     let result = match kind {
@@ -362,6 +389,17 @@ async fn step(
         }
     }
     result.unwrap_or_else(|f| error(f.code, f.message))
+}
+
+/// The job, plan index and undo flag of a step request.
+fn step_of(kind: &pb::request::Kind) -> Option<(u64, u32, bool)> {
+    use pb::request::Kind as K;
+    let key = match kind {
+        K::BackupApp(r) => r.step.as_ref(),
+        K::RestoreApp(r) => r.step.as_ref(),
+        _ => None,
+    }?;
+    Some((key.job_id, key.index, key.undo))
 }
 
 /// Progress of a job step is sent at most this often.

@@ -7,7 +7,7 @@
 //! cancelled through its token; a backup that has stopped components
 //! starts them again before it answers, whatever happened.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use ferry_proto::v1 as pb;
 use ferry_repo::Repository;
 use ferry_repo::backup::{BackupOptions, ProgressInfo};
 use ferry_repo::format::SnapshotId;
+use ferry_repo::snapshot::BackupSummary;
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::{self, Journal};
@@ -81,9 +82,21 @@ pub struct StepCtx {
     /// How long a step retries an unreachable S3 location.
     pub storage_retry: Duration,
     /// Apps (`team/app`) a step works on now, across sessions: a step
-    /// dispatched again while an earlier attempt still runs (the session
-    /// ended, the agent did not) waits its turn instead of overlapping.
-    pub busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// dispatched again while an earlier attempt still runs (its session
+    /// ended, this agent did not) waits for it instead of overlapping, and
+    /// then finds what it did (a committed backup, a registered copy).
+    busy: Arc<std::sync::Mutex<HashMap<String, Holder>>>,
+    /// Cancelled when the agent shuts down: every step stops and starts
+    /// again what it stopped. Steps outlive their session otherwise.
+    pub shutdown: CancellationToken,
+}
+
+/// The step holding an app, and how to stop it.
+#[derive(Clone)]
+pub struct Holder {
+    /// (job, plan index, undo) of the step, when it has one.
+    pub step: Option<(u64, u32, bool)>,
+    pub cancel: CancellationToken,
 }
 
 impl StepCtx {
@@ -97,23 +110,34 @@ impl StepCtx {
             journal,
             storage_retry,
             busy: Arc::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
-    /// Claims `team/app` for one step; `None` while another step has it.
-    pub fn claim(&self, team: &str, app: &str) -> Option<AppClaim> {
+    /// Claims `team/app` for the step `holder`; while another step has it,
+    /// returns that one.
+    pub fn claim(&self, team: &str, app: &str, holder: &Holder) -> Result<AppClaim, Holder> {
         let key = format!("{team}/{app}");
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        busy.insert(key.clone()).then(|| AppClaim {
+        if let Some(h) = busy.get(&key) {
+            return Err(h.clone());
+        }
+        busy.insert(key.clone(), holder.clone());
+        Ok(AppClaim {
             busy: self.busy.clone(),
             key,
         })
+    }
+
+    /// Steps running now.
+    pub fn running(&self) -> usize {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
 /// An app claimed by a running step, released when dropped.
 pub struct AppClaim {
-    busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    busy: Arc<std::sync::Mutex<HashMap<String, Holder>>>,
     key: String,
 }
 
@@ -225,12 +249,12 @@ pub async fn backup_app(
     // Pass one, while the app runs.
     let cold = mode == BackupMode::Cold && !running.is_empty();
     let first_pass = if cold { "pre-copy" } else { "copy" };
-    let mut pre: Vec<SnapshotId> = Vec::new();
+    let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
     for v in &volumes {
         let t = tags(if cold { "pre" } else { "final" }, v);
-        let snap = copy_volume(&repo, &target, v, t, None, first_pass, &report).await?;
-        pre.push(snap);
+        pre.push(copy_volume(&repo, &target, v, t, None, first_pass, &report, None).await?);
     }
+    let mut bytes_new: u64 = pre.iter().map(|(_, s)| s.bytes_new).sum();
     let pre_copy_ms = ms(started.elapsed());
 
     let mut stopped: Vec<ComponentRef> = Vec::new();
@@ -247,23 +271,54 @@ pub async fn backup_app(
                 .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?;
         }
         let stop_at = Instant::now();
-        let result = async {
+        // Stop, then the delta pass; the app starts again as soon as the
+        // delta pass has read every changed file, while its uploads drain.
+        let read_done = Arc::new(tokio::sync::Notify::new());
+        let stopping = async {
             for c in &stop_order {
                 report(0, 0, format!("stopping {c}"));
                 ctx.platform.stop(c).await?;
                 stopped.push(c.clone());
             }
-            let delta = Instant::now();
-            let mut finals = Vec::new();
-            for (v, parent) in volumes.iter().zip(&pre) {
-                let t = tags("final", v);
-                finals.push(
-                    copy_volume(&repo, &target, v, t, Some(*parent), "delta pass", &report).await?,
-                );
-            }
-            Ok::<_, StepFailure>((finals, ms(delta.elapsed())))
+            Ok::<_, StepFailure>(())
         }
         .await;
+        let delta_started = Instant::now();
+        let work = async {
+            stopping?;
+            tracing::info!(
+                stop_ms = ms(stop_at.elapsed()),
+                components = stopped.len(),
+                "stopped; delta pass started"
+            );
+            let mut finals = Vec::new();
+            for (i, (v, (parent, _))) in volumes.iter().zip(&pre).enumerate() {
+                let t = tags("final", v);
+                // The last volume's reading ends the app's downtime.
+                let last = (i + 1 == volumes.len()).then(|| read_done.clone());
+                finals.push(
+                    copy_volume(
+                        &repo,
+                        &target,
+                        v,
+                        t,
+                        Some(*parent),
+                        "delta pass",
+                        &report,
+                        last,
+                    )
+                    .await?,
+                );
+            }
+            Ok::<_, StepFailure>(finals)
+        };
+        tokio::pin!(work);
+        let mut result = tokio::select! {
+            r = &mut work => Some(r),
+            () = read_done.notified() => None,
+        };
+        // The delta pass's share of the downtime: until its last read.
+        timings.delta_ms = ms(delta_started.elapsed());
         // Whatever happened: start again exactly what was stopped, in
         // start order, never what was not.
         let entry = journal::Entry {
@@ -274,6 +329,7 @@ pub async fn backup_app(
         let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
         let wait = wait_running(ctx.platform.as_ref(), &stopped, Duration::from_secs(60)).await;
         timings.downtime_ms = ms(stop_at.elapsed());
+        tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
         match (&restarted, &wait) {
             (Ok(()), Ok(())) => {
                 if let Some(j) = &ctx.journal
@@ -286,12 +342,18 @@ pub async fn backup_app(
                 tracing::error!(journal = %key, "components Ferry stopped did not all start again; the journal keeps them")
             }
         }
-        let (finals, delta_ms) = result?;
+        // The uploads drain while the app runs.
+        let finals = match result.take() {
+            Some(r) => r,
+            None => work.await,
+        }?;
         restarted?;
         wait.map_err(|m| fail(ErrorCode::FailedPrecondition, m))?;
-        timings.delta_ms = delta_ms;
+        timings.delta_bytes_read = finals.iter().map(|(_, s)| s.bytes_read).sum();
+        bytes_new += finals.iter().map(|(_, s)| s.bytes_new).sum::<u64>();
         // The pre-copy snapshots are superseded by the final ones (their
         // data is shared); forget them so only the final state is listed.
+        let pre: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
         if let Err(e) = repo.forget(&pre).await {
             tracing::warn!(error = %Chain(&e), "pre-copy snapshots not forgotten");
         }
@@ -300,21 +362,18 @@ pub async fn backup_app(
         pre
     };
 
-    let mut vols = Vec::with_capacity(volumes.len());
-    for (v, snap) in volumes.iter().zip(&finals) {
-        let s = repo
-            .load_snapshot(*snap)
-            .await
-            .map_err(|e| repo_err(&target, e))?;
-        timings.bytes_new += s.summary.bytes_new;
-        vols.push(VolumeSnapshot {
+    timings.bytes_new = bytes_new;
+    let vols = volumes
+        .iter()
+        .zip(&finals)
+        .map(|(v, (snap, s))| VolumeSnapshot {
             volume: v.name.clone(),
             path: v.path.clone(),
             snapshot: snap.to_hex(),
-            files: s.summary.files,
-            bytes: s.summary.bytes_total,
-        });
-    }
+            files: s.files,
+            bytes: s.bytes_total,
+        })
+        .collect();
     timings.total_ms = ms(started.elapsed());
     let mut captured = app.clone();
     for c in &mut captured.components {
@@ -359,7 +418,8 @@ async fn copy_volume(
     parent: Option<SnapshotId>,
     pass: &str,
     report: &Report,
-) -> StepResult<SnapshotId> {
+    read_done: Option<Arc<tokio::sync::Notify>>,
+) -> StepResult<(SnapshotId, BackupSummary)> {
     let line = format!("{pass} of {}", v.path);
     report(0, 0, line.clone());
     let r = report.clone();
@@ -370,14 +430,17 @@ async fn copy_volume(
         tags,
         parent,
         no_parent: parent.is_none(),
+        read_done,
         ..BackupOptions::default()
     };
     let out = repo
         .backup(v.path.as_path(), opts, Some(progress))
         .await
         .map_err(|e| repo_err(target, e))?;
-    out.id
-        .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))
+    let id = out
+        .id
+        .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))?;
+    Ok((id, out.snapshot.summary))
 }
 
 /// Waits until every component runs, or says which do not.
@@ -406,7 +469,8 @@ async fn wait_running(
                 down.join("; ")
             ));
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Often: the downtime reported ends when the status says so.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

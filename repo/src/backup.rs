@@ -82,6 +82,10 @@ pub struct BackupOptions {
     pub upload_concurrency: Option<usize>,
     /// Files read at the same time (default 8).
     pub read_concurrency: Option<usize>,
+    /// Notified once every file has been read (what is left is packing
+    /// and uploading): the source may change from then on. Not notified
+    /// when the walk fails.
+    pub read_done: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The result of a backup: the snapshot id is `None` on a dry run.
@@ -426,6 +430,7 @@ impl Repository {
         let path = path.to_path_buf();
         let handle = tokio::runtime::Handle::current();
         let errs = errors.clone();
+        let read_done = opts.read_done.clone();
         let walk = tokio::task::spawn_blocking(move || {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
@@ -505,6 +510,10 @@ impl Repository {
                     } = walker;
                     res.map(|root| (root, dirs, files_unchanged, bytes_total))
                 });
+                // Every reader has ended: the source is no longer read.
+                if let (Ok(_), Some(n)) = (&res, &read_done) {
+                    n.notify_one();
+                }
                 shared.report(true);
                 let res = res.map(|(root, dirs, files_unchanged, bytes_total)| {
                     let summary = BackupSummary {

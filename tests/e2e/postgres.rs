@@ -188,6 +188,7 @@ struct Site {
     b: tempfile::TempDir,
     /// Socket directories, one per team and app.
     sock: PathBuf,
+    bucket: String,
     lab: Lab,
 }
 
@@ -231,7 +232,8 @@ impl Site {
             b = bin.display()
         ))?;
         let url = format!("https://{}", ctl_fwd.addr);
-        let app = app_config(&bin, &vol, &sock, stop_extra);
+        let stop_extra = stop_extra.replace("{vol}", &vol.display().to_string());
+        let app = app_config(&bin, &vol, &sock, &stop_extra);
         std::fs::write(
             a.path().join("agent.toml"),
             agent_config(&url, a.path(), &app),
@@ -250,7 +252,7 @@ impl Site {
             &b.path().join("agent.toml"),
             b.path().join("agent.log"),
         )?;
-        let site = Self {
+        let mut site = Self {
             agent_a,
             agent_b,
             servers: Servers {
@@ -263,6 +265,7 @@ impl Site {
             a,
             b,
             sock,
+            bucket: String::new(),
             lab,
         };
         wait_online(&site.ctl, 2).await?;
@@ -270,6 +273,7 @@ impl Site {
 
         // The S3 location: agents reach SeaweedFS through the forward.
         let bucket = weed.new_bucket().await;
+        site.bucket = bucket.clone();
         let creds = site.ctl.dir.path().join("s3.env");
         std::fs::write(
             &creds,
@@ -591,6 +595,199 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     assert!(Servers::postmaster(&vol).is_some());
     assert_eq!(db.checksum("t")?, source);
 
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+/// Appended to the stop command of the fault tests: PostgreSQL's volume
+/// gets 128 MiB of new data as it stops, so the delta pass has something to
+/// read and upload while the tests strike.
+const NEW_DATA_ON_STOP: &str =
+    " && dd if=/dev/urandom of={vol}/ferry-test-new.bin bs=1M count=128 status=none";
+
+impl Site {
+    /// Starts a cold backup and returns its job id once the agent has
+    /// stopped PostgreSQL and begun the delta pass.
+    async fn backup_until_delta(&self) -> anyhow::Result<String> {
+        let (code, job, out) = self.backup(&["--detach"])?;
+        ensure!(code == 0, "{out}");
+        let id = job["id"].as_u64().context("job id")?.to_string();
+        let agent = &self.agent_a;
+        wait_for("the delta pass", DEADLINE, || {
+            let seen = agent.logs().contains("delta pass started");
+            async move { seen.then_some(()) }
+        })
+        .await?;
+        Ok(id)
+    }
+
+    /// Follows job `id` to its end.
+    fn job_end(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let (_, out, err) = ferryctl(&self.ctl, &["job", "watch", id, "-o", "json"])?;
+        json(&out).with_context(|| format!("job watch {id}: {out}{err}"))
+    }
+
+    /// What the bucket holds under `prefix`.
+    async fn objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let weed = ferry_store::testing::seaweed().await;
+        let store = ferry_store::open(&ferry_store::StorageConfig::S3(Box::new(
+            weed.config(&self.bucket, ""),
+        )))
+        .await?;
+        Ok(store
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key.to_string())
+            .collect())
+    }
+
+    fn respawn_agent_a(&mut self, log: &str) -> anyhow::Result<()> {
+        self.agent_a = AgentProcess::spawn_in(
+            Some(&self.lab.namespace("a")),
+            &self.a.path().join("agent.toml"),
+            self.a.path().join(log),
+        )?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_again()
+-> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let known = site.db(TEAM, APP)?.checksum("known")?;
+    let pm = Servers::postmaster(&vol).context("postgres runs")?;
+    let id = site.backup_until_delta().await?;
+    site.agent_a.kill();
+    // Stopped by Ferry, and the agent is gone: the journal holds it.
+    assert_eq!(Servers::postmaster(&vol), None);
+    assert_eq!(site.journal_entries(), 1);
+    let (_, out, _) = ferryctl(&site.ctl, &["job", "show", &id, "-o", "json"])?;
+    assert_eq!(json(&out)?["state"], "running", "{out}");
+    assert!(site.backups()?.is_empty());
+
+    // The agent starts again: its journal starts PostgreSQL again.
+    site.respawn_agent_a("agent-2.log")?;
+    let db = site.ready(TEAM, APP).await?;
+    let after_crash = Servers::postmaster(&vol).context("postgres runs again")?;
+    assert_ne!(after_crash, pm);
+    assert!(
+        site.agent_a.logs().contains("journal"),
+        "{}",
+        site.agent_a.logs()
+    );
+
+    // The step was lost with its agent; it ran again once the agent was
+    // back, as a whole new attempt, and only that attempt's backup exists.
+    let job = site.job_end(&id)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
+    let listed = site.backups()?;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(site.journal_entries(), 0);
+    assert_eq!(db.checksum("known")?, known);
+    let backup = listed[0]["id"].as_u64().context("id")?.to_string();
+    let (code, out, err) = ferryctl(
+        &site.ctl,
+        &[
+            "backup",
+            "restore",
+            &backup,
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "t2",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    site.servers
+        .watch(&site.b.path().join("copies/t2/ledger/v0"));
+    assert_eq!(site.ready("t2", APP).await?.checksum("known")?, known);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_backup_reconciles_the_job_at_start() -> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let pm = Servers::postmaster(&vol).context("postgres runs")?;
+    let id = site.backup_until_delta().await?;
+    site.ctl.kill();
+    // The agent finishes the step on its own: PostgreSQL runs again.
+    wait_for("postgres to run again", DEADLINE, || {
+        let up = Servers::postmaster(&vol).filter(|p| *p != pm);
+        async move { up }
+    })
+    .await?;
+    site.ctl.start().await?;
+    // Reconciled: the step is dispatched again, and the agent answers
+    // with the backup the first attempt committed (no second stop).
+    let job = site.job_end(&id)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
+    let listed = site.backups()?;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        listed[0]["downtime_ms"].as_u64().unwrap_or(0) > 0,
+        "{listed:?}"
+    );
+    let starts = site.agent_a.logs().matches("backup committed").count();
+    assert_eq!(starts, 1, "one backup was taken, not two");
+    assert!(site.agent_a.logs().contains("backup already committed"));
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(site.journal_entries(), 0);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_lost_mid_upload_fails_the_backup_commits_nothing_and_restarts_postgres()
+-> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let id = site.backup_until_delta().await?;
+    site.s3.cut();
+    let job = site.job_end(&id)?;
+    assert_eq!(job["state"], "failed", "{job}");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("storage") || reason.contains("repository"),
+        "{reason}"
+    );
+    site.s3.restore();
+    assert!(site.backups()?.is_empty());
+    assert_eq!(site.objects("apps/").await?, Vec::<String>::new());
+    let db = site.ready(TEAM, APP).await?;
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(db.query("select count(*) from known")?, "2000");
+    assert_eq!(site.journal_entries(), 0);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_cancelled_mid_transfer_restarts_postgres_and_lists_nothing() -> anyhow::Result<()>
+{
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let id = site.backup_until_delta().await?;
+    let (code, out, err) = ferryctl(&site.ctl, &["job", "cancel", &id])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = site.job_end(&id)?;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(site.backups()?.is_empty());
+    assert_eq!(site.objects("apps/").await?, Vec::<String>::new());
+    site.ready(TEAM, APP).await?;
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(site.journal_entries(), 0);
     site.agent_a.stop().await?;
     site.agent_b.stop().await?;
     Ok(())

@@ -12,7 +12,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use anyhow::{Context, bail};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,19 +35,28 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// A bridge on the host with one network namespace per cluster.
 pub struct Lab {
+    /// `fy<pid>x<n>`: unique per process and lab.
+    tag: String,
     bridge: String,
     subnet: u8,
     namespaces: Vec<String>,
 }
 
+/// Labs made by this process so far.
+static LABS: AtomicU32 = AtomicU32::new(0);
+
 impl Lab {
     /// A bridge and `clusters.len()` namespaces, named after the clusters.
     pub fn new(clusters: &[&str]) -> anyhow::Result<Self> {
         let pid = std::process::id();
-        // 10.231.S.0/24; S from the pid so concurrent binaries differ.
-        let subnet = u8::try_from(pid % 200).unwrap_or(0) + 20;
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        // 10.231.S.0/24; S from the pid and the lab so concurrent tests
+        // and binaries differ.
+        let subnet = u8::try_from((pid.wrapping_mul(8).wrapping_add(n)) % 200).unwrap_or(0) + 20;
+        let tag = format!("fy{pid}x{n}");
         let mut lab = Self {
-            bridge: format!("fy{pid}br"),
+            bridge: format!("{tag}b"),
+            tag,
             subnet,
             namespaces: Vec::new(),
         };
@@ -59,7 +68,7 @@ impl Lab {
             let ns = lab.namespace(cluster);
             ip(&["netns", "add", &ns])?;
             lab.namespaces.push(ns.clone());
-            let (outer, inner) = (format!("fy{pid}h{i}"), format!("fy{pid}n{i}"));
+            let (outer, inner) = (format!("{}h{i}", lab.tag), format!("{}n{i}", lab.tag));
             ip(&[
                 "link", "add", &outer, "type", "veth", "peer", "name", &inner,
             ])?;
@@ -81,7 +90,7 @@ impl Lab {
 
     /// The namespace of `cluster` (for `ip netns exec`).
     pub fn namespace(&self, cluster: &str) -> String {
-        format!("fy{}{cluster}", std::process::id())
+        format!("{}{cluster}", self.tag)
     }
 }
 
