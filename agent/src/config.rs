@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_core::{
-    App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentState, HostComponent,
-    HostPath, TeamName, UnitName, Volume, VolumeName,
+    App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentState, Hooks,
+    HostComponent, HostPath, TeamName, UnitName, Volume, VolumeName,
 };
 use serde::Deserialize;
 
@@ -97,6 +97,14 @@ pub struct ComponentConfig {
     /// Components of the same app started before this one.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Run before a `hot` backup copies the app's volumes (the component
+    /// keeps running), e.g. a checkpoint or a write freeze.
+    #[serde(default)]
+    pub pre_backup: Option<CommandSpec>,
+    /// Run after a `hot` backup's copy, whatever its outcome, if
+    /// `pre_backup` ran (or there is none).
+    #[serde(default)]
+    pub post_backup: Option<CommandSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -275,6 +283,20 @@ impl AgentConfig {
                             .map_err(|e| bad(format!("{what}: depends_on: {e}")))
                     })
                     .collect::<Result<_, _>>()?;
+                let hook = |spec: &Option<CommandSpec>, which: &str| {
+                    spec.as_ref()
+                        .map(|s| {
+                            if s.is_empty() {
+                                return Err(bad(format!("{what}: {which} must not be empty")));
+                            }
+                            Argv::new(s.argv()).map_err(|e| bad(format!("{what}: {which}: {e}")))
+                        })
+                        .transpose()
+                };
+                let hooks = Hooks {
+                    pre_backup: hook(&c.pre_backup, "pre_backup")?,
+                    post_backup: hook(&c.post_backup, "post_backup")?,
+                };
                 components.push(Component {
                     name: component,
                     kind: ComponentKind::Host(host),
@@ -282,6 +304,7 @@ impl AgentConfig {
                     volumes: uses,
                     depends_on,
                     state: ComponentState::Unknown,
+                    hooks,
                 });
             }
             let model = App {

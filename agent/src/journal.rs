@@ -280,6 +280,7 @@ mod tests {
                     volumes: vec![],
                     depends_on: vec![],
                     state: ComponentState::Unknown,
+                    hooks: Default::default(),
                 }
             })
             .collect();

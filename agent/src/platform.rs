@@ -80,6 +80,15 @@ pub trait Platform: Send + Sync {
     /// Starts a component; returns when the start command has succeeded.
     async fn start(&self, component: &ComponentRef) -> Result<(), PlatformError>;
 
+    /// Runs one of a component's hooks (`pre_backup`, `post_backup`) in its
+    /// context; fails if the command does.
+    async fn hook(
+        &self,
+        component: &ComponentRef,
+        which: &'static str,
+        argv: &ferry_core::Argv,
+    ) -> Result<(), PlatformError>;
+
     /// Where restored copies' volumes go; none: this agent makes no copies.
     fn copies_dir(&self) -> Option<std::path::PathBuf>;
 

@@ -249,11 +249,25 @@ pub async fn backup_app(
     // Pass one, while the app runs.
     let cold = mode == BackupMode::Cold && !running.is_empty();
     let first_pass = if cold { "pre-copy" } else { "copy" };
-    let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
-    for v in &volumes {
-        let t = tags(if cold { "pre" } else { "final" }, v);
-        pre.push(copy_volume(&repo, &target, v, t, None, first_pass, &report, None).await?);
+    // Hot mode: each running component's pre_backup hook, in start order;
+    // its post_backup hook after the copy, in reverse, whatever happened.
+    let hooked = if mode == BackupMode::Hot {
+        pre_backup_hooks(ctx, &app, &report).await?
+    } else {
+        Vec::new()
+    };
+    let copied = async {
+        let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
+        for v in &volumes {
+            let t = tags(if cold { "pre" } else { "final" }, v);
+            pre.push(copy_volume(&repo, &target, v, t, None, first_pass, &report, None).await?);
+        }
+        Ok::<_, StepFailure>(pre)
     }
+    .await;
+    let after = post_backup_hooks(ctx, &app, &hooked, &report).await;
+    let pre = copied?;
+    after?;
     let mut bytes_new: u64 = pre.iter().map(|(_, s)| s.bytes_new).sum();
     let pre_copy_ms = ms(started.elapsed());
 
@@ -443,6 +457,60 @@ async fn copy_volume(
     Ok((id, out.snapshot.summary))
 }
 
+/// Runs the `pre_backup` hook of every component that is not stopped, in
+/// start order; returns those to run `post_backup` for (hooked ones, and
+/// those with only a `post_backup`). A failing hook fails the backup once
+/// the `post_backup` hooks of the components before it have run.
+async fn pre_backup_hooks(
+    ctx: &StepCtx,
+    app: &App,
+    report: &Report,
+) -> StepResult<Vec<ComponentName>> {
+    let mut hooked = Vec::new();
+    for c in start_order(app) {
+        let comp = app.component(&c).expect("invariant: ordered from the app");
+        let r = app.reference(&c);
+        if comp.hooks.is_empty() || ctx.platform.status(&r).await? == ComponentState::Stopped {
+            continue;
+        }
+        if let Some(pre) = &comp.hooks.pre_backup {
+            report(0, 0, format!("pre_backup hook of {r}"));
+            if let Err(e) = ctx.platform.hook(&r, "pre_backup", pre).await {
+                let _ = post_backup_hooks(ctx, app, &hooked, report).await;
+                return Err(e.into());
+            }
+        }
+        hooked.push(c);
+    }
+    Ok(hooked)
+}
+
+/// Runs the `post_backup` hooks of `hooked`, in reverse order, every one
+/// even when one fails; fails with the first failure.
+async fn post_backup_hooks(
+    ctx: &StepCtx,
+    app: &App,
+    hooked: &[ComponentName],
+    report: &Report,
+) -> StepResult<()> {
+    let mut first = None;
+    for c in hooked.iter().rev() {
+        let Some(post) = app.component(c).and_then(|c| c.hooks.post_backup.as_ref()) else {
+            continue;
+        };
+        let r = app.reference(c);
+        report(0, 0, format!("post_backup hook of {r}"));
+        if let Err(e) = ctx.platform.hook(&r, "post_backup", post).await {
+            tracing::error!(component = %r, error = %Chain(&e), "post_backup hook failed");
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
 /// Waits until every component runs, or says which do not.
 async fn wait_running(
     platform: &dyn Platform,
@@ -545,6 +613,10 @@ fn copy_of(
     }
     for c in &mut copy.components {
         c.state = ComponentState::Unknown;
+        c.hooks = ferry_core::Hooks {
+            pre_backup: c.hooks.pre_backup.as_ref().map(argv).transpose()?,
+            post_backup: c.hooks.post_backup.as_ref().map(argv).transpose()?,
+        };
         if let ComponentKind::Host(HostComponent::Commands {
             start,
             stop,

@@ -519,6 +519,7 @@ mod tests {
                     volumes: vec!["/srv/db".parse().expect("volume")],
                     depends_on: vec![],
                     state: ComponentState::Running,
+                    hooks: Default::default(),
                 }],
                 volumes: vec![Volume {
                     name: "/srv/db".parse().expect("volume"),

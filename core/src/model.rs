@@ -272,6 +272,27 @@ pub struct Component {
     /// As the driver last saw it.
     #[serde(default)]
     pub state: ComponentState,
+    /// Commands around a `hot` backup.
+    #[serde(default, skip_serializing_if = "Hooks::is_empty")]
+    pub hooks: Hooks,
+}
+
+/// Commands a driver runs in a component's context around a `hot` backup,
+/// which does not stop it: `pre_backup` before its app's volumes are copied
+/// (flush, freeze or checkpoint), `post_backup` after the copy, whatever
+/// its outcome, for every component whose `pre_backup` ran.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hooks {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_backup: Option<Argv>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_backup: Option<Argv>,
+}
+
+impl Hooks {
+    pub fn is_empty(&self) -> bool {
+        self.pre_backup.is_none() && self.post_backup.is_none()
+    }
 }
 
 /// An application: components and volumes owned by one team.
@@ -497,6 +518,7 @@ mod tests {
             volumes: volumes.iter().map(|v| vol(v)).collect(),
             depends_on: deps.iter().map(|d| name(d)).collect(),
             state: ComponentState::Running,
+            hooks: Default::default(),
         }
     }
 

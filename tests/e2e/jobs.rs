@@ -530,3 +530,110 @@ async fn a_step_whose_agent_stays_offline_fails_at_the_deadline() -> anyhow::Res
     agent_a.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyhow::Result<()> {
+    setup();
+    let mut ctl = Controller::init()?;
+    ctl.start().await?;
+    let a = enrol_in(&ctl, "a", "node-a").await?;
+    let da = a.path();
+    std::fs::create_dir_all(da.join("vol"))?;
+    std::fs::write(da.join("vol/data.txt"), "data")?;
+    let rundir = ctl.dir.path().join("run");
+    let d = da.display();
+    let hooks = format!(
+        "pre_backup = \"test ! -f {d}/fail-pre && touch {d}/vol/frozen && echo pre >> {d}/hooks.log\"\npost_backup = \"rm {d}/vol/frozen && echo post >> {d}/hooks.log\"\n"
+    );
+    let conf = config(&ctl.url(), da, &rundir, true)
+        .replace("\nstatus = ", &format!("\n{hooks}status = "));
+    std::fs::write(da.join("agent.toml"), conf)?;
+    let mut agent = AgentProcess::spawn(&da.join("agent.toml"), da.join("agent.log"))?;
+    wait_online(&ctl, 1).await?;
+    wait_app(&ctl, "a", "web", "shop").await?;
+    let (ok, _, err) = run(Command::new("sh").arg("-c").arg(format!(
+        "mkdir -p {r} && (sleep 300 >/dev/null 2>&1 & echo $! > {r}/web-shop.pid)",
+        r = rundir.display()
+    )))?;
+    anyhow::ensure!(ok, "{err}");
+    let pid = pid_of(&rundir, "web", "shop").expect("pid");
+    let shared = ctl.dir.path().join("shared").display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "nfs", "shared", "--path", &shared],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let backup = |ctl: &Controller| {
+        ferryctl(
+            ctl,
+            &[
+                "app",
+                "backup",
+                "shop",
+                "--cluster",
+                "a",
+                "--team",
+                "web",
+                "--mode",
+                "hot",
+                "-o",
+                "json",
+            ],
+        )
+    };
+
+    let (code, out, err) = backup(&ctl)?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert_eq!(job["downtime_ms"], 0, "{job}");
+    // Nothing stopped; pre ran before the copy, post after it.
+    assert_eq!(pid_of(&rundir, "web", "shop"), Some(pid));
+    assert!(alive(pid));
+    assert_eq!(
+        std::fs::read_to_string(da.join("hooks.log"))?,
+        "pre\npost\n"
+    );
+    assert!(!da.join("vol/frozen").exists());
+    let id = job["backup_id"].as_u64().expect("id").to_string();
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &id, "-o", "json"])?;
+    let shown = json(&out)?;
+    assert_eq!(shown["mode"], "hot");
+    assert_eq!(shown["stopped"], serde_json::json!([]));
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &[
+            "backup",
+            "restore",
+            &id,
+            "--to-cluster",
+            "a",
+            "--to-team",
+            "t2",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        da.join("copies/t2/shop/v0/frozen").exists(),
+        "the copy was taken between the hooks"
+    );
+
+    // A failing pre_backup hook fails the backup; nothing more runs.
+    std::fs::write(da.join("fail-pre"), "")?;
+    let (code, out, err) = backup(&ctl)?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("pre_backup"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(da.join("hooks.log"))?,
+        "pre\npost\n"
+    );
+    let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
+    assert_eq!(json(&out)?.as_array().map(Vec::len), Some(1));
+
+    for team in ["web", "t2"] {
+        if let Some(p) = pid_of(&rundir, team, "shop") {
+            let _ = Command::new("kill").arg(p.to_string()).status();
+        }
+    }
+    agent.stop().await?;
+    Ok(())
+}

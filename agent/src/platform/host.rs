@@ -120,8 +120,15 @@ fn commands_of(app: &App) -> impl Iterator<Item = &ferry_core::Argv> {
         }) => vec![start, stop]
             .into_iter()
             .chain(status.iter())
+            .chain(c.hooks.pre_backup.iter())
+            .chain(c.hooks.post_backup.iter())
             .collect::<Vec<_>>(),
-        ComponentKind::Host(HostComponent::Systemd { .. }) => Vec::new(),
+        ComponentKind::Host(HostComponent::Systemd { .. }) => c
+            .hooks
+            .pre_backup
+            .iter()
+            .chain(c.hooks.post_backup.iter())
+            .collect(),
     })
 }
 
@@ -448,6 +455,16 @@ impl Platform for HostPlatform {
                 self.run_checked("stop", r, stop.as_slice()).await
             }
         }
+    }
+
+    async fn hook(
+        &self,
+        r: &ComponentRef,
+        which: &'static str,
+        argv: &ferry_core::Argv,
+    ) -> Result<(), PlatformError> {
+        self.find(r)?;
+        self.run_checked(which, r, argv.as_slice()).await
     }
 
     async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {

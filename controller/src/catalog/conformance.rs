@@ -132,6 +132,7 @@ fn app(name: &str, tm: &str, vol: &str) -> App {
         components: vec![
             Component {
                 state: ComponentState::Running,
+                hooks: Default::default(),
                 name: ComponentName::new("postgresql@15-main.service").expect("component"),
                 kind: ComponentKind::Host(HostComponent::Systemd {
                     unit: UnitName::new("postgresql@15-main.service").expect("unit"),
@@ -142,6 +143,7 @@ fn app(name: &str, tm: &str, vol: &str) -> App {
             },
             Component {
                 state: ComponentState::Running,
+                hooks: Default::default(),
                 name: ComponentName::new("web").expect("component"),
                 kind: ComponentKind::Host(HostComponent::Commands {
                     start: Argv::new(vec!["/usr/bin/web".into(), "--serve".into()]).expect("argv"),

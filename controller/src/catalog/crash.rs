@@ -71,6 +71,7 @@ fn inventory_for(id: u64) -> App {
         team: team("crash"),
         components: vec![Component {
             state: ComponentState::Running,
+            hooks: Default::default(),
             name: ComponentName::new(format!("c{id}")).expect("component name"),
             kind: ComponentKind::Host(HostComponent::Commands {
                 start: Argv::new(vec!["/bin/start".into(), d.clone()]).expect("argv"),

@@ -333,6 +333,7 @@ mod legacy {
                     volumes: names,
                     depends_on: Vec::new(),
                     state: c.state,
+                    hooks: Default::default(),
                 });
             }
             let app = App {
@@ -497,6 +498,7 @@ mod tests {
                         volumes: vec!["/var/lib/pg".parse().expect("valid")],
                         depends_on: vec![],
                         state: ComponentState::Running,
+                        hooks: Default::default(),
                     },
                     Component {
                         name: "web".parse().expect("valid"),
@@ -509,6 +511,7 @@ mod tests {
                         volumes: vec![],
                         depends_on: vec![],
                         state: ComponentState::Unknown,
+                        hooks: Default::default(),
                     },
                 ],
             },

@@ -1,8 +1,8 @@
 //! Inventory: apps, components, volumes.
 
 use ferry_core::{
-    App, Argv, Component, ComponentKind, ComponentState, HostComponent, Inventory, Timestamp,
-    Volume,
+    App, Argv, Component, ComponentKind, ComponentState, Hooks, HostComponent, Inventory,
+    Timestamp, Volume,
 };
 
 use super::{ConvertError, parse};
@@ -99,6 +99,8 @@ impl From<Component> for pb::Component {
             volumes: c.volumes.into_iter().map(String::from).collect(),
             depends_on: c.depends_on.into_iter().map(String::from).collect(),
             kind: Some(kind),
+            pre_backup: c.hooks.pre_backup.map(argv_to_pb),
+            post_backup: c.hooks.post_backup.map(argv_to_pb),
         }
     }
 }
@@ -131,6 +133,16 @@ fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, Convert
             .map(|(i, d)| parse(|| format!("{field}.depends_on[{i}]"), d))
             .collect::<Result<_, _>>()?,
         state: state_from_wire(c.state),
+        hooks: Hooks {
+            pre_backup: c
+                .pre_backup
+                .map(|a| argv_from_pb(Some(a), &format!("{field}.pre_backup")))
+                .transpose()?,
+            post_backup: c
+                .post_backup
+                .map(|a| argv_from_pb(Some(a), &format!("{field}.post_backup")))
+                .transpose()?,
+        },
     })
 }
 
@@ -377,6 +389,7 @@ mod tests {
                         volumes: vec!["/srv/db".parse().expect("volume")],
                         depends_on: vec![],
                         state: ComponentState::Running,
+                        hooks: Default::default(),
                     },
                     Component {
                         name: "worker".parse().expect("name"),
@@ -389,6 +402,7 @@ mod tests {
                         volumes: vec![],
                         depends_on: vec!["postgresql@15-main.service".parse().expect("name")],
                         state: ComponentState::Stopped,
+                        hooks: Default::default(),
                     },
                 ],
             }],
