@@ -208,6 +208,10 @@ struct BackupRow {
     volumes: Vec<(String, String)>,
     job_id: u64,
     ferry_version: String,
+    pre_copy_ms: u64,
+    delta_ms: u64,
+    bytes_new: u64,
+    delta_bytes_read: u64,
 }
 
 impl From<&v1::Backup> for BackupRow {
@@ -233,6 +237,10 @@ impl From<&v1::Backup> for BackupRow {
                 .collect(),
             job_id: b.job_id,
             ferry_version: b.ferry_version.clone(),
+            pre_copy_ms: b.pre_copy_ms,
+            delta_ms: b.delta_ms,
+            bytes_new: b.bytes_new,
+            delta_bytes_read: b.delta_bytes_read,
         }
     }
 }
@@ -533,7 +541,14 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
             );
             if !r.stopped.is_empty() {
                 text.push_str(&format!("  stopped:  {}\n", r.stopped.join(", ")));
+                text.push_str(&format!(
+                    "  passes:   pre-copy {} while running, delta {} reading {}\n",
+                    secs(r.pre_copy_ms),
+                    secs(r.delta_ms),
+                    bytes(r.delta_bytes_read)
+                ));
             }
+            text.push_str(&format!("  new data: {}\n", bytes(r.bytes_new)));
             for (path, snap) in &r.volumes {
                 text.push_str(&format!(
                     "  volume:   {path} (snapshot {})\n",

@@ -515,6 +515,15 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     let listed = site.backups()?;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["stopped"][0], "db");
+    // The timings and volumes of both passes are recorded.
+    for field in ["pre_copy_ms", "bytes_new", "delta_bytes_read"] {
+        assert!(
+            listed[0][field].as_u64().unwrap_or(0) > 0,
+            "{field}: {}",
+            listed[0]
+        );
+    }
+    assert!(listed[0]["delta_ms"].as_u64().unwrap_or(u64::MAX) <= downtime);
 
     // The backup restored as a copy on cluster a beside the original:
     // port 5432 is taken in a's namespace, so the copy moves.

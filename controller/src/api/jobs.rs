@@ -138,6 +138,10 @@ pub(super) fn backup_pb(b: &BackupRecord) -> pb::Backup {
         ferry_version: m.ferry_version.clone(),
         job_id: m.job.get(),
         stopped: m.stopped.iter().map(ToString::to_string).collect(),
+        pre_copy_ms: m.timings.pre_copy_ms,
+        delta_ms: m.timings.delta_ms,
+        bytes_new: m.timings.bytes_new,
+        delta_bytes_read: m.timings.delta_bytes_read,
     }
 }
 
