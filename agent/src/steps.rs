@@ -260,7 +260,8 @@ pub async fn backup_app(
         let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
         for v in &volumes {
             let t = tags(if cold { "pre" } else { "final" }, v);
-            pre.push(copy_volume(&repo, &target, v, t, None, first_pass, &report, None).await?);
+            let opts = pass_options(t, None, None);
+            pre.push(copy_volume(&repo, &target, v, opts, first_pass, &report).await?);
         }
         Ok::<_, StepFailure>(pre)
     }
@@ -310,19 +311,8 @@ pub async fn backup_app(
                 let t = tags("final", v);
                 // The last volume's reading ends the app's downtime.
                 let last = (i + 1 == volumes.len()).then(|| read_done.clone());
-                finals.push(
-                    copy_volume(
-                        &repo,
-                        &target,
-                        v,
-                        t,
-                        Some(*parent),
-                        "delta pass",
-                        &report,
-                        last,
-                    )
-                    .await?,
-                );
+                let opts = pass_options(t, Some(*parent), last);
+                finals.push(copy_volume(&repo, &target, v, opts, "delta pass", &report).await?);
             }
             Ok::<_, StepFailure>(finals)
         };
@@ -428,11 +418,9 @@ async fn copy_volume(
     repo: &Repository,
     target: &str,
     v: &Volume,
-    tags: BTreeMap<String, String>,
-    parent: Option<SnapshotId>,
+    opts: BackupOptions,
     pass: &str,
     report: &Report,
-    read_done: Option<Arc<tokio::sync::Notify>>,
 ) -> StepResult<(SnapshotId, BackupSummary)> {
     let line = format!("{pass} of {}", v.path);
     report(0, 0, line.clone());
@@ -440,13 +428,6 @@ async fn copy_volume(
     let progress = Arc::new(move |p: &ProgressInfo| {
         r(p.bytes, 0, format!("{line}: {} files", p.files));
     });
-    let opts = BackupOptions {
-        tags,
-        parent,
-        no_parent: parent.is_none(),
-        read_done,
-        ..BackupOptions::default()
-    };
     let out = repo
         .backup(v.path.as_path(), opts, Some(progress))
         .await
@@ -508,6 +489,22 @@ async fn post_backup_hooks(
     match first {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// A pass's backup options: its tags, its parent (none: read everything),
+/// and whom to tell once it has read every file.
+fn pass_options(
+    tags: BTreeMap<String, String>,
+    parent: Option<SnapshotId>,
+    read_done: Option<Arc<tokio::sync::Notify>>,
+) -> BackupOptions {
+    BackupOptions {
+        tags,
+        parent,
+        no_parent: parent.is_none(),
+        read_done,
+        ..BackupOptions::default()
     }
 }
 

@@ -260,8 +260,14 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// A duration for people: milliseconds under a second (a downtime of
+/// 40 ms is not "0.0 s"), seconds with one decimal above.
 fn secs(ms: u64) -> String {
-    format!("{:.1} s", ms as f64 / 1000.0)
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    }
 }
 
 fn print_job(j: &v1::Job, out: Format) -> Result<(), CliError> {
