@@ -175,9 +175,9 @@ LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z\s+\w+\s+(.*)$
 
 
 def agent_phases(log, start_ns, end_ns):
-    """The two-pass backup's phases as the agent logged them (Ferry's API
-    does not expose them): pre-copy committed, stop done, delta committed,
-    start done."""
+    """The two-pass backup's phases as the agent logged them: pre-copy
+    committed, stop done, start done (as soon as the delta pass has read
+    every changed file), delta committed (its uploads drained)."""
     import datetime
 
     ev = []
@@ -201,16 +201,22 @@ def agent_phases(log, start_ns, end_ns):
             ev.append(("stop", ns, None))
         elif 'action="start"' in text and "succeeded" in text:
             ev.append(("start", ns, None))
-    kinds = [e[0] for e in ev]
-    if kinds[:4] != ["commit", "stop", "commit", "start"]:
-        return {"agent_log_events": kinds}
-    pre, stop, delta, start = ev[:4]
+    first = lambda kind, after=0: next((e for e in ev if e[0] == kind and e[1] >= after), None)
+    pre = first("commit")
+    stop = pre and first("stop", pre[1])
+    start = stop and first("start", stop[1])
+    delta = stop and first("commit", stop[1])
+    if not (pre and stop and start and delta):
+        return {"agent_log_events": [e[0] for e in ev]}
     ms = lambda a, b: (b - a) // 1_000_000
     return {
         "log_pre_copy_ms": ms(start_ns, pre[1]),
         "log_stop_ms": ms(pre[1], stop[1]),
-        "log_delta_ms": ms(stop[1], delta[1]),
-        "log_start_ms": ms(delta[1], start[1]),
+        # From the stop to the start command's success: the delta pass's
+        # reading, then the start.
+        "log_stop_to_start_ms": ms(stop[1], start[1]),
+        # The delta's uploads drain after the start.
+        "log_drain_after_start_ms": max(0, ms(start[1], delta[1])),
         "log_pre_copy_bytes_new": pre[2],
         "log_delta_bytes_new": delta[2],
     }
@@ -250,7 +256,7 @@ def record(method, d, run, agent_log=None):
         r["backup_id"] = job.get("backup_id")
         r["ferry_downtime_ms"] = show.get("downtime_ms", job.get("downtime_ms"))
         r["ferry_total_ms"] = show.get("duration_ms")
-        # Not in `ferryctl backup show -o json` (the manifest has them)
+        # The passes, as the backup records them.
         for k in ("pre_copy_ms", "delta_ms", "bytes_new", "delta_bytes_read"):
             r["ferry_" + k] = show.get(k)
         r["backup_bytes"] = show.get("bytes")
@@ -334,11 +340,11 @@ def summary(path):
         vals = {
             "rep": fr,
             "obs": fo,
-            "pre": f.get("log_pre_copy_ms", f.get("observed_pre_copy_ms")) if fok else None,
+            "pre": f.get("ferry_pre_copy_ms", f.get("log_pre_copy_ms")) if fok else None,
             "stop": f.get("log_stop_ms") if fok else None,
-            "delta": f.get("log_delta_ms") if fok else None,
-            "start": f.get("log_start_ms") if fok else None,
-            "rd": f.get("agent_read_during_bytes") if fok else None,
+            "delta": f.get("ferry_delta_ms") if fok else None,
+            "start": (fr - f["log_stop_ms"] - f["ferry_delta_ms"]) if fok and fr is not None and f.get("log_stop_ms") is not None and f.get("ferry_delta_ms") is not None else None,
+            "rd": f.get("ferry_delta_bytes_read", f.get("agent_read_during_bytes")) if fok else None,
             "new": f.get("log_delta_bytes_new") if fok else None,
             "base": bo,
             "bstop": b.get("stop_ms") if bok else None,

@@ -29,9 +29,9 @@
 # bench/downtime.py, no fork per probe): the downtime observed is the longest
 # interval in which it did not accept connections. The two-pass run also
 # records the downtime Ferry reports (`ferryctl backup show ID -o json`), the
-# phases the agent logged (pre-copy, stop, delta, start; the API has only
-# the downtime and the total) and what the agent read while PostgreSQL was
-# down (/proc/PID/io).
+# passes it records (pre-copy and delta times, bytes the delta read, bytes
+# new), the stop time the agent logged, and what the agent read while
+# PostgreSQL was down (/proc/PID/io).
 #
 # Results: raw.jsonl (one line per run and method, plus the setup),
 # summary.md, and each run's files (probes, pgbench log, ferryctl output) in
@@ -343,7 +343,7 @@ two_pass() {
     python3 "$PY" record two-pass "$d" "$n" "$S/logs/agent.log" >>"$RAW"
     "$CTL" storage rm "dt-$n" >/dev/null
     rm -rf "$repo"
-    tail -n1 "$RAW" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  downtime reported %s ms, observed %s ms; pre-copy %s ms, stop %s ms, delta %s ms (read %s bytes, new %s), start %s ms" % tuple(r.get(k) for k in ("ferry_downtime_ms", "observed_downtime_ms", "log_pre_copy_ms", "log_stop_ms", "log_delta_ms", "agent_read_during_bytes", "log_delta_bytes_new", "log_start_ms")))' >&2
+    tail -n1 "$RAW" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  downtime reported %s ms, observed %s ms; pre-copy %s ms, stop %s ms, delta pass %s ms reading %s bytes (new over both passes %s)" % tuple(r.get(k) for k in ("ferry_downtime_ms", "observed_downtime_ms", "ferry_pre_copy_ms", "log_stop_ms", "ferry_delta_ms", "ferry_delta_bytes_read", "ferry_bytes_new")))' >&2
 }
 
 baseline() {
