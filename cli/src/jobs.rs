@@ -375,6 +375,20 @@ pub async fn follow(
     if out != Format::Json {
         eprintln!("job {}: {}", job.id, job.summary);
     }
+    // On a terminal a progress bar (a spinner while the total is unknown);
+    // otherwise one plain line per change.
+    let bar = tty.then(|| {
+        let b =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        b
+    });
+    let spinner = indicatif::ProgressStyle::with_template("{spinner} {wide_msg}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    let bounded =
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
     let mut last = job;
     let mut shown = String::new();
     while let Some(j) = stream
@@ -384,17 +398,26 @@ pub async fn follow(
     {
         let line = progress_line(&j);
         if out != Format::Json && line != shown {
-            if tty {
-                eprint!("\r\x1b[2K{}", line.chars().take(160).collect::<String>());
-            } else {
-                eprintln!("  {line}");
+            match &bar {
+                Some(b) => {
+                    match j.progress.as_ref().filter(|p| p.total_bytes > 0) {
+                        Some(p) => {
+                            b.set_style(bounded.clone());
+                            b.set_length(p.total_bytes);
+                            b.set_position(p.done_bytes.min(p.total_bytes));
+                        }
+                        None => b.set_style(spinner.clone()),
+                    }
+                    b.set_message(line.clone());
+                }
+                None => eprintln!("  {line}"),
             }
             shown = line;
         }
         last = j;
     }
-    if tty {
-        eprintln!();
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     print_job(&last, out)?;
     match last.state.as_str() {
