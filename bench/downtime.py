@@ -371,8 +371,8 @@ def summary(path):
         "Observed = the longest interval in which PostgreSQL, probed every 20 ms from outside the way pg_isready "
         "probes it, did not accept connections. Reported = the backup's downtime_ms (`ferryctl backup show`: first "
         "stop until every stopped component runs again). Pre-copy and Ferry's stop / delta / start come from the "
-        "agent's log (the API does not expose them); delta read = what the agent read while PostgreSQL was down "
-        "(/proc/PID/io rchar), new = the delta snapshot's new bytes. ratio = two-pass downtime / baseline observed "
+        "backup record and the agent's log; delta read = what the delta pass read "
+        "(the backup record), new = the delta snapshot's new bytes. ratio = two-pass downtime / baseline observed "
         "downtime. load tps = pgbench's median tps before the stop (two-pass / baseline)."
     )
     print("\n".join(out))

@@ -106,6 +106,9 @@ struct Deps {
     seal: Arc<SealKey>,
     per_agent: usize,
     slots: std::sync::Mutex<HashMap<AgentId, Arc<Semaphore>>>,
+    /// One prune at a time per location, whichever agent runs it: the
+    /// controller is each location's one prune owner.
+    prunes: std::sync::Mutex<HashMap<ferry_core::LocationName, Arc<Semaphore>>>,
 }
 
 impl Deps {
@@ -114,6 +117,14 @@ impl Deps {
         slots
             .entry(agent.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_agent.max(1))))
+            .clone()
+    }
+
+    fn prune_slot(&self, storage: &ferry_core::LocationName) -> Arc<Semaphore> {
+        let mut prunes = self.prunes.lock().unwrap_or_else(|p| p.into_inner());
+        prunes
+            .entry(storage.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
             .clone()
     }
 }
@@ -160,6 +171,7 @@ impl Engine {
             seal,
             per_agent,
             slots: std::sync::Mutex::default(),
+            prunes: std::sync::Mutex::default(),
         });
         let mut actor = Actor {
             deps,
@@ -612,6 +624,16 @@ async fn step_result(
 ) -> Result<Effect, StepFailure> {
     let Executor::Agent(agent) = executor else {
         return Err(StepFailure::permanent("no controller steps are defined"));
+    };
+    let _pruning = match work {
+        Work::Prune { storage } => {
+            let slot = deps.prune_slot(storage);
+            Some(tokio::select! {
+                p = slot.acquire_owned() => p.map_err(|_| StepFailure::permanent("the engine stopped"))?,
+                () = cancel.cancelled() => return Err(StepFailure::permanent("cancelled before it started")),
+            })
+        }
+        _ => None,
     };
     let slot = deps.slot(agent);
     let _permit = tokio::select! {
