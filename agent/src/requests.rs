@@ -198,8 +198,9 @@ impl Dispatcher {
         let ctx = self.ctx.clone();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
         ctx.running.fetch_add(1, Ordering::Relaxed);
+        let a_step = is_step(&kind);
         self.tasks.spawn(async move {
-            let result = if is_step(&kind) {
+            let result = if a_step {
                 // A job step handles its own cancel (it may have to start
                 // what it stopped first) and runs in a task of its own, so
                 // that the end of the session cannot cut it short.
@@ -220,11 +221,16 @@ impl Dispatcher {
                 }
             };
             ctx.running.fetch_sub(1, Ordering::Relaxed);
-            let reply = pb::Reply {
-                id,
-                result: Some(result),
-            };
-            ctx.send(AgentKind::Reply(reply)).await;
+            // A step stopped by the agent's own shutdown does not answer:
+            // its session ends, and the controller runs it again once the
+            // agent is back (a "cancelled" answer would end the job).
+            if !(a_step && ctx.steps.shutdown.is_cancelled()) {
+                let reply = pb::Reply {
+                    id,
+                    result: Some(result),
+                };
+                ctx.send(AgentKind::Reply(reply)).await;
+            }
             Some(id)
         });
     }
@@ -333,6 +339,9 @@ async fn step(
             let mut relayed = false;
             loop {
                 match s.claim(team, app, &holder) {
+                    // The earlier attempt was stopped for this cancel: it
+                    // has cleaned up, nothing more to do.
+                    Ok(_) if relayed => return error(ErrorCode::Cancelled, "cancelled"),
                     Ok(c) => break Some(c),
                     Err(other) => {
                         if cancel.is_cancelled() && !relayed {

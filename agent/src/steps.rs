@@ -451,8 +451,16 @@ async fn pre_backup_hooks(
     for c in start_order(app) {
         let comp = app.component(&c).expect("invariant: ordered from the app");
         let r = app.reference(&c);
-        if comp.hooks.is_empty() || ctx.platform.status(&r).await? == ComponentState::Stopped {
+        if comp.hooks.is_empty() {
             continue;
+        }
+        match ctx.platform.status(&r).await {
+            Ok(ComponentState::Stopped) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = post_backup_hooks(ctx, app, &hooked, report).await;
+                return Err(e.into());
+            }
         }
         if let Some(pre) = &comp.hooks.pre_backup {
             report(0, 0, format!("pre_backup hook of {r}"));

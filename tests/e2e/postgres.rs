@@ -525,6 +525,11 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     }
     assert!(listed[0]["delta_ms"].as_u64().unwrap_or(u64::MAX) <= downtime);
 
+    // Stopped at the end whatever happens, like every server of the test.
+    site.servers
+        .watch(&site.a.path().join("copies/qa/ledger/v0"));
+    site.servers
+        .watch(&site.b.path().join("copies/t2/ledger/v0"));
     // The backup restored as a copy on cluster a beside the original:
     // port 5432 is taken in a's namespace, so the copy moves.
     let (code, out, err) = ferryctl(
@@ -544,8 +549,6 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     assert_eq!(code, 0, "{out}{err}{}", site.pg_log("qa"));
     assert_eq!(json(&out)?["copy"], "a/qa/ledger");
     let copy = site.ready("qa", APP).await?;
-    site.servers
-        .watch(&site.a.path().join("copies/qa/ledger/v0"));
     assert_ne!(copy.port, 5432);
     assert_eq!(copy.checksum("known")?, known);
     // Every row committed before PostgreSQL stopped is in the backup (those
@@ -595,8 +598,6 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     let job = json(&out)?;
     assert_eq!(job["copy"], "b/t2/ledger", "{job}");
     let moved = site.ready("t2", APP).await?;
-    site.servers
-        .watch(&site.b.path().join("copies/t2/ledger/v0"));
     assert_eq!(moved.port, 5432);
     assert_eq!(moved.checksum("known")?, known);
     assert_eq!(moved.checksum("t")?, source);
@@ -700,6 +701,8 @@ async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_a
     assert_eq!(site.journal_entries(), 0);
     assert_eq!(db.checksum("known")?, known);
     let backup = listed[0]["id"].as_u64().context("id")?.to_string();
+    site.servers
+        .watch(&site.b.path().join("copies/t2/ledger/v0"));
     let (code, out, err) = ferryctl(
         &site.ctl,
         &[
@@ -713,8 +716,6 @@ async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_a
         ],
     )?;
     assert_eq!(code, 0, "{out}{err}");
-    site.servers
-        .watch(&site.b.path().join("copies/t2/ledger/v0"));
     assert_eq!(site.ready("t2", APP).await?.checksum("known")?, known);
     site.agent_a.stop().await?;
     site.agent_b.stop().await?;

@@ -123,10 +123,12 @@ impl Forward {
         let (o, c) = (open.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                // Checked under the lock `cut` takes, so no connection
+                // accepted during a cut survives it.
+                let Ok(mut guard) = c.lock() else { return };
                 if !o.load(Ordering::SeqCst) {
                     continue;
                 }
-                let Ok(mut guard) = c.lock() else { return };
                 guard.spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -146,8 +148,8 @@ impl Forward {
 
     /// Drops every open connection and refuses new ones.
     pub fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
         if let Ok(mut c) = self.conns.lock() {
+            self.open.store(false, Ordering::SeqCst);
             c.abort_all();
         }
     }
