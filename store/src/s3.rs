@@ -346,21 +346,39 @@ impl Drop for AbortGuard {
         let bucket = std::mem::take(&mut self.bucket);
         let key = std::mem::take(&mut self.key);
         runtime.spawn(async move {
-            match client
-                .abort_multipart_upload()
-                .bucket(&bucket)
-                .key(&key)
-                .upload_id(&upload_id)
-                .send()
-                .await
-            {
-                Ok(_) => tracing::debug!(bucket = %bucket, key = %key, "aborted multipart upload"),
-                Err(e) => tracing::warn!(
+            // A part still in flight when the first abort lands may make
+            // the upload reappear (S3 says to abort again): abort until
+            // the server says there is no such upload, a few times at most.
+            let mut last_error = None;
+            for attempt in 0..4u32 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                match client
+                    .abort_multipart_upload()
+                    .bucket(&bucket)
+                    .key(&key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::debug!(bucket = %bucket, key = %key, attempt, "aborted multipart upload");
+                        last_error = None;
+                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_upload()) => {
+                        return;
+                    }
+                    Err(e) => last_error = Some(Chain(&e).to_string()),
+                }
+            }
+            if let Some(error) = last_error {
+                tracing::warn!(
                     bucket = %bucket,
                     key = %key,
-                    error = %Chain(&e),
+                    error = %error,
                     "failed to abort multipart upload; the bucket may keep its parts until a lifecycle rule removes them"
-                ),
+                );
             }
         });
     }
