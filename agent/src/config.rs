@@ -105,6 +105,11 @@ pub struct ComponentConfig {
     /// `pre_backup` ran (or there is none).
     #[serde(default)]
     pub post_backup: Option<CommandSpec>,
+    /// Run just before a `cold` backup stops the component (it still
+    /// runs), e.g. a checkpoint so that the stop and the delta pass are
+    /// short. A failure fails the backup before anything is stopped.
+    #[serde(default)]
+    pub pre_stop: Option<CommandSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -134,6 +139,11 @@ pub struct AgentConfig {
     /// Seconds a step retries an unreachable S3 location before it fails.
     #[serde(default = "default_storage_retry")]
     pub storage_retry_secs: u64,
+    /// MiB a cold backup's delta pass may hold in memory ahead of
+    /// compression, so the app starts again once the changed files are read
+    /// (default: a quarter of the machine's memory, at most 4096).
+    #[serde(default)]
+    pub delta_buffer_mib: Option<u64>,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
 }
@@ -161,6 +171,24 @@ impl AgentConfig {
 
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_secs)
+    }
+
+    /// Bytes a delta pass may read ahead: `delta_buffer_mib`, or a quarter
+    /// of the memory (`/proc/meminfo`), between 64 MiB and 4 GiB.
+    pub fn delta_buffer(&self) -> usize {
+        const MIB: u64 = 1 << 20;
+        let mib = self.delta_buffer_mib.unwrap_or_else(|| {
+            let total_kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("MemTotal:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .unwrap_or(1 << 20);
+            (total_kib / 1024 / 4).clamp(64, 4096)
+        });
+        usize::try_from(mib.max(1).saturating_mul(MIB)).unwrap_or(usize::MAX)
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -296,6 +324,7 @@ impl AgentConfig {
                 let hooks = Hooks {
                     pre_backup: hook(&c.pre_backup, "pre_backup")?,
                     post_backup: hook(&c.post_backup, "post_backup")?,
+                    pre_stop: hook(&c.pre_stop, "pre_stop")?,
                 };
                 components.push(Component {
                     name: component,

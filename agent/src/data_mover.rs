@@ -517,7 +517,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                         host,
                         upload_concurrency: None,
                         read_concurrency,
-                        read_done: None,
+                        ..BackupOptions::default()
                     },
                     progress.clone(),
                 )

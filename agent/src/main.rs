@@ -174,11 +174,12 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
         tracing::error!("{problem}");
     }
     let cancel = tokio_util::sync::CancellationToken::new();
-    let steps = ferry_agent::steps::StepCtx::new(
+    let mut steps = ferry_agent::steps::StepCtx::new(
         platform.clone(),
         Some(journal.clone()),
         std::time::Duration::from_secs(config.storage_retry_secs.max(1)),
     );
+    steps.delta_buffer = config.delta_buffer();
     let stop_steps = steps.shutdown.clone();
     let running = steps.clone();
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));

@@ -81,6 +81,8 @@ pub struct StepCtx {
     pub journal: Option<Journal>,
     /// How long a step retries an unreachable S3 location.
     pub storage_retry: Duration,
+    /// Bytes a cold backup's delta pass may read ahead of compression.
+    pub delta_buffer: usize,
     /// Apps (`team/app`) a step works on now, across sessions: a step
     /// dispatched again while an earlier attempt still runs (its session
     /// ended, this agent did not) waits for it instead of overlapping, and
@@ -109,6 +111,7 @@ impl StepCtx {
             platform,
             journal,
             storage_retry,
+            delta_buffer: 256 << 20,
             busy: Arc::default(),
             shutdown: CancellationToken::new(),
         }
@@ -278,9 +281,19 @@ pub async fn backup_app(
         ..BackupTimings::default()
     };
     let finals = if cold {
+        let stop_order: Vec<ComponentRef> = running.iter().rev().cloned().collect();
+        // Each pre_stop hook, in stop order, while everything still runs.
+        for c in &stop_order {
+            let hook = app
+                .component(&c.component)
+                .and_then(|x| x.hooks.pre_stop.as_ref());
+            if let Some(hook) = hook {
+                report(0, 0, format!("pre_stop hook of {c}"));
+                ctx.platform.hook(c, "pre_stop", hook).await?;
+            }
+        }
         // Record what is about to stop, durably, before stopping anything.
         let key = format!("job-{}-{}", step.job_id, step.index);
-        let stop_order: Vec<ComponentRef> = running.iter().rev().cloned().collect();
         if let Some(j) = &ctx.journal {
             j.record(&key, &stop_order)
                 .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?;
@@ -288,7 +301,13 @@ pub async fn backup_app(
         let stop_at = Instant::now();
         // Stop, then the delta pass; the app starts again as soon as the
         // delta pass has read every changed file, while its uploads drain.
-        let read_done = Arc::new(tokio::sync::Notify::new());
+        // The volumes' passes run at once, each reading first, in memory
+        // ahead of compression up to its share of the delta buffer.
+        let read_dones: Vec<_> = volumes
+            .iter()
+            .map(|_| Arc::new(tokio::sync::Notify::new()))
+            .collect();
+        let read_ahead = ctx.delta_buffer / volumes.len().max(1);
         let stopping = async {
             for c in &stop_order {
                 report(0, 0, format!("stopping {c}"));
@@ -306,20 +325,31 @@ pub async fn backup_app(
                 components = stopped.len(),
                 "stopped; delta pass started"
             );
-            let mut finals = Vec::new();
-            for (i, (v, (parent, _))) in volumes.iter().zip(&pre).enumerate() {
-                let t = tags("final", v);
-                // The last volume's reading ends the app's downtime.
-                let last = (i + 1 == volumes.len()).then(|| read_done.clone());
-                let opts = pass_options(t, Some(*parent), last);
-                finals.push(copy_volume(&repo, &target, v, opts, "delta pass", &report).await?);
+            let passes =
+                volumes
+                    .iter()
+                    .zip(&pre)
+                    .zip(&read_dones)
+                    .map(|((v, (parent, _)), done)| {
+                        let opts = BackupOptions {
+                            read_ahead: Some(read_ahead),
+                            ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
+                        };
+                        copy_volume(&repo, &target, v, opts, "delta pass", &report)
+                    });
+            futures::future::try_join_all(passes).await
+        };
+        // Every volume read ends the app's downtime (a notification before
+        // the wait is kept).
+        let all_read = async {
+            for done in &read_dones {
+                done.notified().await;
             }
-            Ok::<_, StepFailure>(finals)
         };
         tokio::pin!(work);
         let mut result = tokio::select! {
             r = &mut work => Some(r),
-            () = read_done.notified() => None,
+            () = all_read => None,
         };
         // The delta pass's share of the downtime: until its last read.
         timings.delta_ms = ms(delta_started.elapsed());
@@ -451,7 +481,7 @@ async fn pre_backup_hooks(
     for c in start_order(app) {
         let comp = app.component(&c).expect("invariant: ordered from the app");
         let r = app.reference(&c);
-        if comp.hooks.is_empty() {
+        if !comp.hooks.has_hot() {
             continue;
         }
         match ctx.platform.status(&r).await {
@@ -621,6 +651,7 @@ fn copy_of(
         c.hooks = ferry_core::Hooks {
             pre_backup: c.hooks.pre_backup.as_ref().map(argv).transpose()?,
             post_backup: c.hooks.post_backup.as_ref().map(argv).transpose()?,
+            pre_stop: c.hooks.pre_stop.as_ref().map(argv).transpose()?,
         };
         if let ComponentKind::Host(HostComponent::Commands {
             start,

@@ -272,26 +272,46 @@ pub struct Component {
     /// As the driver last saw it.
     #[serde(default)]
     pub state: ComponentState,
-    /// Commands around a `hot` backup.
+    /// Commands around a backup.
     #[serde(default, skip_serializing_if = "Hooks::is_empty")]
     pub hooks: Hooks,
 }
 
-/// Commands a driver runs in a component's context around a `hot` backup,
-/// which does not stop it: `pre_backup` before its app's volumes are copied
-/// (flush, freeze or checkpoint), `post_backup` after the copy, whatever
-/// its outcome, for every component whose `pre_backup` ran.
+/// Commands a driver runs in a component's context around a backup. Around
+/// a `hot` backup, which does not stop it: `pre_backup` before its app's
+/// volumes are copied (flush, freeze or checkpoint), `post_backup` after the
+/// copy, whatever its outcome, for every component whose `pre_backup` ran.
+/// In a `cold` backup, `pre_stop` just before the stop, while the component
+/// still runs (a checkpoint, so that the stop and the delta pass are short).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hooks {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_backup: Option<Argv>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_backup: Option<Argv>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_stop: Option<Argv>,
 }
 
 impl Hooks {
     pub fn is_empty(&self) -> bool {
-        self.pre_backup.is_none() && self.post_backup.is_none()
+        self.pre_backup.is_none() && self.post_backup.is_none() && self.pre_stop.is_none()
+    }
+
+    /// Has a hook for `hot` backups.
+    pub fn has_hot(&self) -> bool {
+        self.pre_backup.is_some() || self.post_backup.is_some()
+    }
+
+    /// Every hook, with its name.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Argv)> {
+        [
+            ("pre_backup", &self.pre_backup),
+            ("post_backup", &self.post_backup),
+            ("pre_stop", &self.pre_stop),
+        ]
+        .into_iter()
+        .filter_map(|(n, a)| a.as_ref().map(|a| (n, a)))
     }
 }
 

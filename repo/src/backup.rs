@@ -86,6 +86,13 @@ pub struct BackupOptions {
     /// and uploading): the source may change from then on. Not notified
     /// when the walk fails.
     pub read_done: Option<Arc<tokio::sync::Notify>>,
+    /// Bytes of new chunks the readers may hold ahead of the pack workers
+    /// (default 16 MiB). With it, reading comes first: the workers wait
+    /// while the readers run and the budget has room, so the readers have
+    /// the CPUs to themselves and `read_done` comes as early as it can. For
+    /// a short window in which the source must not change (a cold backup's
+    /// delta pass); memory grows up to this budget.
+    pub read_ahead: Option<usize>,
 }
 
 /// The result of a backup: the snapshot id is `None` on a dry run.
@@ -118,6 +125,8 @@ struct BlobJob {
 /// and a fresh buffer is faulted in again.
 struct ChunkPool {
     limit: usize,
+    /// Reading first: workers wait while readers run and there is room.
+    reading_first: bool,
     state: Mutex<PoolState>,
     returned: std::sync::Condvar,
 }
@@ -131,12 +140,15 @@ struct PoolState {
     kept: usize,
     /// Pack workers still running; none left means nothing comes back.
     workers: usize,
+    /// Readers have ended (or failed).
+    read_over: bool,
 }
 
 impl ChunkPool {
-    fn new(limit: usize, workers: usize) -> Self {
+    fn new(limit: usize, workers: usize, reading_first: bool) -> Self {
         Self {
             limit,
+            reading_first,
             state: Mutex::new(PoolState {
                 workers,
                 ..PoolState::default()
@@ -179,6 +191,10 @@ impl ChunkPool {
                 st.out += b.capacity();
                 break b;
             }
+            if self.reading_first {
+                // Workers holding back for the readers go now.
+                self.returned.notify_all();
+            }
             st = self
                 .returned
                 .wait_timeout(st, Duration::from_millis(50))
@@ -197,6 +213,31 @@ impl ChunkPool {
         st.out = st.out.saturating_sub(buf.capacity());
         st.kept += buf.capacity();
         st.free.push(buf);
+        drop(st);
+        self.returned.notify_all();
+    }
+
+    /// With reading first, a worker waits here before each blob until the
+    /// readers have ended or the budget is nearly used up (a reader may be
+    /// waiting for room: `margin` is the largest chunk).
+    fn wait_turn(&self, margin: usize) {
+        if !self.reading_first {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !st.read_over && st.out + st.kept + 2 * margin < self.limit {
+            st = self
+                .returned
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The readers have ended: the workers go on.
+    fn reading_over(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.read_over = true;
         drop(st);
         self.returned.notify_all();
     }
@@ -431,11 +472,26 @@ impl Repository {
         let handle = tokio::runtime::Handle::current();
         let errs = errors.clone();
         let read_done = opts.read_done.clone();
+        let read_ahead = opts.read_ahead;
         let walk = tokio::task::spawn_blocking(move || {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
-            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(1);
-            let chunk_pool = ChunkPool::new(CHUNK_BYTES.max(max_chunk), workers);
+            // Reading first: the chunk pool alone bounds what waits for
+            // the workers, and as many large files are read at once as
+            // there are CPUs.
+            let reading_first = read_ahead.is_some();
+            let (blob_tx, blob_rx) = if reading_first {
+                crossbeam_channel::unbounded::<BlobJob>()
+            } else {
+                crossbeam_channel::bounded::<BlobJob>(1)
+            };
+            let budget = read_ahead.unwrap_or(CHUNK_BYTES).max(max_chunk);
+            let chunk_pool = ChunkPool::new(budget, workers, reading_first);
+            let large_buffers = if reading_first {
+                workers.max(LARGE_BUFFERS)
+            } else {
+                LARGE_BUFFERS
+            };
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
@@ -450,7 +506,8 @@ impl Repository {
                     let errs = errs.clone();
                     let pool = &chunk_pool;
                     joins.push(s.spawn(move || {
-                        if let Err(e) = pack_worker(&key, level, pack_size, pack_cap, io) {
+                        if let Err(e) = pack_worker(&key, level, pack_size, max_chunk, pack_cap, io)
+                        {
                             errs.set(e);
                         }
                         pool.worker_done();
@@ -460,8 +517,8 @@ impl Repository {
                 drop(pool_rx);
                 drop(pack_tx);
                 let max_chunk = repo.config().chunker.max_size as usize;
-                let (large_tx, large_rx) = crossbeam_channel::bounded(LARGE_BUFFERS);
-                for _ in 0..LARGE_BUFFERS {
+                let (large_tx, large_rx) = crossbeam_channel::bounded(large_buffers);
+                for _ in 0..large_buffers {
                     let _ = large_tx.try_send(Vec::with_capacity(2 * max_chunk));
                 }
                 let shared = Shared {
@@ -511,6 +568,7 @@ impl Repository {
                     res.map(|root| (root, dirs, files_unchanged, bytes_total))
                 });
                 // Every reader has ended: the source is no longer read.
+                chunk_pool.reading_over();
                 if let (Ok(_), Some(n)) = (&res, &read_done) {
                     n.notify_one();
                 }
@@ -564,6 +622,7 @@ fn pack_worker(
     key: &MasterKey,
     level: i32,
     pack_size: usize,
+    max_chunk: usize,
     pack_cap: usize,
     io: WorkerIo<'_>,
 ) -> Result<(), RepoError> {
@@ -580,6 +639,7 @@ fn pack_worker(
     };
     let mut current: Option<PackBuilder> = None;
     for job in io.jobs.iter() {
+        io.chunks.wait_turn(max_chunk);
         // A pack is closed before a blob that could take it past
         // pack_size, so a pack buffer holds at most pack_size bytes (a
         // larger blob gets a pack of its own).
@@ -1346,5 +1406,50 @@ mod tests {
         assert!(ids.iter().all(|b| sent.contains(b)));
         assert!(ids.iter().all(|b| !sent.insert(*b)));
         assert!(others.iter().all(|b| !sent.contains(b)));
+    }
+
+    /// Waits up to 10 s for `flag`.
+    fn eventually(flag: &AtomicBool) -> bool {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !flag.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        flag.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn reading_first_holds_workers_until_reading_ends_or_the_budget_fills() {
+        const KIB: usize = 1024;
+        // Not reading first: no wait at all.
+        ChunkPool::new(1024 * KIB, 1, false).wait_turn(64 * KIB);
+
+        for end_by_reading_over in [false, true] {
+            let pool = ChunkPool::new(1024 * KIB, 1, true);
+            let went = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    pool.wait_turn(64 * KIB);
+                    went.store(true, Ordering::SeqCst);
+                });
+                let mut held = vec![pool.copy_of(&[7u8; 300 * KIB], || false).expect("room")];
+                std::thread::sleep(Duration::from_millis(150));
+                assert!(
+                    !went.load(Ordering::SeqCst),
+                    "a worker went while reading had room"
+                );
+                if end_by_reading_over {
+                    pool.reading_over();
+                } else {
+                    // 900 KiB out: less than two largest chunks of room left.
+                    for _ in 0..2 {
+                        held.push(pool.copy_of(&[7u8; 300 * KIB], || false).expect("room"));
+                    }
+                }
+                assert!(eventually(&went), "the worker still waits");
+                for b in held {
+                    pool.give_back(b);
+                }
+            });
+        }
     }
 }

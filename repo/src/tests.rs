@@ -487,6 +487,40 @@ async fn incremental_backup_reads_only_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_first_backs_up_the_same_tree_whatever_the_budget() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    make_tree(&src, 5);
+    // One byte: the budget is one largest chunk, and the readers wait for
+    // the workers; 256 MiB: everything is read before anything is packed.
+    for (i, budget) in [1usize, 256 << 20].into_iter().enumerate() {
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalStore::new(tmp.path().join(format!("repo{i}"))));
+        let repo = init(store, 64 * 1024).await;
+        let read = Arc::new(tokio::sync::Notify::new());
+        let opts = BackupOptions {
+            read_ahead: Some(budget),
+            read_done: Some(read.clone()),
+            ..backup_opts()
+        };
+        let out = repo.backup(&src, opts, None).await.expect("backup");
+        tokio::time::timeout(std::time::Duration::from_secs(1), read.notified())
+            .await
+            .expect("read_done was notified");
+        assert!(
+            out.snapshot.summary.packs_written > 4,
+            "{:?}",
+            out.snapshot.summary
+        );
+        let dst = tmp.path().join(format!("dst{i}"));
+        repo.restore(out.id.expect("committed"), None, &dst, None)
+            .await
+            .expect("restore");
+        assert_same_tree(&src, &dst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_stores_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");

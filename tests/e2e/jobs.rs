@@ -532,7 +532,7 @@ async fn a_step_whose_agent_stays_offline_fails_at_the_deadline() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyhow::Result<()> {
+async fn hooks_run_around_a_hot_copy_and_before_a_cold_stop() -> anyhow::Result<()> {
     setup();
     let mut ctl = Controller::init()?;
     ctl.start().await?;
@@ -542,8 +542,9 @@ async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyh
     std::fs::write(da.join("vol/data.txt"), "data")?;
     let rundir = ctl.dir.path().join("run");
     let d = da.display();
+    let r = rundir.display();
     let hooks = format!(
-        "pre_backup = \"test ! -f {d}/fail-pre && touch {d}/vol/frozen && echo pre >> {d}/hooks.log\"\npost_backup = \"rm {d}/vol/frozen && echo post >> {d}/hooks.log\"\n"
+        "pre_backup = \"test ! -f {d}/fail-pre && touch {d}/vol/frozen && echo pre >> {d}/hooks.log\"\npost_backup = \"rm {d}/vol/frozen && echo post >> {d}/hooks.log\"\npre_stop = \"test ! -f {d}/fail-stop && kill -0 $(cat {r}/web-shop.pid) && echo pre_stop >> {d}/hooks.log\"\n"
     );
     let conf = config(&ctl.url(), da, &rundir, true)
         .replace("\nstatus = ", &format!("\n{hooks}status = "));
@@ -563,7 +564,7 @@ async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyh
         &["storage", "add", "nfs", "shared", "--path", &shared],
     )?;
     assert_eq!(code, 0, "{out}{err}");
-    let backup = |ctl: &Controller| {
+    let backup_in = |ctl: &Controller, mode: &str| {
         ferryctl(
             ctl,
             &[
@@ -575,12 +576,13 @@ async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyh
                 "--team",
                 "web",
                 "--mode",
-                "hot",
+                mode,
                 "-o",
                 "json",
             ],
         )
     };
+    let backup = |ctl: &Controller| backup_in(ctl, "hot");
 
     let (code, out, err) = backup(&ctl)?;
     assert_eq!(code, 0, "{out}{err}");
@@ -628,6 +630,33 @@ async fn a_hot_backup_runs_the_hooks_around_the_copy_and_stops_nothing() -> anyh
     );
     let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
     assert_eq!(json(&out)?.as_array().map(Vec::len), Some(1));
+
+    // Cold: pre_stop runs while the component still runs, then it stops
+    // and starts again (a new process); the hot hooks do not run.
+    std::fs::remove_file(da.join("fail-pre"))?;
+    let (code, out, err) = backup_in(&ctl, "cold")?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job = json(&out)?;
+    assert!(job["downtime_ms"].as_u64() > Some(0), "{job}");
+    let id = job["backup_id"].as_u64().expect("id").to_string();
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &id, "-o", "json"])?;
+    assert_eq!(json(&out)?["stopped"], serde_json::json!(["db"]), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(da.join("hooks.log"))?,
+        "pre\npost\npre_stop\n"
+    );
+    let restarted = pid_of(&rundir, "web", "shop").expect("pid");
+    assert_ne!(restarted, pid);
+    assert!(alive(restarted));
+    // A failing pre_stop hook fails the backup before anything stops.
+    std::fs::write(da.join("fail-stop"), "")?;
+    let (code, out, err) = backup_in(&ctl, "cold")?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("pre_stop"), "{err}");
+    assert_eq!(pid_of(&rundir, "web", "shop"), Some(restarted));
+    assert!(alive(restarted));
+    let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
+    assert_eq!(json(&out)?.as_array().map(Vec::len), Some(2));
 
     for team in ["web", "t2"] {
         if let Some(p) = pid_of(&rundir, team, "shop") {

@@ -120,15 +120,11 @@ fn commands_of(app: &App) -> impl Iterator<Item = &ferry_core::Argv> {
         }) => vec![start, stop]
             .into_iter()
             .chain(status.iter())
-            .chain(c.hooks.pre_backup.iter())
-            .chain(c.hooks.post_backup.iter())
+            .chain(c.hooks.iter().map(|(_, a)| a))
             .collect::<Vec<_>>(),
-        ComponentKind::Host(HostComponent::Systemd { .. }) => c
-            .hooks
-            .pre_backup
-            .iter()
-            .chain(c.hooks.post_backup.iter())
-            .collect(),
+        ComponentKind::Host(HostComponent::Systemd { .. }) => {
+            c.hooks.iter().map(|(_, a)| a).collect()
+        }
     })
 }
 

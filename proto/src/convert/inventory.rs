@@ -101,6 +101,7 @@ impl From<Component> for pb::Component {
             kind: Some(kind),
             pre_backup: c.hooks.pre_backup.map(argv_to_pb),
             post_backup: c.hooks.post_backup.map(argv_to_pb),
+            pre_stop: c.hooks.pre_stop.map(argv_to_pb),
         }
     }
 }
@@ -141,6 +142,10 @@ fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, Convert
             post_backup: c
                 .post_backup
                 .map(|a| argv_from_pb(Some(a), &format!("{field}.post_backup")))
+                .transpose()?,
+            pre_stop: c
+                .pre_stop
+                .map(|a| argv_from_pb(Some(a), &format!("{field}.pre_stop")))
                 .transpose()?,
         },
     })
