@@ -194,6 +194,9 @@ def agent_phases(log, start_ns, end_ns):
         if not start_ns <= ns <= end_ns:
             continue
         text = m.group(3)
+        logged_stop = re.search(r"delta pass started stop_ms=(\d+)", text)
+        if logged_stop:
+            ev.append(("stop_ms", ns, int(logged_stop.group(1))))
         if "snapshot committed" in text:
             b = re.search(r"bytes_new=(\d+)", text)
             ev.append(("commit", ns, int(b.group(1)) if b else None))
@@ -206,12 +209,15 @@ def agent_phases(log, start_ns, end_ns):
     stop = pre and first("stop", pre[1])
     start = stop and first("start", stop[1])
     delta = stop and first("commit", stop[1])
+    stop_ms = stop and first("stop_ms", stop[1])
     if not (pre and stop and start and delta):
         return {"agent_log_events": [e[0] for e in ev]}
     ms = lambda a, b: (b - a) // 1_000_000
     return {
         "log_pre_copy_ms": ms(start_ns, pre[1]),
-        "log_stop_ms": ms(pre[1], stop[1]),
+        # The stop command's time as the agent logged it (the pre_stop hook
+        # runs before it, while the app still runs).
+        "log_stop_ms": stop_ms[2] if stop_ms else ms(pre[1], stop[1]),
         # From the stop to the start command's success: the delta pass's
         # reading, then the start.
         "log_stop_to_start_ms": ms(stop[1], start[1]),
@@ -319,7 +325,8 @@ def summary(path):
             f"PostgreSQL {setup.get('postgres', '?')}, pgbench scale {setup.get('scale')}: "
             f"data directory {mib(setup.get('pgdata_bytes'))} ({setup.get('pgdata_human', '?')} on disk); "
             f"load `pgbench {setup.get('pgbench_args', '')}`; page cache dropped before each backup: "
-            f"{'yes' if setup.get('drop_caches') else 'no (not root)'}; binaries {setup.get('bin_dir')} "
+            f"{'yes' if setup.get('drop_caches') else 'no (not root)'}; pre-stop hook: "
+            f"{setup.get('pre_stop', 'none')}; binaries {setup.get('bin_dir')} "
             f"({setup.get('build', '?')} build, commit {setup.get('commit', '?')})."
         )
         out.append("")

@@ -3,7 +3,7 @@
 # pgbench write load: Ferry's two passes against stop-then-copy-everything.
 #
 #   bench/downtime.sh [--runs N] [--scale S] [--work DIR] [--results DIR]
-#                     [--bin-dir DIR]
+#                     [--bin-dir DIR] [--pre-stop checkpoint|none]
 #
 # Setup (fresh each time, under the work directory, default
 # /var/tmp/ferry-bench/downtime): a controller (`ferry-controller init` +
@@ -13,12 +13,15 @@
 # by `pgbench -i -s S` (default scale 80: about 1.2 GiB of tables and
 # indexes, plus WAL; its size is printed; kept and reused between
 # invocations of the same scale), started and stopped with pg_ctl (fast
-# shutdown; as the postgres user when root), its status `pg_isready`.
+# shutdown; as the postgres user when root), its status `pg_isready`, and
+# (--pre-stop checkpoint, the default) a `CHECKPOINT` as its pre_stop hook,
+# so the stop's own checkpoint has little left to write.
 #
 # Then N runs (default 3) of each method, alternating (ABBA):
 #   two-pass: `ferryctl app backup` (cold mode) into a fresh local storage
 #     location: pre-copy while PostgreSQL runs, stop, delta pass, start;
-#   baseline: stop PostgreSQL (the same pg_ctl command), `ferry-agent snapshot
+#   baseline: the same CHECKPOINT (unless --pre-stop none), stop PostgreSQL
+#     (the same pg_ctl command), `ferry-agent snapshot
 #     create` of the data directory into a fresh repository (a full copy with
 #     the same data mover), start it again.
 # Before each: a CHECKPOINT, then `pgbench -c 4 -j 2 -n` (TPC-B-like writes)
@@ -50,6 +53,7 @@ RESULTS=""
 BIN_DIR=""
 WARMUP_SECS=10
 PGBENCH_ARGS=(-c 4 -j 2 -T 3600 -n -P 1)
+PRE_STOP=checkpoint
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) RUNS=${2:?--runs needs a value}; shift 2 ;;
@@ -57,6 +61,8 @@ while [ $# -gt 0 ]; do
         --work) WORK=${2:?--work needs a value}; shift 2 ;;
         --results) RESULTS=${2:?--results needs a value}; shift 2 ;;
         --bin-dir) BIN_DIR=${2:?--bin-dir needs a value}; shift 2 ;;
+        --pre-stop) PRE_STOP=${2:?--pre-stop needs a value}; shift 2
+            case $PRE_STOP in checkpoint|none) ;; *) die "--pre-stop is checkpoint or none, not $PRE_STOP" ;; esac ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -119,6 +125,7 @@ if [ $ROOT = yes ]; then AS_PG=(runuser -u postgres --) NICE=(nice -n -10); else
 PG_START=("${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGDATA" -l "$PGRUN/postgres.log" -w -t 600 start)
 PG_STOP=("${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 600 stop)
 PG_STATUS=("$PGBIN/pg_isready" -q -h "$PGRUN" -U postgres -d postgres)
+PG_CHECKPOINT=("$PGBIN/psql" -h "$PGRUN" -U postgres -qAt -c CHECKPOINT postgres)
 pg_up() { "${PG_STATUS[@]}" -t 2; }
 psql_c() { "$PGBIN/psql" -h "$PGRUN" -U postgres -qAt -c "$1" postgres; }
 
@@ -262,6 +269,7 @@ start = $(toml_argv "${PG_START[@]}")
 stop = $(toml_argv "${PG_STOP[@]}")
 status = $(toml_argv "${PG_STATUS[@]}")
 TOML
+[ "$PRE_STOP" = checkpoint ] && echo "pre_stop = $(toml_argv "${PG_CHECKPOINT[@]}")" >>"$S/agent.toml"
 "$BIN/ferry-agent" run --config "$S/agent.toml" >"$S/logs/agent.log" 2>&1 &
 AGENT_PID=$!
 echo "agent $AGENT_PID" >>"$PIDS"
@@ -283,7 +291,7 @@ json.dump({
     "kind": "setup", "date": sh("date -Iseconds"), "runs": $RUNS, "scale": $SCALE,
     "pgdata": "$PGDATA", "pgdata_bytes": $PGDATA_BYTES, "pgdata_human": "$PGDATA_HUMAN",
     "postgres": "$PG_VERSION", "pgbench_args": "${PGBENCH_ARGS[*]}", "warmup_secs": $WARMUP_SECS,
-    "drop_caches": "$DROP" == "yes", "bin_dir": bin_dir,
+    "drop_caches": "$DROP" == "yes", "bin_dir": bin_dir, "pre_stop": "$PRE_STOP",
     "build": "debug" if "/debug" in bin_dir else ("release" if "/release" in bin_dir else "unknown"),
     "ferry": sh("'$BIN/ferry-agent' --version"), "commit": sh("git -C '$REPO_ROOT' rev-parse --short HEAD"),
     "cores": os.cpu_count(), "kernel": sh("uname -r"),
@@ -352,6 +360,9 @@ baseline() {
     log "run $n, baseline: stop, ferry-agent snapshot create into a fresh repository, start"
     "$BIN/ferry-agent" repo init --repo "$repo" --password-file "$PW" >/dev/null
     start_load "$d"
+    if [ "$PRE_STOP" = checkpoint ]; then
+        "${PG_CHECKPOINT[@]}" >"$d/checkpoint.log" 2>&1 || die "CHECKPOINT failed: $(tail -n 3 "$d/checkpoint.log")"
+    fi
     echo "stop_ns $(now_ns)" >>"$d/times"
     if "${PG_STOP[@]}" >"$d/stop.log" 2>&1; then
         echo "stopped_ns $(now_ns)" >>"$d/times"

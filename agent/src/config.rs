@@ -139,9 +139,10 @@ pub struct AgentConfig {
     /// Seconds a step retries an unreachable S3 location before it fails.
     #[serde(default = "default_storage_retry")]
     pub storage_retry_secs: u64,
-    /// MiB a cold backup's delta pass may hold in memory ahead of
-    /// compression, so the app starts again once the changed files are read
-    /// (default: a quarter of the machine's memory, at most 4096).
+    /// MiB of memory a cold backup's delta pass may copy the changed files
+    /// into, so the app starts again once they are copied and they are
+    /// stored while it runs (default: a quarter of the machine's memory, at
+    /// most 4096).
     #[serde(default)]
     pub delta_buffer_mib: Option<u64>,
     #[serde(default)]
@@ -173,7 +174,7 @@ impl AgentConfig {
         Duration::from_secs(self.command_timeout_secs)
     }
 
-    /// Bytes a delta pass may read ahead: `delta_buffer_mib`, or a quarter
+    /// Bytes a delta pass may copy: `delta_buffer_mib`, or a quarter
     /// of the memory (`/proc/meminfo`), between 64 MiB and 4 GiB.
     pub fn delta_buffer(&self) -> usize {
         const MIB: u64 = 1 << 20;
@@ -470,6 +471,23 @@ status = "pgrep -x worker"
         let apps = c.app_model().expect("model");
         assert_eq!(apps[0].components.len(), 2);
         assert_eq!(apps[0].components[1].depends_on[0].as_str(), "db");
+        let pre_stop = apps[0].components[0]
+            .hooks
+            .pre_stop
+            .as_ref()
+            .expect("pre_stop");
+        assert_eq!(
+            pre_stop.as_slice().last().map(String::as_str),
+            Some("CHECKPOINT")
+        );
+        // Unset: a quarter of the memory, between 64 MiB and 4 GiB.
+        let b = c.delta_buffer();
+        assert!((64 << 20..=4 << 30).contains(&b), "{b}");
+        let set = AgentConfig {
+            delta_buffer_mib: Some(100),
+            ..c
+        };
+        assert_eq!(set.delta_buffer(), 100 << 20);
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub struct StepCtx {
     pub journal: Option<Journal>,
     /// How long a step retries an unreachable S3 location.
     pub storage_retry: Duration,
-    /// Bytes a cold backup's delta pass may read ahead of compression.
+    /// Bytes a cold backup's delta pass may copy changed files into.
     pub delta_buffer: usize,
     /// Apps (`team/app`) a step works on now, across sessions: a step
     /// dispatched again while an earlier attempt still runs (its session
@@ -301,8 +301,9 @@ pub async fn backup_app(
         let stop_at = Instant::now();
         // Stop, then the delta pass; the app starts again as soon as the
         // delta pass has read every changed file, while its uploads drain.
-        // The volumes' passes run at once, each reading first, in memory
-        // ahead of compression up to its share of the delta buffer.
+        // The volumes' passes run at once, each reading first: it copies
+        // the changed files into memory (up to its share of the delta
+        // buffer) and stores them once the app runs again.
         let read_dones: Vec<_> = volumes
             .iter()
             .map(|_| Arc::new(tokio::sync::Notify::new()))

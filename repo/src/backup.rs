@@ -86,12 +86,13 @@ pub struct BackupOptions {
     /// and uploading): the source may change from then on. Not notified
     /// when the walk fails.
     pub read_done: Option<Arc<tokio::sync::Notify>>,
-    /// Bytes of new chunks the readers may hold ahead of the pack workers
-    /// (default 16 MiB). With it, reading comes first: the workers wait
-    /// while the readers run and the budget has room, so the readers have
-    /// the CPUs to themselves and `read_done` comes as early as it can. For
-    /// a short window in which the source must not change (a cold backup's
-    /// delta pass); memory grows up to this budget.
+    /// Reading first, for a short window in which the source must not
+    /// change (a cold backup's delta pass): the files to read are copied
+    /// into memory, up to this many bytes, before any is chunked, hashed,
+    /// compressed or stored, and `read_done` is notified as soon as every
+    /// file is either copied or read (those past the budget are read the
+    /// usual way, while the window lasts). The whole tree is walked first
+    /// (its directory entries stay in memory until the copies are stored).
     pub read_ahead: Option<usize>,
 }
 
@@ -125,8 +126,6 @@ struct BlobJob {
 /// and a fresh buffer is faulted in again.
 struct ChunkPool {
     limit: usize,
-    /// Reading first: workers wait while readers run and there is room.
-    reading_first: bool,
     state: Mutex<PoolState>,
     returned: std::sync::Condvar,
 }
@@ -140,15 +139,12 @@ struct PoolState {
     kept: usize,
     /// Pack workers still running; none left means nothing comes back.
     workers: usize,
-    /// Readers have ended (or failed).
-    read_over: bool,
 }
 
 impl ChunkPool {
-    fn new(limit: usize, workers: usize, reading_first: bool) -> Self {
+    fn new(limit: usize, workers: usize) -> Self {
         Self {
             limit,
-            reading_first,
             state: Mutex::new(PoolState {
                 workers,
                 ..PoolState::default()
@@ -191,10 +187,6 @@ impl ChunkPool {
                 st.out += b.capacity();
                 break b;
             }
-            if self.reading_first {
-                // Workers holding back for the readers go now.
-                self.returned.notify_all();
-            }
             st = self
                 .returned
                 .wait_timeout(st, Duration::from_millis(50))
@@ -213,31 +205,6 @@ impl ChunkPool {
         st.out = st.out.saturating_sub(buf.capacity());
         st.kept += buf.capacity();
         st.free.push(buf);
-        drop(st);
-        self.returned.notify_all();
-    }
-
-    /// With reading first, a worker waits here before each blob until the
-    /// readers have ended or the budget is nearly used up (a reader may be
-    /// waiting for room: `margin` is the largest chunk).
-    fn wait_turn(&self, margin: usize) {
-        if !self.reading_first {
-            return;
-        }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while !st.read_over && st.out + st.kept + 2 * margin < self.limit {
-            st = self
-                .returned
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// The readers have ended: the workers go on.
-    fn reading_over(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.read_over = true;
         drop(st);
         self.returned.notify_all();
     }
@@ -476,22 +443,8 @@ impl Repository {
         let walk = tokio::task::spawn_blocking(move || {
             let chunker = Chunker::new(repo.config().chunker, repo.key().chunker_seed())
                 .map_err(|e| RepoError::InvalidInput(e.to_string()))?;
-            // Reading first: the chunk pool alone bounds what waits for
-            // the workers, and as many large files are read at once as
-            // there are CPUs.
-            let reading_first = read_ahead.is_some();
-            let (blob_tx, blob_rx) = if reading_first {
-                crossbeam_channel::unbounded::<BlobJob>()
-            } else {
-                crossbeam_channel::bounded::<BlobJob>(1)
-            };
-            let budget = read_ahead.unwrap_or(CHUNK_BYTES).max(max_chunk);
-            let chunk_pool = ChunkPool::new(budget, workers, reading_first);
-            let large_buffers = if reading_first {
-                workers.max(LARGE_BUFFERS)
-            } else {
-                LARGE_BUFFERS
-            };
+            let (blob_tx, blob_rx) = crossbeam_channel::bounded::<BlobJob>(1);
+            let chunk_pool = ChunkPool::new(CHUNK_BYTES.max(max_chunk), workers);
             std::thread::scope(|s| {
                 let mut joins = Vec::new();
                 for _ in 0..workers {
@@ -506,8 +459,7 @@ impl Repository {
                     let errs = errs.clone();
                     let pool = &chunk_pool;
                     joins.push(s.spawn(move || {
-                        if let Err(e) = pack_worker(&key, level, pack_size, max_chunk, pack_cap, io)
-                        {
+                        if let Err(e) = pack_worker(&key, level, pack_size, pack_cap, io) {
                             errs.set(e);
                         }
                         pool.worker_done();
@@ -517,8 +469,8 @@ impl Repository {
                 drop(pool_rx);
                 drop(pack_tx);
                 let max_chunk = repo.config().chunker.max_size as usize;
-                let (large_tx, large_rx) = crossbeam_channel::bounded(large_buffers);
-                for _ in 0..large_buffers {
+                let (large_tx, large_rx) = crossbeam_channel::bounded(LARGE_BUFFERS);
+                for _ in 0..LARGE_BUFFERS {
                     let _ = large_tx.try_send(Vec::with_capacity(2 * max_chunk));
                 }
                 let shared = Shared {
@@ -529,6 +481,9 @@ impl Repository {
                     chunks: &chunk_pool,
                     large_buffers: (large_tx, large_rx),
                     zero_ids: Mutex::new(HashMap::new()),
+                    stage_room: read_ahead.map(|b| AtomicU64::new(b as u64)),
+                    staging_readers: std::sync::atomic::AtomicUsize::new(readers),
+                    read_done: read_done.clone(),
                     stop: AtomicBool::new(false),
                     files: AtomicU64::new(0),
                     bytes_read: AtomicU64::new(0),
@@ -549,13 +504,14 @@ impl Repository {
                         shared: &shared,
                         index: &index,
                         handle,
-                        files: file_tx,
+                        files: Some(file_tx),
+                        defer: read_ahead.is_some(),
                         blob_tx,
                         dirs: 0,
                         files_unchanged: 0,
                         bytes_total: 0,
                     };
-                    let res = walker.walk_dir(&path, parent_tree.as_ref());
+                    let res = walker.walk(&path, parent_tree.as_ref());
                     if res.is_err() {
                         shared.stop.store(true, Ordering::Relaxed);
                     }
@@ -567,9 +523,9 @@ impl Repository {
                     } = walker;
                     res.map(|root| (root, dirs, files_unchanged, bytes_total))
                 });
-                // Every reader has ended: the source is no longer read.
-                chunk_pool.reading_over();
-                if let (Ok(_), Some(n)) = (&res, &read_done) {
+                // Every reader has ended: the source is no longer read
+                // (reading first, the last reader to copy said so earlier).
+                if let (Ok(_), Some(n), None) = (&res, &read_done, read_ahead) {
                     n.notify_one();
                 }
                 shared.report(true);
@@ -622,7 +578,6 @@ fn pack_worker(
     key: &MasterKey,
     level: i32,
     pack_size: usize,
-    max_chunk: usize,
     pack_cap: usize,
     io: WorkerIo<'_>,
 ) -> Result<(), RepoError> {
@@ -639,7 +594,6 @@ fn pack_worker(
     };
     let mut current: Option<PackBuilder> = None;
     for job in io.jobs.iter() {
-        io.chunks.wait_turn(max_chunk);
         // A pack is closed before a blob that could take it past
         // pack_size, so a pack buffer holds at most pack_size bytes (a
         // larger blob gets a pack of its own).
@@ -763,6 +717,13 @@ struct Shared<'a> {
         crossbeam_channel::Receiver<Vec<u8>>,
     ),
     zero_ids: Mutex<HashMap<usize, BlobId>>,
+    /// Reading first: bytes of file data that may still be copied into
+    /// memory (`None`: files are chunked as they are read).
+    stage_room: Option<AtomicU64>,
+    /// Reading first: readers still taking files; the last to finish
+    /// notifies `read_done`.
+    staging_readers: std::sync::atomic::AtomicUsize,
+    read_done: Option<Arc<tokio::sync::Notify>>,
     /// Set when the backup fails: readers skip what is still queued.
     stop: AtomicBool,
     files: AtomicU64,
@@ -850,12 +811,28 @@ const SMALL_FILE: u64 = 2 << 20;
 /// 25 MiB more).
 const LARGE_BUFFERS: usize = 1;
 
+/// A directory read: its nodes, some waiting for a reader or (reading
+/// first) for a subdirectory to be finished.
+struct DirScan {
+    dir: PathBuf,
+    nodes: Vec<Option<Node>>,
+    /// (slot, scan) of subdirectories scanned but not finished.
+    subdirs: Vec<(usize, DirScan)>,
+    /// Files handed to the readers, answering on `replies`.
+    pending: usize,
+    replies: crossbeam_channel::Receiver<(usize, Result<Option<NodeKind>, RepoError>)>,
+}
+
 struct Walker<'a, 's> {
     shared: &'s Shared<'a>,
     /// Full index, to read parent trees.
     index: &'a Index,
     handle: tokio::runtime::Handle,
-    files: crossbeam_channel::Sender<FileJob>,
+    /// Files for the readers; dropped once the walk has handed out every
+    /// file (the readers then know no more come).
+    files: Option<crossbeam_channel::Sender<FileJob>>,
+    /// Reading first: every directory is scanned before any is finished.
+    defer: bool,
     blob_tx: crossbeam_channel::Sender<BlobJob>,
     dirs: u64,
     files_unchanged: u64,
@@ -1043,24 +1020,208 @@ impl Shared<'_> {
 }
 
 /// A reader thread: reads the files the walker hands out, several at once,
-/// so a cold disk always has reads queued.
+/// so a cold disk always has reads queued. Reading first, it copies each
+/// file into memory while the budget lasts, and chunks the copies once the
+/// walk has handed out every file.
 fn reader(
     shared: &Shared<'_>,
     jobs: crossbeam_channel::Receiver<FileJob>,
     blobs: crossbeam_channel::Sender<BlobJob>,
 ) {
     let mut small = Vec::new();
+    let mut staged = Vec::new();
     for job in jobs.iter() {
         let res = if shared.stop.load(Ordering::Relaxed) {
             Err(RepoError::Cancelled)
         } else {
-            read_file(shared, &blobs, &mut small, &job)
+            match stage_file(shared, &job) {
+                Ok(Staged::Copied(copy)) => {
+                    staged.push((job, copy));
+                    continue;
+                }
+                Ok(Staged::Vanished) => Ok(None),
+                Ok(Staged::No) => read_file(shared, &blobs, &mut small, &job),
+                Err(e) => Err(e),
+            }
         };
         if res.is_err() {
             shared.stop.store(true, Ordering::Relaxed);
         }
         let _ = job.reply.send((job.slot, res));
     }
+    if shared.stage_room.is_some()
+        && shared.staging_readers.fetch_sub(1, Ordering::AcqRel) == 1
+        && !shared.stop.load(Ordering::Relaxed)
+        && let Some(n) = &shared.read_done
+    {
+        // Every file is read or copied: the source may change now.
+        n.notify_one();
+    }
+    for (job, copy) in staged {
+        let res = if shared.stop.load(Ordering::Relaxed) {
+            Err(RepoError::Cancelled)
+        } else {
+            chunk_copy(shared, &blobs, &job, copy).map(Some)
+        };
+        if res.is_err() {
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+        let _ = job.reply.send((job.slot, res));
+    }
+}
+
+/// A file's data runs copied into memory.
+struct FileCopy {
+    runs: Vec<(u64, CopyBuf)>,
+    dense: bool,
+}
+
+/// A data run's copy: small ones on the heap, large ones in an anonymous
+/// map with huge pages (faulting in 4 KiB pages one by one cost more than
+/// the copy itself: 0.7 s a GiB here).
+enum CopyBuf {
+    Heap(Vec<u8>),
+    Map(memmap2::MmapMut),
+}
+
+impl std::ops::Deref for CopyBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            CopyBuf::Heap(v) => v,
+            CopyBuf::Map(m) => m,
+        }
+    }
+}
+
+/// Runs at least this long are copied into a map with huge pages.
+const MAP_COPY: u64 = 4 << 20;
+/// Runs at least this long are copied by several threads.
+const PARALLEL_COPY: u64 = 64 << 20;
+
+/// Copies `len` bytes at `start` of `file`; `None` if the file is shorter
+/// now (it is then read the usual way).
+fn copy_run(file: &File, path: &Path, start: u64, len: u64) -> Result<Option<CopyBuf>, RepoError> {
+    use std::os::unix::fs::FileExt;
+    // Fills `buf` from `offset`; false at an early end of file.
+    let fill = |buf: &mut [u8], offset: u64| -> std::io::Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Ok(false),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    };
+    let n = usize::try_from(len)
+        .map_err(|_| RepoError::InvalidInput(format!("{} is too large", path.display())))?;
+    let read_err = |e| RepoError::io("read", path, e);
+    if len < MAP_COPY {
+        let mut v = vec![0u8; n];
+        return Ok(fill(&mut v, start)
+            .map_err(read_err)?
+            .then_some(CopyBuf::Heap(v)));
+    }
+    let mut map = memmap2::MmapMut::map_anon(n)
+        .map_err(|e| RepoError::io("allocate memory to copy", path, e))?;
+    let _ = map.advise(memmap2::Advice::HugePage);
+    let threads = if len >= PARALLEL_COPY {
+        std::thread::available_parallelism().map_or(1, |p| p.get().clamp(1, 4))
+    } else {
+        1
+    };
+    let part = n.div_ceil(threads);
+    let whole = std::thread::scope(|s| {
+        let parts: Vec<_> = map
+            .chunks_mut(part)
+            .enumerate()
+            .map(|(i, buf)| s.spawn(move || fill(buf, start + (i * part) as u64)))
+            .collect();
+        parts.into_iter().try_fold(true, |all, p| {
+            let filled = p
+                .join()
+                .map_err(|_| std::io::Error::other("a copying thread panicked"))??;
+            Ok::<_, std::io::Error>(all && filled)
+        })
+    })
+    .map_err(read_err)?;
+    Ok(whole.then_some(CopyBuf::Map(map)))
+}
+
+enum Staged {
+    Copied(FileCopy),
+    Vanished,
+    /// Not reading first, or past the budget: read it the usual way.
+    No,
+}
+
+/// Reading first: copies a file's data runs into memory if the budget
+/// has room for all of them.
+fn stage_file(shared: &Shared<'_>, job: &FileJob) -> Result<Staged, RepoError> {
+    let Some(room) = &shared.stage_room else {
+        return Ok(Staged::No);
+    };
+    let path = &job.path;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Staged::Vanished),
+        Err(e) => return Err(RepoError::io("open", path, e)),
+    };
+    let size = job.len;
+    let runs = data_runs(&file, size).map_err(|e| RepoError::io("find data in", path, e))?;
+    let need: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    if room
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(need))
+        .is_err()
+    {
+        return Ok(Staged::No);
+    }
+    let dense = runs.len() == 1 && runs[0] == (0, size);
+    let mut copy = FileCopy {
+        runs: Vec::with_capacity(runs.len()),
+        dense,
+    };
+    if size > SMALL_FILE {
+        let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::Sequential);
+    }
+    for (start, end) in runs {
+        shared.repo.check_cancel()?;
+        match copy_run(&file, path, start, end - start)? {
+            Some(data) => copy.runs.push((start, data)),
+            None => {
+                // Shorter than it was: what is left of the budget stays.
+                room.fetch_add(need, Ordering::AcqRel);
+                return Ok(Staged::No);
+            }
+        }
+    }
+    Ok(Staged::Copied(copy))
+}
+
+/// Chunks and hashes a file copied into memory.
+fn chunk_copy(
+    shared: &Shared<'_>,
+    blobs: &crossbeam_channel::Sender<BlobJob>,
+    job: &FileJob,
+    copy: FileCopy,
+) -> Result<NodeKind, RepoError> {
+    let mut extents = Vec::with_capacity(copy.runs.len());
+    for (offset, data) in copy.runs {
+        let mut content = Vec::with_capacity(data.len() / (1 << 20) + 1);
+        let mut pos = 0;
+        while pos < data.len() {
+            let n = shared.chunker.cut(&data[pos..]);
+            take_chunk(shared, blobs, &data[pos..pos + n], &mut content)?;
+            pos += n;
+        }
+        extents.push(Extent { offset, content });
+    }
+    shared.files.fetch_add(1, Ordering::Relaxed);
+    shared.report(false);
+    Ok(file_kind(job, copy.dense, extents))
 }
 
 /// Reads, chunks and hashes one file's data, never its holes; `None` when
@@ -1126,7 +1287,13 @@ fn read_file(
     res?;
     shared.files.fetch_add(1, Ordering::Relaxed);
     shared.report(false);
-    Ok(Some(if size == 0 {
+    Ok(Some(file_kind(job, dense, extents)))
+}
+
+/// A file's node kind from its chunked data runs: a `SparseFile` when it
+/// has holes.
+fn file_kind(job: &FileJob, dense: bool, mut extents: Vec<Extent>) -> NodeKind {
+    if job.len == 0 {
         NodeKind::File {
             content: Vec::new(),
             hardlink: job.hardlink,
@@ -1141,7 +1308,7 @@ fn read_file(
             extents,
             hardlink: job.hardlink,
         }
-    }))
+    }
 }
 
 /// Chunks one run of a file's data.
@@ -1158,35 +1325,43 @@ fn read_run(
         reader,
         len,
         buf,
-        |chunk| {
+        |chunk| take_chunk(shared, blobs, chunk, &mut content),
+        |e| RepoError::io("read", path, e),
+    )?;
+    Ok(content)
+}
+
+/// Hashes a chunk into `content` and sends it to the workers unless it is
+/// known.
+fn take_chunk(
+    shared: &Shared<'_>,
+    blobs: &crossbeam_channel::Sender<BlobJob>,
+    chunk: &[u8],
+    content: &mut Vec<BlobId>,
+) -> Result<(), RepoError> {
+    shared.repo.check_cancel()?;
+    if shared.stop.load(Ordering::Relaxed) {
+        return Err(RepoError::Cancelled);
+    }
+    shared
+        .bytes_read
+        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    let id = shared.chunk_id(chunk);
+    content.push(id);
+    if !shared.is_known(&id) {
+        let stopped =
+            || shared.stop.load(Ordering::Relaxed) || shared.repo.cancel_token().is_cancelled();
+        let Some(data) = shared.chunks.copy_of(chunk, stopped) else {
             shared.repo.check_cancel()?;
             if shared.stop.load(Ordering::Relaxed) {
                 return Err(RepoError::Cancelled);
             }
-            shared
-                .bytes_read
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            let id = shared.chunk_id(chunk);
-            content.push(id);
-            if !shared.is_known(&id) {
-                let stopped = || {
-                    shared.stop.load(Ordering::Relaxed) || shared.repo.cancel_token().is_cancelled()
-                };
-                let Some(data) = shared.chunks.copy_of(chunk, stopped) else {
-                    shared.repo.check_cancel()?;
-                    if shared.stop.load(Ordering::Relaxed) {
-                        return Err(RepoError::Cancelled);
-                    }
-                    return Err(RepoError::Task("blob workers stopped".into()));
-                };
-                shared.submit(blobs, id, BlobKind::Data, data, true)?;
-            }
-            shared.report(false);
-            Ok(())
-        },
-        |e| RepoError::io("read", path, e),
-    )?;
-    Ok(content)
+            return Err(RepoError::Task("blob workers stopped".into()));
+        };
+        shared.submit(blobs, id, BlobKind::Data, data, true)?;
+    }
+    shared.report(false);
+    Ok(())
 }
 
 impl Walker<'_, '_> {
@@ -1230,7 +1405,27 @@ impl Walker<'_, '_> {
         })
     }
 
+    /// Walks the tree at `root`. Reading first, every directory is scanned
+    /// (and every file to read handed out) before any is finished.
+    fn walk(&mut self, root: &Path, parent: Option<&Tree>) -> Result<BlobId, RepoError> {
+        if !self.defer {
+            let id = self.walk_dir(root, parent);
+            self.files = None;
+            return id;
+        }
+        let scan = self.scan_dir(root, parent);
+        self.files = None;
+        self.finish_dir(scan?)
+    }
+
     fn walk_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<BlobId, RepoError> {
+        let scan = self.scan_dir(dir, parent)?;
+        self.finish_dir(scan)
+    }
+
+    /// Reads a directory's entries, reusing unchanged files' nodes from
+    /// `parent` and handing the others to the readers.
+    fn scan_dir(&mut self, dir: &Path, parent: Option<&Tree>) -> Result<DirScan, RepoError> {
         let mut entries: Vec<(Vec<u8>, std::fs::DirEntry)> = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| RepoError::io("read directory", dir, e))? {
             let e = e.map_err(|e| RepoError::io("read directory", dir, e))?;
@@ -1242,6 +1437,7 @@ impl Walker<'_, '_> {
             .unwrap_or_default();
         let mut subtrees = self.prefetch_subtrees(parent)?;
         let mut nodes: Vec<Option<Node>> = Vec::with_capacity(entries.len());
+        let mut subdirs = Vec::new();
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
         let mut pending = 0usize;
         for (name, entry) in entries {
@@ -1287,6 +1483,16 @@ impl Walker<'_, '_> {
                     },
                     _ => None,
                 };
+                if self.defer {
+                    // Finished later, with its parent.
+                    let scan = self.scan_dir(&path, prev_tree.as_ref())?;
+                    let placeholder = NodeKind::Dir {
+                        subtree: BlobId([0; 32]),
+                    };
+                    nodes.push(Some(base_node(&name, &md, placeholder, xattrs)));
+                    subdirs.push((nodes.len() - 1, scan));
+                    continue;
+                }
                 let subtree = self.walk_dir(&path, prev_tree.as_ref())?;
                 base_node(&name, &md, NodeKind::Dir { subtree }, xattrs)
             } else if ft.is_file() {
@@ -1306,6 +1512,8 @@ impl Walker<'_, '_> {
                         };
                         nodes.push(Some(base_node(&name, &md, placeholder, xattrs)));
                         self.files
+                            .as_ref()
+                            .ok_or_else(|| RepoError::Task("file readers stopped".into()))?
                             .send(FileJob {
                                 path,
                                 len: md.len(),
@@ -1340,7 +1548,32 @@ impl Walker<'_, '_> {
             };
             nodes.push(Some(node));
         }
-        drop(reply_tx);
+        Ok(DirScan {
+            dir: dir.to_path_buf(),
+            nodes,
+            subdirs,
+            pending,
+            replies: reply_rx,
+        })
+    }
+
+    /// Waits for a scanned directory's files (and finishes its scanned
+    /// subdirectories), then stores its tree.
+    fn finish_dir(&mut self, scan: DirScan) -> Result<BlobId, RepoError> {
+        let DirScan {
+            dir,
+            mut nodes,
+            subdirs,
+            pending,
+            replies: reply_rx,
+        } = scan;
+        let dir = dir.as_path();
+        for (slot, sub) in subdirs {
+            let id = self.finish_dir(sub)?;
+            if let Some(n) = nodes[slot].as_mut() {
+                n.kind = NodeKind::Dir { subtree: id };
+            }
+        }
         let mut first_err = None;
         for _ in 0..pending {
             let (slot, res) = reply_rx
@@ -1406,50 +1639,5 @@ mod tests {
         assert!(ids.iter().all(|b| sent.contains(b)));
         assert!(ids.iter().all(|b| !sent.insert(*b)));
         assert!(others.iter().all(|b| !sent.contains(b)));
-    }
-
-    /// Waits up to 10 s for `flag`.
-    fn eventually(flag: &AtomicBool) -> bool {
-        let until = Instant::now() + Duration::from_secs(10);
-        while !flag.load(Ordering::SeqCst) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        flag.load(Ordering::SeqCst)
-    }
-
-    #[test]
-    fn reading_first_holds_workers_until_reading_ends_or_the_budget_fills() {
-        const KIB: usize = 1024;
-        // Not reading first: no wait at all.
-        ChunkPool::new(1024 * KIB, 1, false).wait_turn(64 * KIB);
-
-        for end_by_reading_over in [false, true] {
-            let pool = ChunkPool::new(1024 * KIB, 1, true);
-            let went = AtomicBool::new(false);
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    pool.wait_turn(64 * KIB);
-                    went.store(true, Ordering::SeqCst);
-                });
-                let mut held = vec![pool.copy_of(&[7u8; 300 * KIB], || false).expect("room")];
-                std::thread::sleep(Duration::from_millis(150));
-                assert!(
-                    !went.load(Ordering::SeqCst),
-                    "a worker went while reading had room"
-                );
-                if end_by_reading_over {
-                    pool.reading_over();
-                } else {
-                    // 900 KiB out: less than two largest chunks of room left.
-                    for _ in 0..2 {
-                        held.push(pool.copy_of(&[7u8; 300 * KIB], || false).expect("room"));
-                    }
-                }
-                assert!(eventually(&went), "the worker still waits");
-                for b in held {
-                    pool.give_back(b);
-                }
-            });
-        }
     }
 }

@@ -487,37 +487,92 @@ async fn incremental_backup_reads_only_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_first_backs_up_the_same_tree_whatever_the_budget() {
+async fn reading_first_copies_the_files_before_storing_and_the_source_may_change_then() {
     let tmp = tempfile::tempdir().expect("tmp");
     let src = tmp.path().join("src");
-    make_tree(&src, 5);
-    // One byte: the budget is one largest chunk, and the readers wait for
-    // the workers; 256 MiB: everything is read before anything is packed.
-    for (i, budget) in [1usize, 256 << 20].into_iter().enumerate() {
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalStore::new(tmp.path().join(format!("repo{i}"))));
-        let repo = init(store, 64 * 1024).await;
-        let read = Arc::new(tokio::sync::Notify::new());
-        let opts = BackupOptions {
-            read_ahead: Some(budget),
-            read_done: Some(read.clone()),
-            ..backup_opts()
-        };
-        let out = repo.backup(&src, opts, None).await.expect("backup");
-        tokio::time::timeout(std::time::Duration::from_secs(1), read.notified())
-            .await
-            .expect("read_done was notified");
-        assert!(
-            out.snapshot.summary.packs_written > 4,
-            "{:?}",
-            out.snapshot.summary
-        );
-        let dst = tmp.path().join(format!("dst{i}"));
-        repo.restore(out.id.expect("committed"), None, &dst, None)
-            .await
-            .expect("restore");
-        assert_same_tree(&src, &dst);
+    make_tree(&src, 9);
+    // 96 MiB to store: more than the pipeline holds between the readers
+    // and the uploads, so reading could not end while uploads wait; one
+    // file large enough to be copied by several threads.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for i in 0..5 {
+        let n = if i == 0 { (64 << 20) + 4096 } else { 8 << 20 };
+        fs::write(src.join(format!("big{i}")), random_bytes(&mut rng, n)).expect("write");
     }
+    let expected = tmp.path().join("expected");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&expected)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+
+    let faulty = Arc::new(FaultyStore::new(
+        Arc::new(LocalStore::new(tmp.path().join("repo"))),
+        1,
+    ));
+    let repo = init(faulty.clone(), 1 << 20).await;
+    // The first two pack uploads wait 5 s: nothing is stored meanwhile.
+    for n in [1, 2] {
+        faulty.inject(
+            Rule::new(Fault::Delay(std::time::Duration::from_secs(5)))
+                .op(Op::Put)
+                .prefix(DATA_PREFIX)
+                .nth(n),
+        );
+    }
+    let read = Arc::new(tokio::sync::Notify::new());
+    let opts = BackupOptions {
+        read_ahead: Some(256 << 20),
+        read_done: Some(read.clone()),
+        ..backup_opts()
+    };
+    let backup = {
+        let (repo, src) = (repo.clone(), src.clone());
+        tokio::spawn(async move { repo.backup(&src, opts, None).await })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(4), read.notified())
+        .await
+        .expect("read_done before any pack is stored");
+    let stored = faulty.inner().list(DATA_PREFIX).await.expect("list");
+    assert!(
+        stored.is_empty(),
+        "{} packs stored before read_done",
+        stored.len()
+    );
+    // The source changes once read: the backup has what it read.
+    for i in 0..5 {
+        fs::write(src.join(format!("big{i}")), b"changed").expect("write");
+    }
+    fs::remove_file(src.join("small.txt")).expect("rm");
+    fs::write(src.join("a/new"), b"new").expect("write");
+    let out = backup.await.expect("join").expect("backup");
+    assert!(
+        out.snapshot.summary.bytes_new > 40 << 20,
+        "{:?}",
+        out.snapshot.summary
+    );
+    let dst = tmp.path().join("dst");
+    repo.restore(out.id.expect("committed"), None, &dst, None)
+        .await
+        .expect("restore");
+    assert_same_tree(&expected, &dst);
+
+    // A budget smaller than the big files: those are read the usual way,
+    // the others copied; the same tree.
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo2")));
+    let repo = init(store, 1 << 20).await;
+    let opts = BackupOptions {
+        read_ahead: Some(1 << 20),
+        ..backup_opts()
+    };
+    let out = repo.backup(&expected, opts, None).await.expect("backup");
+    let dst = tmp.path().join("dst2");
+    repo.restore(out.id.expect("committed"), None, &dst, None)
+        .await
+        .expect("restore");
+    assert_same_tree(&expected, &dst);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
