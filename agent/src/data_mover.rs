@@ -133,6 +133,10 @@ pub enum SnapshotCommand {
         /// with deep queues).
         #[arg(long, value_name = "N")]
         read_concurrency: Option<usize>,
+        /// Copy the files to read into memory first, up to MIB, and store
+        /// them after (what a cold backup's delta pass does).
+        #[arg(long, value_name = "MIB")]
+        read_ahead_mib: Option<usize>,
     },
     /// List snapshots.
     Ls,
@@ -498,6 +502,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
             dry_run,
             host,
             read_concurrency,
+            read_ahead_mib,
         } => {
             let tags = parse_tags(&tags)?;
             let repo = open(g).await?;
@@ -517,6 +522,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                         host,
                         upload_concurrency: None,
                         read_concurrency,
+                        read_ahead: read_ahead_mib.map(|m| m.saturating_mul(1 << 20)),
                         ..BackupOptions::default()
                     },
                     progress.clone(),

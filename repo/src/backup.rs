@@ -1052,10 +1052,15 @@ fn reader(
     if shared.stage_room.is_some()
         && shared.staging_readers.fetch_sub(1, Ordering::AcqRel) == 1
         && !shared.stop.load(Ordering::Relaxed)
-        && let Some(n) = &shared.read_done
     {
         // Every file is read or copied: the source may change now.
-        n.notify_one();
+        tracing::info!(
+            elapsed_ms = shared.started.elapsed().as_millis() as u64,
+            "every file read or copied into memory"
+        );
+        if let Some(n) = &shared.read_done {
+            n.notify_one();
+        }
     }
     for (job, copy) in staged {
         let res = if shared.stop.load(Ordering::Relaxed) {
