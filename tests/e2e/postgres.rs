@@ -234,10 +234,17 @@ impl Site {
         let url = format!("https://{}", ctl_fwd.addr);
         let stop_extra = stop_extra.replace("{vol}", &vol.display().to_string());
         let app = app_config(&bin, &vol, &sock, &stop_extra);
-        std::fs::write(
-            a.path().join("agent.toml"),
-            agent_config(&url, a.path(), &app),
-        )?;
+        // The fault tests strike during the delta pass: with a 1 MiB delta
+        // buffer the 128 MiB their stop command writes is read and chunked
+        // while PostgreSQL is down, instead of copied in a moment.
+        let mut config_a = agent_config(&url, a.path(), &app);
+        if !stop_extra.is_empty() {
+            config_a = config_a.replace(
+                "storage_retry_secs",
+                "delta_buffer_mib = 1\nstorage_retry_secs",
+            );
+        }
+        std::fs::write(a.path().join("agent.toml"), config_a)?;
         std::fs::write(
             b.path().join("agent.toml"),
             agent_config(&url, b.path(), ""),
