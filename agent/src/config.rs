@@ -145,8 +145,38 @@ pub struct AgentConfig {
     /// most 4096).
     #[serde(default)]
     pub delta_buffer_mib: Option<u64>,
+    /// A container engine whose Compose projects and `ferry.app`-labelled
+    /// containers are apps of this agent.
+    #[serde(default)]
+    pub containers: Option<ContainersConfig>,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+}
+
+/// `[containers]`: the engine's API socket (Docker Engine, or Podman's
+/// service).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainersConfig {
+    /// `unix:///var/run/docker.sock` (the default) or the socket's path.
+    #[serde(default = "default_socket")]
+    pub socket: String,
+    /// Team of apps whose containers have no `ferry.team` label.
+    #[serde(default = "default_team")]
+    pub default_team: String,
+    /// Seconds a container gets to stop before the engine kills it.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_secs: u64,
+}
+
+fn default_socket() -> String {
+    "unix:///var/run/docker.sock".into()
+}
+fn default_team() -> String {
+    "default".into()
+}
+fn default_stop_timeout() -> u64 {
+    30
 }
 
 fn default_heartbeat() -> u64 {
@@ -172,6 +202,25 @@ impl AgentConfig {
 
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_secs)
+    }
+
+    /// The container engine's settings, if `[containers]` is there.
+    pub fn engine_settings(
+        &self,
+    ) -> Result<Option<crate::platform::containers::EngineSettings>, ConfigError> {
+        let Some(c) = &self.containers else {
+            return Ok(None);
+        };
+        let default_team = c.default_team.parse().map_err(|e: ferry_core::NameError| {
+            ConfigError::Invalid(format!("containers.default_team: {e}"))
+        })?;
+        Ok(Some(crate::platform::containers::EngineSettings {
+            socket: c.socket.clone(),
+            default_team,
+            stop_timeout: Duration::from_secs(c.stop_timeout_secs),
+            start_timeout: self.command_timeout(),
+            state_dir: crate::platform::containers::state_dir(&self.data_dir),
+        }))
     }
 
     /// Bytes a delta pass may copy: `delta_buffer_mib`, or a quarter

@@ -161,12 +161,16 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     let config = ferry_agent::config::AgentConfig::load(&config)?;
     ferry_agent::enrol::warn_if_open(&config.data_dir);
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
+    let host = Arc::new(ferry_agent::platform::host::HostPlatform::with_copies(
+        config.app_model()?,
+        config.command_timeout(),
+        &config.data_dir,
+    )?);
+    let containers = config
+        .engine_settings()?
+        .map(|s| Arc::new(ferry_agent::platform::containers::ContainerPlatform::new(s)));
     let platform: Arc<dyn ferry_agent::platform::Platform> =
-        Arc::new(ferry_agent::platform::host::HostPlatform::with_copies(
-            config.app_model()?,
-            config.command_timeout(),
-            &config.data_dir,
-        )?);
+        Arc::new(ferry_agent::platform::Platforms { host, containers });
     tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
     // Whatever an interrupted operation stopped runs again before anything else.
     let journal = ferry_agent::journal::Journal::open(&config.data_dir)?;

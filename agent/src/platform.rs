@@ -1,9 +1,14 @@
 //! Where applications run. One trait, one driver per kind of cluster:
 //! `host` (systemd units or command pairs, declared in the agent config)
-//! today; containers and Kubernetes later. Every driver describes apps in
-//! the ferry-core model (`App`, `Component`, `ComponentKind`, `Volume`).
+//! and `containers` (a Docker Engine API: Docker or Podman); Kubernetes
+//! later. Every driver describes apps in the ferry-core model (`App`,
+//! `Component`, `ComponentKind`, `Volume`). [`Platforms`] puts the host
+//! driver and an optional container engine behind the one trait.
 
+pub mod containers;
 pub mod host;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use ferry_core::{App, ComponentRef, ComponentState};
@@ -39,6 +44,11 @@ pub enum PlatformError {
         team: ferry_core::TeamName,
         app: ferry_core::AppName,
     },
+    /// The container engine cannot be reached or refused a call.
+    #[error("container engine at {socket}: {reason}")]
+    Engine { socket: String, reason: String },
+    #[error("not supported: {what}")]
+    Unsupported { what: String },
     #[error("{action} of {component} did not finish within {secs} seconds")]
     Timeout {
         action: &'static str,
@@ -57,6 +67,8 @@ impl CodedError for PlatformError {
             Self::Timeout { .. } => ErrorCode::DeadlineExceeded,
             Self::Registry { .. } => ErrorCode::Internal,
             Self::AppExists { .. } => ErrorCode::AlreadyExists,
+            Self::Engine { .. } => ErrorCode::Unavailable,
+            Self::Unsupported { .. } => ErrorCode::FailedPrecondition,
         }
     }
 }
@@ -92,8 +104,13 @@ pub trait Platform: Send + Sync {
     /// Where restored copies' volumes go; none: this agent makes no copies.
     fn copies_dir(&self) -> Option<std::path::PathBuf>;
 
-    /// An app's definition (component states unknown), if the agent has it.
-    fn app(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<App>;
+    /// An app's definition, if the agent has it (component states as the
+    /// driver knows them: unknown for the host driver).
+    async fn app(
+        &self,
+        team: &ferry_core::TeamName,
+        app: &ferry_core::AppName,
+    ) -> Result<Option<App>, PlatformError>;
 
     /// The job that restored the copy `team/app`; none if it is no copy.
     fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64>;
@@ -111,4 +128,100 @@ pub trait Platform: Send + Sync {
         team: &ferry_core::TeamName,
         app: &ferry_core::AppName,
     ) -> Result<Option<App>, PlatformError>;
+}
+
+/// The host driver, and a container engine when the agent config names
+/// one: an app is the host's if the agent config (or a restored copy)
+/// declares it, else the engine's.
+pub struct Platforms {
+    pub host: Arc<host::HostPlatform>,
+    pub containers: Option<Arc<containers::ContainerPlatform>>,
+}
+
+impl Platforms {
+    fn driver(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> &dyn Platform {
+        match &self.containers {
+            Some(c) if !self.host.declares(team, app) => c.as_ref(),
+            _ => self.host.as_ref(),
+        }
+    }
+}
+
+#[async_trait]
+impl Platform for Platforms {
+    fn name(&self) -> &'static str {
+        if self.containers.is_some() {
+            "host+containers"
+        } else {
+            "host"
+        }
+    }
+
+    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
+        let mut apps = self.host.inventory().await?;
+        if let Some(c) = &self.containers {
+            match c.inventory().await {
+                Ok(more) => apps.extend(
+                    more.into_iter()
+                        .filter(|a| !self.host.declares(&a.team, &a.name)),
+                ),
+                // The host's apps are still reported.
+                Err(e) => tracing::warn!(error = %e, "container apps not listed"),
+            }
+        }
+        Ok(apps)
+    }
+
+    async fn status(&self, c: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        self.driver(&c.team, &c.app).status(c).await
+    }
+
+    async fn stop(&self, c: &ComponentRef) -> Result<(), PlatformError> {
+        self.driver(&c.team, &c.app).stop(c).await
+    }
+
+    async fn start(&self, c: &ComponentRef) -> Result<(), PlatformError> {
+        self.driver(&c.team, &c.app).start(c).await
+    }
+
+    async fn hook(
+        &self,
+        c: &ComponentRef,
+        which: &'static str,
+        argv: &ferry_core::Argv,
+    ) -> Result<(), PlatformError> {
+        self.driver(&c.team, &c.app).hook(c, which, argv).await
+    }
+
+    fn copies_dir(&self) -> Option<std::path::PathBuf> {
+        self.host.copies_dir()
+    }
+
+    async fn app(
+        &self,
+        team: &ferry_core::TeamName,
+        app: &ferry_core::AppName,
+    ) -> Result<Option<App>, PlatformError> {
+        self.driver(team, app).app(team, app).await
+    }
+
+    fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64> {
+        self.host.copy_job(team, app)
+    }
+
+    fn ports_in_use(&self) -> Vec<u16> {
+        self.host.ports_in_use()
+    }
+
+    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
+        self.host.add_copy(app, job).await
+    }
+
+    async fn forget_app(
+        &self,
+        team: &ferry_core::TeamName,
+        app: &ferry_core::AppName,
+    ) -> Result<Option<App>, PlatformError> {
+        self.driver(team, app).forget_app(team, app).await
+    }
 }

@@ -198,7 +198,7 @@ pub async fn backup_app(
     let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
     let step = r.step.unwrap_or_default();
     let job = JobId::new(step.job_id).map_err(|e| invalid(e.to_string()))?;
-    let app = ctx.platform.app(&team, &app_name).ok_or_else(|| {
+    let app = ctx.platform.app(&team, &app_name).await?.ok_or_else(|| {
         fail(
             ErrorCode::NotFound,
             format!("app {team}/{app_name} is not on this agent"),
@@ -309,6 +309,9 @@ pub async fn backup_app(
             .map(|_| Arc::new(tokio::sync::Notify::new()))
             .collect();
         let read_ahead = ctx.delta_buffer / volumes.len().max(1);
+        // The delta passes alone are cancelled if the app did not stay down.
+        let delta_cancel = cancel.child_token();
+        let delta_repo = repo.with_cancel(delta_cancel.clone());
         let stopping = async {
             for c in &stop_order {
                 report(0, 0, format!("stopping {c}"));
@@ -336,7 +339,7 @@ pub async fn backup_app(
                             read_ahead: Some(read_ahead),
                             ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
                         };
-                        copy_volume(&repo, &target, v, opts, "delta pass", &report)
+                        copy_volume(&delta_repo, &target, v, opts, "delta pass", &report)
                     });
             futures::future::try_join_all(passes).await
         };
@@ -354,6 +357,17 @@ pub async fn backup_app(
         };
         // The delta pass's share of the downtime: until its last read.
         timings.delta_ms = ms(delta_started.elapsed());
+        // A component running again before Ferry starts it was started by
+        // someone else: what the delta pass read may be a live copy.
+        let mut started_by_other = None;
+        for c in &stopped {
+            if let Ok(ComponentState::Running) = ctx.platform.status(c).await {
+                started_by_other.get_or_insert_with(|| c.clone());
+            }
+        }
+        if started_by_other.is_some() {
+            delta_cancel.cancel();
+        }
         // Whatever happened: start again exactly what was stopped, in
         // start order, never what was not.
         let entry = journal::Entry {
@@ -381,7 +395,16 @@ pub async fn backup_app(
         let finals = match result.take() {
             Some(r) => r,
             None => work.await,
-        }?;
+        };
+        if let Some(c) = started_by_other {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "{c} was started by someone else while Ferry had it stopped for the delta pass; nothing was committed (the backup would not be consistent)"
+                ),
+            ));
+        }
+        let finals = finals?;
         restarted?;
         wait.map_err(|m| fail(ErrorCode::FailedPrecondition, m))?;
         timings.delta_bytes_read = finals.iter().map(|(_, s)| s.bytes_read).sum();
@@ -701,7 +724,7 @@ pub async fn restore_app(
         )
     })?;
     // Done before (the answer was lost)?
-    if let Some(existing) = ctx.platform.app(&team, &app_name) {
+    if let Some(existing) = ctx.platform.app(&team, &app_name).await? {
         if ctx.platform.copy_job(&team, &app_name) == Some(job) {
             return Ok(pb::RestoreAppReply {
                 volume_paths: existing
@@ -801,7 +824,7 @@ pub async fn restore_app(
 pub async fn remove_app(ctx: &StepCtx, r: pb::RemoveAppRequest) -> StepResult<pb::RemoveAppReply> {
     let team: TeamName = name("team", &r.team)?;
     let app_name: AppName = name("app", &r.app)?;
-    let Some(app) = ctx.platform.app(&team, &app_name) else {
+    let Some(app) = ctx.platform.app(&team, &app_name).await? else {
         return Ok(pb::RemoveAppReply { removed: false });
     };
     let copy_job = ctx.platform.copy_job(&team, &app_name);
@@ -840,7 +863,7 @@ pub async fn remove_app(ctx: &StepCtx, r: pb::RemoveAppRequest) -> StepResult<pb
 pub async fn check_app(ctx: &StepCtx, r: pb::CheckAppRequest) -> StepResult<pb::CheckAppReply> {
     let team: TeamName = name("team", &r.team)?;
     let app_name: AppName = name("app", &r.app)?;
-    let app = ctx.platform.app(&team, &app_name).ok_or_else(|| {
+    let app = ctx.platform.app(&team, &app_name).await?.ok_or_else(|| {
         fail(
             ErrorCode::NotFound,
             format!("app {team}/{app_name} is not on this agent"),

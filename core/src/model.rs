@@ -207,16 +207,34 @@ pub enum HostComponent {
 #[serde(rename_all = "snake_case")]
 pub enum ComponentKind {
     Host(HostComponent),
+    Container(ContainerComponent),
 }
 
 impl ComponentKind {
-    /// A short name for people and scripts: `systemd`, `commands`.
+    /// A short name for people and scripts: `systemd`, `commands`,
+    /// `container`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::Host(HostComponent::Systemd { .. }) => "systemd",
             Self::Host(HostComponent::Commands { .. }) => "commands",
+            Self::Container(_) => "container",
         }
     }
+}
+
+/// A container on a Docker Engine API (Docker or Podman), as the
+/// containers driver saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerComponent {
+    /// The engine's container id: Ferry stops and starts this container,
+    /// never another one of the same name.
+    pub id: String,
+    /// The container's name (without Docker's leading `/`).
+    pub name: String,
+    /// The image as the container was created from (`Config.Image`).
+    pub image: String,
+    /// The image's id (`sha256:…`).
+    pub image_id: String,
 }
 
 /// Whether a component was running when its driver looked.

@@ -1,6 +1,7 @@
 //! End-to-end tests over the real binaries.
 
 mod connections;
+mod containers;
 mod ferryctl;
 mod files;
 mod foundation;

@@ -13,6 +13,7 @@ use ferry_proto::tls;
 use ferry_proto::v1::operator_client::OperatorClient;
 use tonic::transport::Channel;
 
+pub mod engines;
 pub mod lab;
 
 /// Default deadline for conditions the tests wait on.

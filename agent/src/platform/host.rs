@@ -122,7 +122,7 @@ fn commands_of(app: &App) -> impl Iterator<Item = &ferry_core::Argv> {
             .chain(status.iter())
             .chain(c.hooks.iter().map(|(_, a)| a))
             .collect::<Vec<_>>(),
-        ComponentKind::Host(HostComponent::Systemd { .. }) => {
+        ComponentKind::Host(HostComponent::Systemd { .. }) | ComponentKind::Container(_) => {
             c.hooks.iter().map(|(_, a)| a).collect()
         }
     })
@@ -179,6 +179,11 @@ impl HostPlatform {
         })
     }
 
+    /// Whether the agent config or a restored copy declares `team/app`.
+    pub fn declares(&self, team: &TeamName, app: &AppName) -> bool {
+        self.read().all().any(|a| a.team == *team && a.name == *app)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Apps> {
         self.apps.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -216,8 +221,9 @@ impl HostPlatform {
             .all()
             .filter(|a| a.team == r.team && a.name == r.app)
             .find_map(|a| a.component(&r.component))
-            .map(|c| match &c.kind {
-                ComponentKind::Host(h) => h.clone(),
+            .and_then(|c| match &c.kind {
+                ComponentKind::Host(h) => Some(h.clone()),
+                ComponentKind::Container(_) => None,
             })
             .ok_or_else(|| PlatformError::UnknownComponent {
                 component: Box::new(r.clone()),
@@ -328,11 +334,12 @@ impl Platform for HostPlatform {
         self.data_dir.as_ref().map(|d| d.join("copies"))
     }
 
-    fn app(&self, team: &TeamName, app: &AppName) -> Option<App> {
-        self.read()
+    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
+        Ok(self
+            .read()
             .all()
             .find(|a| a.team == *team && a.name == *app)
-            .cloned()
+            .cloned())
     }
 
     fn copy_job(&self, team: &TeamName, app: &AppName) -> Option<u64> {

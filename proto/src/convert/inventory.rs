@@ -1,8 +1,8 @@
 //! Inventory: apps, components, volumes.
 
 use ferry_core::{
-    App, Argv, Component, ComponentKind, ComponentState, Hooks, HostComponent, Inventory,
-    Timestamp, Volume,
+    App, Argv, Component, ComponentKind, ComponentState, ContainerComponent, Hooks, HostComponent,
+    Inventory, Timestamp, Volume,
 };
 
 use super::{ConvertError, parse};
@@ -91,6 +91,12 @@ impl From<Component> for pb::Component {
     fn from(c: Component) -> Self {
         let kind = match c.kind {
             ComponentKind::Host(h) => pb::component::Kind::Host(h.into()),
+            ComponentKind::Container(c) => pb::component::Kind::Container(pb::ContainerComponent {
+                id: c.id,
+                name: c.name,
+                image: c.image,
+                image_id: c.image_id,
+            }),
         };
         Self {
             name: c.name.into(),
@@ -110,6 +116,19 @@ fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, Convert
     let kind = match c.kind {
         Some(pb::component::Kind::Host(h)) => {
             ComponentKind::Host(host_from_pb(h, &format!("{field}.host"))?)
+        }
+        Some(pb::component::Kind::Container(c)) => {
+            if c.id.is_empty() {
+                return Err(ConvertError::Missing {
+                    field: format!("{field}.container.id"),
+                });
+            }
+            ComponentKind::Container(ContainerComponent {
+                id: c.id,
+                name: c.name,
+                image: c.image,
+                image_id: c.image_id,
+            })
         }
         None => {
             return Err(ConvertError::Missing {
@@ -435,6 +454,26 @@ mod tests {
         let back = Inventory::try_from(pb::Inventory::from(commands_without_status.clone()))
             .expect("valid");
         assert_eq!(back, commands_without_status);
+
+        // A container component, and one without an id (refused).
+        let mut containers = sample();
+        containers.apps[0].components[1].kind = ComponentKind::Container(ContainerComponent {
+            id: "6cf5b2c8186d".into(),
+            name: "shop-worker-1".into(),
+            image: "ferry-test/base:1".into(),
+            image_id: "sha256:8ed490d977df".into(),
+        });
+        let wire = pb::Inventory::from(containers.clone());
+        assert_eq!(
+            Inventory::try_from(wire.clone()).expect("valid"),
+            containers
+        );
+        let mut no_id = wire;
+        if let Some(pb::component::Kind::Container(c)) = &mut no_id.apps[0].components[1].kind {
+            c.id.clear();
+        }
+        let err = Inventory::try_from(no_id).expect_err("refused");
+        assert!(err.to_string().contains("container.id"), "{err}");
     }
 
     fn refused(mutate: impl FnOnce(&mut pb::Inventory)) -> ConvertError {
@@ -448,7 +487,7 @@ mod tests {
     fn host(c: &mut pb::Component) -> &mut pb::HostComponent {
         match &mut c.kind {
             Some(pb::component::Kind::Host(h)) => h,
-            None => panic!("sample components are host components"),
+            _ => panic!("sample components are host components"),
         }
     }
 

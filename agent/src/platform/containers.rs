@@ -1,0 +1,678 @@
+//! The containers driver: apps on a Docker Engine API (Docker Engine, or
+//! Podman's Docker-compatible service), negotiating the API version.
+//!
+//! An app is a Compose project (`com.docker.compose.project`) or the
+//! containers labelled `ferry.app`; its team is the `ferry.team` label or
+//! the agent's default. A component is a container, named by its Compose
+//! service or its container name; it is stateful when it mounts a named
+//! volume or a bind (`ferry.stateful=true|false` overrides). Ferry stops
+//! and starts the container by its id, never re-creating it. Before a stop,
+//! a restart policy other than `no` is set to `no` (so a daemon restart in
+//! the stopped window cannot bring the container back); the policy it had
+//! is kept in `DATA_DIR/containers/policies.json` until Ferry starts it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{
+    ContainerInspectResponse, ContainerUpdateBody, HealthStatusEnum, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{ListContainersOptionsBuilder, StopContainerOptionsBuilder};
+use ferry_core::{
+    App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentRef, ComponentState,
+    ContainerComponent, Hooks, HostPath, TeamName, Volume, VolumeName,
+};
+use tokio::sync::OnceCell;
+
+use super::{Platform, PlatformError};
+
+/// Label naming a container's app (when it is no Compose project).
+pub const APP_LABEL: &str = "ferry.app";
+/// Label naming an app's team.
+pub const TEAM_LABEL: &str = "ferry.team";
+/// Label overriding whether a component is stateful (`true` / `false`).
+pub const STATEFUL_LABEL: &str = "ferry.stateful";
+const PROJECT_LABEL: &str = "com.docker.compose.project";
+const SERVICE_LABEL: &str = "com.docker.compose.service";
+const DEPENDS_LABEL: &str = "com.docker.compose.depends_on";
+
+/// How the agent reaches its container engine.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// `unix:///var/run/docker.sock`, or the socket's path.
+    pub socket: String,
+    /// Team of apps without a `ferry.team` label.
+    pub default_team: TeamName,
+    /// How long a container gets to stop before the engine kills it.
+    pub stop_timeout: Duration,
+    /// How long a started container may take to run (and be healthy).
+    pub start_timeout: Duration,
+    /// Where the driver keeps what it changed (`DATA_DIR/containers`).
+    pub state_dir: PathBuf,
+}
+
+pub struct ContainerPlatform {
+    settings: EngineSettings,
+    docker: OnceCell<Docker>,
+    /// Serialises the policy file's read-modify-write.
+    policies: Mutex<()>,
+}
+
+/// One container as inspected, with the app it belongs to.
+struct Seen {
+    team: TeamName,
+    app: AppName,
+    component: ComponentName,
+    inspect: ContainerInspectResponse,
+}
+
+impl ContainerPlatform {
+    pub fn new(settings: EngineSettings) -> Self {
+        Self {
+            settings,
+            docker: OnceCell::new(),
+            policies: Mutex::new(()),
+        }
+    }
+
+    fn engine_err(&self, reason: impl std::fmt::Display) -> PlatformError {
+        PlatformError::Engine {
+            socket: self.settings.socket.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The engine's client, connected and its API version negotiated on
+    /// first use (and again after a failure).
+    async fn docker(&self) -> Result<&Docker, PlatformError> {
+        self.docker
+            .get_or_try_init(|| async {
+                let path = self
+                    .settings
+                    .socket
+                    .strip_prefix("unix://")
+                    .unwrap_or(&self.settings.socket);
+                let docker = Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
+                    .map_err(|e| self.engine_err(e))?;
+                docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| self.engine_err(e))
+            })
+            .await
+    }
+
+    /// Every container that belongs to an app, inspected.
+    async fn scan(&self) -> Result<Vec<Seen>, PlatformError> {
+        let docker = self.docker().await?;
+        let list = docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default().all(true).build(),
+            ))
+            .await
+            .map_err(|e| self.engine_err(e))?;
+        let mut seen = Vec::new();
+        for summary in list {
+            let labels = summary.labels.unwrap_or_default();
+            let Some(app) = labels.get(APP_LABEL).or_else(|| labels.get(PROJECT_LABEL)) else {
+                continue;
+            };
+            let Some(id) = summary.id else { continue };
+            let inspect = match docker.inspect_container(&id, None).await {
+                Ok(i) => i,
+                // Removed since the list.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => continue,
+                Err(e) => return Err(self.engine_err(e)),
+            };
+            let team = labels
+                .get(TEAM_LABEL)
+                .map(String::as_str)
+                .unwrap_or(self.settings.default_team.as_str());
+            let name = container_name(&inspect);
+            let component = labels.get(SERVICE_LABEL).cloned().unwrap_or(name);
+            match (app.parse(), team.parse(), component.parse()) {
+                (Ok(app), Ok(team), Ok(component)) => seen.push(Seen {
+                    team,
+                    app,
+                    component,
+                    inspect,
+                }),
+                _ => tracing::warn!(
+                    container = %id,
+                    app = %app,
+                    team = %team,
+                    component = %component,
+                    "container skipped: its app, team or component name is not a valid Ferry name"
+                ),
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The apps the containers make up.
+    async fn apps(&self) -> Result<Vec<App>, PlatformError> {
+        let mut groups: BTreeMap<(TeamName, AppName), Vec<Seen>> = BTreeMap::new();
+        for s in self.scan().await? {
+            groups
+                .entry((s.team.clone(), s.app.clone()))
+                .or_default()
+                .push(s);
+        }
+        let mut apps = Vec::new();
+        for ((team, name), members) in groups {
+            match build_app(team, name, &members) {
+                Ok(app) => apps.push(app),
+                Err(reason) => tracing::warn!(%reason, "container app skipped"),
+            }
+        }
+        Ok(apps)
+    }
+
+    /// The container id of a component, as the engine has it now.
+    async fn locate(&self, r: &ComponentRef) -> Result<ContainerInspectResponse, PlatformError> {
+        self.scan()
+            .await?
+            .into_iter()
+            .find(|s| s.team == r.team && s.app == r.app && s.component == r.component)
+            .map(|s| s.inspect)
+            .ok_or_else(|| PlatformError::UnknownComponent {
+                component: Box::new(r.clone()),
+            })
+    }
+
+    async fn inspect(&self, id: &str) -> Result<ContainerInspectResponse, PlatformError> {
+        self.docker()
+            .await?
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| self.engine_err(e))
+    }
+
+    fn policy_file(&self) -> PathBuf {
+        self.settings.state_dir.join("policies.json")
+    }
+
+    /// Restart policies Ferry set to `no`, by container id.
+    fn saved_policies(&self) -> Result<HashMap<String, RestartPolicy>, PlatformError> {
+        match std::fs::read(self.policy_file()) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| PlatformError::Registry {
+                path: self.policy_file(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Err(e) => Err(PlatformError::Registry {
+                path: self.policy_file(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Changes the saved policies durably (written whole, then renamed).
+    fn edit_policies(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, RestartPolicy>),
+    ) -> Result<(), PlatformError> {
+        let _guard = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.saved_policies()?;
+        f(&mut all);
+        let path = self.policy_file();
+        let err = |e: std::io::Error| PlatformError::Registry {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&self.settings.state_dir).map_err(err)?;
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&all).map_err(|e| err(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, body)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .map_err(err)?;
+        std::fs::rename(&tmp, &path).map_err(err)?;
+        std::fs::File::open(&self.settings.state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
+    }
+
+    /// Puts back the restart policy Ferry set aside for container `id`.
+    async fn restore_policy(&self, id: &str) -> Result<(), PlatformError> {
+        if let Some(policy) = self.saved_policies()?.get(id).cloned() {
+            self.set_policy(id, policy).await?;
+            self.edit_policies(|all| {
+                all.remove(id);
+            })?;
+            tracing::info!(container = %id, "restart policy put back");
+        }
+        Ok(())
+    }
+
+    async fn set_policy(&self, id: &str, policy: RestartPolicy) -> Result<(), PlatformError> {
+        self.set_policy_call(id, policy)
+            .await
+            .map_err(|e| self.engine_err(e))
+    }
+
+    async fn set_policy_call(
+        &self,
+        id: &str,
+        policy: RestartPolicy,
+    ) -> Result<(), bollard::errors::Error> {
+        let body = ContainerUpdateBody {
+            restart_policy: Some(policy),
+            ..Default::default()
+        };
+        let docker = self
+            .docker()
+            .await
+            .map_err(|e| bollard::errors::Error::IOError {
+                err: std::io::Error::other(e.to_string()),
+            })?;
+        docker.update_container(id, body).await
+    }
+}
+
+fn container_name(i: &ContainerInspectResponse) -> String {
+    i.name
+        .as_deref()
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_owned()
+}
+
+fn is_running(i: &ContainerInspectResponse) -> bool {
+    i.state
+        .as_ref()
+        .is_some_and(|s| s.running.unwrap_or(false) || s.restarting.unwrap_or(false))
+}
+
+fn labels(i: &ContainerInspectResponse) -> HashMap<String, String> {
+    i.config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default()
+}
+
+/// A hook from a `ferry.<which>` label: a shell line run in the container.
+fn label_hook(labels: &HashMap<String, String>, which: &str) -> Result<Option<Argv>, String> {
+    labels
+        .get(&format!("ferry.{which}"))
+        .map(|line| {
+            Argv::new(vec!["sh".into(), "-c".into(), line.clone()])
+                .map_err(|e| format!("label ferry.{which}: {e}"))
+        })
+        .transpose()
+}
+
+/// One app from its containers.
+fn build_app(team: TeamName, name: AppName, members: &[Seen]) -> Result<App, String> {
+    // Container names and ids → component names, for links and the like.
+    let mut by_ref: HashMap<String, ComponentName> = HashMap::new();
+    for s in members {
+        by_ref.insert(s.component.to_string(), s.component.clone());
+        by_ref.insert(container_name(&s.inspect), s.component.clone());
+        if let Some(id) = &s.inspect.id {
+            by_ref.insert(id.clone(), s.component.clone());
+        }
+    }
+    let mut volumes: Vec<Volume> = Vec::new();
+    let mut components = Vec::new();
+    for s in members {
+        let i = &s.inspect;
+        let labels = labels(i);
+        let mut uses = Vec::new();
+        for m in i.mounts.iter().flatten() {
+            let (vol_name, path) = match (m.typ.as_deref(), &m.name, &m.source) {
+                (Some("volume"), Some(n), Some(src)) => (n.clone(), src.clone()),
+                (Some("bind"), _, Some(src)) => (src.clone(), src.clone()),
+                _ => continue,
+            };
+            let vol_name = VolumeName::new(&vol_name).map_err(|e| e.to_string())?;
+            let path = HostPath::new(&path).map_err(|e| e.to_string())?;
+            if !volumes.iter().any(|v| v.name == vol_name) {
+                volumes.push(Volume {
+                    name: vol_name.clone(),
+                    path,
+                });
+            }
+            if !uses.contains(&vol_name) {
+                uses.push(vol_name);
+            }
+        }
+        let stateful = match labels.get(STATEFUL_LABEL).map(String::as_str) {
+            Some("true") => true,
+            Some("false") => false,
+            _ => !uses.is_empty(),
+        };
+        // What it names as needed: container names or ids, or services.
+        let mut needs: Vec<&str> = Vec::new();
+        // Compose: "db:service_started:false,cache:service_healthy:true".
+        for dep in labels.get(DEPENDS_LABEL).iter().flat_map(|l| l.split(',')) {
+            needs.push(dep.split(':').next().unwrap_or_default().trim());
+        }
+        if let Some(hc) = &i.host_config {
+            // Links: "/db:/web/db".
+            for link in hc.links.iter().flatten() {
+                needs.push(
+                    link.split(':')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches('/'),
+                );
+            }
+            // volumes_from: "db" or "db:ro".
+            for from in hc.volumes_from.iter().flatten() {
+                needs.push(from.split(':').next().unwrap_or_default());
+            }
+            if let Some(other) = hc
+                .network_mode
+                .as_deref()
+                .and_then(|m| m.strip_prefix("container:"))
+            {
+                needs.push(other);
+            }
+        }
+        let mut depends_on: Vec<ComponentName> = Vec::new();
+        for target in needs {
+            if let Some(c) = by_ref.get(target)
+                && *c != s.component
+                && !depends_on.contains(c)
+            {
+                depends_on.push(c.clone());
+            }
+        }
+        let hooks = Hooks {
+            pre_backup: label_hook(&labels, "pre_backup")?,
+            post_backup: label_hook(&labels, "post_backup")?,
+            pre_stop: label_hook(&labels, "pre_stop")?,
+        };
+        components.push(Component {
+            name: s.component.clone(),
+            kind: ComponentKind::Container(ContainerComponent {
+                id: i.id.clone().unwrap_or_default(),
+                name: container_name(i),
+                image: i
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.image.clone())
+                    .unwrap_or_default(),
+                image_id: i.image.clone().unwrap_or_default(),
+            }),
+            stateful,
+            volumes: uses,
+            depends_on,
+            state: if is_running(i) {
+                ComponentState::Running
+            } else {
+                ComponentState::Stopped
+            },
+            hooks,
+        });
+    }
+    components.sort_by(|a, b| a.name.cmp(&b.name));
+    let app = App {
+        name,
+        team,
+        components,
+        volumes,
+    };
+    app.validate().map_err(|e| e.to_string())?;
+    Ok(app)
+}
+
+#[async_trait]
+impl Platform for ContainerPlatform {
+    fn name(&self) -> &'static str {
+        "containers"
+    }
+
+    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
+        self.apps().await
+    }
+
+    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        let i = self.locate(r).await?;
+        if !is_running(&i) {
+            return Ok(ComponentState::Stopped);
+        }
+        // Running again (whoever started it): the restart policy Ferry set
+        // aside goes back, as a start by Ferry would put it.
+        self.restore_policy(i.id.as_deref().unwrap_or_default()).await?;
+        Ok(ComponentState::Running)
+    }
+
+    async fn stop(&self, r: &ComponentRef) -> Result<(), PlatformError> {
+        let i = self.locate(r).await?;
+        let id = i.id.clone().unwrap_or_default();
+        let policy = i
+            .host_config
+            .as_ref()
+            .and_then(|h| h.restart_policy.clone())
+            .unwrap_or_default();
+        let restarts = !matches!(
+            policy.name,
+            None | Some(RestartPolicyNameEnum::NO | RestartPolicyNameEnum::EMPTY)
+        );
+        if restarts {
+            // Kept first: whatever happens next, the start puts it back.
+            self.edit_policies(|all| {
+                all.entry(id.clone()).or_insert(policy.clone());
+            })?;
+            let no = RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            };
+            match self.set_policy_call(&id, no).await {
+                Ok(()) => {}
+                // Podman has no update call; it restarts a container only
+                // when the container exits on its own, not after a stop,
+                // and has no daemon whose restart could bring it back.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 405 | 501,
+                    ..
+                }) => {
+                    tracing::info!(component = %r, "the engine cannot change a restart policy; a stopped container stays stopped there");
+                    self.edit_policies(|all| {
+                        all.remove(&id);
+                    })?;
+                }
+                Err(e) => return Err(self.engine_err(e)),
+            }
+        }
+        let secs = i32::try_from(self.settings.stop_timeout.as_secs()).unwrap_or(i32::MAX);
+        self.docker()
+            .await?
+            .stop_container(
+                &id,
+                Some(StopContainerOptionsBuilder::default().t(secs).build()),
+            )
+            .await
+            .or_else(|e| match e {
+                // 304: it was not running.
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 304, ..
+                } => Ok(()),
+                e => Err(self.engine_err(e)),
+            })?;
+        if is_running(&self.inspect(&id).await?) {
+            return Err(PlatformError::CommandFailed {
+                action: "stop",
+                component: Box::new(r.clone()),
+                status: "the container still runs".into(),
+                stderr: String::new(),
+            });
+        }
+        tracing::info!(component = %r, container = %id, action = "stop", "component command succeeded");
+        Ok(())
+    }
+
+    async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
+        let i = self.locate(r).await?;
+        let id = i.id.clone().unwrap_or_default();
+        self.docker()
+            .await?
+            .start_container(&id, None)
+            .await
+            .or_else(|e| match e {
+                // 304: it runs already.
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 304, ..
+                } => Ok(()),
+                e => Err(self.engine_err(e)),
+            })?;
+        self.restore_policy(&id).await?;
+        // Running, and healthy where it has a healthcheck.
+        let has_check = i
+            .config
+            .as_ref()
+            .and_then(|c| c.healthcheck.as_ref())
+            .and_then(|h| h.test.as_ref())
+            .is_some_and(|t| t.first().is_some_and(|k| k != "NONE"));
+        let deadline = Instant::now() + self.settings.start_timeout;
+        loop {
+            let now = self.inspect(&id).await?;
+            let health = now
+                .state
+                .as_ref()
+                .and_then(|s| s.health.as_ref())
+                .and_then(|h| h.status);
+            let ready = is_running(&now)
+                && (!has_check || matches!(health, Some(HealthStatusEnum::HEALTHY)));
+            if ready {
+                break;
+            }
+            if matches!(health, Some(HealthStatusEnum::UNHEALTHY)) {
+                return Err(PlatformError::CommandFailed {
+                    action: "start",
+                    component: Box::new(r.clone()),
+                    status: "the container is unhealthy".into(),
+                    stderr: String::new(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(PlatformError::Timeout {
+                    action: "start",
+                    component: Box::new(r.clone()),
+                    secs: self.settings.start_timeout.as_secs(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!(component = %r, container = %id, action = "start", "component command succeeded");
+        Ok(())
+    }
+
+    async fn hook(
+        &self,
+        r: &ComponentRef,
+        which: &'static str,
+        argv: &Argv,
+    ) -> Result<(), PlatformError> {
+        use futures::StreamExt;
+        let i = self.locate(r).await?;
+        let id = i.id.clone().unwrap_or_default();
+        let docker = self.docker().await?;
+        let exec = docker
+            .create_exec(
+                &id,
+                bollard::models::ExecConfig {
+                    cmd: Some(argv.as_slice().to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| self.engine_err(e))?;
+        let mut stderr = String::new();
+        let run = async {
+            if let bollard::exec::StartExecResults::Attached { mut output, .. } = docker
+                .start_exec(&exec.id, None)
+                .await
+                .map_err(|e| self.engine_err(e))?
+            {
+                while let Some(out) = output.next().await {
+                    if let Ok(bollard::container::LogOutput::StdErr { message }) = out
+                        && stderr.len() < 4096
+                    {
+                        stderr.push_str(&String::from_utf8_lossy(&message));
+                    }
+                }
+            }
+            Ok::<_, PlatformError>(())
+        };
+        tokio::time::timeout(self.settings.start_timeout, run)
+            .await
+            .map_err(|_| PlatformError::Timeout {
+                action: which,
+                component: Box::new(r.clone()),
+                secs: self.settings.start_timeout.as_secs(),
+            })??;
+        let code = docker
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| self.engine_err(e))?
+            .exit_code;
+        if code != Some(0) {
+            return Err(PlatformError::CommandFailed {
+                action: which,
+                component: Box::new(r.clone()),
+                status: format!(
+                    "exit status {}",
+                    code.map_or("unknown".into(), |c| c.to_string())
+                ),
+                stderr: stderr.trim().to_owned(),
+            });
+        }
+        tracing::info!(component = %r, action = which, "component command succeeded");
+        Ok(())
+    }
+
+    fn copies_dir(&self) -> Option<PathBuf> {
+        None
+    }
+
+    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
+        Ok(self
+            .apps()
+            .await?
+            .into_iter()
+            .find(|a| a.team == *team && a.name == *app))
+    }
+
+    fn copy_job(&self, _team: &TeamName, _app: &AppName) -> Option<u64> {
+        None
+    }
+
+    fn ports_in_use(&self) -> Vec<u16> {
+        Vec::new()
+    }
+
+    async fn add_copy(&self, app: App, _job: u64) -> Result<(), PlatformError> {
+        Err(PlatformError::Unsupported {
+            what: format!(
+                "restoring {}/{} as a copy on a container engine (not built yet)",
+                app.team, app.name
+            ),
+        })
+    }
+
+    async fn forget_app(
+        &self,
+        team: &TeamName,
+        app: &AppName,
+    ) -> Result<Option<App>, PlatformError> {
+        Err(PlatformError::Unsupported {
+            what: format!("removing the container app {team}/{app} (not built yet)"),
+        })
+    }
+}
+
+/// The policy file's location under a data directory.
+pub fn state_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("containers")
+}

@@ -1,0 +1,237 @@
+//! The containers driver over real engines (a `dockerd` and a Podman
+//! service, each its own root): container apps in the inventory, a cold
+//! backup that stops and starts the same container ids, a container that
+//! was stopped before stays stopped, a container started by someone else in
+//! the stopped window fails the backup, and an engine that cannot be
+//! reached gives a clear error.
+
+use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
+use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
+
+use crate::jobs::{enrol_in, ferryctl, json, wait_app, wait_online};
+
+/// The db container's program: appends a line to its volume every 20 ms;
+/// on SIGTERM it writes as many MiB as its volume's `stop-mib` file says
+/// (16 at first), then exits: a delta to read.
+const WRITER: &str = "[ -f /data/stop-mib ] || echo 16 > /data/stop-mib; \
+    trap 'dd if=/dev/urandom of=/data/on-stop bs=1M count=$(cat /data/stop-mib) 2>/dev/null; exit 0' TERM; \
+    while true; do date >> /data/log; sleep 0.02 & wait $!; done";
+
+type Site = (Engine, Controller, tempfile::TempDir, AgentProcess);
+
+async fn site(kind: Kind) -> anyhow::Result<Site> {
+    let engine = Engine::start(kind)?;
+    engine.import_base_image()?;
+    // db: stateful (a named volume), restart always; web shares its
+    // network namespace (so it depends on db), stateless; cache: stateful,
+    // created but never started.
+    engine.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "shop-db",
+        "--network",
+        "none",
+        "--restart",
+        "always",
+        "-v",
+        "shopdata:/data",
+        "-l",
+        "ferry.app=shop",
+        "-l",
+        "ferry.team=web",
+        BASE_IMAGE,
+        "sh",
+        "-c",
+        WRITER,
+    ])?;
+    engine.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "shop-web",
+        "--network",
+        "container:shop-db",
+        "-l",
+        "ferry.app=shop",
+        "-l",
+        "ferry.team=web",
+        BASE_IMAGE,
+        "sleep",
+        "100000",
+    ])?;
+    engine.docker_ok(&[
+        "create",
+        "--name",
+        "shop-cache",
+        "--network",
+        "none",
+        "-v",
+        "cachedata:/data",
+        "-l",
+        "ferry.app=shop",
+        "-l",
+        "ferry.team=web",
+        BASE_IMAGE,
+        "sleep",
+        "100000",
+    ])?;
+    let mut ctl = Controller::init()?;
+    ctl.start().await?;
+    let a = enrol_in(&ctl, "a", "node-a").await?;
+    let conf = format!(
+        "controller = \"{}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\ndelta_buffer_mib = 1\n\n[containers]\nsocket = \"unix://{}\"\nstop_timeout_secs = 20\n",
+        ctl.url(),
+        a.path().display(),
+        engine.socket().display()
+    );
+    std::fs::write(a.path().join("agent.toml"), conf)?;
+    let agent = AgentProcess::spawn(&a.path().join("agent.toml"), a.path().join("agent.log"))?;
+    wait_online(&ctl, 1).await?;
+    wait_app(&ctl, "a", "web", "shop").await?;
+    let shared = ctl.dir.path().join("shared").display().to_string();
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &["storage", "add", "nfs", "shared", "--path", &shared],
+    )?;
+    anyhow::ensure!(code == 0, "{out}{err}");
+    Ok((engine, ctl, a, agent))
+}
+
+fn backup(ctl: &Controller, extra: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let mut args = vec![
+        "app",
+        "backup",
+        "shop",
+        "--cluster",
+        "a",
+        "--team",
+        "web",
+        "-o",
+        "json",
+    ];
+    args.extend(extra);
+    ferryctl(ctl, &args)
+}
+
+async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
+    setup();
+    let (engine, ctl, a, mut agent) = site(kind).await?;
+    let id_of = |name: &str| engine.inspect(name, "{{.Id}}");
+    let (db_id, web_id, cache_id) = (id_of("shop-db")?, id_of("shop-web")?, id_of("shop-cache")?);
+    let started_before = engine.inspect("shop-db", "{{.State.StartedAt}}")?;
+
+    // The inventory: three components, their kinds, states and volumes.
+    let (_, out, _) = ferryctl(&ctl, &["app", "ls", "--cluster", "a", "-o", "json"])?;
+    let apps = json(&out)?;
+    let shop = apps
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == "shop"))
+        .cloned()
+        .unwrap_or_default();
+    let text = shop.to_string();
+    for needle in [
+        "shop-db",
+        "shop-web",
+        "shop-cache",
+        "shopdata",
+        "cachedata",
+        "container",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
+
+    let (code, out, err) = backup(&ctl, &[])?;
+    assert_eq!(code, 0, "{kind:?}: {out}{err}\n{}", agent.logs());
+    let job = json(&out)?;
+    assert!(job["downtime_ms"].as_u64() > Some(0), "{job}");
+    let bid = job["backup_id"].as_u64().expect("backup id").to_string();
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &bid, "-o", "json"])?;
+    let shown = json(&out)?;
+    // Only the running stateful container was stopped.
+    assert_eq!(shown["stopped"], serde_json::json!(["shop-db"]), "{shown}");
+    assert!(shown.to_string().contains("shopdata"), "{shown}");
+
+    // The same containers: db started again (a new start time), its
+    // restart policy as it was; web untouched; cache still not running.
+    assert_eq!(id_of("shop-db")?, db_id);
+    assert_eq!(id_of("shop-web")?, web_id);
+    assert_eq!(id_of("shop-cache")?, cache_id);
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
+    assert_ne!(
+        engine.inspect("shop-db", "{{.State.StartedAt}}")?,
+        started_before
+    );
+    assert_eq!(
+        engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+        "always"
+    );
+    assert_eq!(engine.inspect("shop-cache", "{{.State.Running}}")?, "false");
+    assert_eq!(engine.docker_ok(&["ps", "-q"])?.lines().count(), 2);
+    // What the stop wrote is in the backup: the delta pass read it.
+    let (code, out, err) = ferryctl(
+        &ctl,
+        &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        shown["delta_bytes_read"].as_u64() >= Some(16 << 20),
+        "{shown}"
+    );
+
+    // Someone starts db while Ferry has it stopped: the backup fails,
+    // nothing is committed, db runs. (256 MiB at the stop: a delta pass
+    // long enough to strike in.)
+    let vol = engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shopdata"])?;
+    std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "256\n")?;
+    let (code, out, err) = backup(&ctl, &["--detach"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
+    wait_for("the delta pass", DEADLINE, || {
+        let seen = agent.logs().matches("delta pass started").count() >= 2;
+        async move { seen.then_some(()) }
+    })
+    .await?;
+    engine.docker_ok(&["start", "shop-db"])?;
+    let (_, out, err) = ferryctl(&ctl, &["job", "watch", &job_id, "-o", "json"])?;
+    let ended = json(&out).map_err(|e| anyhow::anyhow!("{e}: {out}{err}"))?;
+    assert_eq!(ended["state"], "failed", "{ended}");
+    assert!(
+        ended["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("started by someone else"),
+        "{ended}"
+    );
+    let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
+    assert_eq!(json(&out)?.as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
+    assert_eq!(
+        engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+        "always"
+    );
+
+    // The engine goes away: a clear error naming it.
+    let socket = engine.socket().display().to_string();
+    drop(engine);
+    let (code, out, err) = backup(&ctl, &[])?;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        format!("{out}{err}").contains("container engine")
+            && format!("{out}{err}").contains(&socket),
+        "{out}{err}"
+    );
+    agent.stop().await?;
+    drop(a);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cold_backup_keeps_the_containers() -> anyhow::Result<()> {
+    cold_backup_keeps_the_containers(Kind::Docker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_cold_backup_keeps_the_containers() -> anyhow::Result<()> {
+    cold_backup_keeps_the_containers(Kind::Podman).await
+}
