@@ -170,14 +170,20 @@ impl Engine {
     }
 
     /// Stops the engine (SIGTERM, then SIGKILL after 20 s); its containers
-    /// are removed first.
+    /// are removed first, a few rounds (Podman refuses to remove a
+    /// container another one shares a namespace with, until that one is
+    /// gone).
     pub fn stop(&mut self) {
-        if let Ok((true, ids, _)) = self.docker(&["ps", "-aq"]) {
+        for _ in 0..4 {
+            let Ok((true, ids, _)) = self.docker(&["ps", "-aq"]) else {
+                break;
+            };
             let ids: Vec<&str> = ids.split_whitespace().collect();
-            if !ids.is_empty() {
-                let mut args = vec!["rm", "-f"];
-                args.extend(ids);
-                let _ = self.docker(&args);
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                let _ = self.docker(&["rm", "-f", id]);
             }
         }
         if let Some(mut c) = self.child.take() {
