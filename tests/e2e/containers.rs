@@ -2,8 +2,9 @@
 //! service, each its own root): container apps in the inventory, a cold
 //! backup that stops and starts the same container ids, a container that
 //! was stopped before stays stopped, a container started by someone else in
-//! the stopped window fails the backup, and an engine that cannot be
-//! reached gives a clear error.
+//! the stopped window fails the backup, an agent killed while a container
+//! is stopped starts it again from its journal, and an engine that cannot
+//! be reached gives a clear error.
 
 use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
@@ -210,6 +211,38 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
         engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
         "always"
     );
+
+    // The agent is killed while db is stopped: db stays down (the journal
+    // holds it) until the agent starts again and its journal starts the
+    // same container, its policy put back; the lost step runs again.
+    let (code, out, err) = backup(&ctl, &["--detach"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
+    wait_for("the delta pass", DEADLINE, || {
+        let seen = agent.logs().matches("delta pass started").count() >= 3;
+        async move { seen.then_some(()) }
+    })
+    .await?;
+    agent.kill();
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "false");
+    let journal = std::fs::read_dir(a.path().join("journal"))?.count();
+    assert_eq!(journal, 1, "the journal holds what Ferry stopped");
+    agent = AgentProcess::spawn(&a.path().join("agent.toml"), a.path().join("agent-2.log"))?;
+    wait_for("db running again", DEADLINE, || {
+        let up = engine.inspect("shop-db", "{{.State.Running}}").ok();
+        async move { (up.as_deref() == Some("true")).then_some(()) }
+    })
+    .await?;
+    assert_eq!(id_of("shop-db")?, db_id);
+    let (_, out, err) = ferryctl(&ctl, &["job", "watch", &job_id, "-o", "json"])?;
+    let ended = json(&out).map_err(|e| anyhow::anyhow!("{e}: {out}{err}"))?;
+    assert_eq!(ended["state"], "succeeded", "{ended}\n{}", agent.logs());
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
+    assert_eq!(
+        engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+        "always"
+    );
+    assert_eq!(engine.inspect("shop-cache", "{{.State.Running}}")?, "false");
 
     // The engine goes away: a clear error naming it.
     let socket = engine.socket().display().to_string();

@@ -441,7 +441,8 @@ impl Platform for ContainerPlatform {
         }
         // Running again (whoever started it): the restart policy Ferry set
         // aside goes back, as a start by Ferry would put it.
-        self.restore_policy(i.id.as_deref().unwrap_or_default()).await?;
+        self.restore_policy(i.id.as_deref().unwrap_or_default())
+            .await?;
         Ok(ComponentState::Running)
     }
 
