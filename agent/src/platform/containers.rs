@@ -677,3 +677,154 @@ impl Platform for ContainerPlatform {
 pub fn state_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("containers")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An inspect as the engine returns it (the fields the driver reads).
+    fn inspect(v: serde_json::Value) -> ContainerInspectResponse {
+        serde_json::from_value(v).expect("inspect fixture")
+    }
+
+    fn seen(component: &str, v: serde_json::Value) -> Seen {
+        Seen {
+            team: "web".parse().expect("team"),
+            app: "shop".parse().expect("app"),
+            component: component.parse().expect("component"),
+            inspect: inspect(v),
+        }
+    }
+
+    fn shop() -> Vec<Seen> {
+        let labels = |service: &str, extra: &[(&str, &str)]| {
+            let mut m = serde_json::Map::new();
+            m.insert(PROJECT_LABEL.into(), "shop".into());
+            m.insert(SERVICE_LABEL.into(), service.into());
+            for (k, v) in extra {
+                m.insert((*k).into(), (*v).into());
+            }
+            serde_json::Value::Object(m)
+        };
+        vec![
+            seen(
+                "db",
+                serde_json::json!({
+                    "Id": "d1", "Name": "/shop-db-1", "Image": "sha256:aa",
+                    "State": {"Running": true},
+                    "Config": {"Image": "postgres:15", "Labels": labels("db", &[("ferry.pre_stop", "psql -c CHECKPOINT")]),
+                               "Healthcheck": {"Test": ["CMD", "pg_isready"]}},
+                    "Mounts": [{"Type": "volume", "Name": "shop_pgdata", "Source": "/var/lib/docker/volumes/shop_pgdata/_data", "Destination": "/var/lib/postgresql/data"}],
+                    "HostConfig": {"RestartPolicy": {"Name": "always"}}
+                }),
+            ),
+            seen(
+                "web",
+                serde_json::json!({
+                    "Id": "w1", "Name": "/shop-web-1", "Image": "sha256:bb",
+                    "State": {"Running": false},
+                    "Config": {"Image": "nginx", "Labels": labels("web", &[
+                        (DEPENDS_LABEL, "db:service_started:false,missing:service_started:false"),
+                        (STATEFUL_LABEL, "false")])},
+                    "Mounts": [{"Type": "bind", "Source": "/srv/static", "Destination": "/usr/share/nginx/html"}]
+                }),
+            ),
+            seen(
+                "worker",
+                serde_json::json!({
+                    "Id": "k1", "Name": "/shop-worker-1", "Image": "sha256:cc",
+                    "State": {"Running": true},
+                    "Config": {"Image": "worker", "Labels": labels("worker", &[])},
+                    "Mounts": [{"Type": "tmpfs", "Destination": "/tmp"}],
+                    "HostConfig": {"Links": ["/shop-db-1:/shop-worker-1/db"]}
+                }),
+            ),
+            seen(
+                "sidecar",
+                serde_json::json!({
+                    "Id": "s1", "Name": "/shop-sidecar-1", "Image": "sha256:dd",
+                    "State": {"Running": true, "Paused": true},
+                    "Config": {"Image": "sidecar", "Labels": labels("sidecar", &[(STATEFUL_LABEL, "true")])},
+                    "HostConfig": {"NetworkMode": "container:d1", "VolumesFrom": ["shop-db-1:ro"]}
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn containers_make_one_app_with_their_volumes_dependencies_and_hooks() {
+        let app = build_app(
+            "web".parse().expect("team"),
+            "shop".parse().expect("app"),
+            &shop(),
+        )
+        .expect("app");
+        let names: Vec<&str> = app.components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["db", "sidecar", "web", "worker"]);
+        let c = |n: &str| {
+            app.components
+                .iter()
+                .find(|c| c.name.as_str() == n)
+                .expect(n)
+        };
+        let db = c("db");
+        assert!(db.stateful);
+        assert_eq!(db.state, ComponentState::Running);
+        assert_eq!(
+            db.kind,
+            ComponentKind::Container(ContainerComponent {
+                id: "d1".into(),
+                name: "shop-db-1".into(),
+                image: "postgres:15".into(),
+                image_id: "sha256:aa".into(),
+            })
+        );
+        assert_eq!(db.volumes[0].as_str(), "shop_pgdata");
+        let pre_stop = db.hooks.pre_stop.as_ref().expect("pre_stop from the label");
+        assert_eq!(pre_stop.as_slice(), ["sh", "-c", "psql -c CHECKPOINT"]);
+        // A bind makes a volume; the label says it is not stateful anyway.
+        let web = c("web");
+        assert!(!web.stateful);
+        assert_eq!(web.state, ComponentState::Stopped);
+        assert_eq!(web.volumes[0].as_str(), "/srv/static");
+        // Compose's depends_on (an unknown service ignored), a link, and
+        // network_mode + volumes_from naming the same one (listed once).
+        for n in ["web", "worker", "sidecar"] {
+            let deps: Vec<&str> = c(n).depends_on.iter().map(|d| d.as_str()).collect();
+            assert_eq!(deps, ["db"], "{n}");
+        }
+        // tmpfs is no volume; the label makes it stateful.
+        assert!(!c("worker").stateful && c("worker").volumes.is_empty());
+        assert!(c("sidecar").stateful);
+        let vols: Vec<(&str, &str)> = app
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.path.as_str()))
+            .collect();
+        assert_eq!(
+            vols,
+            [
+                ("shop_pgdata", "/var/lib/docker/volumes/shop_pgdata/_data"),
+                ("/srv/static", "/srv/static")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_app_with_a_volume_ferry_cannot_name_is_refused_not_cut_short() {
+        let mut members = shop();
+        members[0].inspect.mounts = Some(vec![bollard::models::MountPoint {
+            typ: Some("volume".into()),
+            name: Some("bad/name".into()),
+            source: Some("relative/path".into()),
+            ..Default::default()
+        }]);
+        let err = build_app(
+            "web".parse().expect("team"),
+            "shop".parse().expect("app"),
+            &members,
+        )
+        .expect_err("refused");
+        assert!(!err.is_empty());
+    }
+}
