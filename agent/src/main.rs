@@ -184,6 +184,7 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
         std::time::Duration::from_secs(config.storage_retry_secs.max(1)),
     );
     steps.delta_buffer = config.delta_buffer();
+    steps.scratch_dir = config.data_dir.join("tmp");
     let stop_steps = steps.shutdown.clone();
     let running = steps.clone();
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));

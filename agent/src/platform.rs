@@ -101,6 +101,18 @@ pub trait Platform: Send + Sync {
         argv: &ferry_core::Argv,
     ) -> Result<(), PlatformError>;
 
+    /// Writes the images `app`'s components run into `dest`, as one archive
+    /// the engine can load; returns what it exported (references or ids)
+    /// and the archive's size, or none when the platform has no images (the
+    /// host driver).
+    async fn export_images(
+        &self,
+        _app: &App,
+        _dest: &std::path::Path,
+    ) -> Result<Option<(Vec<String>, u64)>, PlatformError> {
+        Ok(None)
+    }
+
     /// Where restored copies' volumes go; none: this agent makes no copies.
     fn copies_dir(&self) -> Option<std::path::PathBuf>;
 
@@ -191,6 +203,16 @@ impl Platform for Platforms {
         argv: &ferry_core::Argv,
     ) -> Result<(), PlatformError> {
         self.driver(&c.team, &c.app).hook(c, which, argv).await
+    }
+
+    async fn export_images(
+        &self,
+        app: &App,
+        dest: &std::path::Path,
+    ) -> Result<Option<(Vec<String>, u64)>, PlatformError> {
+        self.driver(&app.team, &app.name)
+            .export_images(app, dest)
+            .await
     }
 
     fn copies_dir(&self) -> Option<std::path::PathBuf> {

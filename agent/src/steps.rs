@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ferry_core::{
     App, AppManifest, AppName, BackupId, BackupMode, BackupTimings, Chain, ClusterName,
     ComponentKind, ComponentName, ComponentRef, ComponentState, ErrorCode, HostComponent, HostPath,
-    JobId, NodeName, TeamName, Timestamp, Volume, VolumeSnapshot,
+    ImagesSnapshot, JobId, NodeName, TeamName, Timestamp, Volume, VolumeName, VolumeSnapshot,
 };
 use ferry_proto::v1 as pb;
 use ferry_repo::Repository;
@@ -83,6 +83,9 @@ pub struct StepCtx {
     pub storage_retry: Duration,
     /// Bytes a cold backup's delta pass may copy changed files into.
     pub delta_buffer: usize,
+    /// Where steps put what they stage on disk (exported images):
+    /// `DATA_DIR/tmp`.
+    pub scratch_dir: PathBuf,
     /// Apps (`team/app`) a step works on now, across sessions: a step
     /// dispatched again while an earlier attempt still runs (its session
     /// ended, this agent did not) waits for it instead of overlapping, and
@@ -112,6 +115,7 @@ impl StepCtx {
             journal,
             storage_retry,
             delta_buffer: 256 << 20,
+            scratch_dir: std::env::temp_dir(),
             busy: Arc::default(),
             shutdown: CancellationToken::new(),
         }
@@ -274,6 +278,11 @@ pub async fn backup_app(
     after?;
     let mut bytes_new: u64 = pre.iter().map(|(_, s)| s.bytes_new).sum();
     let pre_copy_ms = ms(started.elapsed());
+    // The containers' images, once, while the app runs.
+    let images = store_images(ctx, &repo, &target, &app, backup, &report).await?;
+    if let Some(i) = &images {
+        bytes_new += i.bytes_new;
+    }
 
     let mut stopped: Vec<ComponentRef> = Vec::new();
     let mut timings = BackupTimings {
@@ -449,6 +458,7 @@ pub async fn backup_app(
         mode,
         stopped: stopped.iter().map(|c| c.component.clone()).collect(),
         volumes: vols,
+        images,
         started_at,
         finished_at: Timestamp::now(),
         timings,
@@ -490,6 +500,57 @@ async fn copy_volume(
         .id
         .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))?;
     Ok((id, out.snapshot.summary))
+}
+
+/// Exports the images the app's components run (none on the host driver)
+/// into `DATA_DIR/tmp/images-<backup>/images.tar` and stores that directory
+/// as a snapshot of its own; the archive is removed afterwards.
+async fn store_images(
+    ctx: &StepCtx,
+    repo: &Repository,
+    target: &str,
+    app: &App,
+    backup: BackupId,
+    report: &Report,
+) -> StepResult<Option<ImagesSnapshot>> {
+    let dir = ctx.scratch_dir.join(format!("images-{backup}"));
+    let staged = |e: std::io::Error| {
+        fail(
+            ErrorCode::Internal,
+            format!("staging images in {}: {e}", dir.display()),
+        )
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(staged)?;
+    let stored = async {
+        report(0, 0, "exporting images".into());
+        let Some((images, bytes)) = ctx
+            .platform
+            .export_images(app, &dir.join("images.tar"))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let volume = Volume {
+            name: VolumeName::new("images").map_err(|e| invalid(e.to_string()))?,
+            path: HostPath::new(dir.display().to_string()).map_err(|e| invalid(e.to_string()))?,
+        };
+        let tags = BTreeMap::from([
+            ("ferry.backup".to_owned(), backup.to_string()),
+            ("ferry.pass".to_owned(), "images".to_owned()),
+        ]);
+        let opts = pass_options(tags, None, None);
+        let (id, summary) = copy_volume(repo, target, &volume, opts, "images", report).await?;
+        Ok(Some(ImagesSnapshot {
+            snapshot: id.to_hex(),
+            images,
+            bytes,
+            bytes_new: summary.bytes_new,
+        }))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    stored
 }
 
 /// Runs the `pre_backup` hook of every component that is not stopped, in

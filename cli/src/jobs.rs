@@ -212,6 +212,16 @@ struct BackupRow {
     delta_ms: u64,
     bytes_new: u64,
     delta_bytes_read: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    images: Option<ImagesRow>,
+}
+
+#[derive(Serialize)]
+struct ImagesRow {
+    snapshot: String,
+    images: Vec<String>,
+    bytes: u64,
+    bytes_new: u64,
 }
 
 impl From<&v1::Backup> for BackupRow {
@@ -241,6 +251,12 @@ impl From<&v1::Backup> for BackupRow {
             delta_ms: b.delta_ms,
             bytes_new: b.bytes_new,
             delta_bytes_read: b.delta_bytes_read,
+            images: b.images.as_ref().map(|i| ImagesRow {
+                snapshot: i.snapshot.clone(),
+                images: i.images.clone(),
+                bytes: i.bytes,
+                bytes_new: i.bytes_new,
+            }),
         }
     }
 }
@@ -582,6 +598,15 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
                 text.push_str(&format!(
                     "  volume:   {path} (snapshot {})\n",
                     &snap[..snap.len().min(12)]
+                ));
+            }
+            if let Some(i) = &r.images {
+                text.push_str(&format!(
+                    "  images:   {} ({}, {} new; snapshot {})\n",
+                    i.images.join(", "),
+                    bytes(i.bytes),
+                    bytes(i.bytes_new),
+                    &i.snapshot[..i.snapshot.len().min(12)]
                 ));
             }
             emit(&text)

@@ -529,6 +529,7 @@ mod tests {
             mode: BackupMode::Cold,
             stopped: vec![],
             volumes: vec![],
+            images: None,
             started_at: Timestamp::from_unix_millis(1),
             finished_at: Timestamp::from_unix_millis(2),
             timings: BackupTimings::default(),

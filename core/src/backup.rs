@@ -72,6 +72,22 @@ pub struct VolumeSnapshot {
     pub bytes: u64,
 }
 
+/// The images an app's containers run, exported as one archive the engine
+/// loads (`docker save` format) and stored as a snapshot of its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImagesSnapshot {
+    /// The snapshot id, 64 hex characters.
+    pub snapshot: String,
+    /// What was exported: image references (`name:tag`) where they still
+    /// name the containers' images, else image ids.
+    pub images: Vec<String>,
+    /// Size of the archive.
+    pub bytes: u64,
+    /// Of it, bytes new to the repository (an archive of the same images
+    /// costs next to nothing the second time).
+    pub bytes_new: u64,
+}
+
 /// Figures of one backup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupTimings {
@@ -109,12 +125,24 @@ pub struct AppManifest {
     #[serde(default)]
     pub stopped: Vec<ComponentName>,
     pub volumes: Vec<VolumeSnapshot>,
+    /// The containers' images; none for apps that have none (host apps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImagesSnapshot>,
     pub started_at: Timestamp,
     pub finished_at: Timestamp,
     pub timings: BackupTimings,
 }
 
 impl AppManifest {
+    /// Every snapshot the backup is made of: its volumes', its images'.
+    pub fn snapshots(&self) -> Vec<String> {
+        self.volumes
+            .iter()
+            .map(|v| v.snapshot.clone())
+            .chain(self.images.iter().map(|i| i.snapshot.clone()))
+            .collect()
+    }
+
     /// The manifest's name in the repository (`apps/<name>`).
     pub fn object_name(backup: BackupId) -> String {
         backup.to_string()
@@ -213,6 +241,7 @@ mod tests {
                 files: 3,
                 bytes: 10,
             }],
+            images: None,
             started_at: Timestamp::from_unix_millis(1),
             finished_at: Timestamp::from_unix_millis(2),
             timings: BackupTimings::default(),

@@ -20,7 +20,7 @@ pub mod model;
 pub mod name;
 pub mod report;
 
-pub use backup::{AppManifest, BackupMode, BackupTimings, VolumeSnapshot};
+pub use backup::{AppManifest, BackupMode, BackupTimings, ImagesSnapshot, VolumeSnapshot};
 pub use clock::{Timestamp, now_ms};
 pub use duration::{DurationError, HumanDuration};
 pub use error::{CodedError, ErrorCode, RetryClass};

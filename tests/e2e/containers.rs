@@ -152,6 +152,22 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // Only the running stateful container was stopped.
     assert_eq!(shown["stopped"], serde_json::json!(["shop-db"]), "{shown}");
     assert!(shown.to_string().contains("shopdata"), "{shown}");
+    // The image the three containers run, exported once, by its name.
+    let images = &shown["images"];
+    assert_eq!(
+        images["images"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    assert!(
+        images["images"][0]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(BASE_IMAGE),
+        "{shown}"
+    );
+    assert!(images["bytes"].as_u64() > Some(500_000), "{shown}");
+    assert!(images["bytes_new"].as_u64() > Some(100_000), "{shown}");
 
     // The same containers: db started again (a new start time), its
     // restart policy as it was; web untouched; cache still not running.
@@ -237,6 +253,15 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     let (_, out, err) = ferryctl(&ctl, &["job", "watch", &job_id, "-o", "json"])?;
     let ended = json(&out).map_err(|e| anyhow::anyhow!("{e}: {out}{err}"))?;
     assert_eq!(ended["state"], "succeeded", "{ended}\n{}", agent.logs());
+    // The same image again costs next to nothing.
+    let again = ended["backup_id"].as_u64().expect("backup id").to_string();
+    let (_, out, _) = ferryctl(&ctl, &["backup", "show", &again, "-o", "json"])?;
+    let shown = json(&out)?;
+    let (bytes, new) = (
+        shown["images"]["bytes"].as_u64().unwrap_or(0),
+        shown["images"]["bytes_new"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(bytes > 500_000 && new < bytes / 20, "{shown}");
     assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
     assert_eq!(
         engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,

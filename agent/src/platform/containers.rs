@@ -633,6 +633,65 @@ impl Platform for ContainerPlatform {
         Ok(())
     }
 
+    async fn export_images(
+        &self,
+        app: &App,
+        dest: &Path,
+    ) -> Result<Option<(Vec<String>, u64)>, PlatformError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let docker = self.docker().await?;
+        // By reference where it still names the container's image (so a
+        // load gives it back its name), else by id.
+        let mut names: Vec<String> = Vec::new();
+        for c in &app.components {
+            let ComponentKind::Container(k) = &c.kind else {
+                continue;
+            };
+            if k.image_id.is_empty() {
+                continue;
+            }
+            let by_ref = !k.image.is_empty()
+                && !k.image.starts_with("sha256:")
+                && docker
+                    .inspect_image(&k.image)
+                    .await
+                    .ok()
+                    .and_then(|i| i.id)
+                    .is_some_and(|id| id == k.image_id);
+            let name = if by_ref {
+                k.image.clone()
+            } else {
+                k.image_id.clone()
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let io = |e: std::io::Error| PlatformError::Registry {
+            path: dest.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut stream = docker.export_images(&refs);
+        let mut bytes = 0u64;
+        while let Some(part) = stream.next().await {
+            let part = part.map_err(|e| self.engine_err(format!("exporting images: {e}")))?;
+            bytes += part.len() as u64;
+            file.write_all(&part).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        if bytes == 0 {
+            return Err(self.engine_err("exporting images gave an empty archive"));
+        }
+        tracing::info!(app = %app.name, team = %app.team, images = names.len(), bytes, "images exported");
+        Ok(Some((names, bytes)))
+    }
+
     fn copies_dir(&self) -> Option<PathBuf> {
         None
     }

@@ -142,6 +142,12 @@ pub(super) fn backup_pb(b: &BackupRecord) -> pb::Backup {
         delta_ms: m.timings.delta_ms,
         bytes_new: m.timings.bytes_new,
         delta_bytes_read: m.timings.delta_bytes_read,
+        images: m.images.as_ref().map(|i| pb::BackupImages {
+            snapshot: i.snapshot.clone(),
+            images: i.images.clone(),
+            bytes: i.bytes,
+            bytes_new: i.bytes_new,
+        }),
     }
 }
 

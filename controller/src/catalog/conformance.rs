@@ -1118,6 +1118,7 @@ fn manifest(id: u64, app_name: &str, storage: &str) -> ferry_core::AppManifest {
         mode: ferry_core::BackupMode::Cold,
         stopped: Vec::new(),
         volumes: Vec::new(),
+        images: None,
         started_at: t(1),
         finished_at: t(2),
         timings: ferry_core::BackupTimings::default(),

@@ -698,11 +698,7 @@ async fn location_of(
 }
 
 fn snapshots_of(b: &BackupRecord) -> Vec<String> {
-    b.manifest
-        .volumes
-        .iter()
-        .map(|v| v.snapshot.clone())
-        .collect()
+    b.manifest.snapshots()
 }
 
 async fn backup_of(deps: &Deps, backup: ferry_core::BackupId) -> Result<BackupRecord, StepFailure> {
