@@ -102,7 +102,8 @@ pub trait Platform: Send + Sync {
     ) -> Result<(), PlatformError>;
 
     /// Writes the images `app`'s components run into `dest`, as one archive
-    /// the engine can load; returns what it exported (references or ids)
+    /// the engine can load, and the components' captured config beside it
+    /// (`containers.json`); returns what it exported (references or ids)
     /// and the archive's size, or none when the platform has no images (the
     /// host driver).
     async fn export_images(

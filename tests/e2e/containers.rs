@@ -20,6 +20,9 @@ const WRITER: &str = "[ -f /data/stop-mib ] || echo 16 > /data/stop-mib; \
 
 type Site = (Engine, Controller, tempfile::TempDir, AgentProcess);
 
+/// An environment value of db's: kept in the encrypted repository only.
+const SECRET: &str = "correct-horse-battery-staple";
+
 async fn site(kind: Kind) -> anyhow::Result<Site> {
     let engine = Engine::start(kind)?;
     engine.import_base_image()?;
@@ -35,6 +38,8 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "none",
         "--restart",
         "always",
+        "-e",
+        &format!("SHOP_TOKEN={SECRET}"),
         "-v",
         "shopdata:/data",
         "-l",
@@ -90,10 +95,22 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
     let agent = AgentProcess::spawn(&a.path().join("agent.toml"), a.path().join("agent.log"))?;
     wait_online(&ctl, 1).await?;
     wait_app(&ctl, "a", "web", "shop").await?;
+    // A repository password the test knows, to look inside the backup.
     let shared = ctl.dir.path().join("shared").display().to_string();
+    let pw = ctl.dir.path().join("repo.pw").display().to_string();
+    std::fs::write(&pw, "the test's repository password\n")?;
     let (code, out, err) = ferryctl(
         &ctl,
-        &["storage", "add", "nfs", "shared", "--path", &shared],
+        &[
+            "storage",
+            "add",
+            "nfs",
+            "shared",
+            "--path",
+            &shared,
+            "--password-file",
+            &pw,
+        ],
     )?;
     anyhow::ensure!(code == 0, "{out}{err}");
     Ok((engine, ctl, a, agent))
@@ -168,6 +185,67 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     );
     assert!(images["bytes"].as_u64() > Some(500_000), "{shown}");
     assert!(images["bytes_new"].as_u64() > Some(100_000), "{shown}");
+    // Inside the repository: the images' archive, and each container's
+    // config with its environment (the secret too), without the image's
+    // defaults.
+    let inside = ctl.dir.path().join("inside");
+    let snap = images["snapshot"].as_str().unwrap_or_default().to_owned();
+    let out = std::process::Command::new(ferry_tests::bin("ferry-agent"))
+        .args(["snapshot", "restore", &snap, "--target"])
+        .arg(&inside)
+        .arg("--repo")
+        .arg(ctl.dir.path().join("shared"))
+        .arg("--password-file")
+        .arg(ctl.dir.path().join("repo.pw"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(inside.join("images.tar"))?.len() > 500_000);
+    let captured: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(inside.join("containers.json"))?)?;
+    let db = captured
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "shop-db"))
+        .cloned()
+        .unwrap_or_default();
+    let env = db["config"]["Env"].to_string();
+    assert!(env.contains(&format!("SHOP_TOKEN={SECRET}")), "{db}");
+    assert_eq!(db["host_config"]["RestartPolicy"]["Name"], "always", "{db}");
+    assert_eq!(captured.as_array().map(Vec::len), Some(3), "{captured}");
+    // …and nowhere else: not in the backup's record, the job, the logs or
+    // the controller's files (its catalog among them).
+    let (_, listed, _) = ferryctl(&ctl, &["backup", "show", &bid])?;
+    for (what, text) in [
+        ("backup show -o json", shown.to_string()),
+        ("backup show", listed),
+        ("the job", job.to_string()),
+        ("the agent's log", agent.logs()),
+        ("the controller's log", ctl.logs()),
+    ] {
+        assert!(!text.contains(SECRET), "the secret is in {what}");
+    }
+    let mut dirs = vec![ctl.dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if p.starts_with(&inside) || p.ends_with("shared") {
+                continue;
+            }
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.is_file() {
+                let bytes = std::fs::read(&p)?;
+                assert!(
+                    !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                    "the secret is in {}",
+                    p.display()
+                );
+            }
+        }
+    }
 
     // The same containers: db started again (a new start time), its
     // restart policy as it was; web untouched; cache still not running.

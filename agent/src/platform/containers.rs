@@ -276,6 +276,60 @@ impl ContainerPlatform {
     }
 }
 
+/// What Ferry keeps of a container to create it again: its inspect without
+/// what is volatile (id, state, times, the generated host name) and without
+/// what its image sets anyway (a copy gets those from the image). Stored
+/// only inside the encrypted repository (environment values may be
+/// secrets), never in the catalog or a job's output.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CapturedContainer {
+    pub component: String,
+    pub name: String,
+    pub image: String,
+    pub image_id: String,
+    /// `Config`, less the image's defaults.
+    pub config: bollard::models::ContainerConfig,
+    /// `HostConfig`: mounts, ports, restart policy, resources, …
+    pub host_config: Option<bollard::models::HostConfig>,
+    /// Networks the container is attached to, by name.
+    pub networks: Vec<String>,
+}
+
+/// A container's config less what its image sets: equal scalar settings
+/// and commands dropped, environment entries and labels the image has with
+/// the same value dropped.
+fn without_image_defaults(
+    config: &bollard::models::ContainerConfig,
+    image: Option<&bollard::models::ImageConfig>,
+) -> bollard::models::ContainerConfig {
+    let mut c = config.clone();
+    c.hostname = None;
+    c.image = None;
+    let Some(img) = image else { return c };
+    fn same<T: PartialEq>(field: &mut Option<T>, image: &Option<T>) {
+        if field.is_some() && field == image {
+            *field = None;
+        }
+    }
+    same(&mut c.user, &img.user);
+    same(&mut c.cmd, &img.cmd);
+    same(&mut c.entrypoint, &img.entrypoint);
+    same(&mut c.working_dir, &img.working_dir);
+    same(&mut c.exposed_ports, &img.exposed_ports);
+    same(&mut c.healthcheck, &img.healthcheck);
+    same(&mut c.volumes, &img.volumes);
+    same(&mut c.stop_signal, &img.stop_signal);
+    same(&mut c.shell, &img.shell);
+    same(&mut c.on_build, &img.on_build);
+    if let (Some(env), Some(image_env)) = (&mut c.env, &img.env) {
+        env.retain(|e| !image_env.contains(e));
+    }
+    if let (Some(labels), Some(image_labels)) = (&mut c.labels, &img.labels) {
+        labels.retain(|k, v| image_labels.get(k) != Some(v));
+    }
+    c
+}
+
 fn container_name(i: &ContainerInspectResponse) -> String {
     i.name
         .as_deref()
@@ -675,6 +729,41 @@ impl Platform for ContainerPlatform {
             path: dest.to_path_buf(),
             reason: e.to_string(),
         };
+        // Each container's config, beside the images.
+        let mut captured = Vec::new();
+        for c in &app.components {
+            let ComponentKind::Container(k) = &c.kind else {
+                continue;
+            };
+            let i = self.inspect(&k.id).await?;
+            let image = docker.inspect_image(&k.image_id).await.ok();
+            let config = i.config.clone().unwrap_or_default();
+            captured.push(CapturedContainer {
+                component: c.name.to_string(),
+                name: k.name.clone(),
+                image: k.image.clone(),
+                image_id: k.image_id.clone(),
+                config: without_image_defaults(
+                    &config,
+                    image.as_ref().and_then(|i| i.config.as_ref()),
+                ),
+                host_config: i.host_config.clone(),
+                networks: i
+                    .network_settings
+                    .as_ref()
+                    .and_then(|n| n.networks.as_ref())
+                    .map(|n| {
+                        let mut v: Vec<String> = n.keys().cloned().collect();
+                        v.sort();
+                        v
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        let config_path = dest.with_file_name("containers.json");
+        let body =
+            serde_json::to_vec_pretty(&captured).map_err(|e| io(std::io::Error::other(e)))?;
+        tokio::fs::write(&config_path, body).await.map_err(io)?;
         let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut stream = docker.export_images(&refs);
@@ -885,5 +974,73 @@ mod tests {
         )
         .expect_err("refused");
         assert!(!err.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod capture_tests {
+    use super::*;
+    use bollard::models::{ContainerConfig, ImageConfig};
+
+    #[test]
+    fn what_the_image_sets_is_not_copied_into_the_container_config() {
+        let image = ImageConfig {
+            env: Some(vec!["PATH=/usr/bin".into(), "LANG=C".into()]),
+            cmd: Some(vec!["postgres".into()]),
+            entrypoint: Some(vec!["docker-entrypoint.sh".into()]),
+            working_dir: Some("/".into()),
+            labels: Some(HashMap::from([
+                ("maintainer".to_owned(), "someone".to_owned()),
+                ("version".to_owned(), "15".to_owned()),
+            ])),
+            ..Default::default()
+        };
+        let container = ContainerConfig {
+            hostname: Some("6cf5b2c8186d".into()),
+            image: Some("postgres:15".into()),
+            env: Some(vec![
+                "PATH=/usr/bin".into(),
+                "LANG=C.UTF-8".into(),
+                "POSTGRES_PASSWORD=s3cret".into(),
+            ]),
+            cmd: Some(vec!["postgres".into()]),
+            entrypoint: Some(vec!["/custom-entry".into()]),
+            working_dir: Some("/".into()),
+            user: Some("999".into()),
+            labels: Some(HashMap::from([
+                ("maintainer".to_owned(), "someone".to_owned()),
+                ("version".to_owned(), "16".to_owned()),
+                ("ferry.app".to_owned(), "shop".to_owned()),
+            ])),
+            ..Default::default()
+        };
+        let c = without_image_defaults(&container, Some(&image));
+        // Volatile or kept apart.
+        assert_eq!((c.hostname, c.image), (None, None));
+        // Equal to the image's: dropped; different or the container's own: kept.
+        assert_eq!(
+            c.env,
+            Some(vec![
+                "LANG=C.UTF-8".into(),
+                "POSTGRES_PASSWORD=s3cret".into()
+            ])
+        );
+        assert_eq!(c.cmd, None);
+        assert_eq!(c.working_dir, None);
+        assert_eq!(c.entrypoint, Some(vec!["/custom-entry".into()]));
+        assert_eq!(c.user, Some("999".into()));
+        let mut labels: Vec<_> = c.labels.unwrap_or_default().into_iter().collect();
+        labels.sort();
+        assert_eq!(
+            labels,
+            [
+                ("ferry.app".to_owned(), "shop".to_owned()),
+                ("version".to_owned(), "16".to_owned())
+            ]
+        );
+        // Without the image's config, only the volatile fields go.
+        let bare = without_image_defaults(&container, None);
+        assert_eq!(bare.env.map(|e| e.len()), Some(3));
+        assert_eq!(bare.hostname, None);
     }
 }
