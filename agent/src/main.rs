@@ -185,6 +185,13 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     );
     steps.delta_buffer = config.delta_buffer();
     steps.scratch_dir = config.data_dir.join("tmp");
+    // What an interrupted step staged there (exported images and container
+    // config, which may hold secrets) goes before any step runs.
+    if let Err(e) = std::fs::remove_dir_all(&steps.scratch_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %steps.scratch_dir.display(), error = %e, "staging directory not cleared");
+    }
     let stop_steps = steps.shutdown.clone();
     let running = steps.clone();
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));

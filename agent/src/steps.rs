@@ -253,7 +253,12 @@ pub async fn backup_app(
         ])
     };
 
+    // The containers' images and config, once, while the app runs, before
+    // the volumes' first pass (so the gap from it to the stop stays short).
+    let images = store_images(ctx, &repo, &target, &app, backup, &report).await?;
+
     // Pass one, while the app runs.
+    let pass_started = Instant::now();
     let cold = mode == BackupMode::Cold && !running.is_empty();
     let first_pass = if cold { "pre-copy" } else { "copy" };
     // Hot mode: each running component's pre_backup hook, in start order;
@@ -277,12 +282,10 @@ pub async fn backup_app(
     let pre = copied?;
     after?;
     let mut bytes_new: u64 = pre.iter().map(|(_, s)| s.bytes_new).sum();
-    let pre_copy_ms = ms(started.elapsed());
-    // The containers' images, once, while the app runs.
-    let images = store_images(ctx, &repo, &target, &app, backup, &report).await?;
     if let Some(i) = &images {
         bytes_new += i.bytes_new;
     }
+    let pre_copy_ms = ms(pass_started.elapsed());
 
     let mut stopped: Vec<ComponentRef> = Vec::new();
     let mut timings = BackupTimings {
@@ -324,8 +327,11 @@ pub async fn backup_app(
         let stopping = async {
             for c in &stop_order {
                 report(0, 0, format!("stopping {c}"));
-                ctx.platform.stop(c).await?;
+                // Counted before the call: a stop that fails half-way (or
+                // times out while the platform goes on) is started again
+                // all the same (a start checks first whether it runs).
                 stopped.push(c.clone());
+                ctx.platform.stop(c).await?;
             }
             Ok::<_, StepFailure>(())
         }
@@ -350,7 +356,12 @@ pub async fn backup_app(
                         };
                         copy_volume(&delta_repo, &target, v, opts, "delta pass", &report)
                     });
-            futures::future::try_join_all(passes).await
+            let passes = futures::future::try_join_all(passes).await;
+            if passes.is_err() {
+                // The other volumes' passes stop too, not only their futures.
+                delta_cancel.cancel();
+            }
+            passes
         };
         // Every volume read ends the app's downtime (a notification before
         // the wait is kept).
@@ -406,6 +417,19 @@ pub async fn backup_app(
             None => work.await,
         };
         if let Some(c) = started_by_other {
+            // Whatever the passes stored is no backup.
+            let mut made: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
+            if let Ok(finals) = &finals {
+                made.extend(finals.iter().map(|(id, _)| *id));
+            }
+            if let Some(i) = &images
+                && let Ok(id) = i.snapshot.parse::<SnapshotId>()
+            {
+                made.push(id);
+            }
+            if let Err(e) = repo.forget(&made).await {
+                tracing::warn!(error = %Chain(&e), "snapshots of the failed backup not forgotten");
+            }
             return Err(fail(
                 ErrorCode::FailedPrecondition,
                 format!(

@@ -1573,13 +1573,23 @@ impl Walker<'_, '_> {
             replies: reply_rx,
         } = scan;
         let dir = dir.as_path();
+        // Every subdirectory and file answers; the first real failure wins
+        // over the cancellations it caused elsewhere in the tree.
+        let mut first_err: Option<RepoError> = None;
         for (slot, sub) in subdirs {
-            let id = self.finish_dir(sub)?;
-            if let Some(n) = nodes[slot].as_mut() {
-                n.kind = NodeKind::Dir { subtree: id };
+            match self.finish_dir(sub) {
+                Ok(id) => {
+                    if let Some(n) = nodes[slot].as_mut() {
+                        n.kind = NodeKind::Dir { subtree: id };
+                    }
+                }
+                Err(e) => {
+                    if first_err.is_none() || matches!(first_err, Some(RepoError::Cancelled)) {
+                        first_err = Some(e);
+                    }
+                }
             }
         }
-        let mut first_err = None;
         for _ in 0..pending {
             let (slot, res) = reply_rx
                 .recv()

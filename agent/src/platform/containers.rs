@@ -40,6 +40,8 @@ pub const STATEFUL_LABEL: &str = "ferry.stateful";
 const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const DEPENDS_LABEL: &str = "com.docker.compose.depends_on";
+/// `docker compose run` containers: not part of the app.
+const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
 /// How the agent reaches its container engine.
 #[derive(Clone, Debug)]
@@ -97,7 +99,10 @@ impl ContainerPlatform {
                     .socket
                     .strip_prefix("unix://")
                     .unwrap_or(&self.settings.socket);
-                let docker = Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
+                // Longer than a stop may take: the engine answers the stop
+                // call once the container is down.
+                let timeout = 120 + self.settings.stop_timeout.as_secs();
+                let docker = Docker::connect_with_unix(path, timeout, bollard::API_DEFAULT_VERSION)
                     .map_err(|e| self.engine_err(e))?;
                 docker
                     .negotiate_version()
@@ -122,6 +127,12 @@ impl ContainerPlatform {
             let Some(app) = labels.get(APP_LABEL).or_else(|| labels.get(PROJECT_LABEL)) else {
                 continue;
             };
+            if labels
+                .get(ONEOFF_LABEL)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            {
+                continue;
+            }
             let Some(id) = summary.id else { continue };
             let inspect = match docker.inspect_container(&id, None).await {
                 Ok(i) => i,
@@ -175,16 +186,29 @@ impl ContainerPlatform {
         Ok(apps)
     }
 
-    /// The container id of a component, as the engine has it now.
+    /// The container that is a component, as the engine has it now; two
+    /// containers claiming to be it are refused rather than guessed at.
     async fn locate(&self, r: &ComponentRef) -> Result<ContainerInspectResponse, PlatformError> {
-        self.scan()
+        let mut found = self
+            .scan()
             .await?
             .into_iter()
-            .find(|s| s.team == r.team && s.app == r.app && s.component == r.component)
-            .map(|s| s.inspect)
+            .filter(|s| s.team == r.team && s.app == r.app && s.component == r.component);
+        let first = found
+            .next()
             .ok_or_else(|| PlatformError::UnknownComponent {
                 component: Box::new(r.clone()),
-            })
+            })?;
+        if let Some(other) = found.next() {
+            return Err(PlatformError::Unsupported {
+                what: format!(
+                    "{r} is two containers ({} and {}); Ferry acts on one container per component",
+                    container_name(&first.inspect),
+                    container_name(&other.inspect)
+                ),
+            });
+        }
+        Ok(first.inspect)
     }
 
     async fn inspect(&self, id: &str) -> Result<ContainerInspectResponse, PlatformError> {
