@@ -965,6 +965,14 @@ mod tests {
     async fn short_outage_is_ridden_out() {
         let weed = seaweed().await;
         let bucket = weed.new_bucket().await;
+        // A first write straight to the server: SeaweedFS answers 500 while
+        // it allocates a new bucket's first volume, which on a busy machine
+        // took half a minute; that is not the outage this test is about.
+        let direct = open_s3(weed.config(&bucket, "warm")).await;
+        direct
+            .put(&key("w"), Bytes::from_static(b"warm"))
+            .await
+            .expect("the bucket takes writes");
         let target = weed.endpoint().trim_start_matches("http://").to_owned();
         let port = crate::testing::free_port();
         let mut config = weed.config(&bucket, "outage");
