@@ -46,6 +46,13 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "ferry.app=shop",
         "-l",
         "ferry.team=web",
+        // Hooks, run in the container through the exec API.
+        "-l",
+        "ferry.pre_stop=echo pre_stop >> /data/hooks",
+        "-l",
+        "ferry.pre_backup=echo pre_backup >> /data/hooks",
+        "-l",
+        "ferry.post_backup=echo post_backup >> /data/hooks",
         BASE_IMAGE,
         "sh",
         "-c",
@@ -263,6 +270,22 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     );
     assert_eq!(engine.inspect("shop-cache", "{{.State.Running}}")?, "false");
     assert_eq!(engine.docker_ok(&["ps", "-q"])?.lines().count(), 2);
+    let vol = engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shopdata"])?;
+    let hooks = || std::fs::read_to_string(std::path::Path::new(&vol).join("hooks"));
+    // The cold backup ran db's pre_stop hook, in the container, only.
+    assert_eq!(hooks()?, "pre_stop\n");
+
+    // refuse: db runs, so nothing is stopped and nothing is taken.
+    let started = engine.inspect("shop-db", "{{.State.StartedAt}}")?;
+    let (code, out, err) = backup(&ctl, &["--mode", "refuse"])?;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(format!("{out}{err}").contains("refuse"), "{out}{err}");
+    // hot: nothing stopped, db's pre_backup and post_backup around the copy.
+    let (code, out, err) = backup(&ctl, &["--mode", "hot"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(json(&out)?["downtime_ms"], 0, "{out}");
+    assert_eq!(engine.inspect("shop-db", "{{.State.StartedAt}}")?, started);
+    assert_eq!(hooks()?, "pre_stop\npre_backup\npost_backup\n");
     // What the stop wrote is in the backup: the delta pass read it.
     let (code, out, err) = ferryctl(
         &ctl,
@@ -277,7 +300,6 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // Someone starts db while Ferry has it stopped: the backup fails,
     // nothing is committed, db runs. (256 MiB at the stop: a delta pass
     // long enough to strike in.)
-    let vol = engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shopdata"])?;
     std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "256\n")?;
     let (code, out, err) = backup(&ctl, &["--detach"])?;
     assert_eq!(code, 0, "{out}{err}");
@@ -299,7 +321,7 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
         "{ended}"
     );
     let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
-    assert_eq!(json(&out)?.as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(json(&out)?.as_array().map(Vec::len), Some(2), "{out}");
     assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
     assert_eq!(
         engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
