@@ -9,7 +9,7 @@
 use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
 
-use crate::jobs::{enrol_in, ferryctl, json, wait_app, wait_online};
+use crate::jobs::{backup_shop, enrol_in, ferryctl, json, wait_app, wait_online};
 
 /// The db container's program: appends a line to its volume every 20 ms;
 /// on SIGTERM it writes as many MiB as its volume's `stop-mib` file says
@@ -19,6 +19,9 @@ const WRITER: &str = "[ -f /data/stop-mib ] || echo 16 > /data/stop-mib; \
     while true; do date >> /data/log; sleep 0.02 & wait $!; done";
 
 type Site = (Engine, Controller, tempfile::TempDir, AgentProcess);
+
+/// The labels that make a container part of app web/shop.
+const SHOP: [&str; 4] = ["-l", "ferry.app=shop", "-l", "ferry.team=web"];
 
 /// An environment value of db's: kept in the encrypted repository only.
 const SECRET: &str = "correct-horse-battery-staple";
@@ -42,10 +45,10 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         &format!("SHOP_TOKEN={SECRET}"),
         "-v",
         "shopdata:/data",
-        "-l",
-        "ferry.app=shop",
-        "-l",
-        "ferry.team=web",
+        SHOP[0],
+        SHOP[1],
+        SHOP[2],
+        SHOP[3],
         // Hooks, run in the container through the exec API.
         "-l",
         "ferry.pre_stop=echo pre_stop >> /data/hooks",
@@ -65,10 +68,10 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "shop-web",
         "--network",
         "container:shop-db",
-        "-l",
-        "ferry.app=shop",
-        "-l",
-        "ferry.team=web",
+        SHOP[0],
+        SHOP[1],
+        SHOP[2],
+        SHOP[3],
         BASE_IMAGE,
         "sleep",
         "100000",
@@ -81,10 +84,10 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "none",
         "-v",
         "cachedata:/data",
-        "-l",
-        "ferry.app=shop",
-        "-l",
-        "ferry.team=web",
+        SHOP[0],
+        SHOP[1],
+        SHOP[2],
+        SHOP[3],
         BASE_IMAGE,
         "sleep",
         "100000",
@@ -123,22 +126,6 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
     Ok((engine, ctl, a, agent))
 }
 
-fn backup(ctl: &Controller, extra: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let mut args = vec![
-        "app",
-        "backup",
-        "shop",
-        "--cluster",
-        "a",
-        "--team",
-        "web",
-        "-o",
-        "json",
-    ];
-    args.extend(extra);
-    ferryctl(ctl, &args)
-}
-
 async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     setup();
     let (engine, ctl, a, mut agent) = site(kind).await?;
@@ -166,7 +153,7 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
         assert!(text.contains(needle), "{needle} missing from {text}");
     }
 
-    let (code, out, err) = backup(&ctl, &[])?;
+    let (code, out, err) = backup_shop(&ctl, &[])?;
     assert_eq!(code, 0, "{kind:?}: {out}{err}\n{}", agent.logs());
     let job = json(&out)?;
     assert!(job["downtime_ms"].as_u64() > Some(0), "{job}");
@@ -277,11 +264,11 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
 
     // refuse: db runs, so nothing is stopped and nothing is taken.
     let started = engine.inspect("shop-db", "{{.State.StartedAt}}")?;
-    let (code, out, err) = backup(&ctl, &["--mode", "refuse"])?;
+    let (code, out, err) = backup_shop(&ctl, &["--mode", "refuse"])?;
     assert_ne!(code, 0, "{out}{err}");
     assert!(format!("{out}{err}").contains("refuse"), "{out}{err}");
     // hot: nothing stopped, db's pre_backup and post_backup around the copy.
-    let (code, out, err) = backup(&ctl, &["--mode", "hot"])?;
+    let (code, out, err) = backup_shop(&ctl, &["--mode", "hot"])?;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(json(&out)?["downtime_ms"], 0, "{out}");
     assert_eq!(engine.inspect("shop-db", "{{.State.StartedAt}}")?, started);
@@ -301,7 +288,7 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // nothing is committed, db runs. (256 MiB at the stop: a delta pass
     // long enough to strike in.)
     std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "256\n")?;
-    let (code, out, err) = backup(&ctl, &["--detach"])?;
+    let (code, out, err) = backup_shop(&ctl, &["--detach"])?;
     assert_eq!(code, 0, "{out}{err}");
     let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
     wait_for("the delta pass", DEADLINE, || {
@@ -331,7 +318,7 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // The agent is killed while db is stopped: db stays down (the journal
     // holds it) until the agent starts again and its journal starts the
     // same container, its policy put back; the lost step runs again.
-    let (code, out, err) = backup(&ctl, &["--detach"])?;
+    let (code, out, err) = backup_shop(&ctl, &["--detach"])?;
     assert_eq!(code, 0, "{out}{err}");
     let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
     wait_for("the delta pass", DEADLINE, || {
@@ -372,7 +359,7 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // The engine goes away: a clear error naming it.
     let socket = engine.socket().display().to_string();
     drop(engine);
-    let (code, out, err) = backup(&ctl, &[])?;
+    let (code, out, err) = backup_shop(&ctl, &[])?;
     assert_ne!(code, 0, "{out}{err}");
     assert!(
         format!("{out}{err}").contains("container engine")

@@ -20,6 +20,26 @@ pub(crate) fn ferryctl(ctl: &Controller, args: &[&str]) -> anyhow::Result<(i32, 
     ))
 }
 
+/// `ferryctl app backup shop --cluster a --team web -o json EXTRA…`.
+pub(crate) fn backup_shop(
+    ctl: &Controller,
+    extra: &[&str],
+) -> anyhow::Result<(i32, String, String)> {
+    let mut args = vec![
+        "app",
+        "backup",
+        "shop",
+        "--cluster",
+        "a",
+        "--team",
+        "web",
+        "-o",
+        "json",
+    ];
+    args.extend(extra);
+    ferryctl(ctl, &args)
+}
+
 pub(crate) fn json(out: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(out)?)
 }
@@ -564,24 +584,7 @@ async fn hooks_run_around_a_hot_copy_and_before_a_cold_stop() -> anyhow::Result<
         &["storage", "add", "nfs", "shared", "--path", &shared],
     )?;
     assert_eq!(code, 0, "{out}{err}");
-    let backup_in = |ctl: &Controller, mode: &str| {
-        ferryctl(
-            ctl,
-            &[
-                "app",
-                "backup",
-                "shop",
-                "--cluster",
-                "a",
-                "--team",
-                "web",
-                "--mode",
-                mode,
-                "-o",
-                "json",
-            ],
-        )
-    };
+    let backup_in = |ctl: &Controller, mode: &str| backup_shop(ctl, &["--mode", mode]);
     let backup = |ctl: &Controller| backup_in(ctl, "hot");
 
     let (code, out, err) = backup(&ctl)?;

@@ -563,6 +563,8 @@ impl Platform for ContainerPlatform {
             }
         }
         let secs = i32::try_from(self.settings.stop_timeout.as_secs()).unwrap_or(i32::MAX);
+        // A container that was not running answers 304, which the client
+        // takes as success.
         self.docker()
             .await?
             .stop_container(
@@ -570,13 +572,7 @@ impl Platform for ContainerPlatform {
                 Some(StopContainerOptionsBuilder::default().t(secs).build()),
             )
             .await
-            .or_else(|e| match e {
-                // 304: it was not running.
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 304, ..
-                } => Ok(()),
-                e => Err(self.engine_err(e)),
-            })?;
+            .map_err(|e| self.engine_err(e))?;
         if is_running(&self.inspect(&id).await?) {
             return Err(PlatformError::CommandFailed {
                 action: "stop",
@@ -592,17 +588,12 @@ impl Platform for ContainerPlatform {
     async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
         let i = self.locate(r).await?;
         let id = i.id.clone().unwrap_or_default();
+        // One that runs already answers 304: success too.
         self.docker()
             .await?
             .start_container(&id, None)
             .await
-            .or_else(|e| match e {
-                // 304: it runs already.
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 304, ..
-                } => Ok(()),
-                e => Err(self.engine_err(e)),
-            })?;
+            .map_err(|e| self.engine_err(e))?;
         self.restore_policy(&id).await?;
         // Running, and healthy where it has a healthcheck.
         let has_check = i
