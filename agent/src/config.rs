@@ -145,6 +145,18 @@ pub struct AgentConfig {
     /// most 4096).
     #[serde(default)]
     pub delta_buffer_mib: Option<u64>,
+    /// Where restored copies' volumes go; default: beside the data
+    /// directory, its name and `-copies` (`/var/lib/ferry-agent-copies`).
+    /// Ferry makes it 0711
+    /// (others may pass through, not list it), so a copy's own user (e.g.
+    /// `postgres`) reaches its volume while the data directory stays 0700.
+    #[serde(default)]
+    pub copies_dir: Option<PathBuf>,
+    /// Seconds between retries of the journal while it holds components
+    /// Ferry stopped and could not start again (an engine or a unit that
+    /// is away).
+    #[serde(default = "default_journal_retry")]
+    pub journal_retry_secs: u64,
     /// A container engine whose Compose projects and `ferry.app`-labelled
     /// containers are apps of this agent.
     #[serde(default)]
@@ -194,6 +206,9 @@ fn default_storage_retry() -> u64 {
 fn default_command_timeout() -> u64 {
     120
 }
+fn default_journal_retry() -> u64 {
+    30
+}
 
 impl AgentConfig {
     pub fn heartbeat(&self) -> Duration {
@@ -202,6 +217,25 @@ impl AgentConfig {
 
     pub fn command_timeout(&self) -> Duration {
         Duration::from_secs(self.command_timeout_secs)
+    }
+
+    pub fn journal_retry(&self) -> Duration {
+        Duration::from_secs(self.journal_retry_secs.max(1))
+    }
+
+    /// Where restored copies' volumes go: `copies_dir`, or beside the data
+    /// directory with `-copies` appended to its name
+    /// (`/var/lib/ferry-agent-copies`), so agents never share one.
+    pub fn copies_dir(&self) -> PathBuf {
+        self.copies_dir.clone().unwrap_or_else(|| {
+            let mut name = self
+                .data_dir
+                .file_name()
+                .map(std::ffi::OsStr::to_os_string)
+                .unwrap_or_else(|| "ferry-agent".into());
+            name.push("-copies");
+            self.data_dir.with_file_name(name)
+        })
     }
 
     /// The container engine's settings, if `[containers]` is there.
@@ -265,6 +299,21 @@ impl AgentConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if let Some(c) = &self.copies_dir {
+            if !c.is_absolute() {
+                return bad(format!(
+                    "copies_dir {} is not an absolute path",
+                    c.display()
+                ));
+            }
+            if c.starts_with(&self.data_dir) {
+                return bad(format!(
+                    "copies_dir {} is inside data_dir {}, which only the agent may enter: a copy's own user could not reach its volumes",
+                    c.display(),
+                    self.data_dir.display()
+                ));
+            }
+        }
         if !self.controller.starts_with("https://") {
             return bad(format!(
                 "controller {:?} must be an https:// url",

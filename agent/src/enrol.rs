@@ -111,22 +111,42 @@ pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Warns when others may enter the data directory. Its mode is left as it
-/// is, since it may be a directory others need (a chmod could lock them
-/// out); what Ferry writes into it is private anyway.
+/// Warns when others may enter the data directory (at `join`, which
+/// leaves an existing directory's mode as it is).
 pub fn warn_if_open(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return;
-    };
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    if let Some(mode) = open_mode(dir) {
         tracing::warn!(
             dir = %dir.display(),
             mode = format!("{mode:04o}"),
-            "the data directory is open to other users; make it private with chmod 700"
+            "the data directory is open to other users; make it private with chmod 700 (the agent refuses to run otherwise)"
         );
     }
+}
+
+/// The data directory is open to other users.
+#[derive(Debug, thiserror::Error)]
+#[error("the data directory {} is open to other users (mode {mode:04o}); it holds the agent's key and what it stages: make it private with chmod 700 {}", dir.display(), dir.display())]
+pub struct OpenDataDir {
+    pub dir: std::path::PathBuf,
+    pub mode: u32,
+}
+
+/// Refuses a data directory others may enter (`run`): nothing in it is
+/// theirs (copies' volumes live under `copies_dir`).
+pub fn refuse_if_open(dir: &Path) -> Result<(), OpenDataDir> {
+    match open_mode(dir) {
+        Some(mode) => Err(OpenDataDir {
+            dir: dir.to_owned(),
+            mode,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn open_mode(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
 }
 
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), EnrolError> {

@@ -1,21 +1,32 @@
 //! What Ferry stopped: a crash-safe journal on the agent.
 //!
-//! Before a cold backup stops an app's stateful components, the agent
-//! records which ones it is about to stop (only those that run: Ferry never
-//! starts what it did not stop), durably, in `D/journal/<key>.json`. Once it
-//! has started them again it removes the entry. When the agent starts, it
-//! replays what is left, for it crashed or was killed in between: every
-//! recorded component that does not run is started again, in start order
-//! (the reverse of the stop order), and the entry is removed once all of
-//! them run. An entry that cannot be read is reported by name, never
+//! Before a step stops an app's components, it records which ones it is
+//! about to stop (only those that run: Ferry never starts what it did not
+//! stop), durably, in `D/journal/<key>.json`. Each recording gets a key of
+//! its own (`job-<id>-<index>-<unique>`), so a later attempt of the same
+//! step never overwrites what an earlier one recorded. Once the step has
+//! started them again it removes its entry.
+//!
+//! An entry whose step is still running is *held*: only that step acts on
+//! it. Every other entry is what an interrupted or failed step left, and is
+//! replayed: every recorded component that does not run is started again,
+//! in start order (the reverse of the stop order), and the entry is removed
+//! once all of them run. The agent replays at start, on a timer while
+//! entries are left (a container engine or a unit that comes back after the
+//! agent), at shutdown, and before a step works on an app an earlier entry
+//! names (so an attempt never takes an app that is still down for running
+//! normally). An entry that cannot be read is reported by name, never
 //! silently dropped.
 
-use std::io::Write;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use ferry_core::{ComponentRef, ComponentState};
+use ferry_core::{AppName, ComponentRef, ComponentState, TeamName};
+use tokio_util::sync::CancellationToken;
 
 use crate::platform::{Platform, PlatformError};
 
@@ -60,10 +71,21 @@ pub struct Entry {
     pub stopped: Vec<ComponentRef>,
 }
 
+impl Entry {
+    /// Whether the entry stopped a component of `team/app`.
+    pub fn touches(&self, team: &TeamName, app: &AppName) -> bool {
+        self.stopped
+            .iter()
+            .any(|c| c.team == *team && c.app == *app)
+    }
+}
+
 /// The journal directory of an agent.
 #[derive(Debug, Clone)]
 pub struct Journal {
     dir: PathBuf,
+    /// Keys of entries whose step still runs: not replayed.
+    held: Arc<Mutex<HashSet<String>>>,
 }
 
 fn check_key(key: &str) -> Result<(), JournalError> {
@@ -81,31 +103,88 @@ fn check_key(key: &str) -> Result<(), JournalError> {
     }
 }
 
+/// A key no other recording of this agent has: the time in nanoseconds
+/// and a counter.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{nanos:x}-{n:x}")
+}
+
+/// An entry recorded by a running step: held (not replayed by anyone
+/// else) until dropped. [`Held::clear`] removes it once everything it
+/// stopped runs again; dropped without that, the entry stays for the
+/// replays.
+#[derive(Debug)]
+pub struct Held {
+    journal: Journal,
+    key: String,
+}
+
+impl Held {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Forgets the entry: everything it stopped runs again.
+    pub fn clear(self) -> Result<(), JournalError> {
+        self.journal.clear(&self.key)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.journal
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 impl Journal {
     /// The journal under an agent's data directory, created (0700) if new.
     pub fn open(data_dir: &Path) -> Result<Self, JournalError> {
-        use std::os::unix::fs::DirBuilderExt;
         let dir = data_dir.join("journal");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| JournalError::Io {
-                op: "create",
-                path: dir.clone(),
-                source,
-            })?;
-        Ok(Self { dir })
+        crate::durable::private_dir(&dir).map_err(|source| JournalError::Io {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            dir,
+            held: Arc::default(),
+        })
     }
 
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.json"))
     }
 
-    /// Records, durably, that the operation `key` is about to stop
-    /// `components` (in stop order). Returns once the record is on disk.
-    pub fn record(&self, key: &str, components: &[ComponentRef]) -> Result<(), JournalError> {
-        check_key(key)?;
+    /// Records, durably, that the step `owner` (`job-<id>-<index>`) is
+    /// about to stop `components` (in stop order), under a key of its own.
+    /// Returns once the record is on disk; the entry is held until the
+    /// returned value is dropped.
+    pub fn begin(&self, owner: &str, components: &[ComponentRef]) -> Result<Held, JournalError> {
+        let key = format!("{owner}-{}", unique_suffix());
+        check_key(&key)?;
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        let held = Held {
+            journal: self.clone(),
+            key,
+        };
+        self.write(&held.key, components)?;
+        Ok(held)
+    }
+
+    fn write(&self, key: &str, components: &[ComponentRef]) -> Result<(), JournalError> {
         let file = EntryFile {
             format: FORMAT,
             stopped: components.to_vec(),
@@ -117,13 +196,7 @@ impl Journal {
             source,
         };
         let text = serde_json::to_vec_pretty(&file).map_err(|e| io("encode", e.into()))?;
-        let tmp = self.dir.join(format!(".{key}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io("write", e))?;
-        f.write_all(&text)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| io("write", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| io("write", e))?;
-        self.sync_dir()
+        crate::durable::write(&path, &text).map_err(|e| io("write", e))
     }
 
     /// Forgets the operation `key`: everything it stopped runs again.
@@ -131,7 +204,11 @@ impl Journal {
         check_key(key)?;
         let path = self.path(key);
         match std::fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
+            Ok(()) => crate::durable::sync_dir(&self.dir).map_err(|source| JournalError::Io {
+                op: "sync",
+                path: self.dir.clone(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(JournalError::Io {
                 op: "remove from",
@@ -141,14 +218,11 @@ impl Journal {
         }
     }
 
-    fn sync_dir(&self) -> Result<(), JournalError> {
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| JournalError::Io {
-                op: "sync",
-                path: self.dir.clone(),
-                source,
-            })
+    fn is_held(&self, key: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
     }
 
     /// The entries left, ordered by key; an unreadable one is an error of
@@ -168,8 +242,9 @@ impl Journal {
             })?;
             let name = e.file_name();
             let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue; // temporary files of an interrupted record
+                continue;
             };
+            // Temporary files of an interrupted write start with a dot.
             if check_key(key).is_ok() {
                 keys.push(key.to_owned());
             }
@@ -205,21 +280,48 @@ impl Journal {
 
 /// Starts again, in start order, every component of `entry` that does not
 /// run; stops at the first that fails to start (what follows depends on it).
+/// A component the agent no longer has (its app was removed after the
+/// entry was written) has nothing to start.
 pub async fn restart(platform: &dyn Platform, entry: &Entry) -> Result<(), PlatformError> {
     for c in entry.stopped.iter().rev() {
-        if platform.status(c).await? == ComponentState::Running {
-            continue;
+        match platform.status(c).await {
+            Ok(ComponentState::Running) => continue,
+            Ok(_) => {}
+            Err(PlatformError::UnknownComponent { .. }) => {
+                tracing::warn!(component = %c, "no longer on this agent; nothing to start");
+                continue;
+            }
+            Err(e) => return Err(e),
         }
         platform.start(c).await?;
     }
     Ok(())
 }
 
-/// Replays the journal at agent start: restarts what an interrupted
-/// operation stopped and clears its entry. Returns the problems, each
-/// naming its entry; entries that could not be restarted stay for the next
-/// replay.
+/// Replays every entry no running step holds: restarts what an interrupted
+/// or failed operation stopped and clears its entry. Returns the problems,
+/// each naming its entry; entries that could not be restarted stay for the
+/// next replay.
 pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
+    replay_where(journal, platform, |_| true).await
+}
+
+/// Replays the entries no running step holds that stopped a component of
+/// `team/app`, before a step works on that app.
+pub async fn replay_app(
+    journal: &Journal,
+    platform: &dyn Platform,
+    team: &TeamName,
+    app: &AppName,
+) -> Vec<String> {
+    replay_where(journal, platform, |e| e.touches(team, app)).await
+}
+
+async fn replay_where(
+    journal: &Journal,
+    platform: &dyn Platform,
+    wanted: impl Fn(&Entry) -> bool,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let entries = match journal.pending() {
         Ok(e) => e,
@@ -233,6 +335,9 @@ pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
                 continue;
             }
         };
+        if journal.is_held(&entry.key) || !wanted(&entry) {
+            continue;
+        }
         tracing::warn!(entry = %entry.key, components = entry.stopped.len(),
             "an interrupted operation stopped components: starting them again");
         match restart(platform, &entry).await {
@@ -248,6 +353,25 @@ pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Replays the journal every `every` until `cancel`: what could not be
+/// started at once (an engine or unit still away) runs again once it can.
+pub async fn retry(
+    journal: Journal,
+    platform: Arc<dyn Platform>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = cancel.cancelled() => return,
+        }
+        for problem in replay(&journal, platform.as_ref()).await {
+            tracing::warn!("{problem}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -313,11 +437,19 @@ mod tests {
         std::fs::remove_file(tmp.path().join("starts.log")).expect("reset log");
         // "idle" was stopped before the operation: not recorded, not started.
         let journal = Journal::open(&tmp.path().join("agent")).expect("open");
-        journal
-            .record("job-7", &[cref("web"), cref("db")])
+        let held = journal
+            .begin("job-7-0", &[cref("web"), cref("db")])
             .expect("record");
         platform.stop(&cref("web")).await.expect("stop");
         platform.stop(&cref("db")).await.expect("stop");
+        // Held while its step runs: nobody else starts what it stopped.
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Stopped,
+            "a held entry is not replayed"
+        );
+        drop(held);
         // The agent dies here. A fresh journal handle, as after a restart:
         let journal = Journal::open(&tmp.path().join("agent")).expect("reopen");
         let pending = journal.pending().expect("pending");
@@ -360,11 +492,17 @@ mod tests {
         }
         let platform = HostPlatform::new(vec![a], Duration::from_secs(10));
         let journal = Journal::open(tmp.path()).expect("open");
-        journal.record("job-1", &[cref("db")]).expect("record");
+        let key = {
+            let held = journal.begin("job-1", &[cref("db")]).expect("record");
+            held.key().to_owned()
+        };
         std::fs::write(tmp.path().join("journal/job-2.json"), b"{ torn").expect("write");
         let problems = replay(&journal, &platform).await;
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].contains("job-1 is kept"), "{problems:?}");
+        assert!(
+            problems[0].contains(&format!("{key} is kept")),
+            "{problems:?}"
+        );
         assert!(
             problems[1].contains("job-2.json is unreadable"),
             "{problems:?}"
@@ -375,11 +513,122 @@ mod tests {
             "nothing dropped"
         );
         // Clearing is idempotent; keys that could escape the directory are refused.
-        journal.clear("job-1").expect("clear");
-        journal.clear("job-1").expect("clear again");
+        journal.clear(&key).expect("clear");
+        journal.clear(&key).expect("clear again");
         assert!(matches!(
-            journal.record("../x", &[]),
+            journal.begin("../x", &[]),
             Err(JournalError::BadKey { .. })
         ));
+    }
+
+    /// Attempt 1 stops web and db; db does not start again (a transient
+    /// failure), so web is not started either. Attempt 2 of the same step
+    /// records its own entry: attempt 1's stays until what it stopped runs.
+    #[tokio::test]
+    async fn a_later_attempt_never_overwrites_what_an_earlier_one_recorded() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let platform = HostPlatform::new(
+            vec![app(tmp.path(), &["db", "web"])],
+            Duration::from_secs(10),
+        );
+        let journal = Journal::open(tmp.path()).expect("open");
+        let first = journal
+            .begin("job-3-0", &[cref("web"), cref("db")])
+            .expect("attempt 1");
+        let first_key = first.key().to_owned();
+        drop(first); // attempt 1 failed to start them again
+        let second = journal.begin("job-3-0", &[cref("db")]).expect("attempt 2");
+        assert_ne!(second.key(), first_key);
+        second.clear().expect("attempt 2 started db");
+        let left: Vec<Entry> = journal
+            .pending()
+            .expect("pending")
+            .into_iter()
+            .map(|e| e.expect("readable"))
+            .collect();
+        assert_eq!(left.len(), 1, "attempt 1's entry is kept");
+        assert_eq!(left[0].key, first_key);
+        assert_eq!(left[0].stopped, vec![cref("web"), cref("db")]);
+        // Before the next step on the app, it is replayed: web runs again.
+        let problems = replay_app(
+            &journal,
+            &platform,
+            &TeamName::new("t1").expect("team"),
+            &AppName::new("shop").expect("app"),
+        )
+        .await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            platform.status(&cref("web")).await.expect("status"),
+            ComponentState::Running
+        );
+        assert!(journal.pending().expect("pending").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_step_on_one_app_replays_only_that_apps_entries() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let platform = HostPlatform::new(vec![app(tmp.path(), &["db"])], Duration::from_secs(10));
+        let journal = Journal::open(tmp.path()).expect("open");
+        drop(journal.begin("job-1-0", &[cref("db")]).expect("record"));
+        let other = TeamName::new("t2").expect("team");
+        let problems = replay_app(
+            &journal,
+            &platform,
+            &other,
+            &AppName::new("shop").expect("app"),
+        )
+        .await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(journal.pending().expect("pending").len(), 1, "not its app");
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Stopped
+        );
+    }
+
+    /// The timer replays what could not be started before (a unit or an
+    /// engine that comes back after the agent).
+    #[tokio::test]
+    async fn the_timer_starts_what_comes_back_later() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut a = app(tmp.path(), &["db"]);
+        // Starts only once the "engine" is back (a file appears).
+        let back = tmp.path().join("engine-back");
+        if let ComponentKind::Host(HostComponent::Commands { start, .. }) =
+            &mut a.components[0].kind
+        {
+            let marker = tmp.path().join("db.running");
+            *start = Argv::new(vec![
+                "sh".into(),
+                "-c".into(),
+                format!("test -e {} && touch {}", back.display(), marker.display()),
+            ])
+            .expect("argv");
+        }
+        let platform: Arc<dyn Platform> =
+            Arc::new(HostPlatform::new(vec![a], Duration::from_secs(10)));
+        let journal = Journal::open(tmp.path()).expect("open");
+        drop(journal.begin("job-1-0", &[cref("db")]).expect("record"));
+        assert_eq!(replay(&journal, platform.as_ref()).await.len(), 1);
+        let cancel = CancellationToken::new();
+        let timer = tokio::spawn(retry(
+            journal.clone(),
+            platform.clone(),
+            Duration::from_millis(50),
+            cancel.clone(),
+        ));
+        std::fs::write(&back, b"").expect("engine back");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !journal.pending().expect("pending").is_empty() {
+            assert!(std::time::Instant::now() < deadline, "not replayed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Running
+        );
+        cancel.cancel();
+        timer.await.expect("timer ends");
     }
 }

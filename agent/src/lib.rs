@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data_mover;
+pub mod durable;
 pub mod enrol;
 pub mod journal;
 pub mod platform;

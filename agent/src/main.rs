@@ -121,6 +121,8 @@ fn foundation(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> any
             } else if e
                 .downcast_ref::<ferry_agent::config::ConfigError>()
                 .is_some()
+                || e.downcast_ref::<ferry_agent::enrol::OpenDataDir>()
+                    .is_some()
                 || e.downcast_ref::<ferry_proto::tls::TlsError>().is_some()
             {
                 2
@@ -159,12 +161,13 @@ async fn join(a: JoinArgs) -> anyhow::Result<()> {
 async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     use std::sync::Arc;
     let config = ferry_agent::config::AgentConfig::load(&config)?;
-    ferry_agent::enrol::warn_if_open(&config.data_dir);
+    ferry_agent::enrol::refuse_if_open(&config.data_dir)?;
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
     let host = Arc::new(ferry_agent::platform::host::HostPlatform::with_copies(
         config.app_model()?,
         config.command_timeout(),
         &config.data_dir,
+        &config.copies_dir(),
     )?);
     let containers = config
         .engine_settings()?
@@ -185,6 +188,14 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     );
     steps.delta_buffer = config.delta_buffer();
     steps.scratch_dir = config.data_dir.join("tmp");
+    // What could not be started at once (an engine or a unit still away)
+    // is retried until it runs.
+    let retries = tokio::spawn(ferry_agent::journal::retry(
+        journal.clone(),
+        platform.clone(),
+        config.journal_retry(),
+        cancel.child_token(),
+    ));
     // What an interrupted step staged there (exported images and container
     // config, which may hold secrets) goes before any step runs.
     if let Err(e) = std::fs::remove_dir_all(&steps.scratch_dir)
@@ -197,10 +208,12 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     let session = tokio::spawn(ferry_agent::session::run(settings, steps, cancel.clone()));
     shutdown_signal().await;
     tracing::info!("shutting down");
-    // Steps stop first and start again what they stopped (bounded: the
-    // journal below covers one that does not finish in time).
+    // Steps stop first (stopping nothing more) and start again what they
+    // stopped. One still running after the grace keeps its journal entry
+    // for the next start: the replay below leaves it alone, so it never
+    // races a stop still under way.
     stop_steps.cancel();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while running.running() > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -208,13 +221,24 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     .await;
     cancel.cancel();
     session.await?;
-    // A step cancelled by the shutdown may not have finished starting what
-    // it stopped: the journal knows, and is replayed before the agent exits.
+    let _ = retries.await;
+    // What failed steps left is replayed once more before the agent exits.
     for problem in ferry_agent::journal::replay(&journal, platform.as_ref()).await {
         tracing::error!("{problem}");
     }
+    if running.running() > 0 {
+        tracing::error!(
+            steps = running.running(),
+            "steps still running at exit; what they stopped starts again when the agent does"
+        );
+    }
     Ok(())
 }
+
+/// How long a shutdown waits for steps to start again what they stopped:
+/// longer than a container's stop, shorter than the systemd unit's
+/// `TimeoutStopSec` (120 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(90);
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

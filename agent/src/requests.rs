@@ -371,7 +371,7 @@ async fn step(
         K::RestoreApp(r) => steps::restore_app(s, r, cancel, report)
             .await
             .map(R::RestoreApp),
-        K::RemoveApp(r) => steps::remove_app(s, r).await.map(R::RemoveApp),
+        K::RemoveApp(r) => steps::remove_app(s, r, cancel).await.map(R::RemoveApp),
         K::CheckApp(r) => {
             tokio::select! {
                 r = steps::check_app(s, r) => r.map(R::CheckApp),

@@ -221,6 +221,21 @@ pub async fn backup_app(
         return Ok(pb::BackupAppReply { manifest: doc });
     }
 
+    // What an earlier attempt (or another step) stopped and could not
+    // start again runs first: an app still down is never taken for one
+    // its owner stopped, and never left down by a backup that succeeds.
+    if let Some(j) = &ctx.journal {
+        let problems = journal::replay_app(j, ctx.platform.as_ref(), &team, &app_name).await;
+        if !problems.is_empty() {
+            return Err(fail(
+                ErrorCode::Unavailable,
+                format!(
+                    "components of {team}/{app_name} that Ferry stopped earlier do not start again ({}); nothing was stopped",
+                    problems.join("; ")
+                ),
+            ));
+        }
+    }
     // Which stateful components run now: those are what cold mode stops.
     let mut running = Vec::new();
     for c in start_order(&app) {
@@ -304,12 +319,25 @@ pub async fn backup_app(
                 ctx.platform.hook(c, "pre_stop", hook).await?;
             }
         }
-        // Record what is about to stop, durably, before stopping anything.
-        let key = format!("job-{}-{}", step.job_id, step.index);
-        if let Some(j) = &ctx.journal {
-            j.record(&key, &stop_order)
-                .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?;
+        // No prune may start between the stop and the delta pass: the lock
+        // is taken while the app runs (refused now, not once it is down).
+        let delta_cancel = cancel.child_token();
+        let shared = repo
+            .lock_shared("backup", delta_cancel.clone())
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        if cancel.is_cancelled() {
+            return Err(fail(ErrorCode::Cancelled, "cancelled; nothing was stopped"));
         }
+        // Record what is about to stop, durably, before stopping anything;
+        // the entry is this attempt's own.
+        let held = match &ctx.journal {
+            Some(j) => Some(
+                j.begin(&format!("job-{}-{}", step.job_id, step.index), &stop_order)
+                    .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?,
+            ),
+            None => None,
+        };
         let stop_at = Instant::now();
         // Stop, then the delta pass; the app starts again as soon as the
         // delta pass has read every changed file, while its uploads drain.
@@ -322,10 +350,13 @@ pub async fn backup_app(
             .collect();
         let read_ahead = ctx.delta_buffer / volumes.len().max(1);
         // The delta passes alone are cancelled if the app did not stay down.
-        let delta_cancel = cancel.child_token();
         let delta_repo = repo.with_cancel(delta_cancel.clone());
         let stopping = async {
             for c in &stop_order {
+                // A cancel (or the agent's shutdown) stops nothing more.
+                if cancel.is_cancelled() {
+                    return Err(fail(ErrorCode::Cancelled, "cancelled"));
+                }
                 report(0, 0, format!("stopping {c}"));
                 // Counted before the call: a stop that fails half-way (or
                 // times out while the platform goes on) is started again
@@ -391,24 +422,33 @@ pub async fn backup_app(
         // Whatever happened: start again exactly what was stopped, in
         // start order, never what was not.
         let entry = journal::Entry {
-            key: key.clone(),
+            key: held
+                .as_ref()
+                .map(|h| h.key().to_owned())
+                .unwrap_or_default(),
             stopped: stopped.clone(),
         };
         report(0, 0, "starting the app again".into());
         let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
-        let wait = wait_running(ctx.platform.as_ref(), &stopped, Duration::from_secs(60)).await;
+        let wait = wait_running(
+            ctx.platform.as_ref(),
+            &stopped,
+            Duration::from_secs(60),
+            false,
+        )
+        .await;
         timings.downtime_ms = ms(stop_at.elapsed());
         tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
-        match (&restarted, &wait) {
-            (Ok(()), Ok(())) => {
-                if let Some(j) = &ctx.journal
-                    && let Err(e) = j.clear(&key)
-                {
+        match (&restarted, &wait, held) {
+            (Ok(()), Ok(()), Some(held)) => {
+                if let Err(e) = held.clear() {
                     tracing::error!(error = %e, "journal entry not cleared");
                 }
             }
-            _ => {
-                tracing::error!(journal = %key, "components Ferry stopped did not all start again; the journal keeps them")
+            (Ok(()), Ok(()), None) => {}
+            (_, _, held) => {
+                // Released: the journal's replays start them once they can.
+                tracing::error!(journal = ?held.as_ref().map(|h| h.key()), "components Ferry stopped did not all start again; the journal keeps them")
             }
         }
         // The uploads drain while the app runs.
@@ -416,6 +456,11 @@ pub async fn backup_app(
             Some(r) => r,
             None => work.await,
         };
+        let finals = finals.map_err(|e| match shared.check() {
+            Err(lost) => repo_err(&target, lost),
+            Ok(()) => e,
+        });
+        shared.release().await;
         if let Some(c) = started_by_other {
             // Whatever the passes stored is no backup.
             let mut made: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
@@ -545,7 +590,11 @@ async fn store_images(
         )
     };
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(staged)?;
+    // What is staged (container config holds secrets) is the agent's
+    // alone: 0700 directories whatever the umask, 0600 files.
+    crate::durable::private_dir(&ctx.scratch_dir)
+        .and_then(|()| crate::durable::private_dir(&dir))
+        .map_err(staged)?;
     let stored = async {
         report(0, 0, "exporting images".into());
         let Some((images, bytes)) = ctx
@@ -655,11 +704,14 @@ fn pass_options(
     }
 }
 
-/// Waits until every component runs, or says which do not.
+/// Waits until every component runs, or says which do not. With
+/// `unknown_runs`, a component whose driver cannot tell (a command without
+/// a status command) counts as running: its start command succeeded.
 async fn wait_running(
     platform: &dyn Platform,
     components: &[ComponentRef],
     wait: Duration,
+    unknown_runs: bool,
 ) -> Result<(), String> {
     let deadline = Instant::now() + wait;
     loop {
@@ -667,6 +719,7 @@ async fn wait_running(
         for c in components {
             match platform.status(c).await {
                 Ok(ComponentState::Running) => {}
+                Ok(ComponentState::Unknown) if unknown_runs => {}
                 Ok(s) => down.push(format!("{c} is {s}")),
                 Err(e) => down.push(e.to_string()),
             }
@@ -827,15 +880,23 @@ pub async fn restore_app(
     }
     let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
     let repo = repo.with_cancel(cancel);
-    let base = root.join(team.as_str()).join(app_name.as_str());
+    // One directory per restoring job: an attempt of this job clears what
+    // an earlier one left there, and never touches what another job left
+    // (a copy removed with its data kept).
+    let base = copy_home(&root, &team, &app_name, job)?;
     let mut paths = Vec::new();
     for (i, v) in manifest.volumes.iter().enumerate() {
         let dir = base.join(format!("v{i}"));
         let partial = base.join(format!(".v{i}.partial"));
-        // What an interrupted attempt left goes first.
-        for p in [&partial, &dir] {
+        // What an interrupted attempt of this job left goes first.
+        for p in [partial.clone(), dir.clone()] {
             if p.exists() {
-                std::fs::remove_dir_all(p).map_err(|e| {
+                tokio::task::spawn_blocking(move || {
+                    std::fs::remove_dir_all(&p).map_err(|e| (p, e))
+                })
+                .await
+                .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
+                .map_err(|(p, e)| {
                     fail(
                         ErrorCode::Internal,
                         format!("cannot clear {}: {e}", p.display()),
@@ -843,12 +904,6 @@ pub async fn restore_app(
                 })?;
             }
         }
-        std::fs::create_dir_all(&base).map_err(|e| {
-            fail(
-                ErrorCode::Internal,
-                format!("cannot create {}: {e}", base.display()),
-            )
-        })?;
         let snap: SnapshotId = v
             .snapshot
             .parse()
@@ -904,9 +959,43 @@ pub async fn restore_app(
     })
 }
 
+/// `ROOT/TEAM/APP/job-N`, the home of the copy job `N` restores: every
+/// directory Ferry makes on the way is 0711 (whatever the umask), so the
+/// copy's own user passes through to its volumes (which get the backed-up
+/// directories' owners and modes) without listing anything.
+fn copy_home(
+    root: &std::path::Path,
+    team: &TeamName,
+    app: &AppName,
+    job: u64,
+) -> StepResult<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let team_dir = root.join(team.as_str());
+    let app_dir = team_dir.join(app.as_str());
+    let home = app_dir.join(format!("job-{job}"));
+    for dir in [root, &team_dir, &app_dir, &home] {
+        if dir.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| {
+                fail(
+                    ErrorCode::Internal,
+                    format!("cannot create the copies directory {}: {e}", dir.display()),
+                )
+            })?;
+    }
+    Ok(home)
+}
+
 // ---- remove, check ------------------------------------------------------
 
-pub async fn remove_app(ctx: &StepCtx, r: pb::RemoveAppRequest) -> StepResult<pb::RemoveAppReply> {
+pub async fn remove_app(
+    ctx: &StepCtx,
+    r: pb::RemoveAppRequest,
+    cancel: CancellationToken,
+) -> StepResult<pb::RemoveAppReply> {
     let team: TeamName = name("team", &r.team)?;
     let app_name: AppName = name("app", &r.app)?;
     let Some(app) = ctx.platform.app(&team, &app_name).await? else {
@@ -917,13 +1006,61 @@ pub async fn remove_app(ctx: &StepCtx, r: pb::RemoveAppRequest) -> StepResult<pb
         // Not the copy this job made: not ours to remove.
         return Ok(pb::RemoveAppReply { removed: false });
     }
+    // What runs is recorded before it stops: a remove that fails or is
+    // cancelled half-way starts again what it stopped, so the app is left
+    // as it was (an original whose copy is then undone keeps running).
+    let mut running = Vec::new();
     for c in start_order(&app).iter().rev() {
         let cr = app.reference(c);
         if ctx.platform.status(&cr).await? != ComponentState::Stopped {
-            ctx.platform.stop(&cr).await?;
+            running.push(cr);
         }
     }
-    ctx.platform.forget_app(&team, &app_name).await?;
+    let held = match &ctx.journal {
+        Some(j) => Some(
+            j.begin("remove", &running)
+                .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?,
+        ),
+        None => None,
+    };
+    let mut stopped = Vec::new();
+    let removed = async {
+        for c in &running {
+            if cancel.is_cancelled() {
+                return Err(fail(ErrorCode::Cancelled, "cancelled"));
+            }
+            stopped.push(c.clone());
+            ctx.platform.stop(c).await?;
+        }
+        ctx.platform.forget_app(&team, &app_name).await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = removed {
+        let entry = journal::Entry {
+            key: String::new(),
+            stopped,
+        };
+        match journal::restart(ctx.platform.as_ref(), &entry).await {
+            Ok(()) => {
+                if let Some(held) = held
+                    && let Err(e) = held.clear()
+                {
+                    tracing::error!(error = %e, "journal entry not cleared");
+                }
+            }
+            Err(start) => {
+                tracing::error!(error = %start, "what the remove stopped did not all start again; the journal keeps it")
+            }
+        }
+        return Err(e);
+    }
+    // Removed: what it stopped stays stopped.
+    if let Some(held) = held
+        && let Err(e) = held.clear()
+    {
+        tracing::error!(error = %e, "journal entry not cleared");
+    }
     if r.delete_data && copy_job.is_some() {
         let root = ctx.platform.copies_dir();
         for v in &app.volumes {
@@ -959,10 +1096,13 @@ pub async fn check_app(ctx: &StepCtx, r: pb::CheckAppRequest) -> StepResult<pb::
         .iter()
         .map(|c| app.reference(&c.name))
         .collect();
+    // A component without a status command runs once its start command
+    // has succeeded (the restore started it): there is nothing to ask.
     wait_running(
         ctx.platform.as_ref(),
         &refs,
         Duration::from_millis(r.wait_ms),
+        true,
     )
     .await
     .map_err(|m| {
@@ -1075,3 +1215,6 @@ pub async fn prune(
         ),
     })
 }
+
+#[cfg(test)]
+mod tests;

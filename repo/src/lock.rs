@@ -164,6 +164,20 @@ impl Repository {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(timing.refresh).await;
+                    // Past its expiry, others may already have taken it for
+                    // stale (a prune deleting what this operation reuses):
+                    // it is lost, never silently extended.
+                    let now = repo.clock().now_unix();
+                    if now >= info.expires {
+                        let reason = format!(
+                            "it expired {} s ago before it could be refreshed (the process stalled)",
+                            now - info.expires
+                        );
+                        tracing::error!(lock = %key, reason = %reason, "repository lock lost; stopping the operation");
+                        *lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                        on_lost.cancel();
+                        return;
+                    }
                     let reason = match repo.store().size(&key).await {
                         Ok(Some(_)) => {
                             info.expires = repo.clock().now_unix() + stale;

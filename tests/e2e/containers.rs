@@ -18,7 +18,7 @@ const WRITER: &str = "[ -f /data/stop-mib ] || echo 16 > /data/stop-mib; \
     trap 'dd if=/dev/urandom of=/data/on-stop bs=1M count=$(cat /data/stop-mib) 2>/dev/null; exit 0' TERM; \
     while true; do date >> /data/log; sleep 0.02 & wait $!; done";
 
-type Site = (Engine, Controller, tempfile::TempDir, AgentProcess);
+type Site = (Engine, Controller, crate::jobs::AgentDir, AgentProcess);
 
 /// The labels that make a container part of app web/shop.
 const SHOP: [&str; 4] = ["-l", "ferry.app=shop", "-l", "ferry.team=web"];

@@ -5,6 +5,8 @@
 //! location's backup is refused elsewhere; refuse mode stops nothing.
 
 use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use std::process::Command;
 
 use ferry_tests::{AgentProcess, Controller, DEADLINE, bin, run, setup, wait_for};
@@ -48,17 +50,68 @@ pub(crate) async fn enrol_in(
     ctl: &Controller,
     cluster: &str,
     node: &str,
-) -> anyhow::Result<tempfile::TempDir> {
+) -> anyhow::Result<AgentDir> {
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("agent");
+    enrol_at(ctl, cluster, node, &dir).await?;
+    Ok(AgentDir { _root: root, dir })
+}
+
+/// Enrols an agent whose data directory `dir` `ferry-agent join` creates.
+pub(crate) async fn enrol_at(
+    ctl: &Controller,
+    cluster: &str,
+    node: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let mut op = ctl.operator().await?;
     let t = token(&mut op, cluster, 0).await?;
-    let dir = tempfile::tempdir()?;
     let (ok, _, err) = run(Command::new(bin("ferry-agent"))
         .args(["join", "--controller", &ctl.url(), "--token", &t.token])
         .args(["--ca-fingerprint", &t.ca_fingerprint, "--node", node])
         .arg("--data-dir")
-        .arg(dir.path()))?;
+        .arg(dir))?;
     anyhow::ensure!(ok, "join failed: {err}");
-    Ok(dir)
+    Ok(())
+}
+
+/// An agent's data directory as `join` made it, in a temporary root of its
+/// own (the agent's copies directory goes beside it).
+pub(crate) struct AgentDir {
+    _root: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl AgentDir {
+    pub(crate) fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The volume `v0` of the copy `team/app` on the agent with data directory
+/// `data_dir` (in the agent's default copies directory, under the job that
+/// restored it).
+pub(crate) fn copy_volume(data_dir: &Path, team: &str, app: &str) -> anyhow::Result<PathBuf> {
+    let mut name = data_dir
+        .file_name()
+        .context("data dir name")?
+        .to_os_string();
+    name.push("-copies");
+    let app_dir = data_dir.with_file_name(name).join(team).join(app);
+    let jobs: Vec<PathBuf> = std::fs::read_dir(&app_dir)
+        .with_context(|| format!("copies of {team}/{app} in {}", app_dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("job-"))
+        })
+        .collect();
+    anyhow::ensure!(
+        jobs.len() == 1,
+        "one copy of {team}/{app} expected: {jobs:?}"
+    );
+    Ok(jobs[0].join("v0"))
 }
 
 /// An agent config with app web/shop: one stateful component whose process
@@ -305,7 +358,7 @@ async fn cold_backup_restore_as_a_copy_and_migrate() -> anyhow::Result<()> {
     assert_eq!(job["copy"], "a/t2/shop", "{job}");
     let copy_pid = pid_of(rd, "t2", "shop").expect("the copy runs");
     assert!(alive(copy_pid) && alive(after), "both run");
-    let copy_dir = da.join("copies/t2/shop/v0");
+    let copy_dir = copy_volume(da, "t2", "shop")?;
     assert_eq!(
         std::fs::read_to_string(copy_dir.join("data.txt"))?,
         "rows before the backup\n"
@@ -391,7 +444,7 @@ async fn cold_backup_restore_as_a_copy_and_migrate() -> anyhow::Result<()> {
     assert_eq!(job["copy"], "b/t3/shop", "{job}");
     let on_b = pid_of(rd, "t3", "shop").expect("runs on b");
     assert!(alive(on_b));
-    let moved = db.join("copies/t3/shop/v0");
+    let moved = copy_volume(db, "t3", "shop")?;
     assert_eq!(
         std::fs::read_to_string(moved.join("data.txt"))?,
         "rows before the backup\n"
@@ -618,7 +671,7 @@ async fn hooks_run_around_a_hot_copy_and_before_a_cold_stop() -> anyhow::Result<
     )?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        da.join("copies/t2/shop/v0/frozen").exists(),
+        copy_volume(da, "t2", "shop")?.join("frozen").exists(),
         "the copy was taken between the hooks"
     );
 

@@ -20,7 +20,7 @@ use anyhow::{Context, ensure};
 use ferry_tests::lab::{Forward, Lab};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, run, setup, wait_for};
 
-use crate::jobs::{alive, enrol_in, ferryctl, json, wait_app, wait_online};
+use crate::jobs::{alive, enrol_at, ferryctl, json, wait_app, wait_online};
 
 const TEAM: &str = "fin";
 const APP: &str = "ledger";
@@ -78,9 +78,32 @@ impl Servers {
     }
 }
 
+/// Where the agent with data directory `data` keeps the copies of
+/// `team_app` (`TEAM/APP`): one directory per restoring job in it.
+fn copies(data: &Path, team_app: &str) -> PathBuf {
+    let mut name = data.file_name().unwrap_or_default().to_os_string();
+    name.push("-copies");
+    data.with_file_name(name).join(team_app)
+}
+
 impl Drop for Servers {
     fn drop(&mut self) {
-        let dirs = self.dirs.lock().map(|d| d.clone()).unwrap_or_default();
+        let watched = self.dirs.lock().map(|d| d.clone()).unwrap_or_default();
+        // A data directory, or a copies directory whose jobs' `v0` are.
+        let mut dirs = Vec::new();
+        for d in watched {
+            if d.join("PG_VERSION").exists() {
+                dirs.push(d);
+            } else {
+                dirs.extend(
+                    std::fs::read_dir(&d)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path().join("v0")),
+                );
+            }
+        }
         for d in dirs {
             let _ = Command::new("runuser")
                 .args(["-u", "postgres", "--"])
@@ -184,8 +207,11 @@ struct Site {
     ctl: Controller,
     s3: Forward,
     _ctl_fwd: Forward,
-    a: tempfile::TempDir,
-    b: tempfile::TempDir,
+    /// The host's directory the test's files live in (like `/srv`).
+    root: tempfile::TempDir,
+    /// The agents' data directories, as `join` made them.
+    a: PathBuf,
+    b: PathBuf,
     /// Socket directories, one per team and app.
     sock: PathBuf,
     bucket: String,
@@ -216,15 +242,19 @@ impl Site {
             .context("seaweedfs endpoint")?;
         let s3 = Forward::start(host, weed_addr).await?;
 
-        let a = enrol_in(&ctl, "a", "node-a").await?;
-        let b = enrol_in(&ctl, "b", "node-b").await?;
-        let sock = ctl.dir.path().join("s");
+        // The host's directory for the app's files (like /srv): PostgreSQL,
+        // running as postgres, passes through it to its data and socket
+        // directories. Ferry's own directories keep the modes Ferry gives
+        // them: the agents' data directories (0700, made by join) hold
+        // them, and the copies go beside them.
+        let root = tempfile::tempdir()?;
+        sh(&format!("chmod 711 {}", root.path().display()))?;
+        let (a, b) = (root.path().join("agent-a"), root.path().join("agent-b"));
+        enrol_at(&ctl, "a", "node-a", &a).await?;
+        enrol_at(&ctl, "b", "node-b", &b).await?;
+        let sock = root.path().join("s");
         std::fs::create_dir_all(&sock)?;
-        // postgres must reach its data and socket directories.
-        for d in [ctl.dir.path(), a.path(), b.path()] {
-            sh(&format!("chmod 755 {}", d.display()))?;
-        }
-        let vol = a.path().join("pg");
+        let vol = root.path().join("pg");
         std::fs::create_dir_all(&vol)?;
         sh(&format!(
             "chown postgres:postgres {v} && chmod 700 {v} && runuser -u postgres -- {b}/initdb -D {v} -U postgres --auth=trust --locale=C -E UTF8 >/dev/null",
@@ -237,27 +267,24 @@ impl Site {
         // The fault tests strike during the delta pass: with a 1 MiB delta
         // buffer the 128 MiB their stop command writes is read and chunked
         // while PostgreSQL is down, instead of copied in a moment.
-        let mut config_a = agent_config(&url, a.path(), &app);
+        let mut config_a = agent_config(&url, &a, &app);
         if !stop_extra.is_empty() {
             config_a = config_a.replace(
                 "storage_retry_secs",
                 "delta_buffer_mib = 1\nstorage_retry_secs",
             );
         }
-        std::fs::write(a.path().join("agent.toml"), config_a)?;
-        std::fs::write(
-            b.path().join("agent.toml"),
-            agent_config(&url, b.path(), ""),
-        )?;
+        std::fs::write(a.join("agent.toml"), config_a)?;
+        std::fs::write(b.join("agent.toml"), agent_config(&url, &b, ""))?;
         let agent_a = AgentProcess::spawn_in(
             Some(&lab.namespace("a")),
-            &a.path().join("agent.toml"),
-            a.path().join("agent.log"),
+            &a.join("agent.toml"),
+            a.join("agent.log"),
         )?;
         let agent_b = AgentProcess::spawn_in(
             Some(&lab.namespace("b")),
-            &b.path().join("agent.toml"),
-            b.path().join("agent.log"),
+            &b.join("agent.toml"),
+            b.join("agent.log"),
         )?;
         let mut site = Self {
             agent_a,
@@ -269,6 +296,7 @@ impl Site {
             ctl,
             s3,
             _ctl_fwd: ctl_fwd,
+            root,
             a,
             b,
             sock,
@@ -328,7 +356,7 @@ impl Site {
     }
 
     fn vol(&self) -> PathBuf {
-        self.a.path().join("pg")
+        self.root.path().join("pg")
     }
 
     /// A client of the server of `team/app` (its port read from the socket
@@ -400,7 +428,7 @@ impl Site {
     }
 
     fn journal_entries(&self) -> usize {
-        std::fs::read_dir(self.a.path().join("journal"))
+        std::fs::read_dir(self.a.join("journal"))
             .map(|d| {
                 d.flatten()
                     .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
@@ -533,10 +561,8 @@ async fn postgres_cold_backup_migrate_and_copy_across_namespaces() -> anyhow::Re
     assert!(listed[0]["delta_ms"].as_u64().unwrap_or(u64::MAX) <= downtime);
 
     // Stopped at the end whatever happens, like every server of the test.
-    site.servers
-        .watch(&site.a.path().join("copies/qa/ledger/v0"));
-    site.servers
-        .watch(&site.b.path().join("copies/t2/ledger/v0"));
+    site.servers.watch(&copies(&site.a, "qa/ledger"));
+    site.servers.watch(&copies(&site.b, "t2/ledger"));
     // The backup restored as a copy on cluster a beside the original:
     // port 5432 is taken in a's namespace, so the copy moves.
     let (code, out, err) = ferryctl(
@@ -663,8 +689,8 @@ impl Site {
     fn respawn_agent_a(&mut self, log: &str) -> anyhow::Result<()> {
         self.agent_a = AgentProcess::spawn_in(
             Some(&self.lab.namespace("a")),
-            &self.a.path().join("agent.toml"),
-            self.a.path().join(log),
+            &self.a.join("agent.toml"),
+            self.a.join(log),
         )?;
         Ok(())
     }
@@ -708,8 +734,7 @@ async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_a
     assert_eq!(site.journal_entries(), 0);
     assert_eq!(db.checksum("known")?, known);
     let backup = listed[0]["id"].as_u64().context("id")?.to_string();
-    site.servers
-        .watch(&site.b.path().join("copies/t2/ledger/v0"));
+    site.servers.watch(&copies(&site.b, "t2/ledger"));
     let (code, out, err) = ferryctl(
         &site.ctl,
         &[

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use ferry_tests::{AgentProcess, Controller, bin, run, setup};
 
-use crate::jobs::{config, enrol_in, ferryctl, json, pid_of, wait_app, wait_online};
+use crate::jobs::{config, copy_volume, enrol_in, ferryctl, json, pid_of, wait_app, wait_online};
 
 /// `ferry-controller catalog rebuild --storage nfs` of the controller's
 /// data directory: (exit code, stdout, stderr).
@@ -181,7 +181,7 @@ async fn a_stale_catalog_is_rebuilt_from_the_repository() -> anyhow::Result<()> 
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(json(&out)?["copy"], "a/t2/shop", "{out}");
     assert_eq!(
-        std::fs::read_to_string(da.join("copies/t2/shop/v0/data.txt"))?,
+        std::fs::read_to_string(copy_volume(da, "t2", "shop")?.join("data.txt"))?,
         "rows at the third backup\n"
     );
 

@@ -251,16 +251,9 @@ impl ContainerPlatform {
             path: path.clone(),
             reason: e.to_string(),
         };
-        std::fs::create_dir_all(&self.settings.state_dir).map_err(err)?;
-        let tmp = path.with_extension("json.tmp");
+        crate::durable::private_dir(&self.settings.state_dir).map_err(err)?;
         let body = serde_json::to_vec_pretty(&all).map_err(|e| err(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, body)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        std::fs::File::open(&self.settings.state_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)
+        crate::durable::write(&path, &body).map_err(err)
     }
 
     /// Puts back the restart policy Ferry set aside for container `id`.
@@ -778,8 +771,13 @@ impl Platform for ContainerPlatform {
         let config_path = dest.with_file_name("containers.json");
         let body =
             serde_json::to_vec_pretty(&captured).map_err(|e| io(std::io::Error::other(e)))?;
-        tokio::fs::write(&config_path, body).await.map_err(io)?;
-        let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
+        // Private from the start: the config holds the containers'
+        // environments (secrets).
+        let mut config_file =
+            tokio::fs::File::from_std(crate::durable::create_private(&config_path).map_err(io)?);
+        config_file.write_all(&body).await.map_err(io)?;
+        config_file.flush().await.map_err(io)?;
+        let mut file = tokio::fs::File::from_std(crate::durable::create_private(dest).map_err(io)?);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut stream = docker.export_images(&refs);
         let mut bytes = 0u64;

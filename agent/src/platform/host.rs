@@ -17,6 +17,12 @@ use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName};
 
 use super::{ComponentRef, ComponentState, Platform, PlatformError};
 
+/// What a component's commands get of the agent's environment; nothing
+/// else (a command that needs more sets it: `env NAME=VALUE program …`).
+const INHERITED_ENV: [&str; 5] = ["PATH", "HOME", "LANG", "LC_ALL", "TZ"];
+/// `PATH` when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Stderr kept for error messages.
 const STDERR_LIMIT: usize = 2048;
 /// How long stderr is read after the command exited.
@@ -28,10 +34,15 @@ pub struct HostPlatform {
     /// The declared apps and the registered copies; component states are
     /// filled per inventory.
     apps: std::sync::RwLock<Apps>,
+    /// Held from reading the registry to swapping in the saved one, so two
+    /// steps that change it at once never lose each other's change.
+    editing: std::sync::Mutex<()>,
     timeout: Duration,
-    /// Where copies are recorded (`D/apps.json`) and their volumes go
-    /// (`D/copies/`); none: copies cannot be made.
+    /// Where copies are recorded (`D/apps.json`); none: copies cannot be
+    /// made.
     data_dir: Option<PathBuf>,
+    /// Where copies' volumes go (the agent config's `copies_dir`).
+    copies_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -145,17 +156,20 @@ impl HostPlatform {
                 declared: apps,
                 ..Apps::default()
             }),
+            editing: std::sync::Mutex::new(()),
             timeout,
             data_dir: None,
+            copies_root: None,
         }
     }
 
     /// The driver with the copies recorded under `data_dir` (restored
-    /// apps), which it can add to.
+    /// apps), which it can add to; their volumes go under `copies_root`.
     pub fn with_copies(
         apps: Vec<App>,
         timeout: Duration,
         data_dir: &Path,
+        copies_root: &Path,
     ) -> Result<Self, PlatformError> {
         let path = registry_path(data_dir);
         let mut registry: Apps = match std::fs::read(&path) {
@@ -174,8 +188,10 @@ impl HostPlatform {
         registry.declared = apps;
         Ok(Self {
             apps: std::sync::RwLock::new(registry),
+            editing: std::sync::Mutex::new(()),
             timeout,
             data_dir: Some(data_dir.to_owned()),
+            copies_root: Some(copies_root.to_owned()),
         })
     }
 
@@ -188,8 +204,15 @@ impl HostPlatform {
         self.apps.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes the registry (temp file, fsync, rename, fsync of the dir).
-    fn save(&self, apps: &Apps) -> Result<(), PlatformError> {
+    /// Changes the registry: `f` edits a copy of it, which is saved
+    /// durably and then put in place; edits run one at a time.
+    fn edit<T>(
+        &self,
+        f: impl FnOnce(&mut Apps) -> Result<T, PlatformError>,
+    ) -> Result<T, PlatformError> {
+        let _one_at_a_time = self.editing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut apps = self.read().clone();
+        let out = f(&mut apps)?;
         let Some(dir) = &self.data_dir else {
             return Err(PlatformError::Registry {
                 path: PathBuf::from("(none)"),
@@ -201,19 +224,10 @@ impl HostPlatform {
             path: path.clone(),
             reason: e.to_string(),
         };
-        let text = serde_json::to_vec_pretty(apps).map_err(|e| err(e.into()))?;
-        let tmp = dir.join(".apps.json.tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&text)
-                .and_then(|()| f.sync_all())
-                .map_err(err)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)
+        let text = serde_json::to_vec_pretty(&apps).map_err(|e| err(e.into()))?;
+        crate::durable::write(&path, &text).map_err(err)?;
+        *self.apps.write().unwrap_or_else(|p| p.into_inner()) = apps;
+        Ok(out)
     }
 
     fn find(&self, r: &ComponentRef) -> Result<HostComponent, PlatformError> {
@@ -247,7 +261,19 @@ impl HostPlatform {
                 "empty command",
             ))
         })?;
-        let mut child = Command::new(expand_ports(program))
+        // A clean environment: the agent's own (S3 keys, the repository
+        // password) is not the app's business.
+        let mut command = Command::new(expand_ports(program));
+        command.env_clear();
+        for key in INHERITED_ENV {
+            if let Some(v) = std::env::var_os(key) {
+                command.env(key, v);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command.env("PATH", DEFAULT_PATH);
+        }
+        let mut child = command
             .args(args.iter().map(|a| expand_ports(a)))
             .env("FERRY_TEAM", component.team.as_str())
             .env("FERRY_APP", component.app.as_str())
@@ -331,7 +357,7 @@ impl Platform for HostPlatform {
     }
 
     fn copies_dir(&self) -> Option<PathBuf> {
-        self.data_dir.as_ref().map(|d| d.join("copies"))
+        self.copies_root.clone()
     }
 
     async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
@@ -358,17 +384,16 @@ impl Platform for HostPlatform {
     }
 
     async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
-        let mut apps = self.read().clone();
-        if apps.all().any(|a| a.team == app.team && a.name == app.name) {
-            return Err(PlatformError::AppExists {
-                team: app.team,
-                app: app.name,
-            });
-        }
-        apps.copies.push(Copy { app, job });
-        self.save(&apps)?;
-        *self.apps.write().unwrap_or_else(|p| p.into_inner()) = apps;
-        Ok(())
+        self.edit(|apps| {
+            if apps.all().any(|a| a.team == app.team && a.name == app.name) {
+                return Err(PlatformError::AppExists {
+                    team: app.team,
+                    app: app.name,
+                });
+            }
+            apps.copies.push(Copy { app, job });
+            Ok(())
+        })
     }
 
     async fn forget_app(
@@ -376,28 +401,29 @@ impl Platform for HostPlatform {
         team: &TeamName,
         app: &AppName,
     ) -> Result<Option<App>, PlatformError> {
-        let mut apps = self.read().clone();
-        let found = if let Some(i) = apps
-            .copies
-            .iter()
-            .position(|c| c.app.team == *team && c.app.name == *app)
-        {
-            Some(apps.copies.remove(i).app)
-        } else {
-            let found = apps
-                .all()
-                .find(|a| a.team == *team && a.name == *app)
-                .cloned();
-            if found.is_some() {
-                apps.retired.push((team.clone(), app.clone()));
-            }
-            found
-        };
-        if found.is_some() {
-            self.save(&apps)?;
-            *self.apps.write().unwrap_or_else(|p| p.into_inner()) = apps;
+        if !self.declares(team, app) {
+            return Ok(None);
         }
-        Ok(found)
+        self.edit(|apps| {
+            Ok(
+                if let Some(i) = apps
+                    .copies
+                    .iter()
+                    .position(|c| c.app.team == *team && c.app.name == *app)
+                {
+                    Some(apps.copies.remove(i).app)
+                } else {
+                    let found = apps
+                        .all()
+                        .find(|a| a.team == *team && a.name == *app)
+                        .cloned();
+                    if found.is_some() {
+                        apps.retired.push((team.clone(), app.clone()));
+                    }
+                    found
+                },
+            )
+        })
     }
 
     async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
@@ -627,5 +653,102 @@ stop = "true"
             Ok(state) => assert_ne!(state, ComponentState::Running),
             Err(e) => assert!(matches!(e, PlatformError::Spawn { .. }), "{e}"),
         }
+    }
+
+    /// Two steps on different apps change the registry at once: neither
+    /// change is lost, in memory or on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn copies_added_at_once_are_all_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = std::sync::Arc::new(
+            HostPlatform::with_copies(
+                Vec::new(),
+                Duration::from_secs(5),
+                dir.path(),
+                &dir.path().join("copies"),
+            )
+            .expect("driver"),
+        );
+        let template = platform(dir.path(), Duration::from_secs(5))
+            .app(&"web".parse().expect("team"), &"shop".parse().expect("app"))
+            .await
+            .expect("app")
+            .expect("declared");
+        let mut tasks = Vec::new();
+        for i in 0..16u64 {
+            let p = p.clone();
+            let mut copy = template.clone();
+            copy.name = format!("copy{i}").parse().expect("name");
+            tasks.push(tokio::spawn(async move { p.add_copy(copy, i + 1).await }));
+        }
+        for t in tasks {
+            t.await.expect("task").expect("added");
+        }
+        let reloaded = HostPlatform::with_copies(
+            Vec::new(),
+            Duration::from_secs(5),
+            dir.path(),
+            &dir.path().join("copies"),
+        )
+        .expect("reload");
+        for i in 0..16u64 {
+            let team = "web".parse().expect("team");
+            let name = format!("copy{i}").parse().expect("name");
+            assert_eq!(p.copy_job(&team, &name), Some(i + 1), "copy{i} in memory");
+            assert_eq!(
+                reloaded.copy_job(&team, &name),
+                Some(i + 1),
+                "copy{i} on disk"
+            );
+        }
+    }
+
+    /// Commands get a clean environment: nothing of the agent's own (its
+    /// S3 keys, the repository password) beyond a few basics.
+    #[tokio::test]
+    async fn commands_do_not_inherit_the_agents_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("env");
+        let text = format!(
+            "controller = \"https://c:1\"\ndata_dir = \"/d\"\n[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps.components]]\nname = \"c\"\nstart = \"env > {}\"\nstop = \"true\"\n",
+            out.display()
+        );
+        let cfg = AgentConfig::parse(&text).expect("valid");
+        let p = HostPlatform::new(cfg.app_model().expect("model"), Duration::from_secs(10));
+        let c = ComponentRef {
+            team: "t".parse().expect("team"),
+            app: "a".parse().expect("app"),
+            component: "c".parse().expect("component"),
+        };
+        // The test runner's environment is large (CARGO_*, RUST_*): none of
+        // it may reach the command.
+        assert!(std::env::vars().any(|(k, _)| k.starts_with("CARGO")));
+        p.start(&c).await.expect("start");
+        let env = std::fs::read_to_string(&out).expect("env output");
+        let mut keys: Vec<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        keys.sort();
+        for k in &keys {
+            assert!(
+                [
+                    "PATH",
+                    "HOME",
+                    "LANG",
+                    "LC_ALL",
+                    "TZ",
+                    "FERRY_TEAM",
+                    "FERRY_APP",
+                    "PWD",
+                    "SHLVL",
+                    "_"
+                ]
+                .contains(k),
+                "{k} reached the command: {keys:?}"
+            );
+        }
+        assert!(env.contains("FERRY_TEAM=t\n"), "{env}");
+        assert!(env.contains("PATH="), "{env}");
     }
 }

@@ -3,8 +3,9 @@
 //! A job is a plan of steps run one after another, each by one executor (an
 //! agent, or the controller itself). Steps that leave something behind name
 //! an *undo* step. When a step fails for good, or the job is cancelled, the
-//! undo steps of the steps that succeeded run in reverse order, and the job
-//! ends failed or cancelled; a job succeeds only when every step did.
+//! undo steps of the steps that succeeded, and of the one that ran and
+//! failed (it may have done part of its work), run in reverse order, and
+//! the job ends failed or cancelled; a job succeeds only when every step did.
 //!
 //! The engine feeds [`Job::on`] the events it observes (a reply from an
 //! agent, an agent coming or going, a cancel, the clock, its own restart)
@@ -361,6 +362,10 @@ impl<T: Clone> Job<T> {
                                 reason: "the controller restarted while this step ran, and it cannot be resumed".into(),
                                 at: now,
                             };
+                            // It may have done part of its work: its undo runs.
+                            if let Some(u) = s.step.undo.as_deref().cloned() {
+                                self.undo.insert(0, StepState::new(u));
+                            }
                             let reason = format!(
                                 "step {} was interrupted by a controller restart and cannot be resumed",
                                 i + 1
@@ -386,10 +391,10 @@ impl<T: Clone> Job<T> {
         if !matches!(s.status, StepStatus::Dispatched { .. }) || s.attempts != r.attempt {
             return;
         }
+        let undo = s.step.undo.as_deref().cloned();
         match result {
             Ok(()) => {
                 s.status = StepStatus::Succeeded { at: now };
-                let undo = s.step.undo.as_deref().cloned();
                 if !r.undo {
                     if let Some(u) = undo {
                         self.undo.insert(0, StepState::new(u));
@@ -413,6 +418,13 @@ impl<T: Clone> Job<T> {
                 };
                 if r.undo {
                     return;
+                }
+                // A step that ran and failed (or was cancelled) may have
+                // done part of its work (a copy registered, then a start
+                // failed): its undo runs too. Undo steps are idempotent and
+                // take back only what their own step made.
+                if let Some(u) = undo {
+                    self.undo.insert(0, StepState::new(u));
                 }
                 let outcome = if cancelling {
                     Outcome::Cancelled
@@ -504,6 +516,14 @@ impl<T: Clone> Job<T> {
                     reason: reason.clone(),
                     at: now,
                 };
+                // An earlier attempt ran (and was lost): it may have done
+                // part of its work, so its undo runs too.
+                let undo_of_lost = (!undo && list[i].attempts > 0)
+                    .then(|| list[i].step.undo.as_deref().cloned())
+                    .flatten();
+                if let Some(u) = undo_of_lost {
+                    self.undo.insert(0, StepState::new(u));
+                }
                 self.waiting_since = None;
                 if !undo {
                     self.begin_undo(Outcome::Failed {
@@ -664,6 +684,47 @@ mod tests {
             }
             other => panic!("expected a failure, got {other:?}"),
         }
+    }
+
+    /// The restore registered its copy, then a start failed: the step
+    /// failed, and its own undo (remove the copy this job made) runs, so
+    /// nothing is left registered that does not run.
+    #[test]
+    fn a_step_that_ran_and_failed_runs_its_own_undo() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
+        assert_eq!(d[0].1, "restore");
+        let a = j.on(Event::Failed {
+            step: d[0].0,
+            reason: "start of db failed".into(),
+            transient: false,
+            now: t(2),
+        });
+        let u = dispatched(&a);
+        assert_eq!(u.len(), 1, "{a:?}");
+        assert_eq!(u[0].1, "remove copy");
+        assert!(u[0].0.undo);
+        let a = ok(&mut j, u[0].0, 3);
+        assert!(
+            matches!(finished(&a), Some(Outcome::Failed { .. })),
+            "{a:?}"
+        );
+        // A step that never ran (its agent stayed offline) undoes nothing.
+        let mut j = Job::new(
+            vec![step("restore", 2, Some("remove copy"))],
+            Limits::default(),
+            vec![],
+        );
+        assert!(dispatched(&j.on(Event::Tick { now: t(0) })).is_empty());
+        let a = j.on(Event::Tick {
+            now: t(10 * 60 * 1000 + 1),
+        });
+        assert!(dispatched(&a).is_empty(), "{a:?}");
+        assert!(
+            matches!(finished(&a), Some(Outcome::Failed { .. })),
+            "{a:?}"
+        );
     }
 
     #[test]
@@ -868,8 +929,8 @@ mod tests {
     proptest! {
         /// Whatever happens: at most one step runs at a time; a job that
         /// succeeded ran every step and no undo; a job that did not succeed
-        /// ran (or tried) the undo of every step that succeeded, in reverse
-        /// order; answers for anything but the running attempt change
+        /// ran (or tried) the undo of every step that succeeded or ran and
+        /// failed, in reverse order; answers for anything but the running attempt change
         /// nothing; after a cancel only undo steps start; a finished job
         /// stays finished and does nothing more.
         #[test]
@@ -966,8 +1027,16 @@ mod tests {
                     prop_assert_eq!(succeeded.len(), j.plan.len());
                     prop_assert!(j.undo.is_empty());
                 } else {
-                    // Every succeeded step with an undo has it, in reverse order, ended.
-                    let expected: Vec<String> = succeeded.iter().rev()
+                    // Every step with an undo that succeeded, or ran and
+                    // failed, has it, in reverse order, ended.
+                    let ran: Vec<usize> = j.plan.iter().enumerate()
+                        .filter(|(_, s)| match s.status {
+                            StepStatus::Succeeded { .. } => true,
+                            StepStatus::Failed { .. } => s.attempts > 0,
+                            _ => false,
+                        })
+                        .map(|(i, _)| i).collect();
+                    let expected: Vec<String> = ran.iter().rev()
                         .filter(|i| p[**i].1).map(|i| format!("u{i}")).collect();
                     let got: Vec<String> = j.undo.iter().map(|s| s.step.work.clone()).collect();
                     prop_assert_eq!(&got, &expected);

@@ -77,16 +77,21 @@ async fn a_backup_that_outlives_hours_is_never_pruned_under() {
     // Prune marks the forgotten snapshot's packs (the backup reuses them).
     let r = repo.prune(Duration::from_secs(3600)).await.expect("mark");
     assert!(r.packs_newly_marked >= 1, "{r:?}");
-    // Seven hours later, past any fixed lock lifetime, the backup runs on.
-    clock.advance(7 * 3600);
-    wait_until(30, "the backup's lock to be refreshed", || async {
-        repo.live_locks()
-            .await
-            .expect("locks")
-            .iter()
-            .any(|(_, l)| l.kind == "backup")
-    })
-    .await;
+    // Hours later, past any fixed lock lifetime, the backup runs on: the
+    // clock moves in steps shorter than the lock's lifetime, each one
+    // followed by a refresh (as a live process refreshes).
+    for _ in 0..8 {
+        clock.advance(25 * 60);
+        let now = clock.now_unix();
+        wait_until(30, "the backup's lock to be refreshed", || async {
+            repo.live_locks()
+                .await
+                .expect("locks")
+                .iter()
+                .any(|(_, l)| l.kind == "backup" && l.expires > now + 25 * 60)
+        })
+        .await;
+    }
     let r = repo.prune(Duration::from_secs(3600)).await.expect("prune");
     assert!(r.deferred_by_backup, "{r:?}");
     assert_eq!(r.packs_deleted, 0, "{r:?}");
@@ -171,6 +176,57 @@ async fn a_lost_lock_fails_its_backup_and_commits_nothing() {
     match res {
         Err(RepoError::LockLost { reason, .. }) => {
             assert!(reason.contains("removed"), "{reason}")
+        }
+        other => panic!("expected a lost lock, got {other:?}"),
+    }
+    assert!(repo.list_snapshots().await.expect("list").is_empty());
+}
+
+/// A process that stalled past its lock's expiry may find the lock taken
+/// for stale (a prune may have deleted what it reuses): the refresher
+/// never extends it then, and the backup fails without committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_expired_is_lost_never_extended() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..8 {
+        fs::write(src.join(format!("f{i}")), random_bytes(&mut rng, 1 << 20)).expect("write");
+    }
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
+    let clock = Clock::manual(1_800_000_000);
+    let repo = init(local.clone(), 128 * 1024)
+        .await
+        .with_clock(clock.clone());
+    let store = faulty(local.clone());
+    store.inject(
+        Rule::new(Fault::Delay(Duration::from_millis(150)))
+            .op(Op::Put)
+            .prefix(DATA_PREFIX),
+    );
+    let slow = Repository::open(store, PW)
+        .await
+        .expect("open")
+        .with_clock(clock.clone())
+        .with_lock_timing(fast_locks());
+    let backup = {
+        let src = src.clone();
+        tokio::spawn(async move { slow.backup(&src, backup_opts(), None).await })
+    };
+    wait_until(30, "the backup's lock", || async {
+        !repo.all_locks().await.expect("locks").is_empty()
+    })
+    .await;
+    // The process stalls past the lock's lifetime.
+    clock.advance(31 * 60);
+    let res = tokio::time::timeout(Duration::from_secs(30), backup)
+        .await
+        .expect("the backup stops")
+        .expect("task");
+    match res {
+        Err(RepoError::LockLost { reason, .. }) => {
+            assert!(reason.contains("expired"), "{reason}")
         }
         other => panic!("expected a lost lock, got {other:?}"),
     }
