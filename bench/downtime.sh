@@ -367,7 +367,7 @@ baseline() {
     if "${PG_STOP[@]}" >"$d/stop.log" 2>&1; then
         echo "stopped_ns $(now_ns)" >>"$d/times"
         interruptible "$d/snapshot.json" "$d/snapshot.err" \
-            "$BIN/ferry-agent" snapshot create "$PGDATA" --repo "$repo" --password-file "$PW" --json || { ok=false; echo "error snapshot-create-failed" >>"$d/times"; }
+            "$BIN/ferry-agent" snapshot create "$PGDATA" --repo "$repo" --password-file "$PW" -o json || { ok=false; echo "error snapshot-create-failed" >>"$d/times"; }
         echo "copied_ns $(now_ns)" >>"$d/times"
     else
         ok=false

@@ -218,7 +218,7 @@ tool_backup() { # TOOL ARCHIVE-NAME
     local repo=$RUN_TMP/repo-$1
     cd "$DATA"
     case $1 in
-        ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot create "$DATA" --json ;;
+        ferry) FERRY_REPO=$repo exec "$FERRY_BIN" snapshot create "$DATA" -o json ;;
         restic) exec restic -q -r "$repo" --cache-dir "$RUN_TMP/restic-cache" backup --compression auto . ;;
         rustic) exec "$RUSTIC" --no-progress -r "$repo" --cache-dir "$RUN_TMP/rustic-cache" backup . ;;
         borg) BORG_BASE_DIR=$RUN_TMP/borg-base exec borg create --compression zstd,3 "$repo::$2" . ;;
@@ -243,7 +243,7 @@ ref_zstd() { tar -C "$DATA" -cf - . | zstd -q -T2 -3 -c >/dev/null; }
 export -f tool_init tool_backup tool_restore ferry_dry_run read_all read_all_par ref_zstd
 export RUN_TMP FERRY_BIN
 
-# The id of the snapshot the last `ferry-agent snapshot create --json` made.
+# The id of the snapshot the last `ferry-agent snapshot create -o json` made.
 ferry_snapshot_id() {
     python3 - "$RUN_TMP/last.out" <<'EOF'
 import json, re, sys

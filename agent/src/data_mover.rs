@@ -27,9 +27,25 @@ pub struct RepoGlobal {
     /// File holding the repository password (else env FERRY_REPO_PASSWORD).
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
-    /// Print results as JSON.
-    #[arg(long, global = true)]
-    pub json: bool,
+    /// Output format: a table or text for people, JSON for scripts.
+    #[arg(short, long, value_enum, default_value = "table", global = true)]
+    pub output: Format,
+    /// Same as `--output json`: the old spelling, kept for scripts.
+    #[arg(long, global = true, hide = true, conflicts_with = "output")]
+    json: bool,
+}
+
+impl RepoGlobal {
+    /// Whether results are printed as JSON.
+    pub fn json(&self) -> bool {
+        self.json || self.output == Format::Json
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -286,7 +302,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
             let pw = password(g)?;
             let label = ferry_repo::hostname();
             let repo = Repository::init(store, &pw, &label).await?;
-            if g.json {
+            if g.json() {
                 print_json(
                     &serde_json::json!({"id": repo.config().id, "key": repo.key_id().to_hex()}),
                 );
@@ -311,7 +327,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
                         "new password",
                     )?;
                     let id = repo.add_key(&pw, &label).await?;
-                    if g.json {
+                    if g.json() {
                         print_json(&serde_json::json!({"id": id.to_hex()}));
                     } else {
                         println!("added key {}", id.short());
@@ -319,7 +335,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
                 }
                 KeyCommand::Ls => {
                     let keys = repo.list_keys().await?;
-                    if g.json {
+                    if g.json() {
                         let v: Vec<_> = keys
                             .iter()
                             .map(|(id, k)| serde_json::json!({"id": id.to_hex(), "label": k.label, "created": k.created, "current": *id == repo.key_id()}))
@@ -342,7 +358,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
         RepoCommand::Repair(RepairCommand::Index) => {
             let repo = open(g).await?;
             let r = repo.repair_index().await?;
-            if g.json {
+            if g.json() {
                 print_json(&r);
             } else {
                 println!(
@@ -354,7 +370,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
         RepoCommand::Unlock { all } => {
             let repo = open(g).await?;
             let removed = repo.unlock(all).await?;
-            if g.json {
+            if g.json() {
                 let v: Vec<_> = removed
                     .iter()
                     .map(|(k, l)| serde_json::json!({"lock": k, "kind": l.kind, "owner": l.owner, "expires": l.expires}))
@@ -372,7 +388,7 @@ async fn repo_inner(args: RepoArgs) -> Result<(), Failure> {
                 ferry_core::duration::parse(&safety_delay).map_err(|e| usage(e.to_string()))?;
             let repo = open(g).await?;
             let r = repo.prune(delay).await?;
-            if g.json {
+            if g.json() {
                 print_json(&r);
             } else {
                 println!(
@@ -411,7 +427,7 @@ async fn verify(g: &RepoGlobal, v: VerifyArgs) -> Result<(), Failure> {
             read_data_percent: v.read_data,
         })
         .await?;
-    if g.json {
+    if g.json() {
         print_json(&r);
     } else {
         for p in &r.problems {
@@ -534,7 +550,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
             let s = &out.snapshot.summary;
             let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
             let mib_s = s.bytes_read as f64 / 1048576.0 / secs;
-            if g.json {
+            if g.json() {
                 print_json(&serde_json::json!({
                     "snapshot": out.id.map(|i| i.to_hex()),
                     "dry_run": dry_run,
@@ -573,7 +589,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                 eprintln!("warning: skipping snapshot {id}: {e}");
             }
             let snaps = scan.snapshots;
-            if g.json {
+            if g.json() {
                 let v: Vec<_> = snaps
                     .iter()
                     .map(|(id, s)| serde_json::json!({"id": id.to_hex(), "time": s.time, "host": s.host, "path": s.path, "tags": s.tags, "parent": s.parent.map(|p| p.to_hex()), "files": s.summary.files, "bytes": s.summary.bytes_total}))
@@ -615,7 +631,7 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
                 eprintln!();
             }
             let secs = (r.duration_ms as f64 / 1000.0).max(0.001);
-            if g.json {
+            if g.json() {
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["mib_per_s"] = serde_json::json!(r.bytes_written as f64 / 1048576.0 / secs);
                 print_json(&v);
@@ -660,4 +676,61 @@ async fn snapshot_inner(args: SnapshotArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        Repo(RepoArgs),
+        Snapshot(SnapshotArgs),
+    }
+
+    /// Whether `ferry-agent ARGV…` prints JSON.
+    fn json(argv: &[&str]) -> Result<bool, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("ferry-agent").chain(argv.iter().copied()))?;
+        let g = match cli.command {
+            Command::Repo(a) => a.global,
+            Command::Snapshot(a) => a.global,
+        };
+        Ok(g.json())
+    }
+
+    #[test]
+    fn output_is_spelled_like_ferryctl() {
+        for argv in [
+            &["snapshot", "ls", "-o", "json"][..],
+            &["snapshot", "ls", "--output", "json"],
+            &["snapshot", "ls", "--output=json"],
+            &["repo", "-o", "json", "key", "ls"],
+            &["repo", "prune", "--safety-delay", "0s", "-o", "json"],
+            &["snapshot", "ls", "--json"],
+        ] {
+            assert!(json(argv).expect("parse"), "{argv:?}");
+        }
+        for argv in [
+            &["snapshot", "ls"][..],
+            &["snapshot", "ls", "-o", "table"],
+            &["repo", "verify", "--output", "table"],
+        ] {
+            assert!(!json(argv).expect("parse"), "{argv:?}");
+        }
+        for argv in [
+            &["snapshot", "ls", "-o", "yaml"][..],
+            &["snapshot", "ls", "--output"],
+            &["snapshot", "ls", "--json", "-o", "table"],
+        ] {
+            assert!(json(argv).is_err(), "{argv:?} was taken");
+        }
+    }
 }

@@ -61,7 +61,8 @@ fn cli_cycle_create_ls_restore_verify_forget_prune() {
             src.to_str().expect("utf8"),
             "--tag",
             "app=web",
-            "--json",
+            "-o",
+            "json",
         ],
     ));
     let v: serde_json::Value = serde_json::from_str(&out).expect("json summary");
@@ -80,7 +81,8 @@ fn cli_cycle_create_ls_restore_verify_forget_prune() {
             src.to_str().expect("utf8"),
             "--tag",
             "app=web",
-            "--json",
+            "-o",
+            "json",
         ],
     ));
     let v2: serde_json::Value = serde_json::from_str(&out).expect("json");
@@ -102,7 +104,7 @@ fn cli_cycle_create_ls_restore_verify_forget_prune() {
     assert!(out.starts_with("dry run"), "{out}");
     assert!(out.contains("MiB/s"), "{out}");
 
-    let out = ok(&run(&repo, &pw, &["snapshot", "ls", "--json"]));
+    let out = ok(&run(&repo, &pw, &["snapshot", "ls", "-o", "json"]));
     let list: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(list.as_array().map(|a| a.len()), Some(2));
 
@@ -158,7 +160,7 @@ fn cli_cycle_create_ls_restore_verify_forget_prune() {
             pw2.to_str().expect("utf8"),
         ],
     ));
-    let out = ok(&run(&repo, &pw2, &["repo", "key", "ls", "--json"]));
+    let out = ok(&run(&repo, &pw2, &["repo", "key", "ls", "-o", "json"]));
     let keys: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(keys.as_array().map(|a| a.len()), Some(2));
 
@@ -176,7 +178,7 @@ fn cli_cycle_create_ls_restore_verify_forget_prune() {
     let out = ok(&run(
         &repo,
         &pw,
-        &["repo", "prune", "--safety-delay", "0s", "--json"],
+        &["repo", "prune", "--safety-delay", "0s", "-o", "json"],
     ));
     let r: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert!(r["packs_deleted"].as_u64().expect("n") >= 1, "{r}");
@@ -286,7 +288,7 @@ fn s3_credentials_come_from_the_aws_environment() {
         &["snapshot", "create", src.to_str().expect("utf8")],
         true,
     ));
-    let out = ok(&agent(&["snapshot", "ls", "--json"], true));
+    let out = ok(&agent(&["snapshot", "ls", "-o", "json"], true));
     let list: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(list.as_array().map(|a| a.len()), Some(1));
     // Without any credentials the command fails at once (no retries for

@@ -654,4 +654,105 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(5400));
         assert!(parse_duration("1500ms").is_err());
     }
+
+    /// What `ferryctl storage add …` asks the controller for, or why not.
+    fn storage_add(argv: &[&str]) -> Result<v1::Storage, String> {
+        let cli = Cli::try_parse_from(["ferryctl", "storage", "add"].iter().chain(argv))
+            .map_err(|e| e.to_string())?;
+        let Noun::Storage(crate::storage::StorageVerb::Add(args)) = cli.command else {
+            return Err(format!("not storage add: {:?}", cli.command));
+        };
+        let req = crate::storage::request(args).map_err(|e| e.to_string())?;
+        req.storage
+            .ok_or_else(|| "no storage in the request".to_owned())
+    }
+
+    #[test]
+    fn storage_locations_may_be_named_like_a_kind() {
+        for name in ["shared", "local", "s3", "disk"] {
+            let s = storage_add(&[name, "shared", "--path", "/p"]).expect(name);
+            assert_eq!((s.name.as_str(), s.kind.as_str()), (name, "shared"));
+            assert_eq!(s.path, "/p");
+
+            let s = storage_add(&[name, "local", "--cluster", "c", "--path", "/x"]).expect(name);
+            assert_eq!((s.name.as_str(), s.kind.as_str()), (name, "local"));
+            assert_eq!((s.cluster.as_str(), s.path.as_str()), ("c", "/x"));
+
+            let s = storage_add(&[
+                name,
+                "s3",
+                "--endpoint",
+                "https://s3.example.com",
+                "--bucket",
+                "b",
+                "--prefix",
+                "ferry",
+            ])
+            .expect(name);
+            assert_eq!((s.name.as_str(), s.kind.as_str()), (name, "s3"));
+            assert_eq!(
+                (s.endpoint.as_str(), s.bucket.as_str(), s.prefix.as_str()),
+                ("https://s3.example.com", "b", "ferry")
+            );
+        }
+    }
+
+    #[test]
+    fn storage_add_takes_global_flags_after_the_kind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").expect("write password file");
+        let pw = pw.display().to_string();
+        let argv = [
+            "local",
+            "local",
+            "--cluster",
+            "c",
+            "--path",
+            "/x",
+            "--password-file",
+            &pw,
+            "-o",
+            "json",
+        ];
+        let cli =
+            Cli::try_parse_from(["ferryctl", "storage", "add"].iter().chain(&argv)).expect("parse");
+        assert_eq!(cli.global.output, Format::Json);
+        let Noun::Storage(crate::storage::StorageVerb::Add(args)) = cli.command else {
+            panic!("not storage add: {:?}", cli.command);
+        };
+        let req = crate::storage::request(args).expect("request");
+        assert_eq!(req.password, b"secret");
+        assert_eq!(req.storage.map(|s| s.name), Some("local".to_owned()));
+    }
+
+    #[test]
+    fn storage_add_refuses_flags_of_another_kind() {
+        for argv in [
+            &["disk", "shared", "--path", "/p", "--cluster", "c"][..],
+            &["disk", "local", "--path", "/p"],
+            &[
+                "disk",
+                "s3",
+                "--endpoint",
+                "https://e",
+                "--bucket",
+                "b",
+                "--path",
+                "/p",
+            ],
+            &["disk", "shared", "--path", "/p", "--bucket", "b"],
+            &["disk", "nfs", "--path", "/p"],
+            &["disk"],
+            &["shared"],
+        ] {
+            assert!(storage_add(argv).is_err(), "{argv:?} was taken");
+        }
+        let e = storage_add(&["disk", "shared", "--path", "/p", "--cluster", "c"])
+            .expect_err("--cluster with shared");
+        assert!(
+            e.contains("--cluster does not apply to shared storage location disk"),
+            "{e}"
+        );
+    }
 }

@@ -25,59 +25,107 @@ pub enum StorageVerb {
     Rm { name: String },
 }
 
+/// `storage add NAME KIND [flags]`. The kind is a positional value, not a
+/// subcommand: clap takes a first word that names a subcommand for it, so a
+/// location named `shared`, `local` or `s3` would be read as its kind.
 #[derive(Debug, Args)]
 pub struct AddArgs {
     /// The location's name (a DNS label)
     pub name: String,
+    /// What the location is
+    #[arg(value_enum)]
+    pub kind: Kind,
     /// Take an existing repository at the location under the controller:
     /// a file holding its password (without it, the controller generates one)
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub password_file: Option<PathBuf>,
-    #[command(subcommand)]
-    pub kind: KindArgs,
+    /// The cluster whose hosts hold the directory
+    #[arg(long, help_heading = "local", required_if_eq("kind", "local"))]
+    pub cluster: Option<String>,
+    /// The directory, absolute
+    #[arg(
+        long,
+        help_heading = "local, shared",
+        required_if_eq_any([("kind", "local"), ("kind", "shared")])
+    )]
+    pub path: Option<String>,
+    /// http(s)://host[:port]
+    #[arg(long, help_heading = "s3", required_if_eq("kind", "s3"))]
+    pub endpoint: Option<String>,
+    /// The bucket (it must exist)
+    #[arg(long, help_heading = "s3", required_if_eq("kind", "s3"))]
+    pub bucket: Option<String>,
+    /// Keep the repository below this prefix of the bucket
+    #[arg(long, help_heading = "s3")]
+    pub prefix: Option<String>,
+    /// The bucket's region [default: us-east-1]
+    #[arg(long, help_heading = "s3")]
+    pub region: Option<String>,
+    /// A file of AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=… and
+    /// optionally AWS_SESSION_TOKEN=… lines
+    #[arg(long, help_heading = "s3", conflicts_with = "credentials_env")]
+    pub credentials_file: Option<PathBuf>,
+    /// Take the credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    /// and AWS_SESSION_TOKEN. Without this or --credentials-file, agents
+    /// use their own credentials
+    #[arg(long, help_heading = "s3")]
+    pub credentials_env: bool,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum KindArgs {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
     /// A directory on the hosts of one cluster: its backups restore in that cluster only
-    Local {
-        /// The cluster whose hosts hold the directory
-        #[arg(long)]
-        cluster: String,
-        /// The directory, absolute
-        #[arg(long)]
-        path: String,
-    },
+    Local,
     /// A directory every cluster mounts (NFS, …)
-    Shared {
-        /// The directory, absolute
-        #[arg(long)]
-        path: String,
-    },
+    Shared,
     /// An S3-compatible bucket, reachable from every cluster
-    S3 {
-        /// http(s)://host[:port]
-        #[arg(long)]
-        endpoint: String,
-        /// The bucket (it must exist)
-        #[arg(long)]
-        bucket: String,
-        /// Keep the repository below this prefix of the bucket
-        #[arg(long)]
-        prefix: Option<String>,
-        /// The bucket's region [default: us-east-1]
-        #[arg(long)]
-        region: Option<String>,
-        /// A file of AWS_ACCESS_KEY_ID=…, AWS_SECRET_ACCESS_KEY=… and
-        /// optionally AWS_SESSION_TOKEN=… lines
-        #[arg(long, conflicts_with = "credentials_env")]
-        credentials_file: Option<PathBuf>,
-        /// Take the credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
-        /// and AWS_SESSION_TOKEN. Without this or --credentials-file, agents
-        /// use their own credentials
-        #[arg(long)]
-        credentials_env: bool,
-    },
+    S3,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Local => "local",
+            Kind::Shared => "shared",
+            Kind::S3 => "s3",
+        }
+    }
+}
+
+impl AddArgs {
+    /// Refuses a flag that belongs to another kind (clap checks the
+    /// required ones).
+    fn check_flags(&self) -> Result<(), CliError> {
+        let given = [
+            (
+                "--cluster",
+                self.cluster.is_some(),
+                [Kind::Local].as_slice(),
+            ),
+            ("--path", self.path.is_some(), &[Kind::Local, Kind::Shared]),
+            ("--endpoint", self.endpoint.is_some(), &[Kind::S3]),
+            ("--bucket", self.bucket.is_some(), &[Kind::S3]),
+            ("--prefix", self.prefix.is_some(), &[Kind::S3]),
+            ("--region", self.region.is_some(), &[Kind::S3]),
+            (
+                "--credentials-file",
+                self.credentials_file.is_some(),
+                &[Kind::S3],
+            ),
+            ("--credentials-env", self.credentials_env, &[Kind::S3]),
+        ];
+        match given
+            .iter()
+            .find(|(_, set, kinds)| *set && !kinds.contains(&self.kind))
+        {
+            Some((flag, _, _)) => Err(CliError::Input(format!(
+                "{flag} does not apply to {} storage location {}",
+                self.kind.as_str(),
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Credentials from `KEY=VALUE` lines (blank lines and `#` comments
@@ -116,54 +164,37 @@ fn parse_credentials(text: &str, from: &str) -> Result<v1::S3Credentials, CliErr
     Ok(c)
 }
 
-fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
+pub(crate) fn request(args: AddArgs) -> Result<v1::AddStorageRequest, CliError> {
+    args.check_flags()?;
     let password_file = args.password_file;
-    let mut s = v1::Storage {
+    let s = v1::Storage {
         name: args.name,
+        kind: args.kind.as_str().into(),
+        cluster: args.cluster.unwrap_or_default(),
+        path: args.path.unwrap_or_default(),
+        endpoint: args.endpoint.unwrap_or_default(),
+        bucket: args.bucket.unwrap_or_default(),
+        prefix: args.prefix.unwrap_or_default(),
+        region: args.region.unwrap_or_default(),
         ..v1::Storage::default()
     };
     let mut credentials = None;
-    match args.kind {
-        KindArgs::Local { cluster, path } => {
-            s.kind = "local".into();
-            s.cluster = cluster;
-            s.path = path;
-        }
-        KindArgs::Shared { path } => {
-            s.kind = "shared".into();
-            s.path = path;
-        }
-        KindArgs::S3 {
-            endpoint,
-            bucket,
-            prefix,
-            region,
-            credentials_file,
-            credentials_env,
-        } => {
-            s.kind = "s3".into();
-            s.endpoint = endpoint;
-            s.bucket = bucket;
-            s.prefix = prefix.unwrap_or_default();
-            s.region = region.unwrap_or_default();
-            if let Some(f) = credentials_file {
-                let text = std::fs::read_to_string(&f).map_err(|source| CliError::ReadFile {
-                    what: "credentials file",
-                    path: f.display().to_string(),
-                    source,
-                })?;
-                credentials = Some(parse_credentials(&text, &f.display().to_string())?);
-            } else if credentials_env {
-                let var = |k: &str| std::env::var(k).unwrap_or_default();
-                let text = format!(
-                    "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_SESSION_TOKEN={}\n",
-                    var("AWS_ACCESS_KEY_ID"),
-                    var("AWS_SECRET_ACCESS_KEY"),
-                    var("AWS_SESSION_TOKEN")
-                );
-                credentials = Some(parse_credentials(&text, "the environment")?);
-            }
-        }
+    if let Some(f) = args.credentials_file {
+        let text = std::fs::read_to_string(&f).map_err(|source| CliError::ReadFile {
+            what: "credentials file",
+            path: f.display().to_string(),
+            source,
+        })?;
+        credentials = Some(parse_credentials(&text, &f.display().to_string())?);
+    } else if args.credentials_env {
+        let var = |k: &str| std::env::var(k).unwrap_or_default();
+        let text = format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_SESSION_TOKEN={}\n",
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY"),
+            var("AWS_SESSION_TOKEN")
+        );
+        credentials = Some(parse_credentials(&text, "the environment")?);
     }
     let password = match password_file {
         Some(f) => {
@@ -240,6 +271,10 @@ fn short(id: &str) -> String {
 }
 
 pub async fn run(eff: &Effective, out: Format, verb: StorageVerb) -> Result<(), CliError> {
+    if let StorageVerb::Add(args) = &verb {
+        // Bad usage first, before any connection setting is looked at.
+        args.check_flags()?;
+    }
     let conn = eff.connection()?;
     let url = conn.controller.clone();
     match verb {
