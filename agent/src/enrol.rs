@@ -97,30 +97,13 @@ pub fn default_node() -> String {
 }
 
 /// Creates the data directory (and missing parents) 0700 whatever the
-/// umask. An existing one keeps its mode: see [`warn_if_open`].
+/// umask; an existing one is made 0700 too: it is about to hold the agent's
+/// key, and nothing in it is for others (copies live beside it).
 pub fn prepare_data_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if dir.exists() {
-        warn_if_open(dir);
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-/// Warns when others may enter the data directory (at `join`, which
-/// leaves an existing directory's mode as it is).
-pub fn warn_if_open(dir: &Path) {
     if let Some(mode) = open_mode(dir) {
-        tracing::warn!(
-            dir = %dir.display(),
-            mode = format!("{mode:04o}"),
-            "the data directory is open to other users; make it private with chmod 700 (the agent refuses to run otherwise)"
-        );
+        tracing::info!(dir = %dir.display(), mode = format!("{mode:04o}"), "the data directory was open to other users; made private (0700)");
     }
+    crate::durable::private_dir(dir)
 }
 
 /// The data directory is open to other users.
