@@ -834,3 +834,37 @@ async fn a_backup_cancelled_mid_transfer_restarts_postgres_and_lists_nothing() -
     site.agent_b.stop().await?;
     Ok(())
 }
+
+/// A cancel was requested, then the controller was killed before the step
+/// answered: at its restart the step is settled (dispatched again with a
+/// cancel) instead of waiting for ever for an answer no task can carry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let id = site.backup_until_delta().await?;
+    let (code, out, err) = ferryctl(&site.ctl, &["job", "cancel", &id])?;
+    assert_eq!(code, 0, "{out}{err}");
+    site.ctl.kill();
+    site.ctl.start().await?;
+    // Polled with a deadline: before the settle, the job never ended.
+    let ctl = &site.ctl;
+    let job = wait_for("the job to end", DEADLINE, || {
+        let shown = ferryctl(ctl, &["job", "show", &id, "-o", "json"]);
+        async move {
+            let (_, out, _) = shown.ok()?;
+            let job = json(&out).ok()?;
+            ["succeeded", "failed", "cancelled"]
+                .contains(&job["state"].as_str()?)
+                .then_some(job)
+        }
+    })
+    .await?;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    site.ready(TEAM, APP).await?;
+    assert!(Servers::postmaster(&vol).is_some());
+    assert_eq!(site.journal_entries(), 0);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}

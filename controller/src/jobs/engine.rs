@@ -487,17 +487,21 @@ impl Actor {
                     step,
                     work,
                     executor,
+                    settle,
                 } => {
                     let token = CancellationToken::new();
                     a.steps.insert(step, token.clone());
-                    tracing::info!(job = %id, step = step.index + 1, undo = step.undo, attempt = step.attempt, what = %work.describe(), "step dispatched");
+                    tracing::info!(job = %id, step = step.index + 1, undo = step.undo, attempt = step.attempt, settle, what = %work.describe(), "step dispatched");
                     tokio::spawn(run_step(
                         self.deps.clone(),
                         self.tx.clone(),
                         id,
-                        step,
-                        work,
-                        executor,
+                        Dispatched {
+                            step,
+                            work,
+                            executor,
+                            settle,
+                        },
                         token,
                     ));
                 }
@@ -575,17 +579,24 @@ impl From<CatalogError> for StepFailure {
     }
 }
 
+/// A step handed to its executor (a settle is cancelled as soon as it is
+/// handed over).
+struct Dispatched {
+    step: StepRef,
+    work: Work,
+    executor: Executor,
+    settle: bool,
+}
+
 async fn run_step(
     deps: Arc<Deps>,
     tx: mpsc::Sender<Msg>,
     id: JobId,
-    step: StepRef,
-    work: Work,
-    executor: Executor,
+    d: Dispatched,
     cancel: CancellationToken,
 ) {
-    let (result, effect) = match step_result(&deps, &tx, id, step, &work, &executor, &cancel).await
-    {
+    let step = d.step;
+    let (result, effect) = match step_result(&deps, &tx, id, &d, &cancel).await {
         Ok(effect) => (Ok(()), effect),
         Err(f) => (Err(f), Effect::None),
     };
@@ -617,11 +628,10 @@ async fn step_result(
     deps: &Deps,
     tx: &mpsc::Sender<Msg>,
     id: JobId,
-    step: StepRef,
-    work: &Work,
-    executor: &Executor,
+    d: &Dispatched,
     cancel: &CancellationToken,
 ) -> Result<Effect, StepFailure> {
+    let (step, work, executor) = (d.step, &d.work, &d.executor);
     let Executor::Agent(agent) = executor else {
         return Err(StepFailure::permanent("no controller steps are defined"));
     };
@@ -652,7 +662,12 @@ async fn step_result(
     let mut progress = std::mem::replace(&mut call.progress, closed);
     let finish = call.finish();
     tokio::pin!(finish);
-    let mut cancel_sent = false;
+    // A settle: the agent stops the attempt that may still run there
+    // (starting again what it stopped) and answers with what it did.
+    let mut cancel_sent = d.settle;
+    if d.settle {
+        link.send_cancel(call_id);
+    }
     let described = work.describe();
     let reply = loop {
         tokio::select! {

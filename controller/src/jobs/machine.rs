@@ -104,6 +104,17 @@ pub struct StepState<T> {
     /// Not dispatched again before this (after a transient failure).
     #[serde(default)]
     pub not_before: Option<Timestamp>,
+    /// An earlier attempt may still run on its executor (it was lost with
+    /// its agent, or dispatched when the controller restarted), and why.
+    /// Before the job moves on without it (a cancel, or no attempts left),
+    /// it is *settled*: dispatched once more with a cancel, so the executor
+    /// stops the attempt still running (starting again what it stopped) and
+    /// answers with what it did.
+    #[serde(default)]
+    pub unsettled: Option<String>,
+    /// The attempt dispatched last is a settle.
+    #[serde(default)]
+    pub settling: bool,
 }
 
 /// How a job ended.
@@ -178,11 +189,13 @@ pub enum Event {
 /// What the engine must do, after persisting the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action<T> {
-    /// Hand the step to its executor.
+    /// Hand the step to its executor; a settle (see
+    /// [`StepState::unsettled`]) is cancelled as soon as it is handed over.
     Dispatch {
         step: StepRef,
         work: T,
         executor: Executor,
+        settle: bool,
     },
     /// Ask the executor to stop the step (it still answers).
     Cancel { step: StepRef, executor: Executor },
@@ -225,6 +238,8 @@ impl<T> StepState<T> {
             status: StepStatus::Pending,
             attempts: 0,
             not_before: None,
+            unsettled: None,
+            settling: false,
         }
     }
 }
@@ -331,6 +346,10 @@ impl<T: Clone> Job<T> {
                             actions.push(cancel_of(i, attempt, s));
                         }
                         self.cancelling = true;
+                    } else if s.unsettled.is_some() {
+                        // An earlier attempt may still run: it is settled
+                        // once its agent is back, and the job ends then.
+                        self.cancelling = true;
                     } else {
                         self.begin_undo(Outcome::Cancelled);
                     }
@@ -348,11 +367,15 @@ impl<T: Clone> Job<T> {
                     };
                     let s = &mut list[i];
                     if let StepStatus::Dispatched { .. } = s.status {
-                        let attempt = s.attempts;
                         if cancelling && !undoing {
-                            // The cancel may not have reached the executor:
-                            // ask again; the job ends when the step answers.
-                            actions.push(cancel_of(i, attempt, s));
+                            // The step task that carried the cancel ended
+                            // with the controller: the step is settled once
+                            // its agent is there, and the job ends then.
+                            s.status = StepStatus::Pending;
+                            s.unsettled = Some(
+                                "the controller restarted while the step was being cancelled"
+                                    .into(),
+                            );
                         } else if s.step.resumable || undoing {
                             // Dispatched again below; the executor knows the
                             // step by its job and place, whatever the attempt.
@@ -392,6 +415,9 @@ impl<T: Clone> Job<T> {
             return;
         }
         let undo = s.step.undo.as_deref().cloned();
+        // An answer settles what earlier attempts did.
+        let unsettled = s.unsettled.take();
+        let settled = std::mem::take(&mut s.settling);
         match result {
             Ok(()) => {
                 s.status = StepStatus::Succeeded { at: now };
@@ -406,7 +432,13 @@ impl<T: Clone> Job<T> {
                 }
             }
             Err((reason, transient)) => {
-                if transient && !cancelling && s.attempts < attempts {
+                // A settle that did not succeed fails the step with why it
+                // had to be settled.
+                let reason = match unsettled.filter(|_| settled) {
+                    Some(why) => format!("{why}; stopped: {reason}"),
+                    None => reason,
+                };
+                if transient && !cancelling && !settled && s.attempts < attempts {
                     s.status = StepStatus::Pending;
                     let delay = retry_ms.saturating_mul(u64::from(s.attempts));
                     s.not_before = Some(now.plus(std::time::Duration::from_millis(delay)));
@@ -448,11 +480,22 @@ impl<T: Clone> Job<T> {
         if !matches!(s.status, StepStatus::Dispatched { .. }) || s.attempts != r.attempt {
             return;
         }
-        if cancelling || s.attempts >= attempts {
-            let reason = format!("{reason} (attempt {} of {attempts})", s.attempts);
+        if s.settling {
+            // Lost again while being settled: nothing more to ask.
+            let why = s.unsettled.take().unwrap_or_default();
+            s.settling = false;
+            let reason = format!("{why}; lost again before it could be stopped: {reason}");
             self.answered(r, Err((reason, false)), now);
             return;
         }
+        // It may still run there: a cancel, or the last attempt, settles it
+        // once the agent is back; otherwise it is dispatched again (the
+        // agent joins the new attempt to one still running).
+        s.unsettled = Some(if cancelling || s.attempts >= attempts {
+            format!("{reason} (attempt {} of {attempts})", s.attempts)
+        } else {
+            reason
+        });
         s.status = StepStatus::Pending;
         s.not_before = None;
         if let Executor::Agent(agent) = s.step.executor.clone() {
@@ -468,6 +511,8 @@ impl<T: Clone> Job<T> {
             }
         }
         self.waiting_since = None;
+        // The plan is over: nothing is left to cancel.
+        self.cancelling = false;
         self.phase = Phase::Undoing { cause };
     }
 
@@ -493,7 +538,9 @@ impl<T: Clone> Job<T> {
             if !matches!(s.status, StepStatus::Pending) {
                 return; // dispatched: wait for its answer
             }
-            if self.cancelling || s.not_before.is_some_and(|t| now < t) {
+            let settle = s.unsettled.is_some()
+                && (self.cancelling || s.attempts >= self.limits.attempts.max(1));
+            if !settle && (self.cancelling || s.not_before.is_some_and(|t| now < t)) {
                 return;
             }
             let executor = s.step.executor.clone();
@@ -526,9 +573,14 @@ impl<T: Clone> Job<T> {
                 }
                 self.waiting_since = None;
                 if !undo {
-                    self.begin_undo(Outcome::Failed {
-                        reason: format!("step {} failed: {reason}", i + 1),
-                    });
+                    let outcome = if self.cancelling {
+                        Outcome::Cancelled
+                    } else {
+                        Outcome::Failed {
+                            reason: format!("step {} failed: {reason}", i + 1),
+                        }
+                    };
+                    self.begin_undo(outcome);
                 }
                 continue;
             }
@@ -537,6 +589,7 @@ impl<T: Clone> Job<T> {
             let s = &mut list[i];
             s.attempts += 1;
             s.not_before = None;
+            s.settling = settle;
             s.status = StepStatus::Dispatched { at: now };
             actions.push(Action::Dispatch {
                 step: StepRef {
@@ -546,6 +599,7 @@ impl<T: Clone> Job<T> {
                 },
                 work: s.step.work.clone(),
                 executor: s.step.executor.clone(),
+                settle,
             });
             return;
         }
@@ -860,7 +914,9 @@ mod tests {
         let again = dispatched(&back);
         assert_eq!(again[0].0.index, d[0].0.index);
         assert_eq!(again[0].0.attempt, 2);
-        // Lost on every attempt: the job fails and says so.
+        // Lost on every attempt: the last is settled once the agent is back
+        // (it may still run there), and lost again, the job fails and says
+        // so.
         let mut step = again[0].0;
         let mut end = Vec::new();
         for n in 0..5 {
@@ -879,16 +935,113 @@ mod tests {
                 _ => break,
             }
         }
-        assert!(j.plan[0].attempts <= Limits::default().attempts);
+        assert_eq!(j.plan[0].attempts, Limits::default().attempts + 1);
         match &j.plan[0].status {
             StepStatus::Failed { reason, .. } => {
                 assert!(
-                    reason.contains("session ended") && reason.contains("attempt 3 of 3"),
+                    reason.contains("session ended")
+                        && reason.contains("attempt 3 of 3")
+                        && reason.contains("lost again"),
                     "{reason}"
                 )
             }
             other => panic!("expected the step to fail, got {other:?} after {end:?}"),
         }
+    }
+
+    fn settles(actions: &[Action<&'static str>]) -> Vec<(StepRef, &'static str)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Dispatch {
+                    step,
+                    work,
+                    settle: true,
+                    ..
+                } => Some((*step, *work)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A cancel was sent, then the controller restarted before the step
+    /// answered: the step task that carried the cancel is gone, so the step
+    /// is settled (dispatched again with a cancel) and the job ends when it
+    /// answers, instead of waiting for ever.
+    #[test]
+    fn a_restart_while_a_cancel_is_pending_settles_the_step() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let a = j.on(Event::Cancel { now: t(1) });
+        assert!(matches!(a.as_slice(), [Action::Cancel { .. }]), "{a:?}");
+        let a = j.on(Event::Restarted { now: t(2) });
+        let s = settles(&a);
+        assert_eq!(s.len(), 1, "{a:?}");
+        assert_eq!(s[0].1, "backup");
+        assert_eq!(s[0].0.index, d[0].0.index);
+        let a = j.on(Event::Failed {
+            step: s[0].0,
+            reason: "cancelled".into(),
+            transient: true,
+            now: t(3),
+        });
+        assert_eq!(finished(&a), Some(Outcome::Cancelled), "{a:?}");
+    }
+
+    /// The restore was being cancelled when its agent went away: it may
+    /// still run there, so nothing is undone until it is settled; what it
+    /// answers decides the rest (here: the copy was made, and is removed).
+    #[test]
+    fn a_step_lost_while_cancelling_is_settled_before_anything_is_undone() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
+        assert_eq!(d[0].1, "restore");
+        j.on(Event::Cancel { now: t(2) });
+        let a = j.on(Event::Lost {
+            step: d[0].0,
+            reason: "the session ended".into(),
+            now: t(3),
+        });
+        assert!(a.is_empty(), "nothing runs while the agent is away: {a:?}");
+        assert!(j.on(Event::Tick { now: t(100) }).is_empty());
+        let a = j.on(Event::Online {
+            agent: agent(2),
+            online: true,
+            now: t(101),
+        });
+        let s = settles(&a);
+        assert_eq!(s.len(), 1, "{a:?}");
+        assert_eq!(s[0].1, "restore");
+        let a = ok(&mut j, s[0].0, 102);
+        let u = dispatched(&a);
+        assert_eq!(u[0].1, "remove copy");
+        let a = ok(&mut j, u[0].0, 103);
+        assert_eq!(finished(&a), Some(Outcome::Cancelled));
+        // A cancel while a lost step waits for its agent waits too.
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        j.on(Event::Lost {
+            step: d[0].0,
+            reason: "the session ended".into(),
+            now: t(1),
+        });
+        let a = j.on(Event::Cancel { now: t(2) });
+        assert!(finished(&a).is_none(), "{a:?}");
+        let a = j.on(Event::Online {
+            agent: agent(1),
+            online: true,
+            now: t(3),
+        });
+        let s = settles(&a);
+        assert_eq!(s.len(), 1, "{a:?}");
+        let a = j.on(Event::Failed {
+            step: s[0].0,
+            reason: "cancelled".into(),
+            transient: false,
+            now: t(4),
+        });
+        assert_eq!(finished(&a), Some(Outcome::Cancelled));
     }
 
     #[test]
@@ -982,9 +1135,10 @@ mod tests {
                 }
                 for a in &actions {
                     match a {
-                        Action::Dispatch { step, work, .. } => {
-                            // After a cancel, only undo steps start.
-                            prop_assert!(step.undo || !cancelled, "step {} started after a cancel", work);
+                        Action::Dispatch { step, work, settle, .. } => {
+                            // After a cancel, only undo steps start, and
+                            // settles of steps that may still run.
+                            prop_assert!(step.undo || *settle || !cancelled, "step {} started after a cancel", work);
                             outstanding.retain(|s| !(s.index == step.index && s.undo == step.undo));
                             outstanding.push(*step);
                         }

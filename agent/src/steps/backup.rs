@@ -1,0 +1,522 @@
+//! Back up an app: capture its images and config, copy its volumes while
+//! it runs, and in cold mode stop its stateful components for the delta
+//! pass only, starting them again whatever happens.
+
+use super::*;
+
+pub async fn backup_app(
+    ctx: &StepCtx,
+    r: pb::BackupAppRequest,
+    cancel: CancellationToken,
+    report: Report,
+) -> StepResult<pb::BackupAppReply> {
+    let started_at = Timestamp::now();
+    let started = Instant::now();
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let mode: BackupMode = r.mode.parse().map_err(invalid)?;
+    let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
+    let step = r.step.unwrap_or_default();
+    let job = JobId::new(step.job_id).map_err(|e| invalid(e.to_string()))?;
+    let app = ctx.platform.app(&team, &app_name).await?.ok_or_else(|| {
+        fail(
+            ErrorCode::NotFound,
+            format!("app {team}/{app_name} is not on this agent"),
+        )
+    })?;
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+    let repo = repo.with_cancel(cancel.clone());
+    let object = AppManifest::object_name(backup);
+    // Done before (the answer was lost): the same manifest.
+    if let Some(doc) = repo
+        .load_app_manifest(&object)
+        .await
+        .map_err(|e| repo_err(&target, e))?
+    {
+        tracing::info!(backup = %backup, "backup already committed; answering with its manifest");
+        return Ok(pb::BackupAppReply { manifest: doc });
+    }
+    // Cancelled before it began (a settle: an earlier attempt that may
+    // have run is stopped, and this one only says what was done).
+    if cancel.is_cancelled() {
+        return Err(not_started());
+    }
+
+    // What an earlier attempt (or another step) stopped and could not
+    // start again runs first: an app still down is never taken for one
+    // its owner stopped, and never left down by a backup that succeeds.
+    if let Some(j) = &ctx.journal {
+        let problems = journal::replay_app(j, ctx.platform.as_ref(), &team, &app_name).await;
+        if !problems.is_empty() {
+            return Err(fail(
+                ErrorCode::Unavailable,
+                format!(
+                    "components of {team}/{app_name} that Ferry stopped earlier do not start again ({}); nothing was stopped",
+                    problems.join("; ")
+                ),
+            ));
+        }
+    }
+    // Which stateful components run now: those are what cold mode stops.
+    let mut running = Vec::new();
+    for c in start_order(&app) {
+        let comp = app.component(&c).expect("invariant: ordered from the app");
+        let r = app.reference(&c);
+        let state = ctx.platform.status(&r).await?;
+        if comp.stateful && state == ComponentState::Running {
+            running.push(r);
+        } else if comp.stateful && state == ComponentState::Unknown && mode != BackupMode::Hot {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!("cannot tell whether {r} runs (it has no status command); give it one"),
+            ));
+        }
+    }
+    if mode == BackupMode::Refuse
+        && let Some(r) = running.first()
+    {
+        return Err(fail(
+            ErrorCode::FailedPrecondition,
+            format!("{r} runs, and mode refuse backs up only stopped apps; nothing was stopped"),
+        ));
+    }
+    let volumes = app.volumes.clone();
+    let tags = |pass: &str, v: &Volume| {
+        BTreeMap::from([
+            ("ferry.backup".to_owned(), backup.to_string()),
+            ("ferry.pass".to_owned(), pass.to_owned()),
+            ("ferry.volume".to_owned(), v.name.to_string()),
+        ])
+    };
+
+    // The containers' images and config, once, while the app runs, before
+    // the volumes' first pass (so the gap from it to the stop stays short).
+    let images = store_images(ctx, &repo, &target, &app, backup, &report).await?;
+
+    // Pass one, while the app runs.
+    let pass_started = Instant::now();
+    let cold = mode == BackupMode::Cold && !running.is_empty();
+    let first_pass = if cold { "pre-copy" } else { "copy" };
+    // Hot mode: each running component's pre_backup hook, in start order;
+    // its post_backup hook after the copy, in reverse, whatever happened.
+    let hooked = if mode == BackupMode::Hot {
+        pre_backup_hooks(ctx, &app, &report).await?
+    } else {
+        Vec::new()
+    };
+    let copied = async {
+        let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
+        for v in &volumes {
+            let t = tags(if cold { "pre" } else { "final" }, v);
+            let opts = pass_options(t, None, None);
+            pre.push(copy_volume(&repo, &target, v, opts, first_pass, &report).await?);
+        }
+        Ok::<_, StepFailure>(pre)
+    }
+    .await;
+    let after = post_backup_hooks(ctx, &app, &hooked, &report).await;
+    let pre = copied?;
+    after?;
+    let mut bytes_new: u64 = pre.iter().map(|(_, s)| s.bytes_new).sum();
+    if let Some(i) = &images {
+        bytes_new += i.bytes_new;
+    }
+    let pre_copy_ms = ms(pass_started.elapsed());
+
+    let mut stopped: Vec<ComponentRef> = Vec::new();
+    let mut timings = BackupTimings {
+        pre_copy_ms,
+        ..BackupTimings::default()
+    };
+    let finals = if cold {
+        let stop_order: Vec<ComponentRef> = running.iter().rev().cloned().collect();
+        // Each pre_stop hook, in stop order, while everything still runs.
+        for c in &stop_order {
+            let hook = app
+                .component(&c.component)
+                .and_then(|x| x.hooks.pre_stop.as_ref());
+            if let Some(hook) = hook {
+                report(0, 0, format!("pre_stop hook of {c}"));
+                ctx.platform.hook(c, "pre_stop", hook).await?;
+            }
+        }
+        // No prune may start between the stop and the delta pass: the lock
+        // is taken while the app runs (refused now, not once it is down).
+        let delta_cancel = cancel.child_token();
+        let shared = repo
+            .lock_shared("backup", delta_cancel.clone())
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        if cancel.is_cancelled() {
+            return Err(fail(ErrorCode::Cancelled, "cancelled; nothing was stopped"));
+        }
+        // Record what is about to stop, durably, before stopping anything;
+        // the entry is this attempt's own.
+        let held = match &ctx.journal {
+            Some(j) => Some(
+                j.begin(&format!("job-{}-{}", step.job_id, step.index), &stop_order)
+                    .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let stop_at = Instant::now();
+        // Stop, then the delta pass; the app starts again as soon as the
+        // delta pass has read every changed file, while its uploads drain.
+        // The volumes' passes run at once, each reading first: it copies
+        // the changed files into memory (up to its share of the delta
+        // buffer) and stores them once the app runs again.
+        let read_dones: Vec<_> = volumes
+            .iter()
+            .map(|_| Arc::new(tokio::sync::Notify::new()))
+            .collect();
+        let read_ahead = ctx.delta_buffer / volumes.len().max(1);
+        // The delta passes alone are cancelled if the app did not stay down.
+        let delta_repo = repo.with_cancel(delta_cancel.clone());
+        let stopping = async {
+            for c in &stop_order {
+                // A cancel (or the agent's shutdown) stops nothing more.
+                if cancel.is_cancelled() {
+                    return Err(fail(ErrorCode::Cancelled, "cancelled"));
+                }
+                report(0, 0, format!("stopping {c}"));
+                // Counted before the call: a stop that fails half-way (or
+                // times out while the platform goes on) is started again
+                // all the same (a start checks first whether it runs).
+                stopped.push(c.clone());
+                ctx.platform.stop(c).await?;
+            }
+            Ok::<_, StepFailure>(())
+        }
+        .await;
+        let delta_started = Instant::now();
+        let work = async {
+            stopping?;
+            tracing::info!(
+                stop_ms = ms(stop_at.elapsed()),
+                components = stopped.len(),
+                "stopped; delta pass started"
+            );
+            let passes =
+                volumes
+                    .iter()
+                    .zip(&pre)
+                    .zip(&read_dones)
+                    .map(|((v, (parent, _)), done)| {
+                        let opts = BackupOptions {
+                            read_ahead: Some(read_ahead),
+                            ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
+                        };
+                        copy_volume(&delta_repo, &target, v, opts, "delta pass", &report)
+                    });
+            let passes = futures::future::try_join_all(passes).await;
+            if passes.is_err() {
+                // The other volumes' passes stop too, not only their futures.
+                delta_cancel.cancel();
+            }
+            passes
+        };
+        // Every volume read ends the app's downtime (a notification before
+        // the wait is kept).
+        let all_read = async {
+            for done in &read_dones {
+                done.notified().await;
+            }
+        };
+        tokio::pin!(work);
+        let mut result = tokio::select! {
+            r = &mut work => Some(r),
+            () = all_read => None,
+        };
+        // The delta pass's share of the downtime: until its last read.
+        timings.delta_ms = ms(delta_started.elapsed());
+        // A component running again before Ferry starts it was started by
+        // someone else: what the delta pass read may be a live copy.
+        let mut started_by_other = None;
+        for c in &stopped {
+            if let Ok(ComponentState::Running) = ctx.platform.status(c).await {
+                started_by_other.get_or_insert_with(|| c.clone());
+            }
+        }
+        if started_by_other.is_some() {
+            delta_cancel.cancel();
+        }
+        // Whatever happened: start again exactly what was stopped, in
+        // start order, never what was not.
+        let entry = journal::Entry {
+            key: held
+                .as_ref()
+                .map(|h| h.key().to_owned())
+                .unwrap_or_default(),
+            stopped: stopped.clone(),
+        };
+        report(0, 0, "starting the app again".into());
+        let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
+        let wait = wait_running(
+            ctx.platform.as_ref(),
+            &stopped,
+            Duration::from_secs(60),
+            false,
+        )
+        .await;
+        timings.downtime_ms = ms(stop_at.elapsed());
+        tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
+        match (&restarted, &wait, held) {
+            (Ok(()), Ok(()), Some(held)) => {
+                if let Err(e) = held.clear() {
+                    tracing::error!(error = %e, "journal entry not cleared");
+                }
+            }
+            (Ok(()), Ok(()), None) => {}
+            (_, _, held) => {
+                // Released: the journal's replays start them once they can.
+                tracing::error!(journal = ?held.as_ref().map(|h| h.key()), "components Ferry stopped did not all start again; the journal keeps them")
+            }
+        }
+        // The uploads drain while the app runs.
+        let finals = match result.take() {
+            Some(r) => r,
+            None => work.await,
+        };
+        let finals = finals.map_err(|e| match shared.check() {
+            Err(lost) => repo_err(&target, lost),
+            Ok(()) => e,
+        });
+        shared.release().await;
+        if let Some(c) = started_by_other {
+            // Whatever the passes stored is no backup.
+            let mut made: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
+            if let Ok(finals) = &finals {
+                made.extend(finals.iter().map(|(id, _)| *id));
+            }
+            if let Some(i) = &images
+                && let Ok(id) = i.snapshot.parse::<SnapshotId>()
+            {
+                made.push(id);
+            }
+            if let Err(e) = repo.forget(&made).await {
+                tracing::warn!(error = %Chain(&e), "snapshots of the failed backup not forgotten");
+            }
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "{c} was started by someone else while Ferry had it stopped for the delta pass; nothing was committed (the backup would not be consistent)"
+                ),
+            ));
+        }
+        let finals = finals?;
+        restarted?;
+        wait.map_err(|m| fail(ErrorCode::FailedPrecondition, m))?;
+        timings.delta_bytes_read = finals.iter().map(|(_, s)| s.bytes_read).sum();
+        bytes_new += finals.iter().map(|(_, s)| s.bytes_new).sum::<u64>();
+        // The pre-copy snapshots are superseded by the final ones (their
+        // data is shared); forget them so only the final state is listed.
+        let pre: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
+        if let Err(e) = repo.forget(&pre).await {
+            tracing::warn!(error = %Chain(&e), "pre-copy snapshots not forgotten");
+        }
+        finals
+    } else {
+        pre
+    };
+
+    timings.bytes_new = bytes_new;
+    let vols = volumes
+        .iter()
+        .zip(&finals)
+        .map(|(v, (snap, s))| VolumeSnapshot {
+            volume: v.name.clone(),
+            path: v.path.clone(),
+            snapshot: snap.to_hex(),
+            files: s.files,
+            bytes: s.bytes_total,
+        })
+        .collect();
+    timings.total_ms = ms(started.elapsed());
+    let mut captured = app.clone();
+    for c in &mut captured.components {
+        c.state = ComponentState::Unknown;
+    }
+    let manifest = AppManifest {
+        format: ferry_core::backup::MANIFEST_FORMAT,
+        backup,
+        job,
+        storage: name("storage", &r.storage)?,
+        ferry_version: env!("CARGO_PKG_VERSION").to_owned(),
+        cluster: name::<ClusterName>("cluster", &r.cluster)?,
+        node: name::<NodeName>("node", &r.node)?,
+        app: captured,
+        mode,
+        stopped: stopped.iter().map(|c| c.component.clone()).collect(),
+        volumes: vols,
+        images,
+        started_at,
+        finished_at: Timestamp::now(),
+        timings,
+    };
+    let doc = manifest.to_json();
+    // The commit point.
+    repo.save_app_manifest(&object, &doc)
+        .await
+        .map_err(|e| repo_err(&target, e))?;
+    tracing::info!(backup = %backup, app = %app_name, team = %team, downtime_ms = manifest.timings.downtime_ms, "backup committed");
+    Ok(pb::BackupAppReply { manifest: doc })
+}
+
+/// Backs a volume up; its progress has no total (a backup does not know
+/// how much it will read).
+async fn copy_volume(
+    repo: &Repository,
+    target: &str,
+    v: &Volume,
+    opts: BackupOptions,
+    pass: &str,
+    report: &Report,
+) -> StepResult<(SnapshotId, BackupSummary)> {
+    let line = format!("{pass} of {}", v.path);
+    report(0, 0, line.clone());
+    let r = report.clone();
+    let progress = Arc::new(move |p: &ProgressInfo| {
+        r(p.bytes, 0, format!("{line}: {} files", p.files));
+    });
+    let out = repo
+        .backup(v.path.as_path(), opts, Some(progress))
+        .await
+        .map_err(|e| repo_err(target, e))?;
+    let id = out
+        .id
+        .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))?;
+    Ok((id, out.snapshot.summary))
+}
+
+/// Exports the images the app's components run (none on the host driver)
+/// into `DATA_DIR/tmp/images-<backup>/images.tar` and stores that directory
+/// as a snapshot of its own; the archive is removed afterwards.
+async fn store_images(
+    ctx: &StepCtx,
+    repo: &Repository,
+    target: &str,
+    app: &App,
+    backup: BackupId,
+    report: &Report,
+) -> StepResult<Option<ImagesSnapshot>> {
+    let dir = ctx.scratch_dir.join(format!("images-{backup}"));
+    let staged = |e: std::io::Error| {
+        fail(
+            ErrorCode::Internal,
+            format!("staging images in {}: {e}", dir.display()),
+        )
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    // What is staged (container config holds secrets) is the agent's
+    // alone: 0700 directories whatever the umask, 0600 files.
+    crate::durable::private_dir(&ctx.scratch_dir)
+        .and_then(|()| crate::durable::private_dir(&dir))
+        .map_err(staged)?;
+    let stored = async {
+        report(0, 0, "exporting images".into());
+        let Some((images, bytes)) = ctx
+            .platform
+            .export_images(app, &dir.join("images.tar"))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let volume = Volume {
+            name: VolumeName::new("images").map_err(|e| invalid(e.to_string()))?,
+            path: HostPath::new(dir.display().to_string()).map_err(|e| invalid(e.to_string()))?,
+        };
+        let tags = BTreeMap::from([
+            ("ferry.backup".to_owned(), backup.to_string()),
+            ("ferry.pass".to_owned(), "images".to_owned()),
+        ]);
+        let opts = pass_options(tags, None, None);
+        let (id, summary) = copy_volume(repo, target, &volume, opts, "images", report).await?;
+        Ok(Some(ImagesSnapshot {
+            snapshot: id.to_hex(),
+            images,
+            bytes,
+            bytes_new: summary.bytes_new,
+        }))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    stored
+}
+
+/// Runs the `pre_backup` hook of every component that is not stopped, in
+/// start order; returns those to run `post_backup` for (hooked ones, and
+/// those with only a `post_backup`). A failing hook fails the backup once
+/// the `post_backup` hooks of the components before it have run.
+async fn pre_backup_hooks(
+    ctx: &StepCtx,
+    app: &App,
+    report: &Report,
+) -> StepResult<Vec<ComponentName>> {
+    let mut hooked = Vec::new();
+    for c in start_order(app) {
+        let comp = app.component(&c).expect("invariant: ordered from the app");
+        let r = app.reference(&c);
+        if !comp.hooks.has_hot() {
+            continue;
+        }
+        match ctx.platform.status(&r).await {
+            Ok(ComponentState::Stopped) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = post_backup_hooks(ctx, app, &hooked, report).await;
+                return Err(e.into());
+            }
+        }
+        if let Some(pre) = &comp.hooks.pre_backup {
+            report(0, 0, format!("pre_backup hook of {r}"));
+            if let Err(e) = ctx.platform.hook(&r, "pre_backup", pre).await {
+                let _ = post_backup_hooks(ctx, app, &hooked, report).await;
+                return Err(e.into());
+            }
+        }
+        hooked.push(c);
+    }
+    Ok(hooked)
+}
+
+/// Runs the `post_backup` hooks of `hooked`, in reverse order, every one
+/// even when one fails; fails with the first failure.
+async fn post_backup_hooks(
+    ctx: &StepCtx,
+    app: &App,
+    hooked: &[ComponentName],
+    report: &Report,
+) -> StepResult<()> {
+    let mut first = None;
+    for c in hooked.iter().rev() {
+        let Some(post) = app.component(c).and_then(|c| c.hooks.post_backup.as_ref()) else {
+            continue;
+        };
+        let r = app.reference(c);
+        report(0, 0, format!("post_backup hook of {r}"));
+        if let Err(e) = ctx.platform.hook(&r, "post_backup", post).await {
+            tracing::error!(component = %r, error = %Chain(&e), "post_backup hook failed");
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// A pass's backup options: its tags, its parent (none: read everything),
+/// and whom to tell once it has read every file.
+fn pass_options(
+    tags: BTreeMap<String, String>,
+    parent: Option<SnapshotId>,
+    read_done: Option<Arc<tokio::sync::Notify>>,
+) -> BackupOptions {
+    BackupOptions {
+        tags,
+        parent,
+        no_parent: parent.is_none(),
+        read_done,
+        ..BackupOptions::default()
+    }
+}

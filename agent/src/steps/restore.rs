@@ -1,0 +1,255 @@
+//! Restore a backup as a copy: fresh volumes in a home of the copy's own,
+//! new identities and ports, registered with the agent and started.
+
+use super::*;
+
+/// Replaces `{port:NAME=OLD}` with `{port:NAME=NEW}` where NAME is remapped.
+fn remap_ports(arg: &str, ports: &BTreeMap<String, (u16, u16)>) -> String {
+    let mut out = arg.to_owned();
+    for (name, (old, new)) in ports {
+        out = out.replace(
+            &format!("{{port:{name}={old}}}"),
+            &format!("{{port:{name}={new}}}"),
+        );
+    }
+    out
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// The copy of `app` as `team/name`, with its volumes at `paths` and its
+/// ports moved where the original's are taken.
+fn copy_of(
+    app: &App,
+    team: &TeamName,
+    name: &AppName,
+    paths: &[PathBuf],
+    taken: &[u16],
+) -> StepResult<(App, Vec<String>)> {
+    // Longest first, so /a/b is replaced before /a.
+    let mut moves: Vec<(String, String)> = app
+        .volumes
+        .iter()
+        .zip(paths)
+        .map(|(v, p)| (v.path.to_string(), p.display().to_string()))
+        .collect();
+    moves.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+    let mut ports = BTreeMap::new();
+    let mut used: Vec<u16> = taken.to_vec();
+    for (pname, port) in crate::platform::host::declared_ports(app) {
+        let mut p = port;
+        while used.contains(&p) || !port_free(p) {
+            p = p.checked_add(1).ok_or_else(|| {
+                fail(
+                    ErrorCode::Unavailable,
+                    format!("no free port above {port} for {pname}"),
+                )
+            })?;
+        }
+        used.push(p);
+        if p != port {
+            ports.insert(pname, (port, p));
+        }
+    }
+    let rewrite = |arg: &String| {
+        let mut a = arg.clone();
+        for (from, to) in &moves {
+            a = a.replace(from.as_str(), to);
+        }
+        remap_ports(&a, &ports)
+    };
+    let argv = |a: &ferry_core::Argv| {
+        ferry_core::Argv::new(a.as_slice().iter().map(rewrite).collect())
+            .map_err(|e| invalid(e.to_string()))
+    };
+    let mut copy = app.clone();
+    copy.team = team.clone();
+    copy.name = name.clone();
+    for (v, p) in copy.volumes.iter_mut().zip(paths) {
+        v.path = HostPath::new(p.display().to_string()).map_err(|e| invalid(e.to_string()))?;
+    }
+    for c in &mut copy.components {
+        c.state = ComponentState::Unknown;
+        c.hooks = ferry_core::Hooks {
+            pre_backup: c.hooks.pre_backup.as_ref().map(argv).transpose()?,
+            post_backup: c.hooks.post_backup.as_ref().map(argv).transpose()?,
+            pre_stop: c.hooks.pre_stop.as_ref().map(argv).transpose()?,
+        };
+        if let ComponentKind::Host(HostComponent::Commands {
+            start,
+            stop,
+            status,
+        }) = &c.kind
+        {
+            c.kind = ComponentKind::Host(HostComponent::Commands {
+                start: argv(start)?,
+                stop: argv(stop)?,
+                status: status.as_ref().map(argv).transpose()?,
+            });
+        } else {
+            return Err(fail(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "component {} is a systemd unit; a copy needs start/stop commands (a unit cannot run twice)",
+                    c.name
+                ),
+            ));
+        }
+    }
+    copy.validate().map_err(|e| invalid(e.to_string()))?;
+    let remapped = ports
+        .iter()
+        .map(|(n, (_, new))| format!("{n}={new}"))
+        .collect();
+    Ok((copy, remapped))
+}
+
+pub async fn restore_app(
+    ctx: &StepCtx,
+    r: pb::RestoreAppRequest,
+    cancel: CancellationToken,
+    report: Report,
+) -> StepResult<pb::RestoreAppReply> {
+    let manifest =
+        AppManifest::parse(&r.manifest).map_err(|e| invalid(format!("manifest: {e}")))?;
+    let team: TeamName = name("team", &r.team)?;
+    let app_name: AppName = name("app", &r.app)?;
+    let job = r.step.unwrap_or_default().job_id;
+    let root = ctx.platform.copies_dir().ok_or_else(|| {
+        fail(
+            ErrorCode::FailedPrecondition,
+            "this agent cannot hold copies",
+        )
+    })?;
+    // Done before (the answer was lost)?
+    if let Some(existing) = ctx.platform.app(&team, &app_name).await? {
+        if ctx.platform.copy_job(&team, &app_name) == Some(job) {
+            return Ok(pb::RestoreAppReply {
+                volume_paths: existing
+                    .volumes
+                    .iter()
+                    .map(|v| v.path.to_string())
+                    .collect(),
+                remapped_ports: Vec::new(),
+            });
+        }
+        return Err(fail(
+            ErrorCode::AlreadyExists,
+            format!("app {team}/{app_name} already exists on this agent"),
+        ));
+    }
+    if cancel.is_cancelled() {
+        return Err(not_started());
+    }
+    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+    let repo = repo.with_cancel(cancel);
+    // One directory per restoring job: an attempt of this job clears what
+    // an earlier one left there, and never touches what another job left
+    // (a copy removed with its data kept).
+    let base = copy_home(&root, &team, &app_name, job)?;
+    let mut paths = Vec::new();
+    for (i, v) in manifest.volumes.iter().enumerate() {
+        let dir = base.join(format!("v{i}"));
+        let partial = base.join(format!(".v{i}.partial"));
+        // What an interrupted attempt of this job left goes first.
+        for p in [partial.clone(), dir.clone()] {
+            if p.exists() {
+                tokio::task::spawn_blocking(move || {
+                    std::fs::remove_dir_all(&p).map_err(|e| (p, e))
+                })
+                .await
+                .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
+                .map_err(|(p, e)| {
+                    fail(
+                        ErrorCode::Internal,
+                        format!("cannot clear {}: {e}", p.display()),
+                    )
+                })?;
+            }
+        }
+        let snap: SnapshotId = v
+            .snapshot
+            .parse()
+            .map_err(|_| invalid(format!("snapshot id of volume {}", v.volume)))?;
+        let line = format!("restore {} to {}", v.volume, dir.display());
+        report(0, v.bytes, line.clone());
+        let rep = report.clone();
+        let total = v.bytes;
+        let progress = Arc::new(move |p: &ProgressInfo| rep(p.bytes, total, line.clone()));
+        repo.restore(snap, None, &partial, Some(progress))
+            .await
+            .map_err(|e| repo_err(&target, e))?;
+        std::fs::rename(&partial, &dir).map_err(|e| {
+            fail(
+                ErrorCode::Internal,
+                format!("cannot move {} into place: {e}", dir.display()),
+            )
+        })?;
+        paths.push(dir);
+    }
+    // Volumes the manifest has no snapshot for (none today) start empty.
+    let mut all_paths = Vec::new();
+    for v in &manifest.app.volumes {
+        match manifest.volumes.iter().position(|s| s.volume == v.name) {
+            Some(i) => all_paths.push(paths[i].clone()),
+            None => {
+                let d = base.join(format!("empty-{}", all_paths.len()));
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+                all_paths.push(d);
+            }
+        }
+    }
+    let (copy, remapped) = copy_of(
+        &manifest.app,
+        &team,
+        &app_name,
+        &all_paths,
+        &ctx.platform.ports_in_use(),
+    )?;
+    ctx.platform.add_copy(copy.clone(), job).await?;
+    report(0, 0, format!("starting {team}/{app_name}"));
+    for c in start_order(&copy) {
+        let r = copy.reference(&c);
+        if ctx.platform.status(&r).await? != ComponentState::Running {
+            ctx.platform.start(&r).await?;
+        }
+    }
+    tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
+    Ok(pb::RestoreAppReply {
+        volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
+        remapped_ports: remapped,
+    })
+}
+
+/// `ROOT/TEAM/APP/job-N`, the home of the copy job `N` restores: every
+/// directory Ferry makes on the way is 0711 (whatever the umask), so the
+/// copy's own user passes through to its volumes (which get the backed-up
+/// directories' owners and modes) without listing anything.
+fn copy_home(
+    root: &std::path::Path,
+    team: &TeamName,
+    app: &AppName,
+    job: u64,
+) -> StepResult<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let team_dir = root.join(team.as_str());
+    let app_dir = team_dir.join(app.as_str());
+    let home = app_dir.join(format!("job-{job}"));
+    for dir in [root, &team_dir, &app_dir, &home] {
+        if dir.is_dir() {
+            continue;
+        }
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| {
+                fail(
+                    ErrorCode::Internal,
+                    format!("cannot create the copies directory {}: {e}", dir.display()),
+                )
+            })?;
+    }
+    Ok(home)
+}
