@@ -117,6 +117,11 @@ pub trait Platform: Send + Sync {
     /// Where restored copies' volumes go; none: this agent makes no copies.
     fn copies_dir(&self) -> Option<std::path::PathBuf>;
 
+    /// The drivers whose apps this agent restores copies of (told to the
+    /// controller, which refuses a restore no agent can make before
+    /// anything stops).
+    fn restores(&self) -> Vec<&'static str>;
+
     /// An app's definition, if the agent has it (component states as the
     /// driver knows them: unknown for the host driver).
     async fn app(
@@ -218,6 +223,14 @@ impl Platform for Platforms {
 
     fn copies_dir(&self) -> Option<std::path::PathBuf> {
         self.host.copies_dir()
+    }
+
+    fn restores(&self) -> Vec<&'static str> {
+        let mut all = self.host.restores();
+        if let Some(c) = &self.containers {
+            all.extend(c.restores());
+        }
+        all
     }
 
     async fn app(

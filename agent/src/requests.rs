@@ -204,7 +204,11 @@ impl Dispatcher {
                 // A job step handles its own cancel (it may have to start
                 // what it stopped first) and runs in a task of its own, so
                 // that the end of the session cannot cut it short.
-                let step = tokio::spawn(step(ctx.clone(), id, kind, cancel));
+                let span = step_span(id, &kind);
+                let step = tokio::spawn(tracing::Instrument::instrument(
+                    step(ctx.clone(), id, kind, cancel),
+                    span,
+                ));
                 match step.await {
                     Ok(r) => r,
                     Err(e) => error(ErrorCode::Internal, format!("step task failed: {e}")),
@@ -398,6 +402,23 @@ async fn step(
         }
     }
     result.unwrap_or_else(|f| error(f.code, f.message))
+}
+
+/// One span per job step: what it is, its job and place, its app.
+fn step_span(request: u64, kind: &pb::request::Kind) -> tracing::Span {
+    use pb::request::Kind as K;
+    let (what, app) = match kind {
+        K::BackupApp(r) => ("backup", format!("{}/{}", r.team, r.app)),
+        K::RestoreApp(r) => ("restore", format!("{}/{}", r.team, r.app)),
+        K::RemoveApp(r) => ("remove", format!("{}/{}", r.team, r.app)),
+        K::CheckApp(r) => ("check", format!("{}/{}", r.team, r.app)),
+        K::ForgetBackup(_) => ("forget", String::new()),
+        K::VerifyBackup(_) => ("verify", String::new()),
+        K::Prune(_) => ("prune", String::new()),
+        _ => ("other", String::new()),
+    };
+    let (job, index, undo) = step_of(kind).unwrap_or_default();
+    tracing::info_span!("step", what, request, job, index, undo, app)
 }
 
 /// The job, plan index and undo flag of a step request.

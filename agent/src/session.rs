@@ -244,6 +244,12 @@ async fn session_once(
         node: s.node.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         platform: steps.platform.name().to_owned(),
+        restores: steps
+            .platform
+            .restores()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
     })));
     let mut inbound = AgentSessionsClient::new(channel)
         .open_session(ReceiverStream::new(rx))

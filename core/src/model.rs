@@ -220,6 +220,16 @@ impl ComponentKind {
             Self::Container(_) => "container",
         }
     }
+
+    /// The platform driver that owns components of this kind (`host`,
+    /// `containers`): an agent restores copies of an app only if it has
+    /// the driver of each of its components.
+    pub fn driver(&self) -> &'static str {
+        match self {
+            Self::Host(_) => "host",
+            Self::Container(_) => "containers",
+        }
+    }
 }
 
 /// A container on a Docker Engine API (Docker or Podman), as the

@@ -479,6 +479,7 @@ async fn the_controller_refuses_what_it_must_and_writes_nothing() -> anyhow::Res
             node: "n1".into(),
             version: "test".into(),
             platform: "host".into(),
+            restores: Vec::new(),
         })),
     };
     let s = AgentSessionsClient::new(ch.clone())

@@ -371,6 +371,7 @@ pub async fn open_agent_session(
             node: node.to_owned(),
             version: "raw".into(),
             platform: "host".into(),
+            restores: Vec::new(),
         })),
     })
     .await?;

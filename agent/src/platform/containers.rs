@@ -798,6 +798,11 @@ impl Platform for ContainerPlatform {
         None
     }
 
+    fn restores(&self) -> Vec<&'static str> {
+        // Restoring container apps as copies is not built yet.
+        Vec::new()
+    }
+
     async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
         Ok(self
             .apps()

@@ -360,6 +360,14 @@ impl Platform for HostPlatform {
         self.copies_root.clone()
     }
 
+    fn restores(&self) -> Vec<&'static str> {
+        if self.copies_root.is_some() {
+            vec!["host"]
+        } else {
+            Vec::new()
+        }
+    }
+
     async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
         Ok(self
             .read()

@@ -79,6 +79,12 @@ impl AgentSessionApi {
         }
         record.version = hello.version.chars().take(64).collect();
         record.platform = hello.platform.chars().take(64).collect();
+        record.restores = hello
+            .restores
+            .iter()
+            .take(16)
+            .map(|d| d.chars().take(64).collect())
+            .collect();
         record.last_seen = Timestamp::now();
         self.shared.catalog.upsert_agent(record.clone()).await?;
         Ok(record)

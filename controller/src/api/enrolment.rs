@@ -87,6 +87,7 @@ impl EnrollmentApi {
                 node: join.node.clone(),
                 version: String::new(),
                 platform: String::new(),
+                restores: Vec::new(),
                 enrolled_at: now,
                 last_seen: now,
                 cert_serial: issued.serial.clone(),

@@ -113,6 +113,7 @@ fn agent(id: &str, c: &str, n: &str, at: i64) -> AgentRecord {
         node: node(n),
         version: "0.1.0".into(),
         platform: "host".into(),
+        restores: vec!["host".into()],
         enrolled_at: t(at),
         last_seen: t(at),
         cert_serial: format!("{id}-serial"),

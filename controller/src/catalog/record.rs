@@ -53,6 +53,11 @@ pub struct AgentRecord {
     pub version: String,
     /// Platform driver: `containers`, `kubernetes`, `host`, …
     pub platform: String,
+    /// The drivers whose apps the agent restores copies of, as it said at
+    /// its last hello (empty: an agent older than that, which restores
+    /// host apps).
+    #[serde(default)]
+    pub restores: Vec<String>,
     pub enrolled_at: Timestamp,
     pub last_seen: Timestamp,
     /// Serial number of the agent's client certificate (hex).

@@ -3,12 +3,16 @@
 //! request that cannot work is refused with the reason instead of failing
 //! later.
 
-use ferry_core::{AgentId, AppName, BackupId, BackupMode, ClusterName, LocationName, TeamName};
+use std::collections::BTreeSet;
+
+use ferry_core::{
+    AgentId, App, AppName, BackupId, BackupMode, ClusterName, LocationName, TeamName,
+};
 
 use super::machine::{Executor, Job, Limits, Step};
 use super::work::{AppAt, JobKind, JobState, Work};
 use crate::catalog::{
-    AppFilter, BackupRecord, Catalog, CatalogError, Counter, PageRequest, StorageKind,
+    AgentRecord, AppFilter, BackupRecord, Catalog, CatalogError, Counter, PageRequest, StorageKind,
     StorageRecord,
 };
 use crate::fleet::Fleet;
@@ -100,13 +104,13 @@ impl Planner<'_> {
             .ok_or_else(|| PlanError::NotFound(format!("storage location {name} not found")))
     }
 
-    /// The app and the agent that reports it.
+    /// The app, where it is and the agent that reports it.
     async fn source(
         &self,
         cluster: &ClusterName,
         team: &TeamName,
         app: &AppName,
-    ) -> Result<(AppAt, AgentId), PlanError> {
+    ) -> Result<(AppAt, AgentId, App), PlanError> {
         let rec = self.catalog.get_app(cluster, team, app).await?.ok_or_else(|| {
             PlanError::NotFound(format!(
                 "app {team}/{app} is not in cluster {cluster} (`ferryctl app ls --cluster {cluster}` lists its apps)"
@@ -130,6 +134,7 @@ impl Planner<'_> {
                 app: app.clone(),
             },
             agent.id,
+            rec.app,
         ))
     }
 
@@ -188,23 +193,56 @@ impl Planner<'_> {
         Ok(rec)
     }
 
-    /// An agent of the destination cluster, online if one is.
-    async fn agent_in(
+    /// The agent of `cluster` that restores a copy of `app`: one whose
+    /// drivers restore every component of it, an online one first. None:
+    /// refused now, before anything stops.
+    async fn restorer(
         &self,
         cluster: &ClusterName,
+        app: &App,
     ) -> Result<(ferry_core::NodeName, AgentId), PlanError> {
-        if let Some(a) = self.fleet.online_agents(cluster).into_iter().next() {
-            return Ok(a);
-        }
-        let page = self
+        let needed: BTreeSet<&str> = app.components.iter().map(|c| c.kind.driver()).collect();
+        let mut agents = self
             .catalog
-            .list_agents(Some(cluster), &PageRequest::first(1))
-            .await?;
-        page.items
+            .list_agents(Some(cluster), &PageRequest::all())
+            .await?
+            .items;
+        if agents.is_empty() {
+            return Err(PlanError::NotFound(format!(
+                "cluster {cluster} has no agent"
+            )));
+        }
+        let online: Vec<AgentId> = self
+            .fleet
+            .online_agents(cluster)
             .into_iter()
-            .next()
-            .map(|a| (a.node, a.id))
-            .ok_or_else(|| PlanError::NotFound(format!("cluster {cluster} has no agent")))
+            .map(|(_, a)| a)
+            .collect();
+        agents.sort_by_key(|a| !online.contains(&a.id));
+        // An agent older than the `restores` field restores host apps.
+        let restores = |a: &AgentRecord| -> Vec<String> {
+            if a.restores.is_empty() {
+                vec!["host".to_owned()]
+            } else {
+                a.restores.clone()
+            }
+        };
+        if let Some(a) = agents
+            .iter()
+            .find(|a| needed.iter().all(|d| restores(a).iter().any(|r| r == d)))
+        {
+            return Ok((a.node.clone(), a.id.clone()));
+        }
+        let theirs: BTreeSet<String> = agents.iter().flat_map(restores).collect();
+        Err(PlanError::Invalid(format!(
+            "no agent of cluster {cluster} restores copies of {} apps (its agents restore: {}); nothing was started",
+            needed.into_iter().collect::<Vec<_>>().join(" and "),
+            if theirs.is_empty() {
+                "none".to_owned()
+            } else {
+                theirs.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        )))
     }
 
     /// The copy's name: the one asked for, if free, or else the original's
@@ -250,16 +288,16 @@ impl Planner<'_> {
     async fn restore_steps(
         &self,
         backup: BackupId,
-        original: &AppName,
+        original: &App,
         source: Option<(&AppAt, &AgentId)>,
         to: &Destination,
     ) -> Result<(Vec<Step<Work>>, AppAt), PlanError> {
-        let (node, agent) = self.agent_in(&to.cluster).await?;
+        let (node, agent) = self.restorer(&to.cluster, original).await?;
         let copy = AppAt {
             cluster: to.cluster.clone(),
             node,
             team: to.team.clone(),
-            app: self.copy_name(original, to).await?,
+            app: self.copy_name(&original.name, to).await?,
         };
         let mut steps = vec![
             agent_step(
@@ -302,7 +340,7 @@ impl Planner<'_> {
         storage: Option<&LocationName>,
         mode: BackupMode,
     ) -> Result<JobState, PlanError> {
-        let (source, agent) = self.source(cluster, team, app).await?;
+        let (source, agent, _) = self.source(cluster, team, app).await?;
         let rec = self.pick_storage(storage, cluster, None).await?;
         let backup = BackupId::new(self.catalog.next_id(Counter::Backup).await?)?;
         let summary = format!("back up {source} to {} ({mode})", rec.name);
@@ -332,17 +370,13 @@ impl Planner<'_> {
         }
         let m = &b.manifest;
         let source = if to.delete_source {
-            Some(self.source(&m.cluster, &m.app.team, &m.app.name).await?)
+            let (at, agent, _) = self.source(&m.cluster, &m.app.team, &m.app.name).await?;
+            Some((at, agent))
         } else {
             None
         };
         let (steps, copy) = self
-            .restore_steps(
-                backup,
-                &m.app.name,
-                source.as_ref().map(|(a, g)| (a, g)),
-                to,
-            )
+            .restore_steps(backup, &m.app, source.as_ref().map(|(a, g)| (a, g)), to)
             .await?;
         let summary = format!(
             "restore backup {backup} of {}/{} as {copy}",
@@ -361,13 +395,13 @@ impl Planner<'_> {
         mode: BackupMode,
         to: &Destination,
     ) -> Result<JobState, PlanError> {
-        let (source, agent) = self.source(cluster, team, app).await?;
+        let (source, agent, original) = self.source(cluster, team, app).await?;
         let rec = self
             .pick_storage(storage, cluster, Some(&to.cluster))
             .await?;
         let backup = BackupId::new(self.catalog.next_id(Counter::Backup).await?)?;
         let (restore, copy) = self
-            .restore_steps(backup, app, Some((&source, &agent)), to)
+            .restore_steps(backup, &original, Some((&source, &agent)), to)
             .await?;
         let summary = format!("migrate {source} to {copy} through {}", rec.name);
         let mut steps = vec![agent_step(
