@@ -513,8 +513,10 @@ async fn reading_first_copies_the_files_before_storing_and_the_source_may_change
         1,
     ));
     let repo = init(faulty.clone(), 1 << 20).await;
-    // The first two pack uploads wait 5 s: nothing is stored meanwhile.
-    for n in [1, 2] {
+    // The first eight pack uploads wait 5 s: nothing is stored meanwhile
+    // (holding only the first two once let a third through on a busy
+    // machine).
+    for n in 1..=8 {
         faulty.inject(
             Rule::new(Fault::Delay(std::time::Duration::from_secs(5)))
                 .op(Op::Put)

@@ -754,6 +754,35 @@ async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_a
     Ok(())
 }
 
+/// The agent is stopped (SIGTERM, as systemd stops it) while PostgreSQL is
+/// down for the delta pass: it starts PostgreSQL again before it exits and
+/// leaves no journal entry. Its step does not answer (a shutdown is no
+/// cancel) and runs again as attempt 2 once the agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_in_the_delta_pass_starts_postgres_before_it_exits() -> anyhow::Result<()>
+{
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let vol = site.vol();
+    let pm = Servers::postmaster(&vol).context("postgres runs")?;
+    let id = site.backup_until_delta().await?;
+    site.agent_a.stop().await?;
+    let after = Servers::postmaster(&vol).context("postgres runs once the agent has exited")?;
+    assert_ne!(after, pm, "stopped for the delta pass, then started again");
+    assert_eq!(site.journal_entries(), 0);
+    let (_, out, _) = ferryctl(&site.ctl, &["job", "show", &id, "-o", "json"])?;
+    assert_eq!(json(&out)?["state"], "running", "{out}");
+    site.respawn_agent_a("agent-2.log")?;
+    let job = site.job_end(&id)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
+    assert_eq!(site.backups()?.len(), 1);
+    site.ready(TEAM, APP).await?;
+    assert_eq!(site.journal_entries(), 0);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_backup_reconciles_the_job_at_start() -> anyhow::Result<()> {
     let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
