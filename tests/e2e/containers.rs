@@ -270,41 +270,36 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     // Copies of container apps are not built yet, and no agent says it
     // makes them: a migrate is refused before its backup stops anything,
     // and so is a restore.
-    let (code, out, err) = ferryctl(
-        &ctl,
-        &[
-            "app",
-            "migrate",
-            "shop",
-            "--cluster",
-            "a",
-            "--team",
-            "web",
-            "--to-cluster",
-            "a",
-            "--to-team",
-            "t2",
-        ],
-    )?;
-    assert_eq!(code, 2, "{out}{err}");
-    assert!(
-        err.contains("no agent of cluster a restores copies of containers apps"),
-        "{err}"
-    );
-    let (code, out, err) = ferryctl(
-        &ctl,
-        &[
-            "backup",
-            "restore",
-            &bid,
-            "--to-cluster",
-            "a",
-            "--to-team",
-            "t2",
-        ],
-    )?;
-    assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains("restores copies of containers apps"), "{err}");
+    let migrate = [
+        "app",
+        "migrate",
+        "shop",
+        "--cluster",
+        "a",
+        "--team",
+        "web",
+        "--to-cluster",
+        "a",
+        "--to-team",
+        "t2",
+    ];
+    let restore = [
+        "backup",
+        "restore",
+        &bid,
+        "--to-cluster",
+        "a",
+        "--to-team",
+        "t2",
+    ];
+    for args in [&migrate[..], &restore[..]] {
+        let (code, out, err) = ferryctl(&ctl, args)?;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("no agent of cluster a restores copies of containers apps"),
+            "{err}"
+        );
+    }
     // hot: nothing stopped, db's pre_backup and post_backup around the copy.
     let (code, out, err) = backup_shop(&ctl, &["--mode", "hot"])?;
     assert_eq!(code, 0, "{out}{err}");

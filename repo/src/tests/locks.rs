@@ -138,64 +138,23 @@ async fn locks_go_stale_without_refresh_and_unlock_removes_only_stale_ones() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_lock_fails_its_backup_and_commits_nothing() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let src = tmp.path().join("src");
+/// A slow backup of 8 MiB (every pack upload held 150 ms) on `clock`,
+/// once it holds its lock: another handle on the repository, and the
+/// backup's task.
+async fn slow_backup_holding_its_lock(
+    tmp: &std::path::Path,
+    clock: Clock,
+) -> (
+    Repository,
+    tokio::task::JoinHandle<Result<crate::backup::BackupOutcome, RepoError>>,
+) {
+    let src = tmp.join("src");
     fs::create_dir_all(&src).expect("mkdir");
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     for i in 0..8 {
         fs::write(src.join(format!("f{i}")), random_bytes(&mut rng, 1 << 20)).expect("write");
     }
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
-    let repo = init(local.clone(), 128 * 1024).await;
-    let store = faulty(local.clone());
-    store.inject(
-        Rule::new(Fault::Delay(Duration::from_millis(150)))
-            .op(Op::Put)
-            .prefix(DATA_PREFIX),
-    );
-    let slow = Repository::open(store, PW)
-        .await
-        .expect("open")
-        .with_lock_timing(fast_locks());
-    let backup = {
-        let src = src.clone();
-        tokio::spawn(async move { slow.backup(&src, backup_opts(), None).await })
-    };
-    wait_until(30, "the backup's lock", || async {
-        !repo.all_locks().await.expect("locks").is_empty()
-    })
-    .await;
-    // Someone removes every lock (`repo unlock --all`) mid-backup.
-    repo.unlock(true).await.expect("unlock");
-    let res = tokio::time::timeout(Duration::from_secs(30), backup)
-        .await
-        .expect("the backup stops")
-        .expect("task");
-    match res {
-        Err(RepoError::LockLost { reason, .. }) => {
-            assert!(reason.contains("removed"), "{reason}")
-        }
-        other => panic!("expected a lost lock, got {other:?}"),
-    }
-    assert!(repo.list_snapshots().await.expect("list").is_empty());
-}
-
-/// A process that stalled past its lock's expiry may find the lock taken
-/// for stale (a prune may have deleted what it reuses): the refresher
-/// never extends it then, and the backup fails without committing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lock_that_expired_is_lost_never_extended() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let src = tmp.path().join("src");
-    fs::create_dir_all(&src).expect("mkdir");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for i in 0..8 {
-        fs::write(src.join(format!("f{i}")), random_bytes(&mut rng, 1 << 20)).expect("write");
-    }
-    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.path().join("repo")));
-    let clock = Clock::manual(1_800_000_000);
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(tmp.join("repo")));
     let repo = init(local.clone(), 128 * 1024)
         .await
         .with_clock(clock.clone());
@@ -208,27 +167,53 @@ async fn a_lock_that_expired_is_lost_never_extended() {
     let slow = Repository::open(store, PW)
         .await
         .expect("open")
-        .with_clock(clock.clone())
+        .with_clock(clock)
         .with_lock_timing(fast_locks());
-    let backup = {
-        let src = src.clone();
-        tokio::spawn(async move { slow.backup(&src, backup_opts(), None).await })
-    };
+    let backup = tokio::spawn(async move { slow.backup(&src, backup_opts(), None).await });
     wait_until(30, "the backup's lock", || async {
         !repo.all_locks().await.expect("locks").is_empty()
     })
     .await;
-    // The process stalls past the lock's lifetime.
-    clock.advance(31 * 60);
+    (repo, backup)
+}
+
+/// The backup stops with its lock lost (the reason names `why`) and
+/// commits nothing.
+async fn ends_with_its_lock_lost(
+    repo: &Repository,
+    backup: tokio::task::JoinHandle<Result<crate::backup::BackupOutcome, RepoError>>,
+    why: &str,
+) {
     let res = tokio::time::timeout(Duration::from_secs(30), backup)
         .await
         .expect("the backup stops")
         .expect("task");
     match res {
-        Err(RepoError::LockLost { reason, .. }) => {
-            assert!(reason.contains("expired"), "{reason}")
-        }
+        Err(RepoError::LockLost { reason, .. }) => assert!(reason.contains(why), "{reason}"),
         other => panic!("expected a lost lock, got {other:?}"),
     }
     assert!(repo.list_snapshots().await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lock_fails_its_backup_and_commits_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (repo, backup) =
+        slow_backup_holding_its_lock(tmp.path(), Clock::manual(1_800_000_000)).await;
+    // Someone removes every lock (`repo unlock --all`) mid-backup.
+    repo.unlock(true).await.expect("unlock");
+    ends_with_its_lock_lost(&repo, backup, "removed").await;
+}
+
+/// A process that stalled past its lock's expiry may find the lock taken
+/// for stale (a prune may have deleted what it reuses): the refresher
+/// never extends it then, and the backup fails without committing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_expired_is_lost_never_extended() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let clock = Clock::manual(1_800_000_000);
+    let (repo, backup) = slow_backup_holding_its_lock(tmp.path(), clock.clone()).await;
+    // The process stalls past the lock's lifetime.
+    clock.advance(31 * 60);
+    ends_with_its_lock_lost(&repo, backup, "expired").await;
 }
