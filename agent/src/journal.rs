@@ -86,6 +86,9 @@ pub struct Journal {
     dir: PathBuf,
     /// Keys of entries whose step still runs: not replayed.
     held: Arc<Mutex<HashSet<String>>>,
+    /// One replay at a time (the timer's and a step's never start the same
+    /// component twice).
+    replaying: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn check_key(key: &str) -> Result<(), JournalError> {
@@ -158,6 +161,7 @@ impl Journal {
         Ok(Self {
             dir,
             held: Arc::default(),
+            replaying: Arc::default(),
         })
     }
 
@@ -322,6 +326,7 @@ async fn replay_where(
     platform: &dyn Platform,
     wanted: impl Fn(&Entry) -> bool,
 ) -> Vec<String> {
+    let _one_at_a_time = journal.replaying.lock().await;
     let mut problems = Vec::new();
     let entries = match journal.pending() {
         Ok(e) => e,
