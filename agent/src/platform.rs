@@ -49,6 +49,11 @@ pub enum PlatformError {
     Engine { socket: String, reason: String },
     #[error("not supported: {what}")]
     Unsupported { what: String },
+    /// A copy's definition cannot be made from the original's.
+    #[error("a copy of app {app}: {reason}")]
+    BadCopy { app: String, reason: String },
+    #[error("no free port above {from} for {name}")]
+    NoFreePort { name: String, from: u16 },
     #[error("{action} of {component} did not finish within {secs} seconds")]
     Timeout {
         action: &'static str,
@@ -68,7 +73,8 @@ impl CodedError for PlatformError {
             Self::Registry { .. } => ErrorCode::Internal,
             Self::AppExists { .. } => ErrorCode::AlreadyExists,
             Self::Engine { .. } => ErrorCode::Unavailable,
-            Self::Unsupported { .. } => ErrorCode::FailedPrecondition,
+            Self::Unsupported { .. } | Self::BadCopy { .. } => ErrorCode::FailedPrecondition,
+            Self::NoFreePort { .. } => ErrorCode::Unavailable,
         }
     }
 }
@@ -133,11 +139,13 @@ pub trait Platform: Send + Sync {
     /// The job that restored the copy `team/app`; none if it is no copy.
     fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64>;
 
-    /// Ports the apps' commands declare, so that a copy picks others.
-    fn ports_in_use(&self) -> Vec<u16>;
-
-    /// Registers, durably, a copy restored by job `job`.
-    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError>;
+    /// Makes `original` (from a backup's manifest) a copy of this agent,
+    /// named `team/name`, for job `job`: the driver derives the copy's
+    /// definition (its volumes at `paths`, and whatever identities its
+    /// platform needs anew: for the host driver, volume paths in commands
+    /// and `{port:…}` templates moved off ports in use) and registers it
+    /// durably. Not started yet.
+    async fn add_copy(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError>;
 
     /// Unregisters a copy, or retires a declared app (hidden from then on);
     /// returns its definition, none if there was no such app.
@@ -146,6 +154,23 @@ pub trait Platform: Send + Sync {
         team: &ferry_core::TeamName,
         app: &ferry_core::AppName,
     ) -> Result<Option<App>, PlatformError>;
+}
+
+/// What a restore asks a driver to make a copy of.
+pub struct NewCopy<'a> {
+    pub original: &'a App,
+    pub team: &'a ferry_core::TeamName,
+    pub name: &'a ferry_core::AppName,
+    /// The restored volumes, in the order of the original's.
+    pub paths: &'a [std::path::PathBuf],
+    pub job: u64,
+}
+
+/// A copy as registered: its definition, and the ports moved
+/// (`NAME=PORT`) for the job's result.
+pub struct Copied {
+    pub app: App,
+    pub remapped_ports: Vec<String>,
 }
 
 /// The host driver, and a container engine when the agent config names
@@ -245,12 +270,16 @@ impl Platform for Platforms {
         self.host.copy_job(team, app)
     }
 
-    fn ports_in_use(&self) -> Vec<u16> {
-        self.host.ports_in_use()
-    }
-
-    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
-        self.host.add_copy(app, job).await
+    async fn add_copy(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError> {
+        let host = copy
+            .original
+            .components
+            .iter()
+            .all(|c| matches!(c.kind, ferry_core::ComponentKind::Host(_)));
+        match &self.containers {
+            Some(c) if !host => c.add_copy(copy).await,
+            _ => self.host.add_copy(copy).await,
+        }
     }
 
     async fn forget_app(

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use ferry_core::{
     App, AppManifest, AppName, BackupId, BackupMode, BackupTimings, Chain, ClusterName,
-    ComponentKind, ComponentName, ComponentRef, ComponentState, ErrorCode, HostComponent, HostPath,
-    ImagesSnapshot, JobId, NodeName, TeamName, Timestamp, Volume, VolumeName, VolumeSnapshot,
+    ComponentName, ComponentRef, ComponentState, ErrorCode, HostPath, ImagesSnapshot, JobId,
+    NodeName, TeamName, Timestamp, Volume, VolumeName, VolumeSnapshot,
 };
 use ferry_proto::v1 as pb;
 use ferry_repo::Repository;

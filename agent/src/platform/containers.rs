@@ -815,15 +815,11 @@ impl Platform for ContainerPlatform {
         None
     }
 
-    fn ports_in_use(&self) -> Vec<u16> {
-        Vec::new()
-    }
-
-    async fn add_copy(&self, app: App, _job: u64) -> Result<(), PlatformError> {
+    async fn add_copy(&self, copy: super::NewCopy<'_>) -> Result<super::Copied, PlatformError> {
         Err(PlatformError::Unsupported {
             what: format!(
                 "restoring {}/{} as a copy on a container engine (not built yet)",
-                app.team, app.name
+                copy.team, copy.name
             ),
         })
     }

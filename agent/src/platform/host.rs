@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName};
 
-use super::{ComponentRef, ComponentState, Platform, PlatformError};
+use super::{ComponentRef, ComponentState, Copied, NewCopy, Platform, PlatformError};
 
 /// What a component's commands get of the agent's environment; nothing
 /// else (a command that needs more sets it: `env NAME=VALUE program …`).
@@ -136,6 +136,106 @@ fn commands_of(app: &App) -> impl Iterator<Item = &ferry_core::Argv> {
         ComponentKind::Host(HostComponent::Systemd { .. }) | ComponentKind::Container(_) => {
             c.hooks.iter().map(|(_, a)| a).collect()
         }
+    })
+}
+
+/// Replaces `{port:NAME=OLD}` with `{port:NAME=NEW}` where NAME is remapped.
+fn remap_ports(arg: &str, ports: &std::collections::BTreeMap<String, (u16, u16)>) -> String {
+    let mut out = arg.to_owned();
+    for (name, (old, new)) in ports {
+        out = out.replace(
+            &format!("{{port:{name}={old}}}"),
+            &format!("{{port:{name}={new}}}"),
+        );
+    }
+    out
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// The copy's definition: the original's, named anew, its volumes at the
+/// restored paths (replaced in its commands too) and each declared port
+/// moved to the next free one where the original's is taken.
+fn copy_of(new: &NewCopy<'_>, taken: &[u16]) -> Result<Copied, PlatformError> {
+    let app = new.original;
+    let bad = |reason: String| PlatformError::BadCopy {
+        app: format!("{}/{}", app.team, app.name),
+        reason,
+    };
+    // Longest first, so /a/b is replaced before /a.
+    let mut moves: Vec<(String, String)> = app
+        .volumes
+        .iter()
+        .zip(new.paths)
+        .map(|(v, p)| (v.path.to_string(), p.display().to_string()))
+        .collect();
+    moves.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+    let mut ports = std::collections::BTreeMap::new();
+    let mut used: Vec<u16> = taken.to_vec();
+    for (pname, port) in declared_ports(app) {
+        let mut p = port;
+        while used.contains(&p) || !port_free(p) {
+            p = p.checked_add(1).ok_or_else(|| PlatformError::NoFreePort {
+                name: pname.clone(),
+                from: port,
+            })?;
+        }
+        used.push(p);
+        if p != port {
+            ports.insert(pname, (port, p));
+        }
+    }
+    let rewrite = |arg: &String| {
+        let mut a = arg.clone();
+        for (from, to) in &moves {
+            a = a.replace(from.as_str(), to);
+        }
+        remap_ports(&a, &ports)
+    };
+    let argv = |a: &ferry_core::Argv| {
+        ferry_core::Argv::new(a.as_slice().iter().map(rewrite).collect())
+            .map_err(|e| bad(e.to_string()))
+    };
+    let mut copy = app.clone();
+    copy.team = new.team.clone();
+    copy.name = new.name.clone();
+    for (v, p) in copy.volumes.iter_mut().zip(new.paths) {
+        v.path =
+            ferry_core::HostPath::new(p.display().to_string()).map_err(|e| bad(e.to_string()))?;
+    }
+    for c in &mut copy.components {
+        c.state = ComponentState::Unknown;
+        c.hooks = ferry_core::Hooks {
+            pre_backup: c.hooks.pre_backup.as_ref().map(argv).transpose()?,
+            post_backup: c.hooks.post_backup.as_ref().map(argv).transpose()?,
+            pre_stop: c.hooks.pre_stop.as_ref().map(argv).transpose()?,
+        };
+        let ComponentKind::Host(HostComponent::Commands {
+            start,
+            stop,
+            status,
+        }) = &c.kind
+        else {
+            return Err(bad(format!(
+                "component {} is a systemd unit; a copy needs start/stop commands (a unit cannot run twice)",
+                c.name
+            )));
+        };
+        c.kind = ComponentKind::Host(HostComponent::Commands {
+            start: argv(start)?,
+            stop: argv(stop)?,
+            status: status.as_ref().map(argv).transpose()?,
+        });
+    }
+    copy.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(Copied {
+        app: copy,
+        remapped_ports: ports
+            .iter()
+            .map(|(n, (_, new))| format!("{n}={new}"))
+            .collect(),
     })
 }
 
@@ -384,23 +484,29 @@ impl Platform for HostPlatform {
             .map(|c| c.job)
     }
 
-    fn ports_in_use(&self) -> Vec<u16> {
-        self.read()
-            .all()
-            .flat_map(|a| declared_ports(a).into_values())
-            .collect()
-    }
-
-    async fn add_copy(&self, app: App, job: u64) -> Result<(), PlatformError> {
+    async fn add_copy(&self, new: NewCopy<'_>) -> Result<Copied, PlatformError> {
+        // Under the registry's edit: two copies restored at once never
+        // pick the same port.
         self.edit(|apps| {
-            if apps.all().any(|a| a.team == app.team && a.name == app.name) {
+            if apps
+                .all()
+                .any(|a| a.team == *new.team && a.name == *new.name)
+            {
                 return Err(PlatformError::AppExists {
-                    team: app.team,
-                    app: app.name,
+                    team: new.team.clone(),
+                    app: new.name.clone(),
                 });
             }
-            apps.copies.push(Copy { app, job });
-            Ok(())
+            let taken: Vec<u16> = apps
+                .all()
+                .flat_map(|a| declared_ports(a).into_values())
+                .collect();
+            let copied = copy_of(&new, &taken)?;
+            apps.copies.push(Copy {
+                app: copied.app.clone(),
+                job: new.job,
+            });
+            Ok(copied)
         })
     }
 
@@ -684,10 +790,21 @@ stop = "true"
             .expect("declared");
         let mut tasks = Vec::new();
         for i in 0..16u64 {
-            let p = p.clone();
-            let mut copy = template.clone();
-            copy.name = format!("copy{i}").parse().expect("name");
-            tasks.push(tokio::spawn(async move { p.add_copy(copy, i + 1).await }));
+            let (p, template) = (p.clone(), template.clone());
+            let paths = vec![dir.path().join(format!("c{i}"))];
+            tasks.push(tokio::spawn(async move {
+                let team = "web".parse().expect("team");
+                let name = format!("copy{i}").parse().expect("name");
+                p.add_copy(NewCopy {
+                    original: &template,
+                    team: &team,
+                    name: &name,
+                    paths: &paths,
+                    job: i + 1,
+                })
+                .await
+                .map(|_| ())
+            }));
         }
         for t in tasks {
             t.await.expect("task").expect("added");
@@ -758,5 +875,72 @@ stop = "true"
         }
         assert!(env.contains("FERRY_TEAM=t\n"), "{env}");
         assert!(env.contains("PATH="), "{env}");
+    }
+
+    /// The host driver makes a copy's definition: volume paths in its
+    /// commands replaced, and a declared port that another app of the
+    /// agent uses moved to the next free one (listed for the job).
+    #[tokio::test]
+    async fn copies_get_their_volumes_and_ports_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A port free on this host now, declared by the original.
+        let port = std::net::TcpListener::bind(("0.0.0.0", 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let text = format!(
+            "controller = \"https://c:1\"\ndata_dir = \"/d\"\n[[apps]]\nname = \"a\"\nteam = \"t\"\n[[apps.components]]\nname = \"c\"\nvolumes = [\"/srv/a\"]\nstart = \"serve --data /srv/a --port {{port:http={port}}}\"\nstop = \"true\"\n"
+        );
+        let cfg = AgentConfig::parse(&text).expect("valid");
+        let original = cfg.app_model().expect("model").remove(0);
+        let p = HostPlatform::with_copies(
+            Vec::new(),
+            Duration::from_secs(5),
+            dir.path(),
+            &dir.path().join("copies"),
+        )
+        .expect("driver");
+        let team: TeamName = "qa".parse().expect("team");
+        let mut copies = Vec::new();
+        for (n, job) in [("one", 1), ("two", 2)] {
+            let name: AppName = n.parse().expect("name");
+            let paths = vec![dir.path().join(n)];
+            copies.push(
+                p.add_copy(NewCopy {
+                    original: &original,
+                    team: &team,
+                    name: &name,
+                    paths: &paths,
+                    job,
+                })
+                .await
+                .expect("copy"),
+            );
+        }
+        let start = |c: &Copied| match &c.app.components[0].kind {
+            ComponentKind::Host(HostComponent::Commands { start, .. }) => {
+                start.as_slice().join(" ")
+            }
+            other => panic!("{other:?}"),
+        };
+        let one = dir.path().join("one").display().to_string();
+        assert!(
+            start(&copies[0]).contains(&format!("--data {one} --port {{port:http={port}}}")),
+            "{}",
+            start(&copies[0])
+        );
+        assert!(copies[0].remapped_ports.is_empty());
+        // The second copy's port is the first's: it moves to the next free.
+        assert_eq!(copies[1].remapped_ports.len(), 1);
+        let moved: u16 = copies[1].remapped_ports[0]
+            .strip_prefix("http=")
+            .and_then(|p| p.parse().ok())
+            .expect("http=PORT");
+        assert!(moved > port, "{moved}");
+        assert!(
+            start(&copies[1]).contains(&format!("{{port:http={moved}}}")),
+            "{}",
+            start(&copies[1])
+        );
     }
 }

@@ -3,109 +3,6 @@
 
 use super::*;
 
-/// Replaces `{port:NAME=OLD}` with `{port:NAME=NEW}` where NAME is remapped.
-fn remap_ports(arg: &str, ports: &BTreeMap<String, (u16, u16)>) -> String {
-    let mut out = arg.to_owned();
-    for (name, (old, new)) in ports {
-        out = out.replace(
-            &format!("{{port:{name}={old}}}"),
-            &format!("{{port:{name}={new}}}"),
-        );
-    }
-    out
-}
-
-fn port_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
-}
-
-/// The copy of `app` as `team/name`, with its volumes at `paths` and its
-/// ports moved where the original's are taken.
-fn copy_of(
-    app: &App,
-    team: &TeamName,
-    name: &AppName,
-    paths: &[PathBuf],
-    taken: &[u16],
-) -> StepResult<(App, Vec<String>)> {
-    // Longest first, so /a/b is replaced before /a.
-    let mut moves: Vec<(String, String)> = app
-        .volumes
-        .iter()
-        .zip(paths)
-        .map(|(v, p)| (v.path.to_string(), p.display().to_string()))
-        .collect();
-    moves.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
-    let mut ports = BTreeMap::new();
-    let mut used: Vec<u16> = taken.to_vec();
-    for (pname, port) in crate::platform::host::declared_ports(app) {
-        let mut p = port;
-        while used.contains(&p) || !port_free(p) {
-            p = p.checked_add(1).ok_or_else(|| {
-                fail(
-                    ErrorCode::Unavailable,
-                    format!("no free port above {port} for {pname}"),
-                )
-            })?;
-        }
-        used.push(p);
-        if p != port {
-            ports.insert(pname, (port, p));
-        }
-    }
-    let rewrite = |arg: &String| {
-        let mut a = arg.clone();
-        for (from, to) in &moves {
-            a = a.replace(from.as_str(), to);
-        }
-        remap_ports(&a, &ports)
-    };
-    let argv = |a: &ferry_core::Argv| {
-        ferry_core::Argv::new(a.as_slice().iter().map(rewrite).collect())
-            .map_err(|e| invalid(e.to_string()))
-    };
-    let mut copy = app.clone();
-    copy.team = team.clone();
-    copy.name = name.clone();
-    for (v, p) in copy.volumes.iter_mut().zip(paths) {
-        v.path = HostPath::new(p.display().to_string()).map_err(|e| invalid(e.to_string()))?;
-    }
-    for c in &mut copy.components {
-        c.state = ComponentState::Unknown;
-        c.hooks = ferry_core::Hooks {
-            pre_backup: c.hooks.pre_backup.as_ref().map(argv).transpose()?,
-            post_backup: c.hooks.post_backup.as_ref().map(argv).transpose()?,
-            pre_stop: c.hooks.pre_stop.as_ref().map(argv).transpose()?,
-        };
-        if let ComponentKind::Host(HostComponent::Commands {
-            start,
-            stop,
-            status,
-        }) = &c.kind
-        {
-            c.kind = ComponentKind::Host(HostComponent::Commands {
-                start: argv(start)?,
-                stop: argv(stop)?,
-                status: status.as_ref().map(argv).transpose()?,
-            });
-        } else {
-            return Err(fail(
-                ErrorCode::FailedPrecondition,
-                format!(
-                    "component {} is a systemd unit; a copy needs start/stop commands (a unit cannot run twice)",
-                    c.name
-                ),
-            ));
-        }
-    }
-    copy.validate().map_err(|e| invalid(e.to_string()))?;
-    let remapped = ports
-        .iter()
-        .map(|(n, (_, new))| format!("{n}={new}"))
-        .collect();
-    Ok((copy, remapped))
-}
-
 pub async fn restore_app(
     ctx: &StepCtx,
     r: pb::RestoreAppRequest,
@@ -202,14 +99,19 @@ pub async fn restore_app(
             }
         }
     }
-    let (copy, remapped) = copy_of(
-        &manifest.app,
-        &team,
-        &app_name,
-        &all_paths,
-        &ctx.platform.ports_in_use(),
-    )?;
-    ctx.platform.add_copy(copy.clone(), job).await?;
+    // The driver makes the copy's definition (new identities and ports)
+    // and registers it.
+    let copied = ctx
+        .platform
+        .add_copy(crate::platform::NewCopy {
+            original: &manifest.app,
+            team: &team,
+            name: &app_name,
+            paths: &all_paths,
+            job,
+        })
+        .await?;
+    let copy = copied.app;
     report(0, 0, format!("starting {team}/{app_name}"));
     for c in start_order(&copy) {
         let r = copy.reference(&c);
@@ -220,7 +122,7 @@ pub async fn restore_app(
     tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
     Ok(pb::RestoreAppReply {
         volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
-        remapped_ports: remapped,
+        remapped_ports: copied.remapped_ports,
     })
 }
 
