@@ -213,12 +213,7 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     // for the next start: the replay below leaves it alone, so it never
     // races a stop still under way.
     stop_steps.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while running.running() > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, running.idle()).await;
     cancel.cancel();
     session.await?;
     let _ = retries.await;

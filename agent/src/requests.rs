@@ -342,6 +342,11 @@ async fn step(
         Some((team, app)) => {
             let mut relayed = false;
             loop {
+                // Enabled before the claim is tried: a release in between
+                // is not missed.
+                let released = s.released();
+                tokio::pin!(released);
+                released.as_mut().enable();
                 match s.claim(team, app, &holder) {
                     // The earlier attempt was stopped for this cancel: it
                     // has cleaned up, nothing more to do.
@@ -359,7 +364,7 @@ async fn step(
                             relayed = true;
                         }
                         tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                            () = released => {}
                             () = cancel.cancelled(), if !relayed => {}
                         }
                     }

@@ -103,6 +103,8 @@ pub struct StepCtx {
     /// ended, this agent did not) waits for it instead of overlapping, and
     /// then finds what it did (a committed backup, a registered copy).
     busy: Arc<std::sync::Mutex<HashMap<String, Holder>>>,
+    /// Told whenever a step lets go of its app.
+    released: Arc<tokio::sync::Notify>,
     /// Cancelled when the agent shuts down: every step stops and starts
     /// again what it stopped. Steps outlive their session otherwise.
     pub shutdown: CancellationToken,
@@ -129,6 +131,7 @@ impl StepCtx {
             delta_buffer: 256 << 20,
             scratch_dir: std::env::temp_dir(),
             busy: Arc::default(),
+            released: Arc::default(),
             shutdown: CancellationToken::new(),
         }
     }
@@ -144,8 +147,29 @@ impl StepCtx {
         busy.insert(key.clone(), holder.clone());
         Ok(AppClaim {
             busy: self.busy.clone(),
+            released: self.released.clone(),
             key,
         })
+    }
+
+    /// Resolves once a step lets go of its app after this was enabled
+    /// (`Notified::enable`, before looking at the claims, so no release in
+    /// between is missed).
+    pub fn released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.released.notified()
+    }
+
+    /// Resolves once no step holds an app.
+    pub async fn idle(&self) {
+        loop {
+            let released = self.released();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            released.await;
+        }
     }
 
     /// Steps running now.
@@ -157,6 +181,7 @@ impl StepCtx {
 /// An app claimed by a running step, released when dropped.
 pub struct AppClaim {
     busy: Arc<std::sync::Mutex<HashMap<String, Holder>>>,
+    released: Arc<tokio::sync::Notify>,
     key: String,
 }
 
@@ -166,6 +191,7 @@ impl Drop for AppClaim {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
+        self.released.notify_waiters();
     }
 }
 

@@ -86,6 +86,8 @@ enum Trigger {
     Always,
     /// Only the n-th matching call (1-based).
     Nth(u64),
+    /// Each of the first n matching calls.
+    First(u64),
     /// Every matching call after the first n.
     After(u64),
     /// Each matching call with this probability.
@@ -131,6 +133,14 @@ impl Rule {
     /// Fires on the n-th matching call only (1-based).
     pub fn nth(mut self, n: u64) -> Self {
         self.trigger = Trigger::Nth(n);
+        self
+    }
+
+    /// Fires on each of the first `n` matching calls. Unlike one `nth`
+    /// rule per call, it counts every call as it arrives, also while an
+    /// earlier one is held by a delay.
+    pub fn first(mut self, n: u64) -> Self {
+        self.trigger = Trigger::First(n);
         self
     }
 
@@ -279,6 +289,7 @@ impl FaultyStore {
                     let fires = match rule.trigger {
                         Trigger::Always => true,
                         Trigger::Nth(n) => rule.seen == n,
+                        Trigger::First(n) => rule.seen <= n,
                         Trigger::After(n) => rule.seen > n,
                         Trigger::Probability(p) => rng.random_bool(p.clamp(0.0, 1.0)),
                     };
@@ -467,6 +478,37 @@ mod tests {
         store.put(&key("data/2"), data).await.expect("retry");
         assert_eq!(store.injected(), 1);
         assert_eq!(store.successful_puts(), 4);
+    }
+
+    /// `first(2)` holds the first two calls, and counts the second while
+    /// the first is still held: the third passes at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn first_holds_each_of_the_first_calls_even_while_one_is_held() {
+        let (store, _dir) = faulty();
+        store.inject(
+            Rule::new(Fault::Delay(Duration::from_secs(30)))
+                .op(Op::Put)
+                .prefix("data/")
+                .first(2),
+        );
+        let data = Bytes::from_static(b"x");
+        let held: Vec<_> = ["data/1", "data/2"]
+            .into_iter()
+            .map(|k| {
+                let (store, data) = (store.clone(), data.clone());
+                tokio::spawn(async move { store.put(&key(k), data).await })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.injected() < 2 {
+            assert!(std::time::Instant::now() < deadline, "both calls held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.put(&key("data/3"), data).await.expect("3rd passes");
+        assert_eq!(store.successful_puts(), 1, "the first two are still held");
+        for h in held {
+            h.abort();
+        }
     }
 
     #[tokio::test]

@@ -412,3 +412,30 @@ async fn copies_get_a_home_of_their_own_and_kept_data_is_never_reused() {
         b"the copy's own writes"
     );
 }
+
+/// The agent's shutdown waits for steps to let go of their apps, woken by
+/// the release itself (no polling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_comes_when_the_last_step_lets_go_of_its_app() {
+    let bed = Bed::new(&["db"]).await;
+    let holder = Holder {
+        step: None,
+        cancel: CancellationToken::new(),
+    };
+    let Ok(claim) = bed.ctx.claim("web", "shop", &holder) else {
+        panic!("the app is free");
+    };
+    let ctx = bed.ctx.clone();
+    let mut waiter = tokio::spawn(async move { ctx.idle().await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut waiter)
+            .await
+            .is_err(),
+        "idle while a step holds an app"
+    );
+    drop(claim);
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("idle once released")
+        .expect("task");
+}
