@@ -307,7 +307,7 @@ pub async fn restart(platform: &dyn Platform, entry: &Entry) -> Result<(), Platf
 /// each naming its entry; entries that could not be restarted stay for the
 /// next replay.
 pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
-    replay_where(journal, platform, |_| true).await
+    replay_where(journal, platform, None).await
 }
 
 /// Replays the entries no running step holds that stopped a component of
@@ -318,13 +318,15 @@ pub async fn replay_app(
     team: &TeamName,
     app: &AppName,
 ) -> Vec<String> {
-    replay_where(journal, platform, |e| e.touches(team, app)).await
+    replay_where(journal, platform, Some((team, app))).await
 }
 
+/// Replays the entries of `app` (all when none); with an app, an entry
+/// that cannot be read is logged, not a problem of this app's.
 async fn replay_where(
     journal: &Journal,
     platform: &dyn Platform,
-    wanted: impl Fn(&Entry) -> bool,
+    app: Option<(&TeamName, &AppName)>,
 ) -> Vec<String> {
     let _one_at_a_time = journal.replaying.lock().await;
     let mut problems = Vec::new();
@@ -335,12 +337,23 @@ async fn replay_where(
     for entry in entries {
         let entry = match entry {
             Ok(e) => e,
+            // Cleared by its step since the directory was listed.
+            Err(JournalError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
+            Err(e) if app.is_some() => {
+                tracing::error!("{e}");
+                continue;
+            }
             Err(e) => {
                 problems.push(e.to_string());
                 continue;
             }
         };
-        if journal.is_held(&entry.key) || !wanted(&entry) {
+        let wanted = app.is_none_or(|(team, name)| entry.touches(team, name));
+        if journal.is_held(&entry.key) || !wanted {
             continue;
         }
         tracing::warn!(entry = %entry.key, components = entry.stopped.len(),
@@ -576,6 +589,8 @@ mod tests {
         let platform = HostPlatform::new(vec![app(tmp.path(), &["db"])], Duration::from_secs(10));
         let journal = Journal::open(tmp.path()).expect("open");
         drop(journal.begin("job-1-0", &[cref("db")]).expect("record"));
+        // Another entry, unreadable: not this app's problem.
+        std::fs::write(tmp.path().join("journal/job-9.json"), b"{ torn").expect("write");
         let other = TeamName::new("t2").expect("team");
         let problems = replay_app(
             &journal,
@@ -585,7 +600,7 @@ mod tests {
         )
         .await;
         assert!(problems.is_empty(), "{problems:?}");
-        assert_eq!(journal.pending().expect("pending").len(), 1, "not its app");
+        assert_eq!(journal.pending().expect("pending").len(), 2, "not its app");
         assert_eq!(
             platform.status(&cref("db")).await.expect("status"),
             ComponentState::Stopped

@@ -348,9 +348,9 @@ async fn step(
                 tokio::pin!(released);
                 released.as_mut().enable();
                 match s.claim(team, app, &holder) {
-                    // The earlier attempt was stopped for this cancel: it
-                    // has cleaned up, nothing more to do.
-                    Ok(_) if relayed => return error(ErrorCode::Cancelled, "cancelled"),
+                    // Also once an earlier attempt was stopped for this
+                    // cancel: this one, cancelled, does nothing new and
+                    // answers with what was done (it may have finished).
                     Ok(c) => break Some(c),
                     Err(other) => {
                         if cancel.is_cancelled() && !relayed {

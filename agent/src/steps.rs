@@ -217,6 +217,27 @@ fn start_order(app: &App) -> Vec<ComponentName> {
     done
 }
 
+/// Starts what an earlier step stopped of `team/app` and could not start
+/// again (the journal's entries for it), before a step works on the app:
+/// an app still down is never taken for one its owner stopped. Fails,
+/// having stopped nothing, if that cannot be done.
+async fn start_what_was_left(ctx: &StepCtx, team: &TeamName, app: &AppName) -> StepResult<()> {
+    let Some(j) = &ctx.journal else {
+        return Ok(());
+    };
+    let problems = journal::replay_app(j, ctx.platform.as_ref(), team, app).await;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        ErrorCode::Unavailable,
+        format!(
+            "components of {team}/{app} that Ferry stopped earlier do not start again ({}); nothing was stopped",
+            problems.join("; ")
+        ),
+    ))
+}
+
 fn repo_err(target: &str, e: ferry_repo::RepoError) -> StepFailure {
     if matches!(e, ferry_repo::RepoError::Cancelled) {
         return fail(ErrorCode::Cancelled, "cancelled");

@@ -45,18 +45,7 @@ pub async fn backup_app(
     // What an earlier attempt (or another step) stopped and could not
     // start again runs first: an app still down is never taken for one
     // its owner stopped, and never left down by a backup that succeeds.
-    if let Some(j) = &ctx.journal {
-        let problems = journal::replay_app(j, ctx.platform.as_ref(), &team, &app_name).await;
-        if !problems.is_empty() {
-            return Err(fail(
-                ErrorCode::Unavailable,
-                format!(
-                    "components of {team}/{app_name} that Ferry stopped earlier do not start again ({}); nothing was stopped",
-                    problems.join("; ")
-                ),
-            ));
-        }
-    }
+    start_what_was_left(ctx, &team, &app_name).await?;
     // Which stateful components run now: those are what cold mode stops.
     let mut running = Vec::new();
     for c in start_order(&app) {

@@ -21,6 +21,9 @@ pub async fn remove_app(
     if cancel.is_cancelled() {
         return Err(not_started());
     }
+    // What an earlier step left down runs first, so this one stops and
+    // records it itself (and no replay starts it behind its back).
+    start_what_was_left(ctx, &team, &app_name).await?;
     // What runs is recorded before it stops: a remove that fails or is
     // cancelled half-way starts again what it stopped, so the app is left
     // as it was (an original whose copy is then undone keeps running).

@@ -351,6 +351,13 @@ impl<T: Clone> Job<T> {
                         // once its agent is back, and the job ends then.
                         self.cancelling = true;
                     } else {
+                        // A step waiting to be tried again ran before: it
+                        // may have done part of its work.
+                        if s.attempts > 0
+                            && let Some(u) = s.step.undo.as_deref().cloned()
+                        {
+                            self.undo.insert(0, StepState::new(u));
+                        }
                         self.begin_undo(Outcome::Cancelled);
                     }
                 }
@@ -425,9 +432,15 @@ impl<T: Clone> Job<T> {
                     if let Some(u) = undo {
                         self.undo.insert(0, StepState::new(u));
                     }
-                    if cancelling {
+                    // A cancel that comes after the last step is done is
+                    // too late: the job succeeded (undoing now would take
+                    // back a copy whose source is already gone).
+                    let last = r.index as usize + 1 == self.plan.len();
+                    if cancelling && !last {
                         self.cancelling = false;
                         self.begin_undo(Outcome::Cancelled);
+                    } else {
+                        self.cancelling = false;
                     }
                 }
             }
@@ -738,6 +751,44 @@ mod tests {
             }
             other => panic!("expected a failure, got {other:?}"),
         }
+    }
+
+    /// A cancel that comes while the last step runs, answered by its
+    /// success, is too late: the job succeeded and nothing is undone (the
+    /// copy stays, its source is gone).
+    #[test]
+    fn a_cancel_after_the_last_step_is_done_is_too_late() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
+        let d = dispatched(&ok(&mut j, d[0].0, 2));
+        assert_eq!(d[0].1, "remove source");
+        j.on(Event::Cancel { now: t(3) });
+        let a = ok(&mut j, d[0].0, 4);
+        assert!(dispatched(&a).is_empty(), "nothing undone: {a:?}");
+        assert_eq!(finished(&a), Some(Outcome::Succeeded));
+    }
+
+    /// A restore that failed transiently waits to be tried again when the
+    /// job is cancelled: it ran, so its undo runs.
+    #[test]
+    fn a_cancel_while_a_step_waits_to_be_tried_again_runs_its_undo() {
+        let mut j = migrate();
+        let d = dispatched(&j.on(Event::Tick { now: t(0) }));
+        let d = dispatched(&ok(&mut j, d[0].0, 1));
+        assert_eq!(d[0].1, "restore");
+        j.on(Event::Failed {
+            step: d[0].0,
+            reason: "start of db timed out".into(),
+            transient: true,
+            now: t(2),
+        });
+        let a = j.on(Event::Cancel { now: t(3) });
+        let u = dispatched(&a);
+        assert_eq!(u.len(), 1, "{a:?}");
+        assert_eq!(u[0].1, "remove copy");
+        let a = ok(&mut j, u[0].0, 4);
+        assert_eq!(finished(&a), Some(Outcome::Cancelled));
     }
 
     /// The restore registered its copy, then a start failed: the step
@@ -1186,7 +1237,7 @@ mod tests {
                     let ran: Vec<usize> = j.plan.iter().enumerate()
                         .filter(|(_, s)| match s.status {
                             StepStatus::Succeeded { .. } => true,
-                            StepStatus::Failed { .. } => s.attempts > 0,
+                            StepStatus::Failed { .. } | StepStatus::Skipped => s.attempts > 0,
                             _ => false,
                         })
                         .map(|(i, _)| i).collect();

@@ -201,6 +201,18 @@ impl Planner<'_> {
         cluster: &ClusterName,
         app: &App,
     ) -> Result<(ferry_core::NodeName, AgentId), PlanError> {
+        // A systemd unit cannot run twice: no copy of it can start.
+        if let Some(c) = app.components.iter().find(|c| {
+            matches!(
+                c.kind,
+                ferry_core::ComponentKind::Host(ferry_core::HostComponent::Systemd { .. })
+            )
+        }) {
+            return Err(PlanError::Invalid(format!(
+                "component {} of app {}/{} is a systemd unit, which cannot run twice: a copy needs start/stop commands; nothing was started",
+                c.name, app.team, app.name
+            )));
+        }
         let needed: BTreeSet<&str> = app.components.iter().map(|c| c.kind.driver()).collect();
         let mut agents = self
             .catalog
