@@ -2,16 +2,19 @@
 //!
 //! Before a step stops an app's components, it records which ones it is
 //! about to stop (only those that run: Ferry never starts what it did not
-//! stop), durably, in `D/journal/<key>.json`. Each recording gets a key of
+//! stop), durably, in `D/journal/<key>.json`: each as its driver's
+//! receipt, read before the stop (the unit, or the container's id and the
+//! restart policy it had), so exactly what was stopped is put back. Each recording gets a key of
 //! its own (`job-<id>-<index>-<unique>`), so a later attempt of the same
 //! step never overwrites what an earlier one recorded. Once the step has
 //! started them again it removes its entry.
 //!
 //! An entry whose step is still running is *held*: only that step acts on
 //! it. Every other entry is what an interrupted or failed step left, and is
-//! replayed: every recorded component that does not run is started again,
-//! in start order (the reverse of the stop order), and the entry is removed
-//! once all of them run. The agent replays at start, on a timer while
+//! replayed: every recorded component is put back from its receipt (started
+//! unless it runs, what was set aside restored), in start order (the
+//! reverse of the stop order), and the entry is removed once all of them
+//! run. The agent replays at start, on a timer while
 //! entries are left (a container engine or a unit that comes back after the
 //! agent), at shutdown, and before a step works on an app an earlier entry
 //! names (so an attempt never takes an app that is still down for running
@@ -25,12 +28,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use ferry_core::{AppName, ComponentRef, ComponentState, TeamName};
+use ferry_core::{AppName, ComponentRef, TeamName};
 use tokio_util::sync::CancellationToken;
 
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{PlatformError, Platforms, Receipt};
 
-const FORMAT: u32 = 1;
+/// Entries hold receipts; format 1 (component names only, written before
+/// receipts) is still read.
+const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -61,14 +66,19 @@ impl ferry_core::CodedError for JournalError {
 struct EntryFile {
     format: u32,
     /// In stop order.
+    stopped: Vec<Receipt>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EntryFileV1 {
     stopped: Vec<ComponentRef>,
 }
 
 /// A journal entry: the components one operation stopped, in stop order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     pub key: String,
-    pub stopped: Vec<ComponentRef>,
+    pub stopped: Vec<Receipt>,
 }
 
 impl Entry {
@@ -76,7 +86,7 @@ impl Entry {
     pub fn touches(&self, team: &TeamName, app: &AppName) -> bool {
         self.stopped
             .iter()
-            .any(|c| c.team == *team && c.app == *app)
+            .any(|r| r.component.team == *team && r.component.app == *app)
     }
 }
 
@@ -173,7 +183,7 @@ impl Journal {
     /// about to stop `components` (in stop order), under a key of its own.
     /// Returns once the record is on disk; the entry is held until the
     /// returned value is dropped.
-    pub fn begin(&self, owner: &str, components: &[ComponentRef]) -> Result<Held, JournalError> {
+    pub fn begin(&self, owner: &str, components: &[Receipt]) -> Result<Held, JournalError> {
         let key = format!("{owner}-{}", unique_suffix());
         check_key(&key)?;
         self.held
@@ -188,7 +198,7 @@ impl Journal {
         Ok(held)
     }
 
-    fn write(&self, key: &str, components: &[ComponentRef]) -> Result<(), JournalError> {
+    fn write(&self, key: &str, components: &[Receipt]) -> Result<(), JournalError> {
         let file = EntryFile {
             format: FORMAT,
             stopped: components.to_vec(),
@@ -268,36 +278,57 @@ impl Journal {
             path: path.clone(),
             source,
         })?;
-        let file: EntryFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if file.format != FORMAT {
-            return Err(corrupt(format!(
-                "format {} is not {FORMAT}, written by another Ferry version",
-                file.format
-            )));
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
         }
+        let format = serde_json::from_slice::<Format>(&bytes)
+            .map_err(|e| corrupt(e.to_string()))?
+            .format;
+        let stopped = match format {
+            FORMAT => {
+                serde_json::from_slice::<EntryFile>(&bytes)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .stopped
+            }
+            // Names only: each component's owner puts it back as it can.
+            1 => serde_json::from_slice::<EntryFileV1>(&bytes)
+                .map_err(|e| corrupt(e.to_string()))?
+                .stopped
+                .into_iter()
+                .map(|component| Receipt {
+                    driver: String::new(),
+                    component,
+                    detail: serde_json::Value::Null,
+                })
+                .collect(),
+            other => {
+                return Err(corrupt(format!(
+                    "format {other} is not {FORMAT}, written by another Ferry version"
+                )));
+            }
+        };
         Ok(Entry {
             key: key.to_owned(),
-            stopped: file.stopped,
+            stopped,
         })
     }
 }
 
-/// Starts again, in start order, every component of `entry` that does not
-/// run; stops at the first that fails to start (what follows depends on it).
-/// A component the agent no longer has (its app was removed after the
-/// entry was written) has nothing to start.
-pub async fn restart(platform: &dyn Platform, entry: &Entry) -> Result<(), PlatformError> {
-    for c in entry.stopped.iter().rev() {
-        match platform.status(c).await {
-            Ok(ComponentState::Running) => continue,
-            Ok(_) => {}
+/// Puts back, in start order, every component of `entry` from its receipt
+/// (started unless it runs, what its stop set aside restored); stops at the
+/// first that fails to start (what follows depends on it). A component the
+/// agent no longer has (its app was removed, its container re-created by
+/// someone else) has nothing to start.
+pub async fn restart(platform: &Platforms, entry: &Entry) -> Result<(), PlatformError> {
+    for receipt in entry.stopped.iter().rev() {
+        match platform.start(receipt).await {
+            Ok(()) => {}
             Err(PlatformError::UnknownComponent { .. }) => {
-                tracing::warn!(component = %c, "no longer on this agent; nothing to start");
-                continue;
+                tracing::warn!(component = %receipt.component, "no longer on this agent; nothing to start");
             }
             Err(e) => return Err(e),
         }
-        platform.start(c).await?;
     }
     Ok(())
 }
@@ -306,7 +337,7 @@ pub async fn restart(platform: &dyn Platform, entry: &Entry) -> Result<(), Platf
 /// or failed operation stopped and clears its entry. Returns the problems,
 /// each naming its entry; entries that could not be restarted stay for the
 /// next replay.
-pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
+pub async fn replay(journal: &Journal, platform: &Platforms) -> Vec<String> {
     replay_where(journal, platform, None).await
 }
 
@@ -314,7 +345,7 @@ pub async fn replay(journal: &Journal, platform: &dyn Platform) -> Vec<String> {
 /// `team/app`, before a step works on that app.
 pub async fn replay_app(
     journal: &Journal,
-    platform: &dyn Platform,
+    platform: &Platforms,
     team: &TeamName,
     app: &AppName,
 ) -> Vec<String> {
@@ -325,7 +356,7 @@ pub async fn replay_app(
 /// that cannot be read is logged, not a problem of this app's.
 async fn replay_where(
     journal: &Journal,
-    platform: &dyn Platform,
+    platform: &Platforms,
     app: Option<(&TeamName, &AppName)>,
 ) -> Vec<String> {
     let _one_at_a_time = journal.replaying.lock().await;
@@ -377,7 +408,7 @@ async fn replay_where(
 /// started at once (an engine or unit still away) runs again once it can.
 pub async fn retry(
     journal: Journal,
-    platform: Arc<dyn Platform>,
+    platform: Arc<Platforms>,
     every: Duration,
     cancel: CancellationToken,
 ) {
@@ -397,7 +428,8 @@ mod tests {
     use super::*;
     use crate::platform::host::HostPlatform;
     use ferry_core::{
-        App, AppName, Argv, Component, ComponentKind, ComponentName, HostComponent, TeamName,
+        App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentState, HostComponent,
+        TeamName,
     };
     use std::time::Duration;
 
@@ -442,24 +474,37 @@ mod tests {
         }
     }
 
+    /// The host driver's receipt of a command component.
+    fn rc(n: &str) -> Receipt {
+        Receipt {
+            driver: "host".into(),
+            component: cref(n),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    fn host(apps: Vec<App>) -> Platforms {
+        Platforms::new(vec![Arc::new(HostPlatform::new(
+            apps,
+            Duration::from_secs(10),
+        ))])
+    }
+
     #[tokio::test]
     async fn replay_starts_what_an_interrupted_operation_stopped_and_nothing_else() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let platform = HostPlatform::new(
-            vec![app(tmp.path(), &["db", "web", "idle"])],
-            Duration::from_secs(10),
-        );
+        let platform = host(vec![app(tmp.path(), &["db", "web", "idle"])]);
         for c in ["db", "web"] {
-            platform.start(&cref(c)).await.expect("start");
+            platform.start_component(&cref(c)).await.expect("start");
         }
         std::fs::remove_file(tmp.path().join("starts.log")).expect("reset log");
         // "idle" was stopped before the operation: not recorded, not started.
         let journal = Journal::open(&tmp.path().join("agent")).expect("open");
         let held = journal
-            .begin("job-7-0", &[cref("web"), cref("db")])
+            .begin("job-7-0", &[rc("web"), rc("db")])
             .expect("record");
-        platform.stop(&cref("web")).await.expect("stop");
-        platform.stop(&cref("db")).await.expect("stop");
+        platform.stop(&rc("web")).await.expect("stop");
+        platform.stop(&rc("db")).await.expect("stop");
         // Held while its step runs: nobody else starts what it stopped.
         assert!(replay(&journal, &platform).await.is_empty());
         assert_eq!(
@@ -508,10 +553,10 @@ mod tests {
         {
             *start = Argv::new(vec!["false".into()]).expect("argv");
         }
-        let platform = HostPlatform::new(vec![a], Duration::from_secs(10));
+        let platform = host(vec![a]);
         let journal = Journal::open(tmp.path()).expect("open");
         let key = {
-            let held = journal.begin("job-1", &[cref("db")]).expect("record");
+            let held = journal.begin("job-1", &[rc("db")]).expect("record");
             held.key().to_owned()
         };
         std::fs::write(tmp.path().join("journal/job-2.json"), b"{ torn").expect("write");
@@ -545,17 +590,14 @@ mod tests {
     #[tokio::test]
     async fn a_later_attempt_never_overwrites_what_an_earlier_one_recorded() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let platform = HostPlatform::new(
-            vec![app(tmp.path(), &["db", "web"])],
-            Duration::from_secs(10),
-        );
+        let platform = host(vec![app(tmp.path(), &["db", "web"])]);
         let journal = Journal::open(tmp.path()).expect("open");
         let first = journal
-            .begin("job-3-0", &[cref("web"), cref("db")])
+            .begin("job-3-0", &[rc("web"), rc("db")])
             .expect("attempt 1");
         let first_key = first.key().to_owned();
         drop(first); // attempt 1 failed to start them again
-        let second = journal.begin("job-3-0", &[cref("db")]).expect("attempt 2");
+        let second = journal.begin("job-3-0", &[rc("db")]).expect("attempt 2");
         assert_ne!(second.key(), first_key);
         second.clear().expect("attempt 2 started db");
         let left: Vec<Entry> = journal
@@ -566,7 +608,7 @@ mod tests {
             .collect();
         assert_eq!(left.len(), 1, "attempt 1's entry is kept");
         assert_eq!(left[0].key, first_key);
-        assert_eq!(left[0].stopped, vec![cref("web"), cref("db")]);
+        assert_eq!(left[0].stopped, vec![rc("web"), rc("db")]);
         // Before the next step on the app, it is replayed: web runs again.
         let problems = replay_app(
             &journal,
@@ -586,9 +628,9 @@ mod tests {
     #[tokio::test]
     async fn a_step_on_one_app_replays_only_that_apps_entries() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let platform = HostPlatform::new(vec![app(tmp.path(), &["db"])], Duration::from_secs(10));
+        let platform = host(vec![app(tmp.path(), &["db"])]);
         let journal = Journal::open(tmp.path()).expect("open");
-        drop(journal.begin("job-1-0", &[cref("db")]).expect("record"));
+        drop(journal.begin("job-1-0", &[rc("db")]).expect("record"));
         // Another entry, unreadable: not this app's problem.
         std::fs::write(tmp.path().join("journal/job-9.json"), b"{ torn").expect("write");
         let other = TeamName::new("t2").expect("team");
@@ -605,6 +647,40 @@ mod tests {
             platform.status(&cref("db")).await.expect("status"),
             ComponentState::Stopped
         );
+    }
+
+    /// An entry an agent wrote before receipts (format 1: component names
+    /// only) is still replayed, by each component's owner.
+    #[tokio::test]
+    async fn an_entry_from_before_receipts_is_still_replayed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let platform = host(vec![app(tmp.path(), &["db"])]);
+        let journal = Journal::open(tmp.path()).expect("open");
+        let old = serde_json::json!({
+            "format": 1,
+            "stopped": [{"team": "t1", "app": "shop", "component": "db"}],
+        });
+        std::fs::write(
+            tmp.path().join("journal/job-4-0.json"),
+            serde_json::to_vec(&old).expect("json"),
+        )
+        .expect("write");
+        let pending = journal.pending().expect("pending");
+        let entry = pending[0].as_ref().expect("readable");
+        assert_eq!(entry.stopped[0].component, cref("db"));
+        assert!(entry.stopped[0].driver.is_empty());
+        let problems = replay(&journal, &platform).await;
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Running
+        );
+        assert!(journal.pending().expect("pending").is_empty());
+        // A format this agent does not know is named, not guessed at.
+        std::fs::write(tmp.path().join("journal/job-5-0.json"), br#"{"format": 9}"#)
+            .expect("write");
+        let problems = replay(&journal, &platform).await;
+        assert!(problems[0].contains("format 9"), "{problems:?}");
     }
 
     /// The timer replays what could not be started before (a unit or an
@@ -626,10 +702,9 @@ mod tests {
             ])
             .expect("argv");
         }
-        let platform: Arc<dyn Platform> =
-            Arc::new(HostPlatform::new(vec![a], Duration::from_secs(10)));
+        let platform = Arc::new(host(vec![a]));
         let journal = Journal::open(tmp.path()).expect("open");
-        drop(journal.begin("job-1-0", &[cref("db")]).expect("record"));
+        drop(journal.begin("job-1-0", &[rc("db")]).expect("record"));
         assert_eq!(replay(&journal, platform.as_ref()).await.len(), 1);
         let cancel = CancellationToken::new();
         let timer = tokio::spawn(retry(

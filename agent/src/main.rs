@@ -163,17 +163,22 @@ async fn run(config: std::path::PathBuf) -> anyhow::Result<()> {
     let config = ferry_agent::config::AgentConfig::load(&config)?;
     ferry_agent::enrol::refuse_if_open(&config.data_dir)?;
     let settings = ferry_agent::session::SessionSettings::load(&config)?;
-    let host = Arc::new(ferry_agent::platform::host::HostPlatform::with_copies(
-        config.app_model()?,
-        config.command_timeout(),
-        &config.data_dir,
-        &config.copies_dir(),
-    )?);
-    let containers = config
-        .engine_settings()?
-        .map(|s| Arc::new(ferry_agent::platform::containers::ContainerPlatform::new(s)));
-    let platform: Arc<dyn ferry_agent::platform::Platform> =
-        Arc::new(ferry_agent::platform::Platforms { host, containers });
+    // The agent's drivers, in order: the host driver has the apps the
+    // config declares (and their copies), a container engine the rest.
+    let mut drivers: Vec<Arc<dyn ferry_agent::platform::Driver>> = vec![Arc::new(
+        ferry_agent::platform::host::HostPlatform::with_copies(
+            config.app_model()?,
+            config.command_timeout(),
+            &config.data_dir,
+            &config.copies_dir(),
+        )?,
+    )];
+    if let Some(s) = config.engine_settings()? {
+        drivers.push(Arc::new(
+            ferry_agent::platform::containers::ContainerPlatform::new(s),
+        ));
+    }
+    let platform = Arc::new(ferry_agent::platform::Platforms::new(drivers));
     tracing::info!(cluster = %settings.cluster, node = %settings.node, controller = %settings.controller, "agent starting");
     // Whatever an interrupted operation stopped runs again before anything else.
     let journal = ferry_agent::journal::Journal::open(&config.data_dir)?;

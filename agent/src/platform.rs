@@ -1,18 +1,36 @@
-//! Where applications run. One trait, one driver per kind of cluster:
-//! `host` (systemd units or command pairs, declared in the agent config)
-//! and `containers` (a Docker Engine API: Docker or Podman); Kubernetes
-//! later. Every driver describes apps in the ferry-core model (`App`,
-//! `Component`, `ComponentKind`, `Volume`). [`Platforms`] puts the host
-//! driver and an optional container engine behind the one trait.
+//! Where applications run. One driver per kind of platform: `host`
+//! (systemd units or command pairs, declared in the agent config) and
+//! `containers` (a Docker Engine API: Docker or Podman); Kubernetes later.
+//! Every driver describes apps in the ferry-core model (`App`,
+//! `Component`, `ComponentKind`, `Volume`).
+//!
+//! A driver is built from capabilities, each a trait it implements or not:
+//! - *workloads* ([`Driver`], every driver): its apps, their status, and
+//!   stopping a component against a [`Receipt`] read before the stop (what
+//!   exactly to put back: a unit, a container id and its restart policy),
+//!   which the journal keeps, and starting it again from that receipt;
+//! - *capture* ([`Capture`]): the config and images of an app, stored in
+//!   the backup beside its volumes;
+//! - *copies* ([`Copies`]): a home for a copy's restored volumes, a copy
+//!   made from a backup's manifest with identities of its own, and removing
+//!   an app.
+//!
+//! A volume's readable source for a backup is the path its driver reports
+//! ([`ferry_core::Volume::path`]); its writable target for a restore is
+//! under the copy's home. [`Platforms`] is the agent's list of drivers:
+//! an app belongs to the first that says it owns it. Adding a driver
+//! touches its own module, the agent config and its component kind.
 
 pub mod containers;
 pub mod host;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use ferry_core::{App, ComponentRef, ComponentState};
-use ferry_core::{CodedError, ErrorCode};
+use ferry_core::{AppName, CodedError, ErrorCode, TeamName};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
@@ -54,6 +72,12 @@ pub enum PlatformError {
     BadCopy { app: String, reason: String },
     #[error("no free port above {from} for {name}")]
     NoFreePort { name: String, from: u16 },
+    /// A journal's receipt its driver cannot read.
+    #[error("the receipt of {component} is unreadable: {reason}")]
+    BadReceipt {
+        component: Box<ComponentRef>,
+        reason: String,
+    },
     #[error("{action} of {component} did not finish within {secs} seconds")]
     Timeout {
         action: &'static str,
@@ -70,7 +94,7 @@ impl CodedError for PlatformError {
             // the host must change before a retry helps.
             Self::Spawn { .. } | Self::CommandFailed { .. } => ErrorCode::FailedPrecondition,
             Self::Timeout { .. } => ErrorCode::DeadlineExceeded,
-            Self::Registry { .. } => ErrorCode::Internal,
+            Self::Registry { .. } | Self::BadReceipt { .. } => ErrorCode::Internal,
             Self::AppExists { .. } => ErrorCode::AlreadyExists,
             Self::Engine { .. } => ErrorCode::Unavailable,
             Self::Unsupported { .. } | Self::BadCopy { .. } => ErrorCode::FailedPrecondition,
@@ -79,27 +103,55 @@ impl CodedError for PlatformError {
     }
 }
 
-/// What every platform driver can do.
+/// What Ferry needs to put a stopped component back exactly as it was:
+/// read by its driver before the stop, kept in the journal until the
+/// component runs again, and given back to the driver to start it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The driver that made it, and starts the component again.
+    pub driver: String,
+    pub component: ComponentRef,
+    /// The driver's own record (a container's id and restart policy);
+    /// null when it needs none.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+/// Workloads: what every driver does.
 #[async_trait]
-pub trait Platform: Send + Sync {
-    /// The driver's name, reported in the agent's hello ("host", …).
+pub trait Driver: Send + Sync {
+    /// The driver's name, as the component kinds it runs name it
+    /// ([`ferry_core::ComponentKind::driver`]).
     fn name(&self) -> &'static str;
 
-    /// The apps this agent manages, in the ferry-core model, with each
-    /// component's current state.
+    /// Whether `team/app` is this driver's, told without asking the
+    /// platform; an app is the first owning driver's in the agent's list.
+    fn owns(&self, team: &TeamName, app: &AppName) -> bool;
+
+    /// The driver's apps, with each component's current state.
     async fn inventory(&self) -> Result<Vec<App>, PlatformError>;
+
+    /// An app's definition, if the driver has it (component states as the
+    /// driver knows them without asking: unknown for the host driver).
+    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError>;
 
     /// Whether a component runs.
     async fn status(&self, component: &ComponentRef) -> Result<ComponentState, PlatformError>;
 
-    /// Stops a component; returns when it has stopped.
-    async fn stop(&self, component: &ComponentRef) -> Result<(), PlatformError>;
+    /// What stopping `component` now would have to put back, read before
+    /// anything changes (the journal records it before the stop).
+    async fn receipt(&self, component: &ComponentRef) -> Result<Receipt, PlatformError>;
 
-    /// Starts a component; returns when the start command has succeeded.
-    async fn start(&self, component: &ComponentRef) -> Result<(), PlatformError>;
+    /// Stops the component of `receipt`; returns when it has stopped.
+    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError>;
 
-    /// Runs one of a component's hooks (`pre_backup`, `post_backup`) in its
-    /// context; fails if the command does.
+    /// Puts the component of `receipt` back: starts it unless it already
+    /// runs (someone else started it), and restores whatever the stop set
+    /// aside. Returns once it runs as the driver defines it.
+    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError>;
+
+    /// Runs one of a component's hooks (`pre_backup`, `post_backup`,
+    /// `pre_stop`) in its context; fails if the command does.
     async fn hook(
         &self,
         component: &ComponentRef,
@@ -107,62 +159,67 @@ pub trait Platform: Send + Sync {
         argv: &ferry_core::Argv,
     ) -> Result<(), PlatformError>;
 
-    /// Writes the images `app`'s components run into `dest`, as one archive
-    /// the engine can load, and the components' captured config beside it
-    /// (`containers.json`); returns what it exported (references or ids)
-    /// and the archive's size, or none when the platform has no images (the
-    /// host driver).
-    async fn export_images(
-        &self,
-        _app: &App,
-        _dest: &std::path::Path,
-    ) -> Result<Option<(Vec<String>, u64)>, PlatformError> {
-        Ok(None)
+    /// The driver's capture capability, if it has one.
+    fn capture(&self) -> Option<&dyn Capture> {
+        None
     }
 
-    /// Where restored copies' volumes go; none: this agent makes no copies.
-    fn copies_dir(&self) -> Option<std::path::PathBuf>;
+    /// The driver's copies capability, if it has one.
+    fn copies(&self) -> Option<&dyn Copies> {
+        None
+    }
+}
 
-    /// The drivers whose apps this agent restores copies of (told to the
-    /// controller, which refuses a restore no agent can make before
-    /// anything stops).
-    fn restores(&self) -> Vec<&'static str>;
-
-    /// An app's definition, if the agent has it (component states as the
-    /// driver knows them: unknown for the host driver).
-    async fn app(
+/// Capture: an app's config and images, into a backup.
+#[async_trait]
+pub trait Capture: Send + Sync {
+    /// Writes the images `app`'s components run into `dest`, as one archive
+    /// the platform can load, and the components' captured config beside it
+    /// (`containers.json`); returns what it exported (references or ids)
+    /// and the archive's size, or none when the app has no images.
+    async fn capture(
         &self,
-        team: &ferry_core::TeamName,
-        app: &ferry_core::AppName,
-    ) -> Result<Option<App>, PlatformError>;
+        app: &App,
+        dest: &Path,
+    ) -> Result<Option<(Vec<String>, u64)>, PlatformError>;
+}
+
+/// Copies: restored apps of the driver's kind, and removing apps.
+#[async_trait]
+pub trait Copies: Send + Sync {
+    /// The home of the copy `team/app` that job `job` restores, made if
+    /// new: its volumes are restored under it, reachable by the copy's own
+    /// user.
+    fn home(&self, team: &TeamName, app: &AppName, job: u64) -> Result<PathBuf, PlatformError>;
+
+    /// Makes `original` (from a backup's manifest) a copy named `team/name`
+    /// for job `job`: the driver derives the copy's definition (its volumes
+    /// at `paths`, and whatever identities its platform needs anew: for the
+    /// host driver, volume paths in commands and `{port:…}` templates moved
+    /// off ports in use) and registers it durably. Not started yet.
+    async fn add(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError>;
 
     /// The job that restored the copy `team/app`; none if it is no copy.
-    fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64>;
+    fn job_of(&self, team: &TeamName, app: &AppName) -> Option<u64>;
 
-    /// Makes `original` (from a backup's manifest) a copy of this agent,
-    /// named `team/name`, for job `job`: the driver derives the copy's
-    /// definition (its volumes at `paths`, and whatever identities its
-    /// platform needs anew: for the host driver, volume paths in commands
-    /// and `{port:…}` templates moved off ports in use) and registers it
-    /// durably. Not started yet.
-    async fn add_copy(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError>;
-
-    /// Unregisters a copy, or retires a declared app (hidden from then on);
-    /// returns its definition, none if there was no such app.
-    async fn forget_app(
+    /// Removes `team/app`, already stopped: a copy is unregistered (its
+    /// volumes deleted with `delete_data`), a declared app retired (hidden
+    /// from then on, its data never deleted). Whether it was there.
+    async fn remove(
         &self,
-        team: &ferry_core::TeamName,
-        app: &ferry_core::AppName,
-    ) -> Result<Option<App>, PlatformError>;
+        team: &TeamName,
+        app: &AppName,
+        delete_data: bool,
+    ) -> Result<bool, PlatformError>;
 }
 
 /// What a restore asks a driver to make a copy of.
 pub struct NewCopy<'a> {
     pub original: &'a App,
-    pub team: &'a ferry_core::TeamName,
-    pub name: &'a ferry_core::AppName,
+    pub team: &'a TeamName,
+    pub name: &'a AppName,
     /// The restored volumes, in the order of the original's.
-    pub paths: &'a [std::path::PathBuf],
+    pub paths: &'a [PathBuf],
     pub job: u64,
 }
 
@@ -173,120 +230,171 @@ pub struct Copied {
     pub remapped_ports: Vec<String>,
 }
 
-/// The host driver, and a container engine when the agent config names
-/// one: an app is the host's if the agent config (or a restored copy)
-/// declares it, else the engine's.
+/// The agent's drivers, in order: an app is the first owning driver's.
 pub struct Platforms {
-    pub host: Arc<host::HostPlatform>,
-    pub containers: Option<Arc<containers::ContainerPlatform>>,
+    drivers: Vec<Arc<dyn Driver>>,
 }
 
 impl Platforms {
-    fn driver(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> &dyn Platform {
-        match &self.containers {
-            Some(c) if !self.host.declares(team, app) => c.as_ref(),
-            _ => self.host.as_ref(),
-        }
-    }
-}
-
-#[async_trait]
-impl Platform for Platforms {
-    fn name(&self) -> &'static str {
-        if self.containers.is_some() {
-            "host+containers"
-        } else {
-            "host"
-        }
+    pub fn new(drivers: Vec<Arc<dyn Driver>>) -> Self {
+        Self { drivers }
     }
 
-    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
-        let mut apps = self.host.inventory().await?;
-        if let Some(c) = &self.containers {
-            match c.inventory().await {
-                Ok(more) => apps.extend(
-                    more.into_iter()
-                        .filter(|a| !self.host.declares(&a.team, &a.name)),
-                ),
-                // The host's apps are still reported.
-                Err(e) => tracing::warn!(error = %e, "container apps not listed"),
+    /// The drivers' names, reported in the agent's hello (`host+containers`).
+    pub fn name(&self) -> String {
+        let names: Vec<&str> = self.drivers.iter().map(|d| d.name()).collect();
+        names.join("+")
+    }
+
+    /// The drivers whose apps this agent restores copies of (told to the
+    /// controller, which refuses a restore no agent can make before
+    /// anything stops).
+    pub fn restores(&self) -> Vec<&'static str> {
+        self.drivers
+            .iter()
+            .filter(|d| d.copies().is_some())
+            .map(|d| d.name())
+            .collect()
+    }
+
+    fn owner(&self, team: &TeamName, app: &AppName) -> Option<&dyn Driver> {
+        self.drivers
+            .iter()
+            .find(|d| d.owns(team, app))
+            .map(|d| d.as_ref())
+    }
+
+    fn owner_of(&self, c: &ComponentRef) -> Result<&dyn Driver, PlatformError> {
+        self.owner(&c.team, &c.app)
+            .ok_or_else(|| PlatformError::UnknownComponent {
+                component: Box::new(c.clone()),
+            })
+    }
+
+    fn named(&self, name: &str) -> Option<&dyn Driver> {
+        self.drivers
+            .iter()
+            .find(|d| d.name() == name)
+            .map(|d| d.as_ref())
+    }
+
+    /// Every driver's apps, each app from its owner only. A driver that
+    /// cannot list its apps is logged and the others' are still reported;
+    /// none listing any is an error.
+    pub async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
+        let mut apps = Vec::new();
+        let mut first_err = None;
+        let mut listed = false;
+        for (i, d) in self.drivers.iter().enumerate() {
+            match d.inventory().await {
+                Ok(more) => {
+                    listed = true;
+                    apps.extend(
+                        more.into_iter().filter(|a| {
+                            !self.drivers[..i].iter().any(|e| e.owns(&a.team, &a.name))
+                        }),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(driver = d.name(), error = %e, "apps not listed");
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        Ok(apps)
+        match first_err {
+            Some(e) if !listed => Err(e),
+            _ => Ok(apps),
+        }
     }
 
-    async fn status(&self, c: &ComponentRef) -> Result<ComponentState, PlatformError> {
-        self.driver(&c.team, &c.app).status(c).await
+    pub async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
+        match self.owner(team, app) {
+            Some(d) => d.app(team, app).await,
+            None => Ok(None),
+        }
     }
 
-    async fn stop(&self, c: &ComponentRef) -> Result<(), PlatformError> {
-        self.driver(&c.team, &c.app).stop(c).await
+    pub async fn status(&self, c: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        self.owner_of(c)?.status(c).await
     }
 
-    async fn start(&self, c: &ComponentRef) -> Result<(), PlatformError> {
-        self.driver(&c.team, &c.app).start(c).await
+    pub async fn receipt(&self, c: &ComponentRef) -> Result<Receipt, PlatformError> {
+        self.owner_of(c)?.receipt(c).await
     }
 
-    async fn hook(
+    /// The driver a receipt names, or (a receipt from before receipts
+    /// named one) the component's owner.
+    fn maker(&self, r: &Receipt) -> Result<&dyn Driver, PlatformError> {
+        if r.driver.is_empty() {
+            return self.owner_of(&r.component);
+        }
+        self.named(&r.driver)
+            .ok_or_else(|| PlatformError::Unsupported {
+                what: format!(
+                    "{} was stopped by the {} driver, which this agent no longer runs",
+                    r.component, r.driver
+                ),
+            })
+    }
+
+    pub async fn stop(&self, r: &Receipt) -> Result<(), PlatformError> {
+        self.maker(r)?.stop(r).await
+    }
+
+    pub async fn start(&self, r: &Receipt) -> Result<(), PlatformError> {
+        self.maker(r)?.start(r).await
+    }
+
+    /// Starts a component Ferry did not stop (a copy just registered).
+    pub async fn start_component(&self, c: &ComponentRef) -> Result<(), PlatformError> {
+        let receipt = self.receipt(c).await?;
+        self.start(&receipt).await
+    }
+
+    pub async fn hook(
         &self,
         c: &ComponentRef,
         which: &'static str,
         argv: &ferry_core::Argv,
     ) -> Result<(), PlatformError> {
-        self.driver(&c.team, &c.app).hook(c, which, argv).await
+        self.owner_of(c)?.hook(c, which, argv).await
     }
 
-    async fn export_images(
+    /// Captures `app`'s config and images into `dest` when its driver can;
+    /// none when it has nothing to capture.
+    pub async fn capture(
         &self,
         app: &App,
-        dest: &std::path::Path,
+        dest: &Path,
     ) -> Result<Option<(Vec<String>, u64)>, PlatformError> {
-        self.driver(&app.team, &app.name)
-            .export_images(app, dest)
-            .await
-    }
-
-    fn copies_dir(&self) -> Option<std::path::PathBuf> {
-        self.host.copies_dir()
-    }
-
-    fn restores(&self) -> Vec<&'static str> {
-        let mut all = self.host.restores();
-        if let Some(c) = &self.containers {
-            all.extend(c.restores());
-        }
-        all
-    }
-
-    async fn app(
-        &self,
-        team: &ferry_core::TeamName,
-        app: &ferry_core::AppName,
-    ) -> Result<Option<App>, PlatformError> {
-        self.driver(team, app).app(team, app).await
-    }
-
-    fn copy_job(&self, team: &ferry_core::TeamName, app: &ferry_core::AppName) -> Option<u64> {
-        self.host.copy_job(team, app)
-    }
-
-    async fn add_copy(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError> {
-        let host = copy
-            .original
-            .components
-            .iter()
-            .all(|c| matches!(c.kind, ferry_core::ComponentKind::Host(_)));
-        match &self.containers {
-            Some(c) if !host => c.add_copy(copy).await,
-            _ => self.host.add_copy(copy).await,
+        match self.owner(&app.team, &app.name).and_then(|d| d.capture()) {
+            Some(c) => c.capture(app, dest).await,
+            None => Ok(None),
         }
     }
 
-    async fn forget_app(
-        &self,
-        team: &ferry_core::TeamName,
-        app: &ferry_core::AppName,
-    ) -> Result<Option<App>, PlatformError> {
-        self.driver(team, app).forget_app(team, app).await
+    /// The copies capability of the driver named `driver`, for a restore
+    /// of one of its apps.
+    pub fn copies_by(&self, driver: &str) -> Result<&dyn Copies, PlatformError> {
+        self.named(driver)
+            .and_then(|d| d.copies())
+            .ok_or_else(|| PlatformError::Unsupported {
+                what: format!("restoring apps of the {driver} driver on this agent"),
+            })
+    }
+
+    /// The copies capability of `team/app`'s driver, for removing it.
+    pub fn copies_of(&self, team: &TeamName, app: &AppName) -> Result<&dyn Copies, PlatformError> {
+        let d = self
+            .owner(team, app)
+            .ok_or_else(|| PlatformError::Unsupported {
+                what: format!("{team}/{app}: no driver of this agent has it"),
+            })?;
+        d.copies().ok_or_else(|| PlatformError::Unsupported {
+            what: format!(
+                "removing {team}/{app}: the {} driver cannot remove apps yet",
+                d.name()
+            ),
+        })
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{PlatformError, Platforms};
 
 /// Requests one agent works on at once; more are refused as unavailable.
 const MAX_RUNNING: usize = 64;
@@ -52,7 +52,7 @@ impl CodedError for InventoryError {
 #[derive(Clone)]
 struct Ctx {
     tx: mpsc::Sender<pb::AgentMessage>,
-    platform: Arc<dyn Platform>,
+    platform: Arc<Platforms>,
     steps: crate::steps::StepCtx,
     /// Held while an inventory's parts are sent.
     inventory: Arc<Mutex<()>>,
@@ -505,8 +505,10 @@ mod tests {
 
     fn dispatcher() -> (Dispatcher, mpsc::Receiver<pb::AgentMessage>) {
         let (tx, rx) = mpsc::channel(64);
-        let platform: Arc<dyn Platform> =
-            Arc::new(HostPlatform::new(Vec::new(), Duration::from_secs(5)));
+        let platform = Arc::new(Platforms::new(vec![Arc::new(HostPlatform::new(
+            Vec::new(),
+            Duration::from_secs(5),
+        ))]));
         let steps = crate::steps::StepCtx::new(platform, None, Duration::from_secs(300));
         (Dispatcher::new(tx, steps), rx)
     }

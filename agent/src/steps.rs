@@ -29,7 +29,7 @@ use ferry_repo::snapshot::BackupSummary;
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::{self, Journal};
-use crate::platform::{Platform, PlatformError};
+use crate::platform::{PlatformError, Platforms, Receipt};
 use crate::storage::{StorageFailure, open_repository, repo_failure};
 
 /// Why a step failed, with the code the controller sees.
@@ -89,7 +89,7 @@ pub type Report = Arc<dyn Fn(u64, u64, String) + Send + Sync>;
 /// What steps share.
 #[derive(Clone)]
 pub struct StepCtx {
-    pub platform: Arc<dyn Platform>,
+    pub platform: Arc<Platforms>,
     pub journal: Option<Journal>,
     /// How long a step retries an unreachable S3 location.
     pub storage_retry: Duration,
@@ -120,7 +120,7 @@ pub struct Holder {
 
 impl StepCtx {
     pub fn new(
-        platform: Arc<dyn Platform>,
+        platform: Arc<Platforms>,
         journal: Option<Journal>,
         storage_retry: Duration,
     ) -> Self {
@@ -253,7 +253,7 @@ fn ms(d: Duration) -> u64 {
 /// `unknown_runs`, a component whose driver cannot tell (a command without
 /// a status command) counts as running: its start command succeeded.
 async fn wait_running(
-    platform: &dyn Platform,
+    platform: &Platforms,
     components: &[ComponentRef],
     wait: Duration,
     unknown_runs: bool,

@@ -92,11 +92,43 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "sleep",
         "100000",
     ])?;
+    connect(engine, "").await
+}
+
+/// db alone: stateful (a named volume), restart always.
+fn db_alone(engine: &Engine) -> anyhow::Result<()> {
+    engine.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "shop-db",
+        "--network",
+        "none",
+        "--restart",
+        "always",
+        "-v",
+        "shopdata:/data",
+        SHOP[0],
+        SHOP[1],
+        SHOP[2],
+        SHOP[3],
+        BASE_IMAGE,
+        "sh",
+        "-c",
+        WRITER,
+    ])?;
+    Ok(())
+}
+
+/// A controller, and cluster a's agent on `engine` (its config with
+/// `extra` lines), once it lists web/shop; storage `nfs` with a password
+/// the test knows.
+async fn connect(engine: Engine, extra: &str) -> anyhow::Result<Site> {
     let mut ctl = Controller::init()?;
     ctl.start().await?;
     let a = enrol_in(&ctl, "a", "node-a").await?;
     let conf = format!(
-        "controller = \"{}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\ndelta_buffer_mib = 1\n\n[containers]\nsocket = \"unix://{}\"\nstop_timeout_secs = 20\n",
+        "controller = \"{}\"\ndata_dir = \"{}\"\nheartbeat_secs = 1\nreconnect_min_ms = 50\nreconnect_max_ms = 500\ndelta_buffer_mib = 1\n{extra}\n[containers]\nsocket = \"unix://{}\"\nstop_timeout_secs = 20\n",
         ctl.url(),
         a.path().display(),
         engine.socket().display()
@@ -389,9 +421,10 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     );
     assert_eq!(engine.inspect("shop-cache", "{{.State.Running}}")?, "false");
 
-    // The engine goes away: a clear error naming it.
+    // The engine goes away (its containers kept): a clear error naming it.
     let socket = engine.socket().display().to_string();
-    drop(engine);
+    let mut engine = engine;
+    engine.halt();
     let (code, out, err) = backup_shop(&ctl, &[])?;
     assert_ne!(code, 0, "{out}{err}");
     assert!(
@@ -401,6 +434,8 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     );
     agent.stop().await?;
     drop(a);
+    // Back, so its containers are removed with it.
+    engine.resume()?;
     Ok(())
 }
 
@@ -412,4 +447,91 @@ async fn docker_cold_backup_keeps_the_containers() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_cold_backup_keeps_the_containers() -> anyhow::Result<()> {
     cold_backup_keeps_the_containers(Kind::Podman).await
+}
+
+/// The container engine restarts while Ferry has db stopped: dockerd is
+/// stopped as its service manager would stop it, in the delta pass, and
+/// started again only once Ferry has failed to start db. While the engine
+/// is away db stays stopped; its own start does not bring db back (Ferry
+/// set the `always` policy aside); then the journal's timer starts the
+/// same container and puts its policy back. The job ends with a true
+/// outcome, and a backup it reports complete passes a full verify. (Podman
+/// has no daemon whose restart stops or starts containers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
+    setup();
+    let engine = Engine::start(Kind::Docker)?;
+    engine.import_base_image()?;
+    db_alone(&engine)?;
+    let db_id = engine.inspect("shop-db", "{{.Id}}")?;
+    let (mut engine, ctl, a, mut agent) = connect(engine, "journal_retry_secs = 1").await?;
+    let vol = engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shopdata"])?;
+    // A delta long enough to stop the engine in.
+    std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "128\n")?;
+    let (code, out, err) = backup_shop(&ctl, &["--detach"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
+    wait_for("the delta pass", DEADLINE, || {
+        let seen = agent.logs().contains("delta pass started");
+        async move { seen.then_some(()) }
+    })
+    .await?;
+    let halting = std::time::Instant::now();
+    engine.halt();
+    eprintln!("the engine stopped in {:?}", halting.elapsed());
+    wait_for("Ferry's start of db to fail", DEADLINE, || {
+        let seen = agent.logs().contains("did not all start again");
+        async move { seen.then_some(()) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", agent.logs()))?;
+    assert_eq!(
+        std::fs::read_dir(a.path().join("journal"))?.count(),
+        1,
+        "the journal holds db"
+    );
+    engine.resume()?;
+    wait_for("db running again", DEADLINE, || {
+        let up = engine.inspect("shop-db", "{{.State.Running}}").ok();
+        async move { (up.as_deref() == Some("true")).then_some(()) }
+    })
+    .await?;
+    assert_eq!(
+        engine.inspect("shop-db", "{{.Id}}")?,
+        db_id,
+        "the same container"
+    );
+    let (_, out, err) = ferryctl(&ctl, &["job", "watch", &job_id, "-o", "json"])?;
+    let ended = json(&out).map_err(|e| anyhow::anyhow!("{e}: {out}{err}"))?;
+    eprintln!("the job ended {}: {}", ended["state"], ended["reason"]);
+    match ended["state"].as_str() {
+        Some("succeeded") => {
+            let bid = ended["backup_id"].as_u64().expect("backup id").to_string();
+            let (code, out, err) = ferryctl(
+                &ctl,
+                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
+            )?;
+            assert_eq!(code, 0, "{out}{err}");
+        }
+        Some("failed") => {
+            let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
+            assert_eq!(json(&out)?.as_array().map(Vec::len), Some(0), "{out}");
+        }
+        _ => panic!("{ended}"),
+    }
+    wait_for("the journal emptied", DEADLINE, || {
+        let left = std::fs::read_dir(a.path().join("journal")).map(|d| d.count());
+        async move { matches!(left, Ok(0)).then_some(()) }
+    })
+    .await?;
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "true");
+    assert_eq!(
+        engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+        "always",
+        "{}",
+        agent.logs()
+    );
+    agent.stop().await?;
+    drop(a);
+    Ok(())
 }

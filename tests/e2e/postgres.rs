@@ -254,6 +254,7 @@ impl Site {
         enrol_at(&ctl, "b", "node-b", &b).await?;
         let sock = root.path().join("s");
         std::fs::create_dir_all(&sock)?;
+        std::fs::create_dir_all(root.path().join("gate"))?;
         let vol = root.path().join("pg");
         std::fs::create_dir_all(&vol)?;
         sh(&format!(
@@ -438,9 +439,22 @@ impl Site {
     }
 }
 
+/// A shell line that, while the file `GATE/hold-PHASE` exists, says it got
+/// there (`GATE/in-PHASE`) and waits (60 s at most) until the test lets it
+/// go on (`GATE/go-PHASE`): a fault strikes while Ferry is in that phase.
+/// `GATE` is the directory beside the sockets' (`ROOT/gate`).
+fn hold(sock: &Path, phase: &str) -> String {
+    let g = sock.with_file_name("gate");
+    let g = g.display();
+    format!(
+        "if [ -e {g}/hold-{phase} ]; then rm -f {g}/hold-{phase}; touch {g}/in-{phase}; i=0; until [ -e {g}/go-{phase} ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; rm -f {g}/go-{phase} {g}/in-{phase}; fi"
+    )
+}
+
 fn app_start(bin: &Path, vol: &Path, sock: &Path) -> String {
     format!(
-        r#"S={s}/$FERRY_TEAM-$FERRY_APP; mkdir -p $S && chown postgres $S && runuser -u postgres -- {b}/pg_ctl -D {v} -l $S/log -w -t 60 -o "-p {{port:pg=5432}} -k $S -c listen_addresses=127.0.0.1" start >/dev/null"#,
+        r#"{hold}; S={s}/$FERRY_TEAM-$FERRY_APP; mkdir -p $S && chown postgres $S && runuser -u postgres -- {b}/pg_ctl -D {v} -l $S/log -w -t 60 -o "-p {{port:pg=5432}} -k $S -c listen_addresses=127.0.0.1" start >/dev/null"#,
+        hold = hold(sock, "starting"),
         s = sock.display(),
         b = bin.display(),
         v = vol.display()
@@ -460,10 +474,11 @@ name = "db"
 stateful = true
 volumes = ["{v}"]
 start = '{start}'
-stop = 'runuser -u postgres -- {b}/pg_ctl -D {v} -m fast -w -t 60 stop >/dev/null{stop_extra}'
+stop = 'runuser -u postgres -- {b}/pg_ctl -D {v} -m fast -w -t 60 stop >/dev/null && {{ {hold}; }}{stop_extra}'
 status = 'runuser -u postgres -- {b}/pg_ctl -D {v} status >/dev/null'
 "#,
-        start = app_start(bin, vol, sock)
+        start = app_start(bin, vol, sock),
+        hold = hold(sock, "stopping"),
     )
 }
 
@@ -474,6 +489,7 @@ data_dir = "{d}"
 heartbeat_secs = 1
 reconnect_min_ms = 50
 reconnect_max_ms = 500
+journal_retry_secs = 2
 storage_retry_secs = 3
 {apps}"#,
         d = d.display()
@@ -893,6 +909,152 @@ async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> a
     site.ready(TEAM, APP).await?;
     assert!(Servers::postmaster(&vol).is_some());
     assert_eq!(site.journal_entries(), 0);
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+/// A fault the matrix injects.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    AgentKill,
+    AgentTerm,
+    ControllerKill,
+    Cancel,
+}
+
+impl Site {
+    /// One cell of the fault matrix: a cold backup held in `phase`
+    /// (`stopping`: PostgreSQL is down and its stop command has not
+    /// returned; `starting`: its start command has begun), `fault` struck
+    /// there, then everything let go and brought back. Whatever happened:
+    /// PostgreSQL ends running with its rows, the journal ends empty, the
+    /// job ends in one of `outcomes`, a backup exists exactly when the job
+    /// succeeded, and it passes a full read of its data.
+    async fn fault_cell(
+        &mut self,
+        phase: &str,
+        fault: Fault,
+        outcomes: &[&str],
+        log: &str,
+    ) -> anyhow::Result<()> {
+        let cell = format!("{fault:?} while {phase}");
+        let known = self.db(TEAM, APP)?.checksum("known")?;
+        let before = self.backups()?.len();
+        let gate = self.root.path().join("gate");
+        std::fs::write(gate.join(format!("hold-{phase}")), "")?;
+        let (code, job, out) = self.backup(&["--detach"])?;
+        ensure!(code == 0, "{cell}: {out}");
+        let id = job["id"].as_u64().context("job id")?.to_string();
+        let inside = gate.join(format!("in-{phase}"));
+        wait_for(&format!("{cell}: the {phase} phase"), DEADLINE, || {
+            let there = inside.exists();
+            async move { there.then_some(()) }
+        })
+        .await?;
+        let go = || std::fs::write(gate.join(format!("go-{phase}")), "");
+        match fault {
+            Fault::AgentKill => {
+                self.agent_a.kill();
+                go()?;
+                // The command Ferry ran goes on without it (a start ends
+                // with PostgreSQL answering); once it is done, the agent
+                // starts again.
+                wait_for(&format!("{cell}: the held command"), DEADLINE, || {
+                    let done = !inside.exists();
+                    async move { done.then_some(()) }
+                })
+                .await?;
+                if phase == "starting" {
+                    self.ready(TEAM, APP).await?;
+                }
+                self.respawn_agent_a(log)?;
+            }
+            Fault::AgentTerm => {
+                self.agent_a.terminate()?;
+                go()?;
+                self.agent_a.stop().await?;
+                self.respawn_agent_a(log)?;
+            }
+            Fault::ControllerKill => {
+                self.ctl.kill();
+                go()?;
+                self.ctl.start().await?;
+            }
+            Fault::Cancel => {
+                let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
+                ensure!(code == 0, "{cell}: {out}{err}");
+                go()?;
+            }
+        }
+        let job = self.job_end(&id)?;
+        let state = job["state"].as_str().unwrap_or_default().to_owned();
+        ensure!(
+            outcomes.contains(&state.as_str()),
+            "{cell}: the job ended {state}, not one of {outcomes:?}: {job}\n{}",
+            self.agent_a.logs()
+        );
+        let db = self.ready(TEAM, APP).await?;
+        assert_eq!(db.checksum("known")?, known, "{cell}");
+        let journal = wait_for(&format!("{cell}: the journal emptied"), DEADLINE, || {
+            let left = self.journal_entries();
+            async move { (left == 0).then_some(()) }
+        })
+        .await;
+        ensure!(journal.is_ok(), "{cell}: {}", self.agent_a.logs());
+        let listed = self.backups()?;
+        if state == "succeeded" {
+            assert_eq!(listed.len(), before + 1, "{cell}: {listed:?}");
+            let bid = job["backup_id"].as_u64().context("backup id")?.to_string();
+            let (code, out, err) = ferryctl(
+                &self.ctl,
+                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
+            )?;
+            assert_eq!(code, 0, "{cell}: {out}{err}");
+        } else {
+            assert_eq!(listed.len(), before, "{cell}: {listed:?}");
+        }
+        eprintln!("fault matrix: {cell}: the job {state}, PostgreSQL runs, the journal is empty");
+        Ok(())
+    }
+}
+
+/// The fault matrix's `stopping` row on the host driver, PostgreSQL
+/// running as `postgres`: every fault struck while PostgreSQL is down and
+/// its stop command has not returned. (The stopped window's row is the
+/// tests above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_while_postgres_is_stopping() -> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let ok = &["succeeded"][..];
+    site.fault_cell("stopping", Fault::AgentKill, ok, "agent-2.log")
+        .await?;
+    site.fault_cell("stopping", Fault::AgentTerm, ok, "agent-3.log")
+        .await?;
+    site.fault_cell("stopping", Fault::ControllerKill, ok, "")
+        .await?;
+    site.fault_cell("stopping", Fault::Cancel, &["cancelled"], "")
+        .await?;
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+/// The fault matrix's `starting` row: every fault struck while Ferry's
+/// start of PostgreSQL runs. A cancel there may come too late (the backup
+/// was complete once the delta pass had read everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_while_postgres_is_starting() -> anyhow::Result<()> {
+    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
+    let ok = &["succeeded"][..];
+    site.fault_cell("starting", Fault::AgentKill, ok, "agent-2.log")
+        .await?;
+    site.fault_cell("starting", Fault::AgentTerm, ok, "agent-3.log")
+        .await?;
+    site.fault_cell("starting", Fault::ControllerKill, ok, "")
+        .await?;
+    site.fault_cell("starting", Fault::Cancel, &["cancelled", "succeeded"], "")
+        .await?;
     site.agent_a.stop().await?;
     site.agent_b.stop().await?;
     Ok(())

@@ -30,8 +30,24 @@ impl Engine {
     /// Starts an engine and waits until it answers (at most 60 s).
     pub fn start(kind: Kind) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp")?;
-        let d = dir.path();
-        let log = std::fs::File::create(d.join("engine.log"))?;
+        let mut engine = Self {
+            kind,
+            dir,
+            child: None,
+        };
+        engine.resume()?;
+        Ok(engine)
+    }
+
+    /// Starts the engine's daemon again on the same root (after
+    /// [`Engine::halt`]) and waits until it answers (at most 60 s).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let kind = self.kind;
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("engine.log"))?;
         let mut cmd = match kind {
             Kind::Docker => {
                 let mut c = Command::new("dockerd");
@@ -68,27 +84,40 @@ impl Engine {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {kind:?} (is it installed?)"))?;
-        let mut engine = Self {
-            kind,
-            dir,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if engine.socket().exists() && engine.docker(&["version"]).is_ok_and(|(ok, ..)| ok) {
-                break;
+            if self.socket().exists() && self.docker(&["version"]).is_ok_and(|(ok, ..)| ok) {
+                return Ok(());
             }
-            if let Some(c) = engine.child.as_mut()
+            if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
-                bail!("{kind:?} exited with {status}: {}", engine.log_tail());
+                bail!("{kind:?} exited with {status}: {}", self.log_tail());
             }
             if Instant::now() > deadline {
-                bail!("{kind:?} did not answer within 60 s: {}", engine.log_tail());
+                bail!("{kind:?} did not answer within 60 s: {}", self.log_tail());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(engine)
+    }
+
+    /// Stops the engine's daemon as its service manager would (SIGTERM,
+    /// then SIGKILL after 30 s), keeping its containers, volumes and
+    /// images for [`Engine::resume`].
+    pub fn halt(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -169,7 +198,7 @@ impl Engine {
         self.docker_ok(&["inspect", "-f", format, name])
     }
 
-    /// Stops the engine (SIGTERM, then SIGKILL after 20 s); its containers
+    /// Stops the engine (as [`Engine::halt`]); its containers
     /// are removed first, a few rounds (Podman refuses to remove a
     /// container another one shares a namespace with, until that one is
     /// gone).
@@ -186,18 +215,7 @@ impl Engine {
                 let _ = self.docker(&["rm", "-f", id]);
             }
         }
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.halt();
     }
 }
 

@@ -326,9 +326,16 @@ impl AgentProcess {
         let _ = self.child.wait();
     }
 
-    pub async fn stop(&mut self) -> anyhow::Result<()> {
+    /// SIGTERM, as systemd stops it; [`AgentProcess::stop`] waits for the
+    /// exit too.
+    pub fn terminate(&self) -> anyhow::Result<()> {
         let pid = self.child.id().to_string();
         run(Command::new("kill").args(["-TERM", &pid]))?;
+        Ok(())
+    }
+
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        self.terminate()?;
         let child = &mut self.child;
         wait_for("the agent to exit", DEADLINE, || {
             let s = child.try_wait().ok().flatten();

@@ -8,8 +8,9 @@
 //! volume or a bind (`ferry.stateful=true|false` overrides). Ferry stops
 //! and starts the container by its id, never re-creating it. Before a stop,
 //! a restart policy other than `no` is set to `no` (so a daemon restart in
-//! the stopped window cannot bring the container back); the policy it had
-//! is kept in `DATA_DIR/containers/policies.json` until Ferry starts it.
+//! the stopped window cannot bring the container back); the container's id
+//! and the policy it had are its receipt, which the journal keeps until
+//! Ferry has started it and put the policy back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use ferry_core::{
 };
 use tokio::sync::OnceCell;
 
-use super::{Platform, PlatformError};
+use super::{Capture, Driver, PlatformError, Receipt};
 
 /// Label naming a container's app (when it is no Compose project).
 pub const APP_LABEL: &str = "ferry.app";
@@ -61,8 +62,18 @@ pub struct EngineSettings {
 pub struct ContainerPlatform {
     settings: EngineSettings,
     docker: OnceCell<Docker>,
-    /// Serialises the policy file's read-modify-write.
+    /// Serialises edits of the policy file older agents kept.
     policies: Mutex<()>,
+}
+
+/// What the containers driver keeps of a stopped container: the container
+/// itself (a container re-created since is not the one Ferry stopped) and
+/// the restart policy it set aside.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ContainerReceipt {
+    container: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restart_policy: Option<RestartPolicy>,
 }
 
 /// One container as inspected, with the app it belongs to.
@@ -219,59 +230,71 @@ impl ContainerPlatform {
             .map_err(|e| self.engine_err(e))
     }
 
+    /// The policy file older agents kept (`policies.json`), by container
+    /// id: read for journal entries they wrote.
     fn policy_file(&self) -> PathBuf {
         self.settings.state_dir.join("policies.json")
     }
 
-    /// Restart policies Ferry set to `no`, by container id.
-    fn saved_policies(&self) -> Result<HashMap<String, RestartPolicy>, PlatformError> {
-        match std::fs::read(self.policy_file()) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| PlatformError::Registry {
-                path: self.policy_file(),
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
-            Err(e) => Err(PlatformError::Registry {
-                path: self.policy_file(),
-                reason: e.to_string(),
-            }),
-        }
-    }
-
-    /// Changes the saved policies durably (written whole, then renamed).
-    fn edit_policies(
-        &self,
-        f: impl FnOnce(&mut HashMap<String, RestartPolicy>),
-    ) -> Result<(), PlatformError> {
+    /// Takes the restart policy an older agent set aside for container
+    /// `id` out of its policy file (removed once empty).
+    fn legacy_policy(&self, id: &str) -> Result<Option<RestartPolicy>, PlatformError> {
         let _guard = self.policies.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all = self.saved_policies()?;
-        f(&mut all);
         let path = self.policy_file();
-        let err = |e: std::io::Error| PlatformError::Registry {
+        let err = |reason: String| PlatformError::Registry {
             path: path.clone(),
-            reason: e.to_string(),
+            reason,
         };
-        crate::durable::private_dir(&self.settings.state_dir).map_err(err)?;
-        let body = serde_json::to_vec_pretty(&all).map_err(|e| err(std::io::Error::other(e)))?;
-        crate::durable::write(&path, &body).map_err(err)
-    }
-
-    /// Puts back the restart policy Ferry set aside for container `id`.
-    async fn restore_policy(&self, id: &str) -> Result<(), PlatformError> {
-        if let Some(policy) = self.saved_policies()?.get(id).cloned() {
-            self.set_policy(id, policy).await?;
-            self.edit_policies(|all| {
-                all.remove(id);
-            })?;
-            tracing::info!(container = %id, "restart policy put back");
+        let mut all: HashMap<String, RestartPolicy> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| err(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let Some(policy) = all.remove(id) else {
+            return Ok(None);
+        };
+        if all.is_empty() {
+            std::fs::remove_file(&path).map_err(|e| err(e.to_string()))?;
+        } else {
+            let body = serde_json::to_vec_pretty(&all).map_err(|e| err(e.to_string()))?;
+            crate::durable::write(&path, &body).map_err(|e| err(e.to_string()))?;
         }
-        Ok(())
+        Ok(Some(policy))
     }
 
-    async fn set_policy(&self, id: &str, policy: RestartPolicy) -> Result<(), PlatformError> {
-        self.set_policy_call(id, policy)
+    /// The container a receipt names, inspected; unknown once it is gone.
+    async fn receipt_container(
+        &self,
+        receipt: &Receipt,
+    ) -> Result<(ContainerInspectResponse, Option<RestartPolicy>), PlatformError> {
+        if receipt.detail.is_null() {
+            // A journal entry of an older agent: the component as it is
+            // now, and the policy that agent kept aside.
+            let i = self.locate(&receipt.component).await?;
+            let policy = self.legacy_policy(i.id.as_deref().unwrap_or_default())?;
+            return Ok((i, policy));
+        }
+        let kept: ContainerReceipt =
+            serde_json::from_value(receipt.detail.clone()).map_err(|e| {
+                PlatformError::BadReceipt {
+                    component: Box::new(receipt.component.clone()),
+                    reason: e.to_string(),
+                }
+            })?;
+        match self
+            .docker()
+            .await?
+            .inspect_container(&kept.container, None)
             .await
-            .map_err(|e| self.engine_err(e))
+        {
+            Ok(i) => Ok((i, kept.restart_policy)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(PlatformError::UnknownComponent {
+                component: Box::new(receipt.component.clone()),
+            }),
+            Err(e) => Err(self.engine_err(e)),
+        }
     }
 
     async fn set_policy_call(
@@ -496,30 +519,38 @@ fn build_app(team: TeamName, name: AppName, members: &[Seen]) -> Result<App, Str
 }
 
 #[async_trait]
-impl Platform for ContainerPlatform {
+impl Driver for ContainerPlatform {
     fn name(&self) -> &'static str {
         "containers"
+    }
+
+    /// Every app the drivers before it in the agent's list do not own.
+    fn owns(&self, _team: &TeamName, _app: &AppName) -> bool {
+        true
     }
 
     async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
         self.apps().await
     }
 
-    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
-        let i = self.locate(r).await?;
-        if !is_running(&i) {
-            return Ok(ComponentState::Stopped);
-        }
-        // Running again (whoever started it): the restart policy Ferry set
-        // aside goes back, as a start by Ferry would put it.
-        self.restore_policy(i.id.as_deref().unwrap_or_default())
-            .await?;
-        Ok(ComponentState::Running)
+    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
+        Ok(self
+            .apps()
+            .await?
+            .into_iter()
+            .find(|a| a.team == *team && a.name == *app))
     }
 
-    async fn stop(&self, r: &ComponentRef) -> Result<(), PlatformError> {
+    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        Ok(if is_running(&self.locate(r).await?) {
+            ComponentState::Running
+        } else {
+            ComponentState::Stopped
+        })
+    }
+
+    async fn receipt(&self, r: &ComponentRef) -> Result<Receipt, PlatformError> {
         let i = self.locate(r).await?;
-        let id = i.id.clone().unwrap_or_default();
         let policy = i
             .host_config
             .as_ref()
@@ -529,11 +560,27 @@ impl Platform for ContainerPlatform {
             policy.name,
             None | Some(RestartPolicyNameEnum::NO | RestartPolicyNameEnum::EMPTY)
         );
-        if restarts {
-            // Kept first: whatever happens next, the start puts it back.
-            self.edit_policies(|all| {
-                all.entry(id.clone()).or_insert(policy.clone());
-            })?;
+        let kept = ContainerReceipt {
+            container: i.id.clone().unwrap_or_default(),
+            restart_policy: restarts.then_some(policy),
+        };
+        Ok(Receipt {
+            driver: self.name().to_owned(),
+            component: r.clone(),
+            detail: serde_json::to_value(kept).map_err(|e| PlatformError::BadReceipt {
+                component: Box::new(r.clone()),
+                reason: e.to_string(),
+            })?,
+        })
+    }
+
+    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+        let r = &receipt.component;
+        let (i, policy) = self.receipt_container(receipt).await?;
+        let id = i.id.clone().unwrap_or_default();
+        if policy.is_some() {
+            // The journal has the policy: whatever happens next, the start
+            // puts it back.
             let no = RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),
                 maximum_retry_count: None,
@@ -548,9 +595,6 @@ impl Platform for ContainerPlatform {
                     ..
                 }) => {
                     tracing::info!(component = %r, "the engine cannot change a restart policy; a stopped container stays stopped there");
-                    self.edit_policies(|all| {
-                        all.remove(&id);
-                    })?;
                 }
                 Err(e) => return Err(self.engine_err(e)),
             }
@@ -578,16 +622,38 @@ impl Platform for ContainerPlatform {
         Ok(())
     }
 
-    async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
-        let i = self.locate(r).await?;
+    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+        let r = &receipt.component;
+        let (i, policy) = self.receipt_container(receipt).await?;
         let id = i.id.clone().unwrap_or_default();
+        let put_back = async {
+            let Some(policy) = policy else {
+                return Ok(());
+            };
+            match self.set_policy_call(&id, policy).await {
+                Ok(()) => {
+                    tracing::info!(component = %r, container = %id, "restart policy put back");
+                    Ok(())
+                }
+                // An engine without the update call (Podman) never changed it.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404 | 405 | 501,
+                    ..
+                }) => Ok(()),
+                Err(e) => Err(self.engine_err(e)),
+            }
+        };
+        if is_running(&i) {
+            // Running again (whoever started it): only the policy goes back.
+            return put_back.await;
+        }
         // One that runs already answers 304: success too.
         self.docker()
             .await?
             .start_container(&id, None)
             .await
             .map_err(|e| self.engine_err(e))?;
-        self.restore_policy(&id).await?;
+        put_back.await?;
         // Running, and healthy where it has a healthcheck.
         let has_check = i
             .config
@@ -695,7 +761,14 @@ impl Platform for ContainerPlatform {
         Ok(())
     }
 
-    async fn export_images(
+    fn capture(&self) -> Option<&dyn Capture> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Capture for ContainerPlatform {
+    async fn capture(
         &self,
         app: &App,
         dest: &Path,
@@ -792,46 +865,6 @@ impl Platform for ContainerPlatform {
         }
         tracing::info!(app = %app.name, team = %app.team, images = names.len(), bytes, "images exported");
         Ok(Some((names, bytes)))
-    }
-
-    fn copies_dir(&self) -> Option<PathBuf> {
-        None
-    }
-
-    fn restores(&self) -> Vec<&'static str> {
-        // Restoring container apps as copies is not built yet.
-        Vec::new()
-    }
-
-    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
-        Ok(self
-            .apps()
-            .await?
-            .into_iter()
-            .find(|a| a.team == *team && a.name == *app))
-    }
-
-    fn copy_job(&self, _team: &TeamName, _app: &AppName) -> Option<u64> {
-        None
-    }
-
-    async fn add_copy(&self, copy: super::NewCopy<'_>) -> Result<super::Copied, PlatformError> {
-        Err(PlatformError::Unsupported {
-            what: format!(
-                "restoring {}/{} as a copy on a container engine (not built yet)",
-                copy.team, copy.name
-            ),
-        })
-    }
-
-    async fn forget_app(
-        &self,
-        team: &TeamName,
-        app: &AppName,
-    ) -> Result<Option<App>, PlatformError> {
-        Err(PlatformError::Unsupported {
-            what: format!("removing the container app {team}/{app} (not built yet)"),
-        })
     }
 }
 

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName};
 
-use super::{ComponentRef, ComponentState, Copied, NewCopy, Platform, PlatformError};
+use super::{
+    ComponentRef, ComponentState, Copied, Copies, Driver, NewCopy, PlatformError, Receipt,
+};
 
 /// What a component's commands get of the agent's environment; nothing
 /// else (a command that needs more sets it: `env NAME=VALUE program …`).
@@ -450,119 +452,38 @@ impl HostPlatform {
     }
 }
 
-#[async_trait]
-impl Platform for HostPlatform {
-    fn name(&self) -> &'static str {
-        "host"
-    }
+/// What the host driver keeps of a stopped component: the unit, so the
+/// unit Ferry stopped is the one started again (even if the agent config
+/// has changed since); commands come from the config.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HostReceipt {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unit: Option<ferry_core::UnitName>,
+}
 
-    fn copies_dir(&self) -> Option<PathBuf> {
-        self.copies_root.clone()
-    }
-
-    fn restores(&self) -> Vec<&'static str> {
-        if self.copies_root.is_some() {
-            vec!["host"]
+impl HostPlatform {
+    /// What a receipt's component is: its unit, or its declared commands.
+    fn target(&self, r: &Receipt) -> Result<HostComponent, PlatformError> {
+        let kept: HostReceipt = if r.detail.is_null() {
+            HostReceipt::default()
         } else {
-            Vec::new()
+            serde_json::from_value(r.detail.clone()).map_err(|e| PlatformError::BadReceipt {
+                component: Box::new(r.component.clone()),
+                reason: e.to_string(),
+            })?
+        };
+        match kept.unit {
+            Some(unit) => Ok(HostComponent::Systemd { unit }),
+            None => self.find(&r.component),
         }
     }
 
-    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
-        Ok(self
-            .read()
-            .all()
-            .find(|a| a.team == *team && a.name == *app)
-            .cloned())
-    }
-
-    fn copy_job(&self, team: &TeamName, app: &AppName) -> Option<u64> {
-        self.read()
-            .copies
-            .iter()
-            .find(|c| c.app.team == *team && c.app.name == *app)
-            .map(|c| c.job)
-    }
-
-    async fn add_copy(&self, new: NewCopy<'_>) -> Result<Copied, PlatformError> {
-        // Under the registry's edit: two copies restored at once never
-        // pick the same port.
-        self.edit(|apps| {
-            if apps
-                .all()
-                .any(|a| a.team == *new.team && a.name == *new.name)
-            {
-                return Err(PlatformError::AppExists {
-                    team: new.team.clone(),
-                    app: new.name.clone(),
-                });
-            }
-            let taken: Vec<u16> = apps
-                .all()
-                .flat_map(|a| declared_ports(a).into_values())
-                .collect();
-            let copied = copy_of(&new, &taken)?;
-            apps.copies.push(Copy {
-                app: copied.app.clone(),
-                job: new.job,
-            });
-            Ok(copied)
-        })
-    }
-
-    async fn forget_app(
+    async fn status_of(
         &self,
-        team: &TeamName,
-        app: &AppName,
-    ) -> Result<Option<App>, PlatformError> {
-        if !self.declares(team, app) {
-            return Ok(None);
-        }
-        self.edit(|apps| {
-            Ok(
-                if let Some(i) = apps
-                    .copies
-                    .iter()
-                    .position(|c| c.app.team == *team && c.app.name == *app)
-                {
-                    Some(apps.copies.remove(i).app)
-                } else {
-                    let found = apps
-                        .all()
-                        .find(|a| a.team == *team && a.name == *app)
-                        .cloned();
-                    if found.is_some() {
-                        apps.retired.push((team.clone(), app.clone()));
-                    }
-                    found
-                },
-            )
-        })
-    }
-
-    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
-        let mut apps: Vec<App> = self.read().all().cloned().collect();
-        for app in &mut apps {
-            for c in &mut app.components {
-                let r = ComponentRef {
-                    team: app.team.clone(),
-                    app: app.name.clone(),
-                    component: c.name.clone(),
-                };
-                c.state = match self.status(&r).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(component = %r, error = %e, "status unknown");
-                        ComponentState::Unknown
-                    }
-                };
-            }
-        }
-        Ok(apps)
-    }
-
-    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
-        match self.find(r)? {
+        r: &ComponentRef,
+        c: &HostComponent,
+    ) -> Result<ComponentState, PlatformError> {
+        match c {
             HostComponent::Systemd { unit } => {
                 let ran = self
                     .run("status", r, &Self::systemctl("is-active", unit.as_str()))
@@ -588,14 +509,107 @@ impl Platform for HostPlatform {
         }
     }
 
-    async fn stop(&self, r: &ComponentRef) -> Result<(), PlatformError> {
-        match self.find(r)? {
+    /// Copies' volumes live under the copies root; none: no copies.
+    fn copies_root(&self) -> Result<&Path, PlatformError> {
+        self.copies_root
+            .as_deref()
+            .ok_or_else(|| PlatformError::Unsupported {
+                what: "copies on an agent without a copies directory".into(),
+            })
+    }
+}
+
+#[async_trait]
+impl Driver for HostPlatform {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+
+    fn owns(&self, team: &TeamName, app: &AppName) -> bool {
+        self.declares(team, app)
+    }
+
+    async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
+        Ok(self
+            .read()
+            .all()
+            .find(|a| a.team == *team && a.name == *app)
+            .cloned())
+    }
+
+    async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
+        let mut apps: Vec<App> = self.read().all().cloned().collect();
+        for app in &mut apps {
+            for c in &mut app.components {
+                let r = ComponentRef {
+                    team: app.team.clone(),
+                    app: app.name.clone(),
+                    component: c.name.clone(),
+                };
+                c.state = match self.status(&r).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(component = %r, error = %e, "status unknown");
+                        ComponentState::Unknown
+                    }
+                };
+            }
+        }
+        Ok(apps)
+    }
+
+    async fn status(&self, r: &ComponentRef) -> Result<ComponentState, PlatformError> {
+        let c = self.find(r)?;
+        self.status_of(r, &c).await
+    }
+
+    async fn receipt(&self, r: &ComponentRef) -> Result<Receipt, PlatformError> {
+        let detail = match self.find(r)? {
+            HostComponent::Systemd { unit } => serde_json::to_value(HostReceipt {
+                unit: Some(unit),
+            })
+            .map_err(|e| PlatformError::BadReceipt {
+                component: Box::new(r.clone()),
+                reason: e.to_string(),
+            })?,
+            HostComponent::Commands { .. } => serde_json::Value::Null,
+        };
+        Ok(Receipt {
+            driver: self.name().to_owned(),
+            component: r.clone(),
+            detail,
+        })
+    }
+
+    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+        let r = &receipt.component;
+        match self.target(receipt)? {
             HostComponent::Systemd { unit } => {
                 self.run_checked("stop", r, &Self::systemctl("stop", unit.as_str()))
                     .await
             }
             HostComponent::Commands { stop, .. } => {
                 self.run_checked("stop", r, stop.as_slice()).await
+            }
+        }
+    }
+
+    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+        let r = &receipt.component;
+        let c = self.target(receipt)?;
+        // Running already (someone else started it): nothing to do. A
+        // component that cannot tell is started (its start command is
+        // what Ferry has).
+        if self.status_of(r, &c).await? == ComponentState::Running {
+            return Ok(());
+        }
+        match c {
+            HostComponent::Systemd { unit } => {
+                self.run_checked("start", r, &Self::systemctl("start", unit.as_str()))
+                    .await
+            }
+            HostComponent::Commands { start, .. } => {
+                self.run_checked("start", r, start.as_slice()).await
             }
         }
     }
@@ -610,16 +624,127 @@ impl Platform for HostPlatform {
         self.run_checked(which, r, argv.as_slice()).await
     }
 
-    async fn start(&self, r: &ComponentRef) -> Result<(), PlatformError> {
-        match self.find(r)? {
-            HostComponent::Systemd { unit } => {
-                self.run_checked("start", r, &Self::systemctl("start", unit.as_str()))
-                    .await
+    fn copies(&self) -> Option<&dyn Copies> {
+        self.copies_root.as_ref().map(|_| self as &dyn Copies)
+    }
+}
+
+#[async_trait]
+impl Copies for HostPlatform {
+    /// `ROOT/TEAM/APP/job-N`: every directory Ferry makes on the way is
+    /// 0711 (whatever the umask), so the copy's own user passes through to
+    /// its volumes (which get the backed-up directories' owners and modes)
+    /// without listing anything.
+    fn home(&self, team: &TeamName, app: &AppName, job: u64) -> Result<PathBuf, PlatformError> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.copies_root()?;
+        let team_dir = root.join(team.as_str());
+        let app_dir = team_dir.join(app.as_str());
+        let home = app_dir.join(format!("job-{job}"));
+        for dir in [root, &team_dir, &app_dir, &home] {
+            if dir.is_dir() {
+                continue;
             }
-            HostComponent::Commands { start, .. } => {
-                self.run_checked("start", r, start.as_slice()).await
-            }
+            std::fs::create_dir_all(dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                })
+                .map_err(|e| PlatformError::Registry {
+                    path: dir.to_path_buf(),
+                    reason: format!("cannot create the copies directory: {e}"),
+                })?;
         }
+        Ok(home)
+    }
+
+    async fn add(&self, new: NewCopy<'_>) -> Result<Copied, PlatformError> {
+        // Under the registry's edit: two copies restored at once never
+        // pick the same port.
+        self.edit(|apps| {
+            if apps
+                .all()
+                .any(|a| a.team == *new.team && a.name == *new.name)
+            {
+                return Err(PlatformError::AppExists {
+                    team: new.team.clone(),
+                    app: new.name.clone(),
+                });
+            }
+            let taken: Vec<u16> = apps
+                .all()
+                .flat_map(|a| declared_ports(a).into_values())
+                .collect();
+            let copied = copy_of(&new, &taken)?;
+            apps.copies.push(Copy {
+                app: copied.app.clone(),
+                job: new.job,
+            });
+            Ok(copied)
+        })
+    }
+
+    fn job_of(&self, team: &TeamName, app: &AppName) -> Option<u64> {
+        self.read()
+            .copies
+            .iter()
+            .find(|c| c.app.team == *team && c.app.name == *app)
+            .map(|c| c.job)
+    }
+
+    async fn remove(
+        &self,
+        team: &TeamName,
+        app: &AppName,
+        delete_data: bool,
+    ) -> Result<bool, PlatformError> {
+        if !self.declares(team, app) {
+            return Ok(false);
+        }
+        let copy = self.edit(|apps| {
+            if let Some(i) = apps
+                .copies
+                .iter()
+                .position(|c| c.app.team == *team && c.app.name == *app)
+            {
+                return Ok(Some(apps.copies.remove(i).app));
+            }
+            apps.retired.push((team.clone(), app.clone()));
+            Ok(None)
+        })?;
+        // Only a copy's volumes under the copies root are Ferry's to
+        // delete: the volumes, then their job's directory once it is empty.
+        if let (true, Some(copy), Some(root)) = (delete_data, copy, self.copies_root.clone()) {
+            let volumes: Vec<PathBuf> = copy
+                .volumes
+                .iter()
+                .map(|v| v.path.as_path().to_path_buf())
+                .filter(|p| p.starts_with(&root))
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                for v in &volumes {
+                    match std::fs::remove_dir_all(v) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(PlatformError::Registry {
+                                path: v.clone(),
+                                reason: format!("cannot delete the copy's volume: {e}"),
+                            });
+                        }
+                    }
+                    if let Some(home) = v.parent().filter(|h| *h != root) {
+                        let _ = std::fs::remove_dir(home);
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| PlatformError::Registry {
+                path: PathBuf::from("(copies)"),
+                reason: e.to_string(),
+            })??;
+        }
+        Ok(true)
     }
 }
 
@@ -679,7 +804,9 @@ stop = "true"
             p.status(&r("sleeper")).await.expect("status"),
             ComponentState::Stopped
         );
-        p.start(&r("sleeper")).await.expect("start");
+        p.start(&p.receipt(&r("sleeper")).await.expect("receipt"))
+            .await
+            .expect("start");
         let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
             .expect("pid file")
             .trim()
@@ -703,7 +830,9 @@ stop = "true"
         assert_eq!(inv[0].volumes[0].path.as_str(), data);
         assert_eq!(inv[0].components[1].state, ComponentState::Unknown);
 
-        p.stop(&r("sleeper")).await.expect("stop");
+        p.stop(&p.receipt(&r("sleeper")).await.expect("receipt"))
+            .await
+            .expect("stop");
         assert_eq!(
             p.status(&r("sleeper")).await.expect("status"),
             ComponentState::Stopped
@@ -717,7 +846,10 @@ stop = "true"
     async fn a_failing_command_reports_its_exit_status_and_stderr() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = platform(dir.path(), Duration::from_secs(20));
-        let err = p.stop(&r("no-status")).await.expect_err("stop fails");
+        let err = p
+            .stop(&p.receipt(&r("no-status")).await.expect("receipt"))
+            .await
+            .expect_err("stop fails");
         let msg = err.to_string();
         assert!(
             msg.contains("stop of component no-status of app web/shop"),
@@ -732,7 +864,10 @@ stop = "true"
     async fn a_command_that_hangs_times_out() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = platform(dir.path(), Duration::from_millis(300));
-        let err = p.start(&r("slow")).await.expect_err("times out");
+        let err = p
+            .start(&p.receipt(&r("slow")).await.expect("receipt"))
+            .await
+            .expect_err("times out");
         assert!(matches!(err, PlatformError::Timeout { .. }), "{err}");
         assert!(err.is_transient());
     }
@@ -741,7 +876,7 @@ stop = "true"
     async fn unknown_components_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = platform(dir.path(), Duration::from_secs(5));
-        let err = p.start(&r("nope")).await.expect_err("unknown");
+        let err = p.receipt(&r("nope")).await.expect_err("unknown");
         assert!(
             err.to_string()
                 .contains("component nope of app web/shop is not known"),
@@ -795,7 +930,7 @@ stop = "true"
             tasks.push(tokio::spawn(async move {
                 let team = "web".parse().expect("team");
                 let name = format!("copy{i}").parse().expect("name");
-                p.add_copy(NewCopy {
+                p.add(NewCopy {
                     original: &template,
                     team: &team,
                     name: &name,
@@ -819,9 +954,9 @@ stop = "true"
         for i in 0..16u64 {
             let team = "web".parse().expect("team");
             let name = format!("copy{i}").parse().expect("name");
-            assert_eq!(p.copy_job(&team, &name), Some(i + 1), "copy{i} in memory");
+            assert_eq!(p.job_of(&team, &name), Some(i + 1), "copy{i} in memory");
             assert_eq!(
-                reloaded.copy_job(&team, &name),
+                reloaded.job_of(&team, &name),
                 Some(i + 1),
                 "copy{i} on disk"
             );
@@ -848,7 +983,9 @@ stop = "true"
         // The test runner's environment is large (CARGO_*, RUST_*): none of
         // it may reach the command.
         assert!(std::env::vars().any(|(k, _)| k.starts_with("CARGO")));
-        p.start(&c).await.expect("start");
+        p.start(&p.receipt(&c).await.expect("receipt"))
+            .await
+            .expect("start");
         let env = std::fs::read_to_string(&out).expect("env output");
         let mut keys: Vec<&str> = env
             .lines()
@@ -906,7 +1043,7 @@ stop = "true"
             let name: AppName = n.parse().expect("name");
             let paths = vec![dir.path().join(n)];
             copies.push(
-                p.add_copy(NewCopy {
+                p.add(NewCopy {
                     original: &original,
                     team: &team,
                     name: &name,

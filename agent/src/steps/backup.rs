@@ -112,7 +112,7 @@ pub async fn backup_app(
     }
     let pre_copy_ms = ms(pass_started.elapsed());
 
-    let mut stopped: Vec<ComponentRef> = Vec::new();
+    let mut stopped: Vec<Receipt> = Vec::new();
     let mut timings = BackupTimings {
         pre_copy_ms,
         ..BackupTimings::default()
@@ -139,11 +139,16 @@ pub async fn backup_app(
         if cancel.is_cancelled() {
             return Err(fail(ErrorCode::Cancelled, "cancelled; nothing was stopped"));
         }
-        // Record what is about to stop, durably, before stopping anything;
-        // the entry is this attempt's own.
+        // What each stop will have to put back, read while the app runs,
+        // and recorded durably before anything stops; the entry is this
+        // attempt's own.
+        let mut receipts: Vec<Receipt> = Vec::new();
+        for c in &stop_order {
+            receipts.push(ctx.platform.receipt(c).await?);
+        }
         let held = match &ctx.journal {
             Some(j) => Some(
-                j.begin(&format!("job-{}-{}", step.job_id, step.index), &stop_order)
+                j.begin(&format!("job-{}-{}", step.job_id, step.index), &receipts)
                     .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?,
             ),
             None => None,
@@ -162,17 +167,17 @@ pub async fn backup_app(
         // The delta passes alone are cancelled if the app did not stay down.
         let delta_repo = repo.with_cancel(delta_cancel.clone());
         let stopping = async {
-            for c in &stop_order {
+            for receipt in &receipts {
                 // A cancel (or the agent's shutdown) stops nothing more.
                 if cancel.is_cancelled() {
                     return Err(fail(ErrorCode::Cancelled, "cancelled"));
                 }
-                report(0, 0, format!("stopping {c}"));
+                report(0, 0, format!("stopping {}", receipt.component));
                 // Counted before the call: a stop that fails half-way (or
                 // times out while the platform goes on) is started again
                 // all the same (a start checks first whether it runs).
-                stopped.push(c.clone());
-                ctx.platform.stop(c).await?;
+                stopped.push(receipt.clone());
+                ctx.platform.stop(receipt).await?;
             }
             Ok::<_, StepFailure>(())
         }
@@ -221,9 +226,9 @@ pub async fn backup_app(
         // A component running again before Ferry starts it was started by
         // someone else: what the delta pass read may be a live copy.
         let mut started_by_other = None;
-        for c in &stopped {
-            if let Ok(ComponentState::Running) = ctx.platform.status(c).await {
-                started_by_other.get_or_insert_with(|| c.clone());
+        for r in &stopped {
+            if let Ok(ComponentState::Running) = ctx.platform.status(&r.component).await {
+                started_by_other.get_or_insert_with(|| r.component.clone());
             }
         }
         if started_by_other.is_some() {
@@ -240,13 +245,21 @@ pub async fn backup_app(
         };
         report(0, 0, "starting the app again".into());
         let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
-        let wait = wait_running(
-            ctx.platform.as_ref(),
-            &stopped,
-            Duration::from_secs(60),
-            false,
-        )
-        .await;
+        let stopped_refs: Vec<ComponentRef> = stopped.iter().map(|r| r.component.clone()).collect();
+        // Waited for only once started: one that could not be started is
+        // said at once (the journal's replays go on with it).
+        let wait = match &restarted {
+            Ok(()) => {
+                wait_running(
+                    ctx.platform.as_ref(),
+                    &stopped_refs,
+                    Duration::from_secs(60),
+                    false,
+                )
+                .await
+            }
+            Err(e) => Err(format!("not started again: {e}")),
+        };
         timings.downtime_ms = ms(stop_at.elapsed());
         tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
         match (&restarted, &wait, held) {
@@ -335,7 +348,10 @@ pub async fn backup_app(
         node: name::<NodeName>("node", &r.node)?,
         app: captured,
         mode,
-        stopped: stopped.iter().map(|c| c.component.clone()).collect(),
+        stopped: stopped
+            .iter()
+            .map(|r| r.component.component.clone())
+            .collect(),
         volumes: vols,
         images,
         started_at,
@@ -403,10 +419,7 @@ async fn store_images(
         .map_err(staged)?;
     let stored = async {
         report(0, 0, "exporting images".into());
-        let Some((images, bytes)) = ctx
-            .platform
-            .export_images(app, &dir.join("images.tar"))
-            .await?
+        let Some((images, bytes)) = ctx.platform.capture(app, &dir.join("images.tar")).await?
         else {
             return Ok(None);
         };

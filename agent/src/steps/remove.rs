@@ -13,7 +13,9 @@ pub async fn remove_app(
     let Some(app) = ctx.platform.app(&team, &app_name).await? else {
         return Ok(pb::RemoveAppReply { removed: false });
     };
-    let copy_job = ctx.platform.copy_job(&team, &app_name);
+    // Refused before anything stops if its driver cannot remove apps.
+    let copies = ctx.platform.copies_of(&team, &app_name)?;
+    let copy_job = copies.job_of(&team, &app_name);
     if r.restored_by_job != 0 && copy_job != Some(r.restored_by_job) {
         // Not the copy this job made: not ours to remove.
         return Ok(pb::RemoveAppReply { removed: false });
@@ -27,11 +29,12 @@ pub async fn remove_app(
     // What runs is recorded before it stops: a remove that fails or is
     // cancelled half-way starts again what it stopped, so the app is left
     // as it was (an original whose copy is then undone keeps running).
-    let mut running = Vec::new();
+    let mut running: Vec<Receipt> = Vec::new();
     for c in start_order(&app).iter().rev() {
         let cr = app.reference(c);
+        // One that cannot tell (no status command) is stopped all the same.
         if ctx.platform.status(&cr).await? != ComponentState::Stopped {
-            running.push(cr);
+            running.push(ctx.platform.receipt(&cr).await?);
         }
     }
     let held = match &ctx.journal {
@@ -50,7 +53,7 @@ pub async fn remove_app(
             stopped.push(c.clone());
             ctx.platform.stop(c).await?;
         }
-        ctx.platform.forget_app(&team, &app_name).await?;
+        copies.remove(&team, &app_name, r.delete_data).await?;
         Ok(())
     }
     .await;
@@ -78,35 +81,6 @@ pub async fn remove_app(
         && let Err(e) = held.clear()
     {
         tracing::error!(error = %e, "journal entry not cleared");
-    }
-    if r.delete_data
-        && copy_job.is_some()
-        && let Some(root) = ctx.platform.copies_dir()
-    {
-        // Only directories under the copies root are Ferry's to delete:
-        // the volumes, then their job's directory once it is empty.
-        let volumes: Vec<PathBuf> = app
-            .volumes
-            .iter()
-            .map(|v| v.path.as_path().to_path_buf())
-            .filter(|p| p.starts_with(&root))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            for v in &volumes {
-                match std::fs::remove_dir_all(v) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(format!("cannot remove {}: {e}", v.display())),
-                }
-                if let Some(home) = v.parent().filter(|h| *h != root) {
-                    let _ = std::fs::remove_dir(home);
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
-        .map_err(|m| fail(ErrorCode::Internal, m))?;
     }
     tracing::info!(team = %team, app = %app_name, copy = copy_job.is_some(), "app removed");
     Ok(pb::RemoveAppReply { removed: true })

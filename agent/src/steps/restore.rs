@@ -14,15 +14,33 @@ pub async fn restore_app(
     let team: TeamName = name("team", &r.team)?;
     let app_name: AppName = name("app", &r.app)?;
     let job = r.step.unwrap_or_default().job_id;
-    let root = ctx.platform.copies_dir().ok_or_else(|| {
-        fail(
-            ErrorCode::FailedPrecondition,
-            "this agent cannot hold copies",
-        )
-    })?;
+    // The driver of the original's kind makes the copy.
+    let driver = manifest
+        .app
+        .components
+        .first()
+        .map(|c| c.kind.driver())
+        .ok_or_else(|| invalid("the backed-up app has no components"))?;
+    if let Some(c) = manifest
+        .app
+        .components
+        .iter()
+        .find(|c| c.kind.driver() != driver)
+    {
+        return Err(invalid(format!(
+            "component {} of the backed-up app runs on {}, the others on {driver}",
+            c.name,
+            c.kind.driver()
+        )));
+    }
+    let copies = ctx.platform.copies_by(driver)?;
     // Done before (the answer was lost)?
     if let Some(existing) = ctx.platform.app(&team, &app_name).await? {
-        if ctx.platform.copy_job(&team, &app_name) == Some(job) {
+        let ours = ctx
+            .platform
+            .copies_of(&team, &app_name)
+            .is_ok_and(|c| c.job_of(&team, &app_name) == Some(job));
+        if ours {
             return Ok(pb::RestoreAppReply {
                 volume_paths: existing
                     .volumes
@@ -45,7 +63,7 @@ pub async fn restore_app(
     // One directory per restoring job: an attempt of this job clears what
     // an earlier one left there, and never touches what another job left
     // (a copy removed with its data kept).
-    let base = copy_home(&root, &team, &app_name, job)?;
+    let base = copies.home(&team, &app_name, job)?;
     let mut paths = Vec::new();
     for (i, v) in manifest.volumes.iter().enumerate() {
         let dir = base.join(format!("v{i}"));
@@ -101,9 +119,8 @@ pub async fn restore_app(
     }
     // The driver makes the copy's definition (new identities and ports)
     // and registers it.
-    let copied = ctx
-        .platform
-        .add_copy(crate::platform::NewCopy {
+    let copied = copies
+        .add(crate::platform::NewCopy {
             original: &manifest.app,
             team: &team,
             name: &app_name,
@@ -115,43 +132,11 @@ pub async fn restore_app(
     report(0, 0, format!("starting {team}/{app_name}"));
     for c in start_order(&copy) {
         let r = copy.reference(&c);
-        if ctx.platform.status(&r).await? != ComponentState::Running {
-            ctx.platform.start(&r).await?;
-        }
+        ctx.platform.start_component(&r).await?;
     }
     tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
     Ok(pb::RestoreAppReply {
         volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
         remapped_ports: copied.remapped_ports,
     })
-}
-
-/// `ROOT/TEAM/APP/job-N`, the home of the copy job `N` restores: every
-/// directory Ferry makes on the way is 0711 (whatever the umask), so the
-/// copy's own user passes through to its volumes (which get the backed-up
-/// directories' owners and modes) without listing anything.
-fn copy_home(
-    root: &std::path::Path,
-    team: &TeamName,
-    app: &AppName,
-    job: u64,
-) -> StepResult<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let team_dir = root.join(team.as_str());
-    let app_dir = team_dir.join(app.as_str());
-    let home = app_dir.join(format!("job-{job}"));
-    for dir in [root, &team_dir, &app_dir, &home] {
-        if dir.is_dir() {
-            continue;
-        }
-        std::fs::create_dir_all(dir)
-            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)))
-            .map_err(|e| {
-                fail(
-                    ErrorCode::Internal,
-                    format!("cannot create the copies directory {}: {e}", dir.display()),
-                )
-            })?;
-    }
-    Ok(home)
 }

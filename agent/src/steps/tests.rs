@@ -76,6 +76,15 @@ fn cref(n: &str) -> ComponentRef {
     }
 }
 
+/// The host driver's receipt of a command component.
+fn rc(n: &str) -> Receipt {
+    Receipt {
+        driver: "host".into(),
+        component: cref(n),
+        detail: serde_json::Value::Null,
+    }
+}
+
 impl Bed {
     async fn new(names: &[&str]) -> Self {
         Self::with(names, |_, _| {}).await
@@ -88,7 +97,7 @@ impl Bed {
         std::fs::write(dir.path().join("vol/data.txt"), b"rows\n").expect("data");
         let mut a = app(dir.path(), names);
         edit(dir.path(), &mut a);
-        let platform = Arc::new(
+        let platform = Arc::new(Platforms::new(vec![Arc::new(
             HostPlatform::with_copies(
                 vec![a],
                 Duration::from_secs(20),
@@ -96,7 +105,7 @@ impl Bed {
                 &dir.path().join("agent-copies"),
             )
             .expect("driver"),
-        );
+        )]));
         crate::durable::private_dir(&dir.path().join("agent")).expect("agent dir");
         let journal = Journal::open(&dir.path().join("agent")).expect("journal");
         let mut ctx = StepCtx::new(platform, Some(journal.clone()), Duration::from_secs(1));
@@ -106,7 +115,7 @@ impl Bed {
             .await
             .expect("repository");
         for n in names {
-            ctx.platform.start(&cref(n)).await.expect("start");
+            ctx.platform.start_component(&cref(n)).await.expect("start");
         }
         // Only what the step does is logged from here.
         let _ = std::fs::remove_file(dir.path().join("starts"));
@@ -243,10 +252,10 @@ async fn a_retry_starts_what_an_earlier_attempt_left_stopped() {
     let bed = Bed::new(&["db", "web"]).await;
     let first = bed
         .journal
-        .begin("job-7-0", &[cref("web"), cref("db")])
+        .begin("job-7-0", &[rc("web"), rc("db")])
         .expect("attempt 1 records");
     for c in ["web", "db"] {
-        bed.ctx.platform.stop(&cref(c)).await.expect("stop");
+        bed.ctx.platform.stop(&rc(c)).await.expect("stop");
     }
     drop(first); // attempt 1 ended without starting them again
     let reply = bed
