@@ -233,11 +233,19 @@ pub struct Copied {
 /// The agent's drivers, in order: an app is the first owning driver's.
 pub struct Platforms {
     drivers: Vec<Arc<dyn Driver>>,
+    /// Each driver's apps as last listed, reported (their states unknown)
+    /// while it cannot list them: an engine that is away does not make its
+    /// apps vanish from the controller, whose jobs on them then fail with
+    /// the engine's error.
+    listed: std::sync::Mutex<std::collections::HashMap<&'static str, Vec<App>>>,
 }
 
 impl Platforms {
     pub fn new(drivers: Vec<Arc<dyn Driver>>) -> Self {
-        Self { drivers }
+        Self {
+            drivers,
+            listed: std::sync::Mutex::default(),
+        }
     }
 
     /// The drivers' names, reported in the agent's hello (`host+containers`).
@@ -279,27 +287,43 @@ impl Platforms {
     }
 
     /// Every driver's apps, each app from its owner only. A driver that
-    /// cannot list its apps is logged and the others' are still reported;
-    /// none listing any is an error.
+    /// cannot list its apps is logged, and the apps it listed last are
+    /// reported with their states unknown; no driver listing any is an
+    /// error.
     pub async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
         let mut apps = Vec::new();
         let mut first_err = None;
         let mut listed = false;
         for (i, d) in self.drivers.iter().enumerate() {
-            match d.inventory().await {
+            let mine = match d.inventory().await {
                 Ok(more) => {
                     listed = true;
-                    apps.extend(
-                        more.into_iter().filter(|a| {
-                            !self.drivers[..i].iter().any(|e| e.owns(&a.team, &a.name))
-                        }),
-                    );
+                    self.listed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(d.name(), more.clone());
+                    more
                 }
                 Err(e) => {
-                    tracing::warn!(driver = d.name(), error = %e, "apps not listed");
+                    tracing::warn!(driver = d.name(), error = %e, "apps not listed; those listed last are reported, their states unknown");
                     first_err.get_or_insert(e);
+                    let mut last = self
+                        .listed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(d.name())
+                        .cloned()
+                        .unwrap_or_default();
+                    for c in last.iter_mut().flat_map(|a| a.components.iter_mut()) {
+                        c.state = ComponentState::Unknown;
+                    }
+                    last
                 }
-            }
+            };
+            apps.extend(
+                mine.into_iter()
+                    .filter(|a| !self.drivers[..i].iter().any(|e| e.owns(&a.team, &a.name))),
+            );
         }
         match first_err {
             Some(e) if !listed => Err(e),

@@ -8,14 +8,22 @@
 
 use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
+use std::path::{Path, PathBuf};
 
 use crate::jobs::{backup_shop, enrol_in, ferryctl, json, wait_app, wait_online};
 
 /// The db container's program: appends a line to its volume every 20 ms;
 /// on SIGTERM it writes as many MiB as its volume's `stop-mib` file says
 /// (16 at first), then exits: a delta to read.
+/// While `/data/hold-stopping` exists, the stop first says so
+/// (`/data/in-stopping`) and waits (15 s at most, below the engine's stop
+/// timeout) until the test lets it go on (`/data/go-stopping`): a fault
+/// strikes while Ferry is stopping the container.
 const WRITER: &str = "[ -f /data/stop-mib ] || echo 16 > /data/stop-mib; \
-    trap 'dd if=/dev/urandom of=/data/on-stop bs=1M count=$(cat /data/stop-mib) 2>/dev/null; exit 0' TERM; \
+    trap 'if [ -e /data/hold-stopping ]; then rm -f /data/hold-stopping; touch /data/in-stopping; i=0; \
+    until [ -e /data/go-stopping ] || [ $i -ge 300 ]; do sleep 0.05; i=$((i+1)); done; \
+    rm -f /data/go-stopping /data/in-stopping; fi; \
+    dd if=/dev/urandom of=/data/on-stop bs=1M count=$(cat /data/stop-mib) 2>/dev/null; exit 0' TERM; \
     while true; do date >> /data/log; sleep 0.02 & wait $!; done";
 
 type Site = (Engine, Controller, crate::jobs::AgentDir, AgentProcess);
@@ -467,7 +475,7 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
     let (mut engine, ctl, a, mut agent) = connect(engine, "journal_retry_secs = 1").await?;
     let vol = engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", "shopdata"])?;
     // A delta long enough to stop the engine in.
-    std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "128\n")?;
+    std::fs::write(std::path::Path::new(&vol).join("stop-mib"), "256\n")?;
     let (code, out, err) = backup_shop(&ctl, &["--detach"])?;
     assert_eq!(code, 0, "{out}{err}");
     let job_id = json(&out)?["id"].as_u64().expect("job").to_string();
@@ -490,7 +498,18 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
         1,
         "the journal holds db"
     );
+    // The engine comes back while the agent is away: its own start leaves
+    // db stopped, its `always` policy set aside by Ferry.
+    agent.stop().await?;
     engine.resume()?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(engine.inspect("shop-db", "{{.State.Running}}")?, "false");
+    assert_eq!(
+        engine.inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+        "no"
+    );
+    // The agent is back: its journal starts db and puts its policy back.
+    agent = AgentProcess::spawn(&a.path().join("agent.toml"), a.path().join("agent-2.log"))?;
     wait_for("db running again", DEADLINE, || {
         let up = engine.inspect("shop-db", "{{.State.Running}}").ok();
         async move { (up.as_deref() == Some("true")).then_some(()) }
@@ -501,8 +520,7 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
         db_id,
         "the same container"
     );
-    let (_, out, err) = ferryctl(&ctl, &["job", "watch", &job_id, "-o", "json"])?;
-    let ended = json(&out).map_err(|e| anyhow::anyhow!("{e}: {out}{err}"))?;
+    let ended = crate::jobs::job_ended(&ctl, &job_id, std::time::Duration::from_secs(300)).await?;
     eprintln!("the job ended {}: {}", ended["state"], ended["reason"]);
     match ended["state"].as_str() {
         Some("succeeded") => {
@@ -534,4 +552,212 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
     agent.stop().await?;
     drop(a);
     Ok(())
+}
+
+/// A fault the containers' fault matrix injects.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    AgentKill,
+    AgentTerm,
+    ControllerKill,
+    Cancel,
+}
+
+/// db alone on an engine of `kind`, its agent replaying its journal every
+/// second; `cells` run one after the other on it.
+struct Bed {
+    engine: Engine,
+    ctl: Controller,
+    a: crate::jobs::AgentDir,
+    agent: AgentProcess,
+    vol: PathBuf,
+    db_id: String,
+    agents: usize,
+}
+
+impl Bed {
+    async fn new(kind: Kind) -> anyhow::Result<Self> {
+        setup();
+        let engine = Engine::start(kind)?;
+        engine.import_base_image()?;
+        db_alone(&engine)?;
+        let db_id = engine.inspect("shop-db", "{{.Id}}")?;
+        let (engine, ctl, a, agent) = connect(engine, "journal_retry_secs = 1").await?;
+        let vol = PathBuf::from(engine.docker_ok(&[
+            "volume",
+            "inspect",
+            "-f",
+            "{{.Mountpoint}}",
+            "shopdata",
+        ])?);
+        Ok(Self {
+            engine,
+            ctl,
+            a,
+            agent,
+            vol,
+            db_id,
+            agents: 1,
+        })
+    }
+
+    fn journal_entries(&self) -> usize {
+        std::fs::read_dir(self.a.path().join("journal")).map_or(0, |d| d.count())
+    }
+
+    fn backups(&self) -> anyhow::Result<usize> {
+        let (_, out, _) = ferryctl(&self.ctl, &["backup", "ls", "-o", "json"])?;
+        Ok(json(&out)?.as_array().map_or(0, Vec::len))
+    }
+
+    fn respawn(&mut self) -> anyhow::Result<()> {
+        self.agents += 1;
+        let log = self.a.path().join(format!("agent-{}.log", self.agents));
+        self.agent = AgentProcess::spawn(&self.a.path().join("agent.toml"), log)?;
+        Ok(())
+    }
+
+    /// One cell: a cold backup of db, `fault` struck while db is
+    /// `stopping` (its stop held at a gate inside the container) or in the
+    /// `stopped` window (a 128 MiB delta pass). Whatever happened, the same
+    /// container ends running with its restart policy, the journal ends
+    /// empty, the job ends in one of `outcomes`, and a backup exists
+    /// exactly when it succeeded, passing a full read of its data.
+    async fn cell(&mut self, phase: &str, fault: Fault, outcomes: &[&str]) -> anyhow::Result<()> {
+        let cell = format!("{:?} {fault:?} while {phase}", self.engine.kind);
+        let before = self.backups()?;
+        let delta_passes = self.agent.logs().matches("delta pass started").count();
+        let in_phase = self.vol.join(format!("in-{phase}"));
+        if phase == "stopping" {
+            std::fs::write(self.vol.join("stop-mib"), "16\n")?;
+            std::fs::write(self.vol.join("hold-stopping"), "")?;
+        } else {
+            std::fs::write(self.vol.join("stop-mib"), "128\n")?;
+        }
+        let (code, out, err) = backup_shop(&self.ctl, &["--detach"])?;
+        anyhow::ensure!(code == 0, "{cell}: {out}{err}");
+        let id = json(&out)?["id"].as_u64().expect("job").to_string();
+        let agent = &self.agent;
+        wait_for(&format!("{cell}: the phase"), DEADLINE, || {
+            let there = if phase == "stopping" {
+                in_phase.exists()
+            } else {
+                agent.logs().matches("delta pass started").count() > delta_passes
+            };
+            async move { there.then_some(()) }
+        })
+        .await?;
+        let vol = self.vol.clone();
+        let go = || std::fs::write(vol.join("go-stopping"), "");
+        match fault {
+            Fault::AgentKill => {
+                self.agent.kill();
+                if phase == "stopping" {
+                    go()?;
+                }
+                self.respawn()?;
+            }
+            Fault::AgentTerm => {
+                self.agent.terminate()?;
+                if phase == "stopping" {
+                    go()?;
+                }
+                self.agent.stop().await?;
+                self.respawn()?;
+            }
+            Fault::ControllerKill => {
+                self.ctl.kill();
+                if phase == "stopping" {
+                    go()?;
+                }
+                self.ctl.start().await?;
+            }
+            Fault::Cancel => {
+                let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
+                anyhow::ensure!(code == 0, "{cell}: {out}{err}");
+                if phase == "stopping" {
+                    go()?;
+                }
+            }
+        }
+        let ended =
+            crate::jobs::job_ended(&self.ctl, &id, std::time::Duration::from_secs(300)).await?;
+        let state = ended["state"].as_str().unwrap_or_default().to_owned();
+        anyhow::ensure!(
+            outcomes.contains(&state.as_str()),
+            "{cell}: the job ended {state}, not one of {outcomes:?}: {ended}\n{}",
+            self.agent.logs()
+        );
+        let engine = &self.engine;
+        wait_for(&format!("{cell}: db running"), DEADLINE, || {
+            let up = engine.inspect("shop-db", "{{.State.Running}}").ok();
+            async move { (up.as_deref() == Some("true")).then_some(()) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.logs()))?;
+        assert_eq!(
+            self.engine.inspect("shop-db", "{{.Id}}")?,
+            self.db_id,
+            "{cell}"
+        );
+        let bed = &*self;
+        wait_for(&format!("{cell}: the journal emptied"), DEADLINE, || {
+            let left = bed.journal_entries();
+            async move { (left == 0).then_some(()) }
+        })
+        .await?;
+        assert_eq!(
+            self.engine
+                .inspect("shop-db", "{{.HostConfig.RestartPolicy.Name}}")?,
+            "always",
+            "{cell}"
+        );
+        let after = self.backups()?;
+        if state == "succeeded" {
+            assert_eq!(after, before + 1, "{cell}");
+            let bid = ended["backup_id"].as_u64().expect("backup id").to_string();
+            let (code, out, err) = ferryctl(
+                &self.ctl,
+                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
+            )?;
+            assert_eq!(code, 0, "{cell}: {out}{err}");
+        } else {
+            assert_eq!(after, before, "{cell}");
+        }
+        assert!(
+            !Path::new(&in_phase).exists(),
+            "{cell}: the gate was let go"
+        );
+        eprintln!(
+            "fault matrix: {cell}: the job {state}, db runs with its policy, the journal is empty"
+        );
+        Ok(())
+    }
+}
+
+/// The containers driver's fault matrix on one engine: every fault while
+/// db is stopping, and those the stopped-window tests above do not strike
+/// there (SIGTERM, the controller's SIGKILL, a cancel).
+async fn faults(kind: Kind) -> anyhow::Result<()> {
+    let mut bed = Bed::new(kind).await?;
+    let ok = &["succeeded"][..];
+    bed.cell("stopping", Fault::AgentKill, ok).await?;
+    bed.cell("stopping", Fault::AgentTerm, ok).await?;
+    bed.cell("stopping", Fault::ControllerKill, ok).await?;
+    bed.cell("stopping", Fault::Cancel, &["cancelled"]).await?;
+    bed.cell("stopped", Fault::AgentTerm, ok).await?;
+    bed.cell("stopped", Fault::ControllerKill, ok).await?;
+    bed.cell("stopped", Fault::Cancel, &["cancelled"]).await?;
+    bed.agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_faults_while_stopping_and_stopped() -> anyhow::Result<()> {
+    faults(Kind::Docker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_faults_while_stopping_and_stopped() -> anyhow::Result<()> {
+    faults(Kind::Podman).await
 }

@@ -42,6 +42,26 @@ pub(crate) fn backup_shop(
     ferryctl(ctl, &args)
 }
 
+/// Job `id` once it has ended (`job show`, polled), within `deadline`: a
+/// job that never ends fails the test instead of hanging it.
+pub(crate) async fn job_ended(
+    ctl: &Controller,
+    id: &str,
+    deadline: std::time::Duration,
+) -> anyhow::Result<serde_json::Value> {
+    ferry_tests::wait_for(&format!("job {id} to end"), deadline, || {
+        let shown = ferryctl(ctl, &["job", "show", id, "-o", "json"]);
+        async move {
+            let (_, out, _) = shown.ok()?;
+            let job = json(&out).ok()?;
+            ["succeeded", "failed", "cancelled"]
+                .contains(&job["state"].as_str()?)
+                .then_some(job)
+        }
+    })
+    .await
+}
+
 pub(crate) fn json(out: &str) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(out)?)
 }

@@ -681,10 +681,9 @@ impl Site {
         Ok(id)
     }
 
-    /// Follows job `id` to its end.
-    fn job_end(&self, id: &str) -> anyhow::Result<serde_json::Value> {
-        let (_, out, err) = ferryctl(&self.ctl, &["job", "watch", id, "-o", "json"])?;
-        json(&out).with_context(|| format!("job watch {id}: {out}{err}"))
+    /// Follows job `id` to its end (five minutes at most).
+    async fn job_end(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        crate::jobs::job_ended(&self.ctl, id, Duration::from_secs(300)).await
     }
 
     /// What the bucket holds under `prefix`.
@@ -741,7 +740,7 @@ async fn an_agent_killed_in_the_delta_pass_restarts_postgres_and_the_step_runs_a
 
     // The step was lost with its agent; it ran again once the agent was
     // back, as a whole new attempt, and only that attempt's backup exists.
-    let job = site.job_end(&id)?;
+    let job = site.job_end(&id).await?;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
     let listed = site.backups()?;
@@ -788,7 +787,7 @@ async fn an_agent_stopped_in_the_delta_pass_starts_postgres_before_it_exits() ->
     let (_, out, _) = ferryctl(&site.ctl, &["job", "show", &id, "-o", "json"])?;
     assert_eq!(json(&out)?["state"], "running", "{out}");
     site.respawn_agent_a("agent-2.log")?;
-    let job = site.job_end(&id)?;
+    let job = site.job_end(&id).await?;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
     assert_eq!(site.backups()?.len(), 1);
@@ -815,7 +814,7 @@ async fn a_controller_killed_mid_backup_reconciles_the_job_at_start() -> anyhow:
     site.ctl.start().await?;
     // Reconciled: the step is dispatched again, and the agent answers
     // with the backup the first attempt committed (no second stop).
-    let job = site.job_end(&id)?;
+    let job = site.job_end(&id).await?;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["steps"][0]["attempts"], 2, "{job}");
     let listed = site.backups()?;
@@ -841,7 +840,7 @@ async fn storage_lost_mid_upload_fails_the_backup_commits_nothing_and_restarts_p
     let vol = site.vol();
     let id = site.backup_until_delta().await?;
     site.s3.cut();
-    let job = site.job_end(&id)?;
+    let job = site.job_end(&id).await?;
     assert_eq!(job["state"], "failed", "{job}");
     let reason = job["reason"].as_str().unwrap_or_default();
     assert!(
@@ -868,7 +867,7 @@ async fn a_backup_cancelled_mid_transfer_restarts_postgres_and_lists_nothing() -
     let id = site.backup_until_delta().await?;
     let (code, out, err) = ferryctl(&site.ctl, &["job", "cancel", &id])?;
     assert_eq!(code, 0, "{out}{err}");
-    let job = site.job_end(&id)?;
+    let job = site.job_end(&id).await?;
     assert_eq!(job["state"], "cancelled", "{job}");
     assert!(site.backups()?.is_empty());
     assert_eq!(site.objects("apps/").await?, Vec::<String>::new());
@@ -987,7 +986,7 @@ impl Site {
                 go()?;
             }
         }
-        let job = self.job_end(&id)?;
+        let job = self.job_end(&id).await?;
         let state = job["state"].as_str().unwrap_or_default().to_owned();
         ensure!(
             outcomes.contains(&state.as_str()),

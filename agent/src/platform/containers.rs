@@ -236,30 +236,46 @@ impl ContainerPlatform {
         self.settings.state_dir.join("policies.json")
     }
 
-    /// Takes the restart policy an older agent set aside for container
-    /// `id` out of its policy file (removed once empty).
+    /// The restart policy an older agent set aside for container `id`, as
+    /// its policy file (`policies.json`) has it.
     fn legacy_policy(&self, id: &str) -> Result<Option<RestartPolicy>, PlatformError> {
+        Ok(self.legacy_policies()?.remove(id))
+    }
+
+    fn legacy_policies(&self) -> Result<HashMap<String, RestartPolicy>, PlatformError> {
+        let path = self.policy_file();
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| PlatformError::Registry {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Err(e) => Err(PlatformError::Registry {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Forgets the policy of container `id` in the older agents' policy
+    /// file, once it is back on the container (the file goes once empty).
+    fn forget_legacy_policy(&self, id: &str) -> Result<(), PlatformError> {
         let _guard = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.legacy_policies()?;
+        if all.remove(id).is_none() {
+            return Ok(());
+        }
         let path = self.policy_file();
         let err = |reason: String| PlatformError::Registry {
             path: path.clone(),
             reason,
         };
-        let mut all: HashMap<String, RestartPolicy> = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| err(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(err(e.to_string())),
-        };
-        let Some(policy) = all.remove(id) else {
-            return Ok(None);
-        };
         if all.is_empty() {
-            std::fs::remove_file(&path).map_err(|e| err(e.to_string()))?;
+            std::fs::remove_file(&path).map_err(|e| err(e.to_string()))
         } else {
             let body = serde_json::to_vec_pretty(&all).map_err(|e| err(e.to_string()))?;
-            crate::durable::write(&path, &body).map_err(|e| err(e.to_string()))?;
+            crate::durable::write(&path, &body).map_err(|e| err(e.to_string()))
         }
-        Ok(Some(policy))
     }
 
     /// The container a receipt names, inspected; unknown once it is gone.
@@ -633,15 +649,19 @@ impl Driver for ContainerPlatform {
             match self.set_policy_call(&id, policy).await {
                 Ok(()) => {
                     tracing::info!(component = %r, container = %id, "restart policy put back");
-                    Ok(())
                 }
                 // An engine without the update call (Podman) never changed it.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404 | 405 | 501,
                     ..
-                }) => Ok(()),
-                Err(e) => Err(self.engine_err(e)),
+                }) => {}
+                Err(e) => return Err(self.engine_err(e)),
             }
+            if receipt.detail.is_null() {
+                // Back on the container: an older agent's record of it goes.
+                self.forget_legacy_policy(&id)?;
+            }
+            Ok::<_, PlatformError>(())
         };
         if is_running(&i) {
             // Running again (whoever started it): only the policy goes back.

@@ -453,8 +453,9 @@ impl HostPlatform {
 }
 
 /// What the host driver keeps of a stopped component: the unit, so the
-/// unit Ferry stopped is the one started again (even if the agent config
-/// has changed since); commands come from the config.
+/// unit Ferry stopped is the one started again (even if the component's
+/// unit in the agent config has changed since); commands come from the
+/// config.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct HostReceipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -462,8 +463,11 @@ struct HostReceipt {
 }
 
 impl HostPlatform {
-    /// What a receipt's component is: its unit, or its declared commands.
+    /// What a receipt's component is: the unit Ferry stopped, or its
+    /// declared commands; unknown once the agent no longer manages it (its
+    /// app dropped from the config, or retired).
     fn target(&self, r: &Receipt) -> Result<HostComponent, PlatformError> {
+        let declared = self.find(&r.component)?;
         let kept: HostReceipt = if r.detail.is_null() {
             HostReceipt::default()
         } else {
@@ -472,10 +476,10 @@ impl HostPlatform {
                 reason: e.to_string(),
             })?
         };
-        match kept.unit {
-            Some(unit) => Ok(HostComponent::Systemd { unit }),
-            None => self.find(&r.component),
-        }
+        Ok(match kept.unit {
+            Some(unit) => HostComponent::Systemd { unit },
+            None => declared,
+        })
     }
 
     async fn status_of(
@@ -902,6 +906,41 @@ stop = "true"
             Ok(state) => assert_ne!(state, ComponentState::Running),
             Err(e) => assert!(matches!(e, PlatformError::Spawn { .. }), "{e}"),
         }
+    }
+
+    /// A receipt outlives its app: once the app is retired (or dropped
+    /// from the config), nothing of it is started again.
+    #[tokio::test]
+    async fn a_receipt_of_an_app_no_longer_managed_starts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let declared = platform(dir.path(), Duration::from_secs(20))
+            .app(&"web".parse().expect("team"), &"shop".parse().expect("app"))
+            .await
+            .expect("app")
+            .expect("declared");
+        let p = HostPlatform::with_copies(
+            vec![declared],
+            Duration::from_secs(20),
+            dir.path(),
+            &dir.path().join("copies"),
+        )
+        .expect("driver");
+        let receipt = p.receipt(&r("sleeper")).await.expect("receipt");
+        assert!(
+            p.remove(
+                &"web".parse().expect("team"),
+                &"shop".parse().expect("app"),
+                false
+            )
+            .await
+            .expect("retired")
+        );
+        let err = p.start(&receipt).await.expect_err("not managed");
+        assert!(
+            matches!(err, PlatformError::UnknownComponent { .. }),
+            "{err}"
+        );
+        assert!(!dir.path().join("pid").exists(), "nothing was started");
     }
 
     /// Two steps on different apps change the registry at once: neither

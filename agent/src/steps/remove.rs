@@ -13,13 +13,17 @@ pub async fn remove_app(
     let Some(app) = ctx.platform.app(&team, &app_name).await? else {
         return Ok(pb::RemoveAppReply { removed: false });
     };
-    // Refused before anything stops if its driver cannot remove apps.
-    let copies = ctx.platform.copies_of(&team, &app_name)?;
-    let copy_job = copies.job_of(&team, &app_name);
+    let copy_job = ctx
+        .platform
+        .copies_of(&team, &app_name)
+        .ok()
+        .and_then(|c| c.job_of(&team, &app_name));
     if r.restored_by_job != 0 && copy_job != Some(r.restored_by_job) {
         // Not the copy this job made: not ours to remove.
         return Ok(pb::RemoveAppReply { removed: false });
     }
+    // Refused before anything stops if its driver cannot remove apps.
+    let copies = ctx.platform.copies_of(&team, &app_name)?;
     if cancel.is_cancelled() {
         return Err(not_started());
     }
