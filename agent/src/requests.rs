@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::platform::{PlatformError, Platforms};
 
+mod convert;
+
 /// Requests one agent works on at once; more are refused as unavailable.
 const MAX_RUNNING: usize = 64;
 /// Progress of a held ping is sent this often.
@@ -373,27 +375,50 @@ async fn step(
         }
         None => None,
     };
+    let retry = s.storage_retry;
     let result = match kind {
-        K::BackupApp(r) => steps::backup_app(s, r, cancel, report)
-            .await
-            .map(R::BackupApp),
-        K::RestoreApp(r) => steps::restore_app(s, r, cancel, report)
-            .await
-            .map(R::RestoreApp),
-        K::RemoveApp(r) => steps::remove_app(s, r, cancel).await.map(R::RemoveApp),
-        K::CheckApp(r) => {
+        K::BackupApp(r) => async {
+            let input = convert::backup(r, retry)?;
+            let manifest = steps::backup_app(s, input, cancel, report).await?;
+            Ok(R::BackupApp(pb::BackupAppReply { manifest }))
+        }
+        .await,
+        K::RestoreApp(r) => async {
+            let input = convert::restore(r, retry)?;
+            let copy = steps::restore_app(s, input, cancel, report).await?;
+            Ok(R::RestoreApp(convert::restored(copy)))
+        }
+        .await,
+        K::RemoveApp(r) => async {
+            let removed = steps::remove_app(s, convert::remove(r)?, cancel).await?;
+            Ok(R::RemoveApp(pb::RemoveAppReply { removed }))
+        }
+        .await,
+        K::CheckApp(r) => async {
+            let input = convert::check(r)?;
             tokio::select! {
-                r = steps::check_app(s, r) => r.map(R::CheckApp),
+                r = steps::check_app(s, input) => r.map(|running| R::CheckApp(pb::CheckAppReply { running })),
                 () = cancel.cancelled() => Err(steps::StepFailure { code: ErrorCode::Cancelled, message: "cancelled".into() }),
             }
         }
-        K::ForgetBackup(r) => steps::forget_backup(s, r, cancel)
-            .await
-            .map(R::ForgetBackup),
-        K::VerifyBackup(r) => steps::verify_backup(s, r, cancel)
-            .await
-            .map(R::VerifyBackup),
-        K::Prune(r) => steps::prune(s, r, cancel).await.map(R::Prune),
+        .await,
+        K::ForgetBackup(r) => async {
+            let n = steps::forget_backup(convert::forget(r, retry)?, cancel).await?;
+            Ok(R::ForgetBackup(pb::ForgetBackupReply {
+                snapshots_forgotten: n,
+            }))
+        }
+        .await,
+        K::VerifyBackup(r) => async {
+            let summary = steps::verify_backup(convert::verify(r, retry)?, cancel).await?;
+            Ok(R::VerifyBackup(pb::VerifyBackupReply { summary }))
+        }
+        .await,
+        K::Prune(r) => async {
+            let summary = steps::prune(convert::prune(r, retry)?, cancel).await?;
+            Ok(R::Prune(pb::PruneReply { summary }))
+        }
+        .await,
         _ => Err(steps::StepFailure {
             code: ErrorCode::Internal,
             message: "not a job step".into(),

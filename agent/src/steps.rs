@@ -3,7 +3,9 @@
 //! and prune backups.
 //!
 //! One file per step (`backup`, `restore`, `remove`, `check`, and
-//! `maintenance` for forget, verify and prune); this module holds what
+//! `maintenance` for forget, verify and prune), each taking its domain
+//! input (`BackupApp`, …; the link converts the controller's protobuf
+//! requests at its edge, `requests/convert.rs`); this module holds what
 //! they share: the context, failures, the claim on an app, start order.
 //!
 //! Every step is idempotent: run again (a retry, or after a restart of
@@ -19,9 +21,8 @@ use std::time::{Duration, Instant};
 use ferry_core::{
     App, AppManifest, AppName, BackupId, BackupMode, BackupTimings, Chain, ClusterName,
     ComponentName, ComponentRef, ComponentState, ErrorCode, HostPath, ImagesSnapshot, JobId,
-    NodeName, TeamName, Timestamp, Volume, VolumeName, VolumeSnapshot,
+    LocationName, NodeName, TeamName, Timestamp, Volume, VolumeName, VolumeSnapshot,
 };
-use ferry_proto::v1 as pb;
 use ferry_repo::Repository;
 use ferry_repo::backup::{BackupOptions, ProgressInfo};
 use ferry_repo::format::SnapshotId;
@@ -30,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::journal::{self, Journal};
 use crate::platform::{PlatformError, Platforms, Receipt};
-use crate::storage::{StorageFailure, open_repository, repo_failure};
+pub use crate::storage::RepoAccess;
+use crate::storage::{StorageFailure, repo_failure};
 
 /// Why a step failed, with the code the controller sees.
 pub type StepResult<T> = Result<T, StepFailure>;
@@ -75,12 +77,9 @@ fn not_started() -> StepFailure {
     )
 }
 
-fn invalid(message: impl Into<String>) -> StepFailure {
+/// Input a step cannot work with.
+pub fn invalid(message: impl Into<String>) -> StepFailure {
     fail(ErrorCode::InvalidArgument, message)
-}
-
-fn name<T: std::str::FromStr<Err = ferry_core::NameError>>(what: &str, v: &str) -> StepResult<T> {
-    v.parse().map_err(|e| invalid(format!("{what}: {e}")))
 }
 
 /// Sends a step's progress.
@@ -290,11 +289,13 @@ mod maintenance;
 mod remove;
 mod restore;
 
-pub use backup::backup_app;
-pub use check::check_app;
-pub use maintenance::{forget_backup, prune, verify_backup};
-pub use remove::remove_app;
-pub use restore::restore_app;
+pub use backup::{BackupApp, backup_app};
+pub use check::{CheckApp, check_app};
+pub use maintenance::{
+    ForgetBackup, VerifyBackup, forget_backup, prune, snapshot_ids, verify_backup,
+};
+pub use remove::{RemoveApp, remove_app};
+pub use restore::{RestoreApp, Restored, restore_app};
 
 #[cfg(test)]
 mod tests;

@@ -91,6 +91,59 @@ fn store_failure(op: &str, target: &str, e: ferry_store::StoreError) -> StorageF
     }
 }
 
+/// A repository as a step gets it: where it is (credentials inside,
+/// redacted from `Debug`) and its password, for this request only.
+pub struct RepoAccess {
+    config: StorageConfig,
+    password: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RepoAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RepoAccess({})", self.config)
+    }
+}
+
+impl RepoAccess {
+    /// From a request's target and password; `retry` bounds how long a
+    /// transient storage failure is retried.
+    pub fn new(
+        target: Option<pb::StorageTarget>,
+        password: Vec<u8>,
+        retry: Duration,
+    ) -> Result<Self, StorageFailure> {
+        let config = config(target, retry)?;
+        let password = zeroize::Zeroizing::new(password);
+        if password.is_empty() {
+            return Err(invalid("the repository password is empty"));
+        }
+        Ok(Self { config, password })
+    }
+
+    /// A local directory's repository (tests, tools).
+    pub fn local(path: &std::path::Path, password: &[u8]) -> Self {
+        Self {
+            config: StorageConfig::Local {
+                path: path.to_path_buf(),
+            },
+            password: zeroize::Zeroizing::new(password.to_vec()),
+        }
+    }
+
+    /// Opens the repository; returns it and the target's description for
+    /// messages.
+    pub async fn open(&self) -> Result<(Repository, String), StorageFailure> {
+        let target = self.config.to_string();
+        let store = ferry_store::open(&self.config)
+            .await
+            .map_err(|e| store_failure("open", &target, e))?;
+        let repo = Repository::open(store, &self.password)
+            .await
+            .map_err(|e| repo_failure(&target, e))?;
+        Ok((repo, target))
+    }
+}
+
 /// The target's store, its description for messages, and the password.
 async fn open_target(
     target: Option<pb::StorageTarget>,
@@ -107,20 +160,6 @@ async fn open_target(
         .await
         .map_err(|e| store_failure("open", &target, e))?;
     Ok((store, target, password))
-}
-
-/// Opens the target's repository with the password; returns it and the
-/// target's description for messages.
-pub async fn open_repository(
-    target: Option<pb::StorageTarget>,
-    password: Vec<u8>,
-    retry: Duration,
-) -> Result<(Repository, String), StorageFailure> {
-    let (store, target, password) = open_target(target, password, retry).await?;
-    let repo = Repository::open(store, &password)
-        .await
-        .map_err(|e| repo_failure(&target, e))?;
-    Ok((repo, target))
 }
 
 /// Creates the repository at the target, or opens the one there with the

@@ -4,27 +4,52 @@
 
 use super::*;
 
+/// What a backup step is asked: which app, how, and where to.
+#[derive(Debug)]
+pub struct BackupApp {
+    pub team: TeamName,
+    pub app: AppName,
+    pub mode: BackupMode,
+    pub backup: BackupId,
+    /// The step: its job and place in the job's plan.
+    pub job: JobId,
+    pub index: u32,
+    /// Recorded in the manifest: the location's name, the agent's cluster
+    /// and node.
+    pub storage: LocationName,
+    pub cluster: ClusterName,
+    pub node: NodeName,
+    pub repo: RepoAccess,
+}
+
+/// Backs the app up; returns its committed manifest (the JSON document).
 pub async fn backup_app(
     ctx: &StepCtx,
-    r: pb::BackupAppRequest,
+    r: BackupApp,
     cancel: CancellationToken,
     report: Report,
-) -> StepResult<pb::BackupAppReply> {
+) -> StepResult<Vec<u8>> {
     let started_at = Timestamp::now();
     let started = Instant::now();
-    let team: TeamName = name("team", &r.team)?;
-    let app_name: AppName = name("app", &r.app)?;
-    let mode: BackupMode = r.mode.parse().map_err(invalid)?;
-    let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
-    let step = r.step.unwrap_or_default();
-    let job = JobId::new(step.job_id).map_err(|e| invalid(e.to_string()))?;
+    let BackupApp {
+        team,
+        app: app_name,
+        mode,
+        backup,
+        job,
+        index,
+        storage,
+        cluster,
+        node,
+        repo,
+    } = r;
     let app = ctx.platform.app(&team, &app_name).await?.ok_or_else(|| {
         fail(
             ErrorCode::NotFound,
             format!("app {team}/{app_name} is not on this agent"),
         )
     })?;
-    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+    let (repo, target) = repo.open().await?;
     let repo = repo.with_cancel(cancel.clone());
     let object = AppManifest::object_name(backup);
     // Done before (the answer was lost): the same manifest.
@@ -34,7 +59,7 @@ pub async fn backup_app(
         .map_err(|e| repo_err(&target, e))?
     {
         tracing::info!(backup = %backup, "backup already committed; answering with its manifest");
-        return Ok(pb::BackupAppReply { manifest: doc });
+        return Ok(doc);
     }
     // Cancelled before it began (a settle: an earlier attempt that may
     // have run is stopped, and this one only says what was done).
@@ -148,7 +173,7 @@ pub async fn backup_app(
         }
         let held = match &ctx.journal {
             Some(j) => Some(
-                j.begin(&format!("job-{}-{}", step.job_id, step.index), &receipts)
+                j.begin(&format!("job-{job}-{index}"), &receipts)
                     .map_err(|e| fail(ErrorCode::Unavailable, e.to_string()))?,
             ),
             None => None,
@@ -342,10 +367,10 @@ pub async fn backup_app(
         format: ferry_core::backup::MANIFEST_FORMAT,
         backup,
         job,
-        storage: name("storage", &r.storage)?,
+        storage,
         ferry_version: env!("CARGO_PKG_VERSION").to_owned(),
-        cluster: name::<ClusterName>("cluster", &r.cluster)?,
-        node: name::<NodeName>("node", &r.node)?,
+        cluster,
+        node,
         app: captured,
         mode,
         stopped: stopped
@@ -364,7 +389,7 @@ pub async fn backup_app(
         .await
         .map_err(|e| repo_err(&target, e))?;
     tracing::info!(backup = %backup, app = %app_name, team = %team, downtime_ms = manifest.timings.downtime_ms, "backup committed");
-    Ok(pb::BackupAppReply { manifest: doc })
+    Ok(doc)
 }
 
 /// Backs a volume up; its progress has no total (a backup does not know

@@ -2,9 +2,21 @@
 
 use super::*;
 
-pub async fn check_app(ctx: &StepCtx, r: pb::CheckAppRequest) -> StepResult<pb::CheckAppReply> {
-    let team: TeamName = name("team", &r.team)?;
-    let app_name: AppName = name("app", &r.app)?;
+/// What a check step is asked: which app, and how long it may take to run.
+#[derive(Debug)]
+pub struct CheckApp {
+    pub team: TeamName,
+    pub app: AppName,
+    pub wait: Duration,
+}
+
+/// Waits until every component of the app runs; returns their names.
+pub async fn check_app(ctx: &StepCtx, r: CheckApp) -> StepResult<Vec<String>> {
+    let CheckApp {
+        team,
+        app: app_name,
+        wait,
+    } = r;
     let app = ctx.platform.app(&team, &app_name).await?.ok_or_else(|| {
         fail(
             ErrorCode::NotFound,
@@ -18,20 +30,13 @@ pub async fn check_app(ctx: &StepCtx, r: pb::CheckAppRequest) -> StepResult<pb::
         .collect();
     // A component without a status command runs once its start command
     // has succeeded (the restore started it): there is nothing to ask.
-    wait_running(
-        ctx.platform.as_ref(),
-        &refs,
-        Duration::from_millis(r.wait_ms),
-        true,
-    )
-    .await
-    .map_err(|m| {
-        fail(
-            ErrorCode::FailedPrecondition,
-            format!("app {team}/{app_name}: {m}"),
-        )
-    })?;
-    Ok(pb::CheckAppReply {
-        running: app.components.iter().map(|c| c.name.to_string()).collect(),
-    })
+    wait_running(ctx.platform.as_ref(), &refs, wait, true)
+        .await
+        .map_err(|m| {
+            fail(
+                ErrorCode::FailedPrecondition,
+                format!("app {team}/{app_name}: {m}"),
+            )
+        })?;
+    Ok(app.components.iter().map(|c| c.name.to_string()).collect())
 }

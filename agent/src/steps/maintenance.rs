@@ -2,20 +2,26 @@
 
 use super::*;
 
-fn snapshot_ids(ids: &[String]) -> StepResult<Vec<SnapshotId>> {
+/// Snapshot ids as a request names them (hex).
+pub fn snapshot_ids(ids: &[String]) -> StepResult<Vec<SnapshotId>> {
     ids.iter()
         .map(|s| s.parse().map_err(|_| invalid(format!("snapshot id {s:?}"))))
         .collect()
 }
 
-pub async fn forget_backup(
-    ctx: &StepCtx,
-    r: pb::ForgetBackupRequest,
-    cancel: CancellationToken,
-) -> StepResult<pb::ForgetBackupReply> {
-    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+/// What a forget step is asked: the backup and the snapshots it named.
+#[derive(Debug)]
+pub struct ForgetBackup {
+    pub backup: BackupId,
+    pub snapshots: Vec<SnapshotId>,
+    pub repo: RepoAccess,
+}
+
+/// Forgets a backup; returns how many of its snapshots were still there.
+pub async fn forget_backup(r: ForgetBackup, cancel: CancellationToken) -> StepResult<u32> {
+    let (repo, target) = r.repo.open().await?;
     let repo = repo.with_cancel(cancel);
-    let backup = BackupId::new(r.backup_id).map_err(|e| invalid(e.to_string()))?;
+    let backup = r.backup;
     // The manifest first: once it is gone, so is the backup.
     repo.remove_app_manifest(&AppManifest::object_name(backup))
         .await
@@ -26,26 +32,33 @@ pub async fn forget_backup(
         .map_err(|e| repo_err(&target, e))?
         .into_iter()
         .collect();
-    let ids: Vec<SnapshotId> = snapshot_ids(&r.snapshots)?
+    let ids: Vec<SnapshotId> = r
+        .snapshots
         .into_iter()
         .filter(|s| present.contains(s))
         .collect();
     repo.forget(&ids).await.map_err(|e| repo_err(&target, e))?;
-    Ok(pb::ForgetBackupReply {
-        snapshots_forgotten: u32::try_from(ids.len()).unwrap_or(u32::MAX),
-    })
+    Ok(u32::try_from(ids.len()).unwrap_or(u32::MAX))
 }
 
-pub async fn verify_backup(
-    ctx: &StepCtx,
-    r: pb::VerifyBackupRequest,
-    cancel: CancellationToken,
-) -> StepResult<pb::VerifyBackupReply> {
-    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+/// What a verify step is asked: the backup's snapshots, and how much of
+/// their data to read back.
+#[derive(Debug)]
+pub struct VerifyBackup {
+    pub backup: BackupId,
+    pub snapshots: Vec<SnapshotId>,
+    /// 0 to 100.
+    pub read_data_percent: u8,
+    pub repo: RepoAccess,
+}
+
+/// Verifies a backup; returns a one-line summary per snapshot.
+pub async fn verify_backup(r: VerifyBackup, cancel: CancellationToken) -> StepResult<String> {
+    let (repo, target) = r.repo.open().await?;
     let repo = repo.with_cancel(cancel);
-    let pct = u8::try_from(r.read_data_percent.min(100)).unwrap_or(100);
+    let pct = r.read_data_percent.min(100);
     let mut lines = Vec::new();
-    for snap in snapshot_ids(&r.snapshots)? {
+    for &snap in &r.snapshots {
         let report = repo
             .verify(ferry_repo::verify::VerifyOptions {
                 snapshot: Some(snap),
@@ -58,7 +71,7 @@ pub async fn verify_backup(
                 ErrorCode::FailedPrecondition,
                 format!(
                     "backup {} snapshot {} has {} problem(s); first: {first}",
-                    r.backup_id,
+                    r.backup,
                     snap.short(),
                     report.problems.len()
                 ),
@@ -72,30 +85,23 @@ pub async fn verify_backup(
             report.packs_read
         ));
     }
-    Ok(pb::VerifyBackupReply {
-        summary: lines.join("; "),
-    })
+    Ok(lines.join("; "))
 }
 
 /// Packs no snapshot uses are deleted by a prune this long after an
 /// earlier one marked them.
 const PRUNE_SAFETY_DELAY: Duration = Duration::from_secs(3600);
 
-pub async fn prune(
-    ctx: &StepCtx,
-    r: pb::PruneRequest,
-    cancel: CancellationToken,
-) -> StepResult<pb::PruneReply> {
-    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+/// Prunes the repository; returns a summary.
+pub async fn prune(repo: RepoAccess, cancel: CancellationToken) -> StepResult<String> {
+    let (repo, target) = repo.open().await?;
     let repo = repo.with_cancel(cancel);
     let report = repo
         .prune(PRUNE_SAFETY_DELAY)
         .await
         .map_err(|e| repo_err(&target, e))?;
-    Ok(pb::PruneReply {
-        summary: format!(
-            "{} packs newly marked unused, {} deleted ({} bytes)",
-            report.packs_newly_marked, report.packs_deleted, report.bytes_deleted
-        ),
-    })
+    Ok(format!(
+        "{} packs newly marked unused, {} deleted ({} bytes)",
+        report.packs_newly_marked, report.packs_deleted, report.bytes_deleted
+    ))
 }

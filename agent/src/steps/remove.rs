@@ -3,24 +3,42 @@
 
 use super::*;
 
+/// What a remove step is asked.
+#[derive(Debug)]
+pub struct RemoveApp {
+    pub team: TeamName,
+    pub app: AppName,
+    /// Delete a copy's volumes too.
+    pub delete_data: bool,
+    /// Only the copy this job restored (an undo); none: the app, whatever
+    /// it is.
+    pub restored_by_job: Option<u64>,
+}
+
+/// Removes the app; whether it was there (and, for an undo, the copy its
+/// job made).
 pub async fn remove_app(
     ctx: &StepCtx,
-    r: pb::RemoveAppRequest,
+    r: RemoveApp,
     cancel: CancellationToken,
-) -> StepResult<pb::RemoveAppReply> {
-    let team: TeamName = name("team", &r.team)?;
-    let app_name: AppName = name("app", &r.app)?;
+) -> StepResult<bool> {
+    let RemoveApp {
+        team,
+        app: app_name,
+        delete_data,
+        restored_by_job,
+    } = r;
     let Some(app) = ctx.platform.app(&team, &app_name).await? else {
-        return Ok(pb::RemoveAppReply { removed: false });
+        return Ok(false);
     };
     let copy_job = ctx
         .platform
         .copies_of(&team, &app_name)
         .ok()
         .and_then(|c| c.job_of(&team, &app_name));
-    if r.restored_by_job != 0 && copy_job != Some(r.restored_by_job) {
+    if restored_by_job.is_some() && copy_job != restored_by_job {
         // Not the copy this job made: not ours to remove.
-        return Ok(pb::RemoveAppReply { removed: false });
+        return Ok(false);
     }
     // Refused before anything stops if its driver cannot remove apps.
     let copies = ctx.platform.copies_of(&team, &app_name)?;
@@ -57,7 +75,7 @@ pub async fn remove_app(
             stopped.push(c.clone());
             ctx.platform.stop(c).await?;
         }
-        copies.remove(&team, &app_name, r.delete_data).await?;
+        copies.remove(&team, &app_name, delete_data).await?;
         Ok(())
     }
     .await;
@@ -87,5 +105,5 @@ pub async fn remove_app(
         tracing::error!(error = %e, "journal entry not cleared");
     }
     tracing::info!(team = %team, app = %app_name, copy = copy_job.is_some(), "app removed");
-    Ok(pb::RemoveAppReply { removed: true })
+    Ok(true)
 }

@@ -3,17 +3,39 @@
 
 use super::*;
 
+/// What a restore step is asked: the backup's manifest, the copy's name,
+/// and where the backup is.
+#[derive(Debug)]
+pub struct RestoreApp {
+    pub manifest: AppManifest,
+    pub team: TeamName,
+    pub app: AppName,
+    /// The restoring job: the copy's home is its own.
+    pub job: u64,
+    pub repo: RepoAccess,
+}
+
+/// A copy as restored: its volumes' directories (in the manifest's order)
+/// and the ports moved (`NAME=PORT`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub volume_paths: Vec<String>,
+    pub remapped_ports: Vec<String>,
+}
+
 pub async fn restore_app(
     ctx: &StepCtx,
-    r: pb::RestoreAppRequest,
+    r: RestoreApp,
     cancel: CancellationToken,
     report: Report,
-) -> StepResult<pb::RestoreAppReply> {
-    let manifest =
-        AppManifest::parse(&r.manifest).map_err(|e| invalid(format!("manifest: {e}")))?;
-    let team: TeamName = name("team", &r.team)?;
-    let app_name: AppName = name("app", &r.app)?;
-    let job = r.step.unwrap_or_default().job_id;
+) -> StepResult<Restored> {
+    let RestoreApp {
+        manifest,
+        team,
+        app: app_name,
+        job,
+        repo,
+    } = r;
     // The driver of the original's kind makes the copy.
     let driver = manifest
         .app
@@ -41,7 +63,7 @@ pub async fn restore_app(
             .copies_of(&team, &app_name)
             .is_ok_and(|c| c.job_of(&team, &app_name) == Some(job));
         if ours {
-            return Ok(pb::RestoreAppReply {
+            return Ok(Restored {
                 volume_paths: existing
                     .volumes
                     .iter()
@@ -58,7 +80,7 @@ pub async fn restore_app(
     if cancel.is_cancelled() {
         return Err(not_started());
     }
-    let (repo, target) = open_repository(r.target, r.password, ctx.storage_retry).await?;
+    let (repo, target) = repo.open().await?;
     let repo = repo.with_cancel(cancel);
     // One directory per restoring job: an attempt of this job clears what
     // an earlier one left there, and never touches what another job left
@@ -135,7 +157,7 @@ pub async fn restore_app(
         ctx.platform.start_component(&r).await?;
     }
     tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
-    Ok(pb::RestoreAppReply {
+    Ok(Restored {
         volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
         remapped_ports: copied.remapped_ports,
     })

@@ -9,7 +9,6 @@ use ferry_core::{
     App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentRef, ComponentState,
     ErrorCode, HostComponent, HostPath, TeamName, Volume, VolumeName,
 };
-use ferry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -133,63 +132,41 @@ impl Bed {
             .expect("open")
     }
 
-    fn request(&self, attempt: u32) -> pb::BackupAppRequest {
-        pb::BackupAppRequest {
-            step: Some(pb::StepKey {
-                job_id: 7,
-                index: 0,
-                undo: false,
-                attempt,
-            }),
-            target: Some(pb::StorageTarget {
-                target: Some(pb::storage_target::Target::Path(
-                    self.repo_path().display().to_string(),
-                )),
-            }),
-            password: PASSWORD.to_vec(),
-            storage: "disk".into(),
-            backup_id: 1,
-            team: "web".into(),
-            app: "shop".into(),
-            mode: "cold".into(),
-            cluster: "a".into(),
-            node: "node-a".into(),
+    fn repo_access(&self) -> RepoAccess {
+        RepoAccess::local(&self.repo_path(), PASSWORD)
+    }
+
+    fn request(&self) -> BackupApp {
+        BackupApp {
+            team: "web".parse().expect("team"),
+            app: "shop".parse().expect("app"),
+            mode: BackupMode::Cold,
+            backup: BackupId::new(1).expect("id"),
+            job: JobId::new(7).expect("job"),
+            index: 0,
+            storage: "disk".parse().expect("storage"),
+            cluster: "a".parse().expect("cluster"),
+            node: "node-a".parse().expect("node"),
+            repo: self.repo_access(),
         }
     }
 
-    fn target(&self) -> Option<pb::StorageTarget> {
-        Some(pb::StorageTarget {
-            target: Some(pb::storage_target::Target::Path(
-                self.repo_path().display().to_string(),
-            )),
-        })
-    }
-
-    async fn restore(&self, manifest: &[u8], job: u64) -> StepResult<pb::RestoreAppReply> {
-        let request = pb::RestoreAppRequest {
-            step: Some(pb::StepKey {
-                job_id: job,
-                index: 1,
-                undo: false,
-                attempt: 1,
-            }),
-            target: self.target(),
-            password: PASSWORD.to_vec(),
-            manifest: manifest.to_vec(),
-            team: "qa".into(),
-            app: "shop".into(),
+    async fn restore(&self, manifest: &[u8], job: u64) -> StepResult<Restored> {
+        let request = RestoreApp {
+            manifest: AppManifest::parse(manifest).expect("manifest"),
+            team: "qa".parse().expect("team"),
+            app: "shop".parse().expect("app"),
+            job,
+            repo: self.repo_access(),
         };
         let report: Report = Arc::new(|_, _, _| {});
         restore_app(&self.ctx, request, CancellationToken::new(), report).await
     }
 
-    async fn backup(
-        &self,
-        attempt: u32,
-        cancel: CancellationToken,
-    ) -> StepResult<pb::BackupAppReply> {
+    /// A backup attempt; the manifest it committed.
+    async fn backup(&self, cancel: CancellationToken) -> StepResult<Vec<u8>> {
         let report: Report = Arc::new(|_, _, _| {});
-        backup_app(&self.ctx, self.request(attempt), cancel, report).await
+        backup_app(&self.ctx, self.request(), cancel, report).await
     }
 
     fn log(&self, which: &str) -> String {
@@ -229,14 +206,14 @@ async fn a_prune_under_way_refuses_the_backup_before_anything_stops() {
         lock
     });
     let err = bed
-        .backup(1, CancellationToken::new())
+        .backup(CancellationToken::new())
         .await
         .expect_err("refused while prune runs");
     assert!(err.message.contains("lock"), "{}", err.message);
     assert_eq!(bed.log("stops"), "", "nothing was stopped");
     assert_eq!(bed.state("db").await, ComponentState::Running);
     prune.await.expect("prune").release().await;
-    bed.backup(2, CancellationToken::new())
+    bed.backup(CancellationToken::new())
         .await
         .expect("backs up once prune is done");
     assert_eq!(bed.log("stops"), "db\n");
@@ -259,7 +236,7 @@ async fn a_retry_starts_what_an_earlier_attempt_left_stopped() {
     }
     drop(first); // attempt 1 ended without starting them again
     let reply = bed
-        .backup(2, CancellationToken::new())
+        .backup(CancellationToken::new())
         .await
         .expect("attempt 2 succeeds");
     for c in ["db", "web"] {
@@ -268,7 +245,7 @@ async fn a_retry_starts_what_an_earlier_attempt_left_stopped() {
     assert!(bed.journal.pending().expect("pending").is_empty());
     // Attempt 2 stopped both again for its own delta pass.
     assert_eq!(bed.log("stops"), "web\ndb\nweb\ndb\n");
-    let manifest: serde_json::Value = serde_json::from_slice(&reply.manifest).expect("json");
+    let manifest: serde_json::Value = serde_json::from_slice(&reply).expect("json");
     assert_eq!(manifest["stopped"], serde_json::json!(["web", "db"]));
 }
 
@@ -293,7 +270,7 @@ async fn a_cancel_during_the_pre_stop_hook_stops_nothing() {
             cancel.cancel();
         })
     };
-    let err = bed.backup(1, cancel).await.expect_err("cancelled");
+    let err = bed.backup(cancel).await.expect_err("cancelled");
     watcher.await.expect("watcher");
     assert_eq!(err.code, ErrorCode::Cancelled, "{}", err.message);
     assert_eq!(bed.log("stops"), "", "nothing was stopped");
@@ -319,10 +296,11 @@ async fn a_remove_that_fails_half_way_starts_again_what_it_stopped() {
         }
     })
     .await;
-    let request = pb::RemoveAppRequest {
-        team: "web".into(),
-        app: "shop".into(),
-        ..Default::default()
+    let request = RemoveApp {
+        team: "web".parse().expect("team"),
+        app: "shop".parse().expect("app"),
+        delete_data: false,
+        restored_by_job: None,
     };
     let err = remove_app(&bed.ctx, request, CancellationToken::new())
         .await
@@ -360,15 +338,15 @@ async fn a_component_without_a_status_command_counts_as_running() {
         }
     })
     .await;
-    let request = pb::CheckAppRequest {
-        team: "web".into(),
-        app: "shop".into(),
-        wait_ms: 500,
+    let request = CheckApp {
+        team: "web".parse().expect("team"),
+        app: "shop".parse().expect("app"),
+        wait: Duration::from_millis(500),
     };
-    let reply = check_app(&bed.ctx, request)
+    let running = check_app(&bed.ctx, request)
         .await
         .expect("counts as running");
-    assert_eq!(reply.running, vec!["db".to_owned()]);
+    assert_eq!(running, vec!["db".to_owned()]);
 }
 
 /// Copies get a home the app's own user can pass through (0711 on the
@@ -378,11 +356,7 @@ async fn a_component_without_a_status_command_counts_as_running() {
 async fn copies_get_a_home_of_their_own_and_kept_data_is_never_reused() {
     use std::os::unix::fs::PermissionsExt;
     let bed = Bed::new(&["db"]).await;
-    let manifest = bed
-        .backup(1, CancellationToken::new())
-        .await
-        .expect("backup")
-        .manifest;
+    let manifest = bed.backup(CancellationToken::new()).await.expect("backup");
     let first = bed.restore(&manifest, 8).await.expect("restored");
     let copies = bed.dir.path().join("agent-copies");
     let v0 = PathBuf::from(&first.volume_paths[0]);
@@ -399,17 +373,17 @@ async fn copies_get_a_home_of_their_own_and_kept_data_is_never_reused() {
     // Removed with its data kept; then restored again under that name.
     let removed = remove_app(
         &bed.ctx,
-        pb::RemoveAppRequest {
-            team: "qa".into(),
-            app: "shop".into(),
+        RemoveApp {
+            team: "qa".parse().expect("team"),
+            app: "shop".parse().expect("app"),
             delete_data: false,
-            restored_by_job: 8,
+            restored_by_job: Some(8),
         },
         CancellationToken::new(),
     )
     .await
     .expect("removed");
-    assert!(removed.removed);
+    assert!(removed);
     std::fs::write(v0.join("kept.txt"), b"the copy's own writes").expect("write");
     let second = bed.restore(&manifest, 9).await.expect("restored again");
     assert_eq!(
