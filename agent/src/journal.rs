@@ -67,6 +67,10 @@ struct EntryFile {
     format: u32,
     /// In stop order.
     stopped: Vec<Receipt>,
+    /// When a replay first found everything running without starting it
+    /// (ms since the epoch): a stop begun before may still go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    running_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,6 +83,8 @@ struct EntryFileV1 {
 pub struct Entry {
     pub key: String,
     pub stopped: Vec<Receipt>,
+    /// When a replay first found all of it running without starting it.
+    pub running_since_ms: Option<u64>,
 }
 
 impl Entry {
@@ -194,14 +200,20 @@ impl Journal {
             journal: self.clone(),
             key,
         };
-        self.write(&held.key, components)?;
+        self.write(&held.key, components, None)?;
         Ok(held)
     }
 
-    fn write(&self, key: &str, components: &[Receipt]) -> Result<(), JournalError> {
+    fn write(
+        &self,
+        key: &str,
+        components: &[Receipt],
+        running_since_ms: Option<u64>,
+    ) -> Result<(), JournalError> {
         let file = EntryFile {
             format: FORMAT,
             stopped: components.to_vec(),
+            running_since_ms,
         };
         let path = self.path(key);
         let io = |op, source| JournalError::Io {
@@ -285,23 +297,26 @@ impl Journal {
         let format = serde_json::from_slice::<Format>(&bytes)
             .map_err(|e| corrupt(e.to_string()))?
             .format;
-        let stopped = match format {
+        let (stopped, running_since_ms) = match format {
             FORMAT => {
-                serde_json::from_slice::<EntryFile>(&bytes)
-                    .map_err(|e| corrupt(e.to_string()))?
-                    .stopped
+                let f = serde_json::from_slice::<EntryFile>(&bytes)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                (f.stopped, f.running_since_ms)
             }
             // Names only: each component's owner puts it back as it can.
-            1 => serde_json::from_slice::<EntryFileV1>(&bytes)
-                .map_err(|e| corrupt(e.to_string()))?
-                .stopped
-                .into_iter()
-                .map(|component| Receipt {
-                    driver: String::new(),
-                    component,
-                    detail: serde_json::Value::Null,
-                })
-                .collect(),
+            1 => (
+                serde_json::from_slice::<EntryFileV1>(&bytes)
+                    .map_err(|e| corrupt(e.to_string()))?
+                    .stopped
+                    .into_iter()
+                    .map(|component| Receipt {
+                        driver: String::new(),
+                        component,
+                        detail: serde_json::Value::Null,
+                    })
+                    .collect(),
+                None,
+            ),
             other => {
                 return Err(corrupt(format!(
                     "format {other} is not {FORMAT}, written by another Ferry version"
@@ -311,17 +326,25 @@ impl Journal {
         Ok(Entry {
             key: key.to_owned(),
             stopped,
+            running_since_ms,
         })
     }
 }
 
-/// Puts back, in start order, every component of `entry` from its receipt
-/// (started unless it runs, what its stop set aside restored); stops at the
-/// first that fails to start (what follows depends on it). A component the
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// Puts back, in start order, every component of `stopped` (in stop order)
+/// from its receipt (started unless it runs, what its stop set aside
+/// restored); stops at the first that fails to start (what follows depends on it). A component the
 /// agent no longer has (its app was removed, its container re-created by
 /// someone else) has nothing to start.
-pub async fn restart(platform: &Platforms, entry: &Entry) -> Result<(), PlatformError> {
-    for receipt in entry.stopped.iter().rev() {
+pub async fn restart(platform: &Platforms, stopped: &[Receipt]) -> Result<(), PlatformError> {
+    for receipt in stopped.iter().rev() {
         match platform.start(receipt).await {
             Ok(()) => {}
             Err(PlatformError::UnknownComponent { .. }) => {
@@ -365,34 +388,63 @@ async fn replay_where(
         Ok(e) => e,
         Err(e) => return vec![e.to_string()],
     };
+    let mut readable = Vec::new();
     for entry in entries {
-        let entry = match entry {
-            Ok(e) => e,
+        match entry {
+            Ok(e) => readable.push(e),
             // Cleared by its step since the directory was listed.
             Err(JournalError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                continue;
-            }
-            Err(e) if app.is_some() => {
-                tracing::error!("{e}");
-                continue;
-            }
-            Err(e) => {
-                problems.push(e.to_string());
-                continue;
-            }
-        };
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if app.is_some() => tracing::error!("{e}"),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    // What running steps hold is theirs to start: an older entry naming
+    // the same component waits until they are done.
+    let held: HashSet<ComponentRef> = readable
+        .iter()
+        .filter(|e| journal.is_held(&e.key))
+        .flat_map(|e| e.stopped.iter().map(|r| r.component.clone()))
+        .collect();
+    for entry in readable {
         let wanted = app.is_none_or(|(team, name)| entry.touches(team, name));
         if journal.is_held(&entry.key) || !wanted {
             continue;
         }
-        tracing::warn!(entry = %entry.key, components = entry.stopped.len(),
-            "an interrupted operation stopped components: starting them again");
-        match restart(platform, &entry).await {
-            Ok(()) => {
+        if entry.stopped.iter().any(|r| held.contains(&r.component)) {
+            tracing::debug!(entry = %entry.key, "a running step holds its components; replayed later");
+            continue;
+        }
+        match restart_checked(platform, &entry).await {
+            Ok(false) => {
                 if let Err(e) = journal.clear(&entry.key) {
                     problems.push(e.to_string());
+                }
+            }
+            // Found running without being started: a stop begun earlier
+            // (by an agent that was killed, or a call that timed out) may
+            // still go on. The entry stays until its stops' deadline has
+            // passed; a replay then starts what that stop took down.
+            Ok(true) => {
+                let deadline = entry
+                    .stopped
+                    .iter()
+                    .map(|r| platform.stop_deadline(r))
+                    .max()
+                    .unwrap_or_default();
+                let now = now_ms();
+                let since = entry.running_since_ms.unwrap_or(now);
+                let settled = u128::from(now.saturating_sub(since)) >= deadline.as_millis();
+                if settled {
+                    if let Err(e) = journal.clear(&entry.key) {
+                        problems.push(e.to_string());
+                    }
+                } else if entry.running_since_ms.is_none() {
+                    tracing::info!(entry = %entry.key, deadline_secs = deadline.as_secs(),
+                        "what the entry stopped runs; kept until a stop begun earlier can no longer be under way");
+                    if let Err(e) = journal.write(&entry.key, &entry.stopped, Some(now)) {
+                        problems.push(e.to_string());
+                    }
                 }
             }
             Err(e) => problems.push(format!(
@@ -402,6 +454,33 @@ async fn replay_where(
         }
     }
     problems
+}
+
+/// As [`restart`], for a replay: whether a component was found running
+/// without Ferry starting it (then a stop begun earlier may still go on).
+async fn restart_checked(platform: &Platforms, entry: &Entry) -> Result<bool, PlatformError> {
+    tracing::warn!(entry = %entry.key, components = entry.stopped.len(),
+        "an interrupted operation stopped components: starting them again");
+    let mut found_running = false;
+    for receipt in entry.stopped.iter().rev() {
+        let state = match platform.status(&receipt.component).await {
+            Ok(s) => s,
+            Err(PlatformError::UnknownComponent { .. }) => {
+                tracing::warn!(component = %receipt.component, "no longer on this agent; nothing to start");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        found_running |= state == ferry_core::ComponentState::Running;
+        match platform.start(receipt).await {
+            Ok(()) => {}
+            Err(PlatformError::UnknownComponent { .. }) => {
+                tracing::warn!(component = %receipt.component, "no longer on this agent; nothing to start");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(found_running)
 }
 
 /// Replays the journal every `every` until `cancel`: what could not be
@@ -563,11 +642,15 @@ mod tests {
         let problems = replay(&journal, &platform).await;
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
-            problems[0].contains(&format!("{key} is kept")),
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("{key} is kept"))),
             "{problems:?}"
         );
         assert!(
-            problems[1].contains("job-2.json is unreadable"),
+            problems
+                .iter()
+                .any(|p| p.contains("job-2.json is unreadable")),
             "{problems:?}"
         );
         assert_eq!(
@@ -681,6 +764,70 @@ mod tests {
             .expect("write");
         let problems = replay(&journal, &platform).await;
         assert!(problems[0].contains("format 9"), "{problems:?}");
+    }
+
+    /// A replay that finds what an entry stopped running without starting
+    /// it (a stop begun by an agent that was then killed may still be under
+    /// way) keeps the entry until that stop's deadline has passed; when the
+    /// late stop does take the component down, a later replay starts it.
+    #[tokio::test]
+    async fn a_component_found_running_is_confirmed_after_the_stop_deadline() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let platform = host(vec![app(tmp.path(), &["db"])]);
+        platform.start_component(&cref("db")).await.expect("start");
+        let journal = Journal::open(tmp.path()).expect("open");
+        drop(journal.begin("job-1-0", &[rc("db")]).expect("record"));
+        // db runs: the entry is kept, marked.
+        assert!(replay(&journal, &platform).await.is_empty());
+        let pending = journal.pending().expect("pending");
+        let entry = pending[0].as_ref().expect("readable");
+        assert!(entry.running_since_ms.is_some(), "{entry:?}");
+        // The stop begun earlier ends now: db goes down. The next replay
+        // starts it, and the entry goes.
+        platform.stop(&rc("db")).await.expect("late stop");
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Running
+        );
+        assert!(journal.pending().expect("pending").is_empty());
+        // Found running again and again: cleared once the deadline (the
+        // command timeout, 10 s here) has passed since it was first seen.
+        let held = journal.begin("job-2-0", &[rc("db")]).expect("record");
+        let key = held.key().to_owned();
+        drop(held);
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert_eq!(journal.pending().expect("pending").len(), 1);
+        journal
+            .write(&key, &[rc("db")], Some(now_ms() - 11_000))
+            .expect("seen 11 s ago");
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert!(journal.pending().expect("pending").is_empty());
+    }
+
+    /// A component a running step holds is that step's to start: an older
+    /// entry naming it waits (it would start what the step stopped for its
+    /// delta pass).
+    #[tokio::test]
+    async fn an_entry_waits_while_a_running_step_holds_its_components() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let platform = host(vec![app(tmp.path(), &["db"])]);
+        let journal = Journal::open(tmp.path()).expect("open");
+        drop(journal.begin("job-1-0", &[rc("db")]).expect("older entry"));
+        let step = journal.begin("job-2-0", &[rc("db")]).expect("a step's");
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Stopped,
+            "not started behind the step's back"
+        );
+        assert_eq!(journal.pending().expect("pending").len(), 2);
+        drop(step);
+        assert!(replay(&journal, &platform).await.is_empty());
+        assert_eq!(
+            platform.status(&cref("db")).await.expect("status"),
+            ComponentState::Running
+        );
     }
 
     /// The timer replays what could not be started before (a unit or an

@@ -150,6 +150,13 @@ pub trait Driver: Send + Sync {
     /// aside. Returns once it runs as the driver defines it.
     async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError>;
 
+    /// The longest a stop this driver began may still go on after the
+    /// caller stopped waiting for it (the agent was killed, or the call
+    /// timed out while the platform went on): a component Ferry stopped
+    /// that is found running is taken for running only once this has
+    /// passed.
+    fn stop_deadline(&self) -> std::time::Duration;
+
     /// Runs one of a component's hooks (`pre_backup`, `post_backup`,
     /// `pre_stop`) in its context; fails if the command does.
     async fn hook(
@@ -363,6 +370,21 @@ impl Platforms {
 
     pub async fn stop(&self, r: &Receipt) -> Result<(), PlatformError> {
         self.maker(r)?.stop(r).await
+    }
+
+    /// How long a stop of the receipt's component may still go on
+    /// ([`Driver::stop_deadline`]); the longest of all drivers when its
+    /// driver is not known.
+    pub fn stop_deadline(&self, r: &Receipt) -> std::time::Duration {
+        match self.maker(r) {
+            Ok(d) => d.stop_deadline(),
+            Err(_) => self
+                .drivers
+                .iter()
+                .map(|d| d.stop_deadline())
+                .max()
+                .unwrap_or_default(),
+        }
     }
 
     pub async fn start(&self, r: &Receipt) -> Result<(), PlatformError> {

@@ -652,10 +652,23 @@ impl Bed {
         match fault {
             Fault::AgentKill => {
                 self.agent.kill();
+                self.respawn()?;
                 if phase == "stopping" {
+                    // The agent is back while the stop it began still goes
+                    // on, and its replay keeps the entry: Docker shows db
+                    // running (not taken for started, since the stop ends
+                    // after it), Podman shows it stopping (not startable).
+                    let agent = &self.agent;
+                    wait_for(&format!("{cell}: the replay"), DEADLINE, || {
+                        let logs = agent.logs();
+                        let seen = logs.contains("kept until a stop begun earlier")
+                            || logs.contains("is kept: cannot start what it stopped");
+                        async move { seen.then_some(()) }
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.logs()))?;
                     go()?;
                 }
-                self.respawn()?;
             }
             Fault::AgentTerm => {
                 self.agent.terminate()?;

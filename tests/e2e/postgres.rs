@@ -490,6 +490,7 @@ heartbeat_secs = 1
 reconnect_min_ms = 50
 reconnect_max_ms = 500
 journal_retry_secs = 2
+command_timeout_secs = 30
 storage_retry_secs = 3
 {apps}"#,
         d = d.display()

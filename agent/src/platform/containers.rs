@@ -715,6 +715,11 @@ impl Driver for ContainerPlatform {
         Ok(())
     }
 
+    /// The engine kills a stopping container at the stop timeout.
+    fn stop_deadline(&self) -> Duration {
+        self.settings.stop_timeout + Duration::from_secs(10)
+    }
+
     async fn hook(
         &self,
         r: &ComponentRef,

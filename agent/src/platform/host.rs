@@ -618,6 +618,12 @@ impl Driver for HostPlatform {
         }
     }
 
+    /// A stop command is killed at the command timeout; one left behind
+    /// by a killed agent is bounded by its own.
+    fn stop_deadline(&self) -> Duration {
+        self.timeout
+    }
+
     async fn hook(
         &self,
         r: &ComponentRef,

@@ -207,6 +207,10 @@ pub async fn backup_app(
             Ok::<_, StepFailure>(())
         }
         .await;
+        // A stop that failed may still go on on the platform: its entry is
+        // left to the journal's replays, which take the component for
+        // running only once the stop's deadline has passed.
+        let stop_failed = matches!(&stopping, Err(e) if e.code != ErrorCode::Cancelled);
         let delta_started = Instant::now();
         let work = async {
             stopping?;
@@ -261,15 +265,8 @@ pub async fn backup_app(
         }
         // Whatever happened: start again exactly what was stopped, in
         // start order, never what was not.
-        let entry = journal::Entry {
-            key: held
-                .as_ref()
-                .map(|h| h.key().to_owned())
-                .unwrap_or_default(),
-            stopped: stopped.clone(),
-        };
         report(0, 0, "starting the app again".into());
-        let restarted = journal::restart(ctx.platform.as_ref(), &entry).await;
+        let restarted = journal::restart(ctx.platform.as_ref(), &stopped).await;
         let stopped_refs: Vec<ComponentRef> = stopped.iter().map(|r| r.component.clone()).collect();
         // Waited for only once started: one that could not be started is
         // said at once (the journal's replays go on with it).
@@ -288,6 +285,12 @@ pub async fn backup_app(
         timings.downtime_ms = ms(stop_at.elapsed());
         tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
         match (&restarted, &wait, held) {
+            (Ok(()), Ok(()), Some(held)) if stop_failed => {
+                tracing::warn!(
+                    journal = held.key(),
+                    "a stop failed and may still go on; the journal's replays see that what it stopped stays running"
+                );
+            }
             (Ok(()), Ok(()), Some(held)) => {
                 if let Err(e) = held.clear() {
                     tracing::error!(error = %e, "journal entry not cleared");

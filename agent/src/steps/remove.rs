@@ -80,11 +80,7 @@ pub async fn remove_app(
     }
     .await;
     if let Err(e) = removed {
-        let entry = journal::Entry {
-            key: String::new(),
-            stopped,
-        };
-        match journal::restart(ctx.platform.as_ref(), &entry).await {
+        match journal::restart(ctx.platform.as_ref(), &stopped).await {
             Ok(()) => {
                 if let Some(held) = held
                     && let Err(e) = held.clear()
