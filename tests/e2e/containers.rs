@@ -10,7 +10,7 @@ use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
 use std::path::{Path, PathBuf};
 
-use crate::jobs::{backup_shop, enrol_in, ferryctl, json, wait_app, wait_online};
+use crate::jobs::{Fault, backup_shop, enrol_in, ferryctl, json, wait_app, wait_online};
 
 /// The db container's program: appends a line to its volume every 20 ms;
 /// on SIGTERM it writes as many MiB as its volume's `stop-mib` file says
@@ -552,15 +552,6 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
     agent.stop().await?;
     drop(a);
     Ok(())
-}
-
-/// A fault the containers' fault matrix injects.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    AgentKill,
-    AgentTerm,
-    ControllerKill,
-    Cancel,
 }
 
 /// db alone on an engine of `kind`, its agent replaying its journal every

@@ -42,6 +42,15 @@ pub(crate) fn backup_shop(
     ferryctl(ctl, &args)
 }
 
+/// A fault the fault matrix injects (`postgres.rs`, `containers.rs`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Fault {
+    AgentKill,
+    AgentTerm,
+    ControllerKill,
+    Cancel,
+}
+
 /// Job `id` once it has ended (`job show`, polled), within `deadline`: a
 /// job that never ends fails the test instead of hanging it.
 pub(crate) async fn job_ended(

@@ -20,7 +20,7 @@ use anyhow::{Context, ensure};
 use ferry_tests::lab::{Forward, Lab};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, run, setup, wait_for};
 
-use crate::jobs::{alive, enrol_at, ferryctl, json, wait_app, wait_online};
+use crate::jobs::{Fault, alive, enrol_at, ferryctl, json, wait_app, wait_online};
 
 const TEAM: &str = "fin";
 const APP: &str = "ledger";
@@ -893,18 +893,7 @@ async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> a
     site.ctl.kill();
     site.ctl.start().await?;
     // Polled with a deadline: before the settle, the job never ended.
-    let ctl = &site.ctl;
-    let job = wait_for("the job to end", DEADLINE, || {
-        let shown = ferryctl(ctl, &["job", "show", &id, "-o", "json"]);
-        async move {
-            let (_, out, _) = shown.ok()?;
-            let job = json(&out).ok()?;
-            ["succeeded", "failed", "cancelled"]
-                .contains(&job["state"].as_str()?)
-                .then_some(job)
-        }
-    })
-    .await?;
+    let job = crate::jobs::job_ended(&site.ctl, &id, DEADLINE).await?;
     assert_eq!(job["state"], "cancelled", "{job}");
     site.ready(TEAM, APP).await?;
     assert!(Servers::postmaster(&vol).is_some());
@@ -912,15 +901,6 @@ async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> a
     site.agent_a.stop().await?;
     site.agent_b.stop().await?;
     Ok(())
-}
-
-/// A fault the matrix injects.
-#[derive(Clone, Copy, Debug)]
-enum Fault {
-    AgentKill,
-    AgentTerm,
-    ControllerKill,
-    Cancel,
 }
 
 impl Site {
