@@ -524,12 +524,7 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
     eprintln!("the job ended {}: {}", ended["state"], ended["reason"]);
     match ended["state"].as_str() {
         Some("succeeded") => {
-            let bid = ended["backup_id"].as_u64().expect("backup id").to_string();
-            let (code, out, err) = ferryctl(
-                &ctl,
-                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
-            )?;
-            assert_eq!(code, 0, "{out}{err}");
+            crate::jobs::assert_backup_verifies(&ctl, &ended, "engine restarted")?;
         }
         Some("failed") => {
             let (_, out, _) = ferryctl(&ctl, &["backup", "ls", "-o", "json"])?;
@@ -719,12 +714,7 @@ impl Bed {
         let after = self.backups()?;
         if state == "succeeded" {
             assert_eq!(after, before + 1, "{cell}");
-            let bid = ended["backup_id"].as_u64().expect("backup id").to_string();
-            let (code, out, err) = ferryctl(
-                &self.ctl,
-                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
-            )?;
-            assert_eq!(code, 0, "{cell}: {out}{err}");
+            crate::jobs::assert_backup_verifies(&self.ctl, &ended, &cell)?;
         } else {
             assert_eq!(after, before, "{cell}");
         }

@@ -51,6 +51,28 @@ pub(crate) enum Fault {
     Cancel,
 }
 
+/// Asserts that the backup job `job` made reads back whole
+/// (`backup verify --read-data 100`); `what` names the case in failures.
+pub(crate) fn assert_backup_verifies(
+    ctl: &Controller,
+    job: &serde_json::Value,
+    what: &str,
+) -> anyhow::Result<()> {
+    let bid = job["backup_id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("{what}: no backup id in {job}"))?
+        .to_string();
+    let (code, out, err) = ferryctl(
+        ctl,
+        &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
+    )?;
+    anyhow::ensure!(
+        code == 0,
+        "{what}: backup {bid} does not verify: {out}{err}"
+    );
+    Ok(())
+}
+
 /// Job `id` once it has ended (`job show`, polled), within `deadline`: a
 /// job that never ends fails the test instead of hanging it.
 pub(crate) async fn job_ended(

@@ -985,12 +985,7 @@ impl Site {
         let listed = self.backups()?;
         if state == "succeeded" {
             assert_eq!(listed.len(), before + 1, "{cell}: {listed:?}");
-            let bid = job["backup_id"].as_u64().context("backup id")?.to_string();
-            let (code, out, err) = ferryctl(
-                &self.ctl,
-                &["backup", "verify", &bid, "--read-data", "100", "-o", "json"],
-            )?;
-            assert_eq!(code, 0, "{cell}: {out}{err}");
+            crate::jobs::assert_backup_verifies(&self.ctl, &job, &cell)?;
         } else {
             assert_eq!(listed.len(), before, "{cell}: {listed:?}");
         }
