@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use ferry_tests::lab::{Forward, Lab};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, run, setup, wait_for};
 
@@ -304,7 +304,18 @@ impl Site {
             bucket: String::new(),
             lab,
         };
-        wait_online(&site.ctl, 2).await?;
+        // A site that never comes up says why: what each daemon logged.
+        if let Err(e) = wait_online(&site.ctl, 2).await {
+            let listed = ferryctl(&site.ctl, &["agent", "ls", "-o", "json"])
+                .map(|(_, out, err)| format!("{out}{err}"))
+                .unwrap_or_else(|e| e.to_string());
+            bail!(
+                "{e}\nagent ls: {listed}\n--- agent a ---\n{}\n--- agent b ---\n{}\n--- controller ---\n{}",
+                site.agent_a.logs(),
+                site.agent_b.logs(),
+                site.ctl.logs()
+            );
+        }
         wait_app(&site.ctl, "a", TEAM, APP).await?;
 
         // The S3 location: agents reach SeaweedFS through the forward.

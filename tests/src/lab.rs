@@ -7,7 +7,8 @@
 //!
 //! Needs root (or CAP_NET_ADMIN) and `ip` from iproute2. Every name carries
 //! the test process's id, so concurrent test binaries do not meet, and
-//! everything is removed on drop.
+//! everything is removed on drop; what a killed test process left is
+//! removed by the next one, and a subnet still in use is never taken.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -45,14 +46,80 @@ pub struct Lab {
 /// Labs made by this process so far.
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// Held while a lab picks and claims its subnet.
+static CLAIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The S of every 10.231.S.x address on the host.
+fn taken_subnets() -> anyhow::Result<Vec<u8>> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .context("running ip (iproute2)")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("10.231."))
+        .filter_map(|rest| rest.split('.').next()?.parse().ok())
+        .collect())
+}
+
+/// The pid in a lab's name (`fy<pid>x…`), if `name` is one.
+fn lab_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("fy")?;
+    let (pid, _) = rest.split_once('x')?;
+    pid.parse().ok()
+}
+
+/// Removes the bridges and namespaces of labs whose test process is gone
+/// (killed before its labs were dropped), once per process.
+fn sweep_dead_labs() {
+    static SWEPT: AtomicBool = AtomicBool::new(false);
+    if SWEPT.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let dead = |name: &str| {
+        lab_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let listed = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for line in listed(&["netns", "list"]).lines() {
+        if let Some(ns) = line.split_whitespace().next().filter(|ns| dead(ns)) {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+    for line in listed(&["-o", "link", "show", "type", "bridge"]).lines() {
+        // `7: fy123x4b: <BROADCAST,…`
+        if let Some(b) = line.split(": ").nth(1).filter(|b| dead(b)) {
+            let _ = ip(&["link", "del", b]);
+        }
+    }
+}
+
 impl Lab {
     /// A bridge and `clusters.len()` namespaces, named after the clusters.
     pub fn new(clusters: &[&str]) -> anyhow::Result<Self> {
         let pid = std::process::id();
         let n = LABS.fetch_add(1, Ordering::SeqCst);
-        // 10.231.S.0/24; S from the pid and the lab so concurrent tests
-        // and binaries differ.
-        let subnet = u8::try_from((pid.wrapping_mul(8).wrapping_add(n)) % 200).unwrap_or(0) + 20;
+        // One lab at a time picks its subnet and claims it on its bridge,
+        // so two of this process's labs never share one.
+        let _claim = CLAIM
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sweep_dead_labs();
+        // 10.231.S.0/24: the first S from the pid and the lab that no
+        // address on the host is in (a lab left by a killed test process
+        // keeps its address; sharing its subnet would send this lab's
+        // replies to that bridge).
+        let taken = taken_subnets()?;
+        let first = (pid.wrapping_mul(8).wrapping_add(n)) % 200;
+        let subnet = (0..200)
+            .map(|i| u8::try_from((first + i) % 200).unwrap_or(0) + 20)
+            .find(|s| !taken.contains(s))
+            .context("every 10.231.S.0/24 test subnet is in use on this host")?;
         let tag = format!("fy{pid}x{n}");
         let mut lab = Self {
             bridge: format!("{tag}b"),
