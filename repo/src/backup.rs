@@ -94,6 +94,35 @@ pub struct BackupOptions {
     /// usual way, while the window lasts). The whole tree is walked first
     /// (its directory entries stay in memory until the copies are stored).
     pub read_ahead: Option<usize>,
+    /// What [`Repository::prepare_backup`] read beforehand: with it, the
+    /// walk asks the storage for nothing (a cold backup's delta pass, while
+    /// the app is down, only writes).
+    pub prepared: Option<Arc<Prepared>>,
+}
+
+/// What a backup reads from the repository before it walks the source: the
+/// index, prune's marks, the parent snapshot and every one of its trees.
+/// Read ahead of a window in which the storage must not be waited for.
+#[derive(Clone)]
+pub struct Prepared {
+    /// The canonical source path it was prepared for.
+    path: std::path::PathBuf,
+    index: Index,
+    dedup: Option<Index>,
+    parent: Option<(SnapshotId, Snapshot)>,
+    parent_tree: Option<Tree>,
+    /// Every tree below the parent's root, by id.
+    trees: HashMap<BlobId, Tree>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("path", &self.path)
+            .field("parent", &self.parent.as_ref().map(|(id, _)| id))
+            .field("trees", &self.trees.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of a backup: the snapshot id is `None` on a dry run.
@@ -278,56 +307,63 @@ impl Repository {
             .collect())
     }
 
-    /// Backs up the directory `path` and commits a snapshot.
-    ///
-    /// The backup holds a shared lock for its whole run (refused while
-    /// prune holds the maintenance lock) and reads prune's marks only once
-    /// it holds it, so prune never deletes a pack this backup reuses.
-    pub async fn backup(
+    /// Reads what a backup of `path` with `opts` needs from the repository
+    /// before it walks (see [`Prepared`]); pass it in `opts.prepared`, under
+    /// the shared lock held while preparing ([`Repository::backup_under`]),
+    /// so prune's marks stay as read.
+    pub async fn prepare_backup(
         &self,
         path: &Path,
-        opts: BackupOptions,
-        progress: Option<Arc<dyn Progress>>,
-    ) -> Result<BackupOutcome, RepoError> {
-        let op = self.for_operation();
-        let lock = if opts.dry_run {
-            None
-        } else {
-            Some(op.lock_shared("backup", op.cancel_token().clone()).await?)
-        };
-        let res = op.backup_locked(path, opts, progress, lock.as_ref()).await;
-        match lock {
-            Some(lock) => {
-                let res = res.map_err(|e| lock.explain(e));
-                lock.release().await;
-                res
-            }
-            None => res,
+        opts: &BackupOptions,
+    ) -> Result<Prepared, RepoError> {
+        let path = std::fs::canonicalize(path).map_err(|e| RepoError::io("resolve", path, e))?;
+        let (index, dedup, parent, parent_tree) = self.read_ahead_of_walk(&path, opts).await?;
+        // The parent's trees, a level at a time, each level's at once.
+        let mut trees: HashMap<BlobId, Tree> = HashMap::new();
+        let mut level: Vec<BlobId> = parent_tree.iter().flat_map(subtree_ids).collect();
+        while !level.is_empty() {
+            level.sort_unstable();
+            level.dedup();
+            level.retain(|id| !trees.contains_key(id));
+            let loaded: Vec<(BlobId, Tree)> = futures::stream::iter(level)
+                .map(|id| {
+                    let index = &index;
+                    async move { Ok::<_, RepoError>((id, self.load_tree(index, &id).await?)) }
+                })
+                .buffer_unordered(16)
+                .try_collect()
+                .await?;
+            level = loaded.iter().flat_map(|(_, t)| subtree_ids(t)).collect();
+            trees.extend(loaded);
         }
+        Ok(Prepared {
+            path,
+            index,
+            dedup,
+            parent,
+            parent_tree,
+            trees,
+        })
     }
 
-    async fn backup_locked(
+    /// The repository reads a backup begins with: the index (packs left
+    /// unindexed recovered into it), prune's marks, the parent snapshot
+    /// and its root tree.
+    async fn read_ahead_of_walk(
         &self,
         path: &Path,
-        opts: BackupOptions,
-        progress: Option<Arc<dyn Progress>>,
-        lock: Option<&LockGuard>,
-    ) -> Result<BackupOutcome, RepoError> {
-        let started = Instant::now();
-        let start_unix = self.clock().now_unix();
-        // One lineage per directory, however it is spelled (`src`, `src/`,
-        // `./src`, a symlink to it).
-        let path = &std::fs::canonicalize(path).map_err(|e| RepoError::io("resolve", path, e))?;
-        let meta = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
-        if !meta.is_dir() {
-            return Err(RepoError::InvalidInput(format!(
-                "{} is not a directory",
-                path.display()
-            )));
-        }
+        opts: &BackupOptions,
+    ) -> Result<
+        (
+            Index,
+            Option<Index>,
+            Option<(SnapshotId, Snapshot)>,
+            Option<Tree>,
+        ),
+        RepoError,
+    > {
         let host = opts.host.clone().unwrap_or_else(super::hostname);
         let path_str = path.display().to_string();
-
         let mut index = self.load_index().await?;
         self.recover_unindexed_packs(&mut index, opts.dry_run)
             .await?;
@@ -355,12 +391,106 @@ impl Repository {
             Some((_, s)) => Some(self.load_tree(&index, &s.tree).await?),
             None => None,
         };
+        Ok((index, dedup, parent, parent_tree))
+    }
+
+    /// [`Repository::backup`] under a shared lock the caller holds (taken
+    /// with [`Repository::lock_shared`]; released by the caller).
+    pub async fn backup_under(
+        &self,
+        lock: &LockGuard,
+        path: &Path,
+        opts: BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<BackupOutcome, RepoError> {
+        let res = self
+            .for_operation()
+            .backup_locked(path, opts, progress, Some(lock))
+            .await;
+        res.map_err(|e| lock.explain(e))
+    }
+
+    /// Backs up the directory `path` and commits a snapshot.
+    ///
+    /// The backup holds a shared lock for its whole run (refused while
+    /// prune holds the maintenance lock) and reads prune's marks only once
+    /// it holds it, so prune never deletes a pack this backup reuses.
+    pub async fn backup(
+        &self,
+        path: &Path,
+        opts: BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<BackupOutcome, RepoError> {
+        let op = self.for_operation();
+        let lock = if opts.dry_run {
+            None
+        } else {
+            Some(op.lock_shared("backup", op.cancel_token().clone()).await?)
+        };
+        let res = op.backup_locked(path, opts, progress, lock.as_ref()).await;
+        match (lock, res) {
+            (Some(lock), Ok(out)) => {
+                lock.release().await;
+                Ok(out)
+            }
+            // A backup that failed or was cancelled does not wait for its
+            // lock's removal (storage that stopped answering would hold
+            // it): the lock goes in the background, or goes stale.
+            (Some(lock), Err(e)) => Err(lock.explain(e)),
+            (None, res) => res,
+        }
+    }
+
+    async fn backup_locked(
+        &self,
+        path: &Path,
+        mut opts: BackupOptions,
+        progress: Option<Arc<dyn Progress>>,
+        lock: Option<&LockGuard>,
+    ) -> Result<BackupOutcome, RepoError> {
+        let started = Instant::now();
+        let start_unix = self.clock().now_unix();
+        // One lineage per directory, however it is spelled (`src`, `src/`,
+        // `./src`, a symlink to it).
+        let path = &std::fs::canonicalize(path).map_err(|e| RepoError::io("resolve", path, e))?;
+        let meta = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
+        if !meta.is_dir() {
+            return Err(RepoError::InvalidInput(format!(
+                "{} is not a directory",
+                path.display()
+            )));
+        }
+        let host = opts.host.clone().unwrap_or_else(super::hostname);
+        let path_str = path.display().to_string();
+
+        // Read beforehand for this path, or now.
+        let prepared = opts
+            .prepared
+            .take()
+            .map(|p| Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone()))
+            .filter(|p| p.path == *path);
+        let (index, dedup, parent, parent_tree, trees) = match prepared {
+            Some(p) => (p.index, p.dedup, p.parent, p.parent_tree, p.trees),
+            None => {
+                let (index, dedup, parent, parent_tree) =
+                    self.read_ahead_of_walk(path, &opts).await?;
+                (index, dedup, parent, parent_tree, HashMap::new())
+            }
+        };
 
         // The directory's own metadata, taken before its entries are read.
         let root_md = std::fs::metadata(path).map_err(|e| RepoError::io("stat", path, e))?;
         let root_xattrs = read_xattrs(path).unwrap_or_default();
         let (root, mut summary, new_packs) = self
-            .run_pipeline(path, index, dedup, parent_tree, &opts, progress, started)
+            .run_pipeline(
+                path,
+                index,
+                dedup,
+                (parent_tree, trees),
+                &opts,
+                progress,
+                started,
+            )
             .await?;
         let root_node = base_node(b"", &root_md, NodeKind::Dir { subtree: root }, root_xattrs);
         summary.duration_ms = started.elapsed().as_millis() as u64;
@@ -400,7 +530,7 @@ impl Repository {
         path: &Path,
         index: Index,
         dedup: Option<Index>,
-        parent_tree: Option<Tree>,
+        (parent_tree, trees): (Option<Tree>, HashMap<BlobId, Tree>),
         opts: &BackupOptions,
         progress: Option<Arc<dyn Progress>>,
         started: Instant,
@@ -503,6 +633,7 @@ impl Repository {
                     let mut walker = Walker {
                         shared: &shared,
                         index: &index,
+                        trees,
                         handle,
                         files: Some(file_tx),
                         defer: read_ahead.is_some(),
@@ -827,6 +958,8 @@ struct Walker<'a, 's> {
     shared: &'s Shared<'a>,
     /// Full index, to read parent trees.
     index: &'a Index,
+    /// Parent trees read beforehand ([`Prepared`]); the others are fetched.
+    trees: HashMap<BlobId, Tree>,
     handle: tokio::runtime::Handle,
     /// Files for the readers; dropped once the walk has handed out every
     /// file (the readers then know no more come).
@@ -1369,6 +1502,14 @@ fn take_chunk(
     Ok(())
 }
 
+/// The ids of a tree's subdirectories' trees.
+fn subtree_ids(tree: &Tree) -> impl Iterator<Item = BlobId> + '_ {
+    tree.nodes.iter().filter_map(|n| match &n.kind {
+        NodeKind::Dir { subtree } => Some(*subtree),
+        _ => None,
+    })
+}
+
 impl Walker<'_, '_> {
     fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
         prev.kind.is_file()
@@ -1383,19 +1524,20 @@ impl Walker<'_, '_> {
     /// concurrently (one request after another is what makes a remote
     /// repository slow).
     fn prefetch_subtrees(&self, parent: Option<&Tree>) -> Result<HashMap<BlobId, Tree>, RepoError> {
+        let mut found = HashMap::new();
         let ids: Vec<BlobId> = parent
-            .map(|t| {
-                t.nodes
-                    .iter()
-                    .filter_map(|n| match &n.kind {
-                        NodeKind::Dir { subtree } => Some(*subtree),
-                        _ => None,
-                    })
-                    .collect()
+            .into_iter()
+            .flat_map(subtree_ids)
+            .filter(|id| match self.trees.get(id) {
+                Some(t) => {
+                    found.insert(*id, t.clone());
+                    false
+                }
+                None => true,
             })
-            .unwrap_or_default();
+            .collect();
         if ids.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(found);
         }
         let repo = self.shared.repo;
         let index = self.index;
@@ -1405,8 +1547,12 @@ impl Walker<'_, '_> {
                     |id| async move { Ok::<_, RepoError>((id, repo.load_tree(index, &id).await?)) },
                 )
                 .buffer_unordered(16)
-                .try_collect()
+                .try_collect::<Vec<_>>()
                 .await
+                .map(|fetched| {
+                    found.extend(fetched);
+                    found
+                })
         })
     }
 
@@ -1478,9 +1624,13 @@ impl Walker<'_, '_> {
             let node = if ft.is_dir() {
                 self.dirs += 1;
                 let prev_tree = match prev.map(|n| &n.kind) {
-                    Some(NodeKind::Dir { subtree }) => match subtrees.remove(subtree) {
+                    Some(NodeKind::Dir { subtree }) => match subtrees
+                        .remove(subtree)
+                        .or_else(|| self.trees.get(subtree).cloned())
+                    {
                         Some(t) => Some(t),
-                        // The same tree twice in one directory.
+                        // The same tree twice in one directory (two empty
+                        // directories), not read beforehand.
                         None => Some(
                             self.handle
                                 .block_on(self.shared.repo.load_tree(self.index, subtree))?,

@@ -915,13 +915,21 @@ async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> a
 }
 
 impl Site {
-    /// One cell of the fault matrix: a cold backup held in `phase`
-    /// (`stopping`: PostgreSQL is down and its stop command has not
-    /// returned; `starting`: its start command has begun), `fault` struck
-    /// there, then everything let go and brought back. Whatever happened:
-    /// PostgreSQL ends running with its rows, the journal ends empty, the
-    /// job ends in one of `outcomes`, a backup exists exactly when the job
-    /// succeeded, and it passes a full read of its data.
+    /// One cell of the fault matrix: a cold backup held in `phase`, `fault`
+    /// struck there, then everything let go and brought back. The phases:
+    /// - `pre-copy`: the first pass is uploading while PostgreSQL runs
+    ///   (the storage's forward stalls after 1 MiB);
+    /// - `stopping`: PostgreSQL is down and its stop command has not
+    ///   returned (a gate in the command);
+    /// - `starting`: its start command has begun (a gate);
+    /// - `uploading`: PostgreSQL runs again and its journal entry is
+    ///   cleared while the delta pass's data waits to be stored (the
+    ///   forward stalled from the stop on).
+    ///
+    /// Whatever happened: PostgreSQL ends running with its rows, the
+    /// journal ends empty, the job ends in one of `outcomes`, a backup
+    /// exists exactly when the job succeeded, and it passes a full read of
+    /// its data.
     async fn fault_cell(
         &mut self,
         phase: &str,
@@ -933,29 +941,90 @@ impl Site {
         let known = self.db(TEAM, APP)?.checksum("known")?;
         let before = self.backups()?.len();
         let gate = self.root.path().join("gate");
-        std::fs::write(gate.join(format!("hold-{phase}")), "")?;
+        let gated = matches!(phase, "stopping" | "starting");
+        let gate_phase = if phase == "uploading" {
+            "stopping"
+        } else {
+            phase
+        };
+        let seen = |what: &str| self.agent_a.logs().matches(what).count();
+        let (pre_copies, runs_again) = (seen("pre-copy started"), seen("the app runs again"));
+        match phase {
+            "pre-copy" => {
+                // Data the repository does not hold yet, so the pre-copy
+                // has packs to upload (about 6 MiB of hex digits).
+                self.db(TEAM, APP)?.query(
+                    "create table if not exists filler (x text); \
+                     insert into filler select md5(random()::text) from generate_series(1, 200000)",
+                )?;
+                self.s3.stall_after(1 << 20);
+            }
+            _ => std::fs::write(gate.join(format!("hold-{gate_phase}")), "")?,
+        }
         let (code, job, out) = self.backup(&["--detach"])?;
         ensure!(code == 0, "{cell}: {out}");
         let id = job["id"].as_u64().context("job id")?.to_string();
-        let inside = gate.join(format!("in-{phase}"));
-        wait_for(&format!("{cell}: the {phase} phase"), DEADLINE, || {
-            let there = inside.exists();
-            async move { there.then_some(()) }
-        })
-        .await?;
-        let go = || std::fs::write(gate.join(format!("go-{phase}")), "");
+        let inside = gate.join(format!("in-{gate_phase}"));
+        if phase != "pre-copy" {
+            wait_for(&format!("{cell}: the {gate_phase} gate"), DEADLINE, || {
+                let there = inside.exists();
+                async move { there.then_some(()) }
+            })
+            .await?;
+        }
+        if phase == "uploading" {
+            // Nothing reaches the storage from the stop on; the delta pass
+            // reads into memory, PostgreSQL starts again, and the uploads
+            // wait.
+            self.s3.stall_after(0);
+            std::fs::write(gate.join("go-stopping"), "")?;
+        }
+        if !gated {
+            let vol = self.vol();
+            let state = || {
+                (
+                    self.s3.held() > 0,
+                    Servers::postmaster(&vol).is_some(),
+                    self.journal_entries() == 0,
+                    seen("pre-copy started") > pre_copies,
+                    phase == "pre-copy" || seen("the app runs again") > runs_again,
+                )
+            };
+            let there = wait_for(&format!("{cell}: the {phase} phase"), DEADLINE, || {
+                let s = state();
+                async move { (s.0 && s.1 && s.2 && s.3 && s.4).then_some(()) }
+            })
+            .await;
+            if let Err(e) = there {
+                bail!(
+                    "{e}: (held, postmaster, journal empty, pre-copy begun, app runs again) = {:?}\n{}",
+                    state(),
+                    self.agent_a.logs()
+                );
+            }
+        }
+        let go = || {
+            if gated {
+                std::fs::write(gate.join(format!("go-{phase}")), "")
+            } else {
+                self.s3.release();
+                Ok(())
+            }
+        };
         match fault {
             Fault::AgentKill => {
                 self.agent_a.kill();
                 go()?;
-                // The command Ferry ran goes on without it (a start ends
-                // with PostgreSQL answering); once it is done, the agent
-                // starts again.
-                wait_for(&format!("{cell}: the held command"), DEADLINE, || {
-                    let done = !inside.exists();
-                    async move { done.then_some(()) }
-                })
-                .await?;
+                if gated {
+                    // The command Ferry ran goes on without it (a start
+                    // ends with PostgreSQL answering); once it is done, the
+                    // agent starts again.
+                    wait_for(&format!("{cell}: the held command"), DEADLINE, || {
+                        let done = !inside.exists();
+                        async move { done.then_some(()) }
+                    })
+                    .await?;
+                }
                 if phase == "starting" {
                     self.ready(TEAM, APP).await?;
                 }
@@ -975,7 +1044,15 @@ impl Site {
             Fault::Cancel => {
                 let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
                 ensure!(code == 0, "{cell}: {out}{err}");
+                // A cancel does not wait for storage that has stopped
+                // answering: the job ends while the stall still holds.
+                let ended = if gated {
+                    Ok(serde_json::Value::Null)
+                } else {
+                    crate::jobs::job_ended(&self.ctl, &id, DEADLINE).await
+                };
                 go()?;
+                ended.with_context(|| format!("{cell}: {}", self.agent_a.logs()))?;
             }
         }
         let job = self.job_end(&id).await?;
@@ -1003,6 +1080,47 @@ impl Site {
         eprintln!("fault matrix: {cell}: the job {state}, PostgreSQL runs, the journal is empty");
         Ok(())
     }
+}
+
+/// The fault matrix's `pre-copy` row on the host driver: every fault
+/// struck while the first pass uploads and PostgreSQL still runs (the
+/// storage has stopped answering; it answers again once the fault has
+/// struck). Nothing was stopped, so nothing may stay stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_while_postgres_is_pre_copied() -> anyhow::Result<()> {
+    let mut site = Site::new("", &[]).await?;
+    let ok = &["succeeded"][..];
+    site.fault_cell("pre-copy", Fault::AgentKill, ok, "agent-2.log")
+        .await?;
+    site.fault_cell("pre-copy", Fault::AgentTerm, ok, "agent-3.log")
+        .await?;
+    site.fault_cell("pre-copy", Fault::ControllerKill, ok, "")
+        .await?;
+    site.fault_cell("pre-copy", Fault::Cancel, &["cancelled"], "")
+        .await?;
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
+}
+
+/// The fault matrix's `uploading` row: every fault struck once PostgreSQL
+/// runs again and its journal entry is gone, while the delta pass's data
+/// waits for storage that has stopped answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_while_a_postgres_backup_uploads() -> anyhow::Result<()> {
+    let mut site = Site::new("", &[]).await?;
+    let ok = &["succeeded"][..];
+    site.fault_cell("uploading", Fault::AgentKill, ok, "agent-2.log")
+        .await?;
+    site.fault_cell("uploading", Fault::AgentTerm, ok, "agent-3.log")
+        .await?;
+    site.fault_cell("uploading", Fault::ControllerKill, ok, "")
+        .await?;
+    site.fault_cell("uploading", Fault::Cancel, &["cancelled"], "")
+        .await?;
+    site.agent_a.stop().await?;
+    site.agent_b.stop().await?;
+    Ok(())
 }
 
 /// The fault matrix's `stopping` row on the host driver, PostgreSQL

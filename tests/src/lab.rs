@@ -172,12 +172,79 @@ impl Drop for Lab {
 
 /// A TCP forward from an address on the host to a target, that can be cut:
 /// while cut, open connections are dropped and new ones closed at once
-/// (what a client sees when a server or its network goes away).
+/// (what a client sees when a server or its network goes away). It can
+/// also be stalled: connections stay open and what clients send waits
+/// (a server that has stopped answering), until released.
 pub struct Forward {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
+    stall: Arc<Stall>,
     conns: Arc<std::sync::Mutex<JoinSet<()>>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// A forward's stall: `armed` bytes more from clients pass, then what
+/// they send waits until `release`.
+struct Stall {
+    /// Bytes clients may still send before the stall holds; `u64::MAX`:
+    /// not armed.
+    left: std::sync::atomic::AtomicU64,
+    released: tokio::sync::Notify,
+    /// Sends waiting at the stall.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl Stall {
+    /// Called before `n` bytes from a client are passed on: waits while
+    /// the stall holds.
+    async fn pass(&self, n: usize) {
+        let n = n as u64;
+        loop {
+            let released = self.released.notified();
+            let left = self.left.load(Ordering::SeqCst);
+            if left == u64::MAX {
+                return;
+            }
+            if left >= n
+                && self
+                    .left
+                    .compare_exchange(left, left - n, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                return;
+            }
+            if left >= n {
+                continue;
+            }
+            self.left.store(0, Ordering::SeqCst);
+            self.held.fetch_add(1, Ordering::SeqCst);
+            released.await;
+            self.held.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Copies `from` to `to`, through the stall when there is one.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stall: Option<Arc<Stall>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(s) = &stall {
+            s.pass(n).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Forward {
@@ -186,19 +253,27 @@ impl Forward {
         let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let open = Arc::new(AtomicBool::new(true));
+        let stall = Arc::new(Stall {
+            left: std::sync::atomic::AtomicU64::new(u64::MAX),
+            released: tokio::sync::Notify::new(),
+            held: std::sync::atomic::AtomicUsize::new(0),
+        });
         let conns = Arc::new(std::sync::Mutex::new(JoinSet::new()));
-        let (o, c) = (open.clone(), conns.clone());
+        let (o, c, st) = (open.clone(), conns.clone(), stall.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 // Checked under the lock `cut` takes, so no connection
                 // accepted during a cut survives it.
                 let Ok(mut guard) = c.lock() else { return };
                 if !o.load(Ordering::SeqCst) {
                     continue;
                 }
+                let st = st.clone();
                 guard.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(target).await {
+                        let (in_r, in_w) = inbound.into_split();
+                        let (out_r, out_w) = outbound.into_split();
+                        tokio::join!(pump(in_r, out_w, Some(st)), pump(out_r, in_w, None));
                     }
                 });
                 // Reap finished connections as we go.
@@ -208,6 +283,7 @@ impl Forward {
         Ok(Self {
             addr,
             open,
+            stall,
             conns,
             accept,
         })
@@ -224,6 +300,23 @@ impl Forward {
     /// Forwards again.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets `bytes` more from clients through, then holds what they send
+    /// (connections stay open) until [`Forward::release`].
+    pub fn stall_after(&self, bytes: u64) {
+        self.stall.left.store(bytes, Ordering::SeqCst);
+    }
+
+    /// How many sends the stall holds now.
+    pub fn held(&self) -> usize {
+        self.stall.held.load(Ordering::SeqCst)
+    }
+
+    /// Lets everything through again.
+    pub fn release(&self) {
+        self.stall.left.store(u64::MAX, Ordering::SeqCst);
+        self.stall.released.notify_waiters();
     }
 }
 

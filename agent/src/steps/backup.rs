@@ -2,6 +2,8 @@
 //! it runs, and in cold mode stop its stateful components for the delta
 //! pass only, starting them again whatever happens.
 
+use ferry_repo::LockGuard;
+
 use super::*;
 
 /// What a backup step is asked: which app, how, and where to.
@@ -118,12 +120,13 @@ pub async fn backup_app(
     } else {
         Vec::new()
     };
+    tracing::info!(volumes = volumes.len(), "{first_pass} started");
     let copied = async {
         let mut pre: Vec<(SnapshotId, BackupSummary)> = Vec::new();
         for v in &volumes {
             let t = tags(if cold { "pre" } else { "final" }, v);
             let opts = pass_options(t, None, None);
-            pre.push(copy_volume(&repo, &target, v, opts, first_pass, &report).await?);
+            pre.push(copy_volume(&repo, None, &target, v, opts, first_pass, &report).await?);
         }
         Ok::<_, StepFailure>(pre)
     }
@@ -161,6 +164,21 @@ pub async fn backup_app(
             .lock_shared("backup", delta_cancel.clone())
             .await
             .map_err(|e| repo_err(&target, e))?;
+        // What the delta passes read from the repository (the index, the
+        // pre-copy's trees) is read now, while the app runs: while it is
+        // down they only read the volumes (and write, past the buffer), so
+        // storage that is slow or has stopped answering does not lengthen
+        // the downtime.
+        // (On a failure the lock is dropped: it goes in the background.)
+        let mut prepared = Vec::new();
+        for (v, (parent, _)) in volumes.iter().zip(&pre) {
+            let opts = pass_options(tags("final", v), Some(*parent), None);
+            let p = repo
+                .prepare_backup(v.path.as_path(), &opts)
+                .await
+                .map_err(|e| repo_err(&target, e))?;
+            prepared.push(Arc::new(p));
+        }
         if cancel.is_cancelled() {
             return Err(fail(ErrorCode::Cancelled, "cancelled; nothing was stopped"));
         }
@@ -219,18 +237,27 @@ pub async fn backup_app(
                 components = stopped.len(),
                 "stopped; delta pass started"
             );
-            let passes =
-                volumes
-                    .iter()
-                    .zip(&pre)
-                    .zip(&read_dones)
-                    .map(|((v, (parent, _)), done)| {
-                        let opts = BackupOptions {
-                            read_ahead: Some(read_ahead),
-                            ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
-                        };
-                        copy_volume(&delta_repo, &target, v, opts, "delta pass", &report)
-                    });
+            let passes = volumes
+                .iter()
+                .zip(&pre)
+                .zip(&read_dones)
+                .zip(&prepared)
+                .map(|(((v, (parent, _)), done), prepared)| {
+                    let opts = BackupOptions {
+                        read_ahead: Some(read_ahead),
+                        prepared: Some(prepared.clone()),
+                        ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
+                    };
+                    copy_volume(
+                        &delta_repo,
+                        Some(&shared),
+                        &target,
+                        v,
+                        opts,
+                        "delta pass",
+                        &report,
+                    )
+                });
             let passes = futures::future::try_join_all(passes).await;
             if passes.is_err() {
                 // The other volumes' passes stop too, not only their futures.
@@ -245,7 +272,9 @@ pub async fn backup_app(
                 done.notified().await;
             }
         };
-        tokio::pin!(work);
+        // Boxed, so it can be dropped (its borrow of the lock with it)
+        // before the lock is released.
+        let mut work = Box::pin(work);
         let mut result = tokio::select! {
             r = &mut work => Some(r),
             () = all_read => None,
@@ -305,13 +334,17 @@ pub async fn backup_app(
         // The uploads drain while the app runs.
         let finals = match result.take() {
             Some(r) => r,
-            None => work.await,
+            None => (&mut work).await,
         };
         let finals = finals.map_err(|e| match shared.check() {
             Err(lost) => repo_err(&target, lost),
             Ok(()) => e,
         });
-        shared.release().await;
+        drop(work);
+        // A failed delta pass does not wait for the lock's removal.
+        if finals.is_ok() {
+            shared.release().await;
+        }
         if let Some(c) = started_by_other {
             // Whatever the passes stored is no backup.
             let mut made: Vec<SnapshotId> = pre.iter().map(|(id, _)| *id).collect();
@@ -399,6 +432,7 @@ pub async fn backup_app(
 /// how much it will read).
 async fn copy_volume(
     repo: &Repository,
+    lock: Option<&LockGuard>,
     target: &str,
     v: &Volume,
     opts: BackupOptions,
@@ -411,10 +445,14 @@ async fn copy_volume(
     let progress = Arc::new(move |p: &ProgressInfo| {
         r(p.bytes, 0, format!("{line}: {} files", p.files));
     });
-    let out = repo
-        .backup(v.path.as_path(), opts, Some(progress))
-        .await
-        .map_err(|e| repo_err(target, e))?;
+    let out = match lock {
+        Some(lock) => {
+            repo.backup_under(lock, v.path.as_path(), opts, Some(progress))
+                .await
+        }
+        None => repo.backup(v.path.as_path(), opts, Some(progress)).await,
+    }
+    .map_err(|e| repo_err(target, e))?;
     let id = out
         .id
         .ok_or_else(|| fail(ErrorCode::Internal, "the backup stored no snapshot"))?;
@@ -460,7 +498,8 @@ async fn store_images(
             ("ferry.pass".to_owned(), "images".to_owned()),
         ]);
         let opts = pass_options(tags, None, None);
-        let (id, summary) = copy_volume(repo, target, &volume, opts, "images", report).await?;
+        let (id, summary) =
+            copy_volume(repo, None, target, &volume, opts, "images", report).await?;
         Ok(Some(ImagesSnapshot {
             snapshot: id.to_hex(),
             images,

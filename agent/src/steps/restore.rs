@@ -1,6 +1,8 @@
 //! Restore a backup as a copy: fresh volumes in a home of the copy's own,
 //! new identities and ports, registered with the agent and started.
 
+use std::path::{Path, PathBuf};
+
 use super::*;
 
 /// What a restore step is asked: the backup's manifest, the copy's name,
@@ -86,6 +88,64 @@ pub async fn restore_app(
     // an earlier one left there, and never touches what another job left
     // (a copy removed with its data kept).
     let base = copies.home(&team, &app_name, job)?;
+    let filled = fill(&repo, &target, &manifest, &base, &report).await;
+    // The driver makes the copy's definition (new identities and ports)
+    // and registers it.
+    let copied = match filled {
+        Ok(all_paths) => copies
+            .add(crate::platform::NewCopy {
+                original: &manifest.app,
+                team: &team,
+                name: &app_name,
+                paths: &all_paths,
+                job,
+            })
+            .await
+            .map(|c| (c, all_paths))
+            .map_err(StepFailure::from),
+        Err(e) => Err(e),
+    };
+    let (copied, all_paths) = match copied {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing registered: this job's home holds only what this
+            // restore wrote, and goes (a later attempt starts afresh).
+            let home = base.clone();
+            let cleared = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&home))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            if let Err(err) = cleared
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %base.display(), error = %err, "a failed restore's volumes were not cleared");
+            }
+            return Err(e);
+        }
+    };
+    let copy = copied.app;
+    report(0, 0, format!("starting {team}/{app_name}"));
+    for c in start_order(&copy) {
+        let r = copy.reference(&c);
+        ctx.platform.start_component(&r).await?;
+    }
+    tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
+    Ok(Restored {
+        volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
+        remapped_ports: copied.remapped_ports,
+    })
+}
+
+/// Restores the manifest's volumes under `base` (`v0`, `v1`, …; volumes
+/// without a snapshot start empty): their directories, in the order of the
+/// app's volumes.
+async fn fill(
+    repo: &Repository,
+    target: &str,
+    manifest: &AppManifest,
+    base: &Path,
+    report: &Report,
+) -> StepResult<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for (i, v) in manifest.volumes.iter().enumerate() {
         let dir = base.join(format!("v{i}"));
@@ -117,7 +177,7 @@ pub async fn restore_app(
         let progress = Arc::new(move |p: &ProgressInfo| rep(p.bytes, total, line.clone()));
         repo.restore(snap, None, &partial, Some(progress))
             .await
-            .map_err(|e| repo_err(&target, e))?;
+            .map_err(|e| repo_err(target, e))?;
         std::fs::rename(&partial, &dir).map_err(|e| {
             fail(
                 ErrorCode::Internal,
@@ -139,26 +199,5 @@ pub async fn restore_app(
             }
         }
     }
-    // The driver makes the copy's definition (new identities and ports)
-    // and registers it.
-    let copied = copies
-        .add(crate::platform::NewCopy {
-            original: &manifest.app,
-            team: &team,
-            name: &app_name,
-            paths: &all_paths,
-            job,
-        })
-        .await?;
-    let copy = copied.app;
-    report(0, 0, format!("starting {team}/{app_name}"));
-    for c in start_order(&copy) {
-        let r = copy.reference(&c);
-        ctx.platform.start_component(&r).await?;
-    }
-    tracing::info!(team = %team, app = %app_name, job, "copy restored and started");
-    Ok(Restored {
-        volume_paths: all_paths.iter().map(|p| p.display().to_string()).collect(),
-        remapped_ports: copied.remapped_ports,
-    })
+    Ok(all_paths)
 }
