@@ -6,6 +6,7 @@
 //! is stopped starts it again from its journal, and an engine that cannot
 //! be reached gives a clear error.
 
+use anyhow::Context;
 use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
 use std::path::{Path, PathBuf};
@@ -553,6 +554,8 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
 /// second; `cells` run one after the other on it.
 struct Bed {
     engine: Engine,
+    /// The agent's way to the S3 storage (`objects`), which can stall.
+    s3: ferry_tests::lab::Forward,
     ctl: Controller,
     a: crate::jobs::AgentDir,
     agent: AgentProcess,
@@ -569,6 +572,43 @@ impl Bed {
         db_alone(&engine)?;
         let db_id = engine.inspect("shop-db", "{{.Id}}")?;
         let (engine, ctl, a, agent) = connect(engine, "journal_retry_secs = 1").await?;
+        // The backups go to SeaweedFS, through a forward the pre-copy and
+        // uploading cells stall.
+        let weed = ferry_store::testing::seaweed().await;
+        let weed_addr: std::net::SocketAddr = weed
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .context("seaweedfs endpoint")?;
+        let s3 = ferry_tests::lab::Forward::start(std::net::Ipv4Addr::LOCALHOST, weed_addr).await?;
+        let bucket = weed.new_bucket().await;
+        let creds = ctl.dir.path().join("s3.env");
+        std::fs::write(
+            &creds,
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+                ferry_store::testing::ACCESS_KEY,
+                ferry_store::testing::SECRET_KEY
+            ),
+        )?;
+        let endpoint = format!("http://{}", s3.addr);
+        let creds_arg = creds.display().to_string();
+        let (code, out, err) = ferryctl(
+            &ctl,
+            &[
+                "storage",
+                "add",
+                "objects",
+                "s3",
+                "--endpoint",
+                &endpoint,
+                "--bucket",
+                &bucket,
+                "--credentials-file",
+                &creds_arg,
+            ],
+        )?;
+        anyhow::ensure!(code == 0, "storage add: {out}{err}");
         let vol = PathBuf::from(engine.docker_ok(&[
             "volume",
             "inspect",
@@ -578,6 +618,7 @@ impl Bed {
         ])?);
         Ok(Self {
             engine,
+            s3,
             ctl,
             a,
             agent,
@@ -604,40 +645,99 @@ impl Bed {
     }
 
     /// One cell: a cold backup of db, `fault` struck while db is
-    /// `stopping` (its stop held at a gate inside the container) or in the
-    /// `stopped` window (a 128 MiB delta pass). Whatever happened, the same
+    /// `stopping` (its stop held at a gate inside the container), in the
+    /// `stopped` window (a 128 MiB delta pass), in the `pre-copy` (the
+    /// storage's forward stalls after 1 MiB of the first pass, db running)
+    /// or `uploading` (the forward stalled from the stop on: db runs again
+    /// while the delta pass's data waits). Whatever happened, the same
     /// container ends running with its restart policy, the journal ends
     /// empty, the job ends in one of `outcomes`, and a backup exists
     /// exactly when it succeeded, passing a full read of its data.
     async fn cell(&mut self, phase: &str, fault: Fault, outcomes: &[&str]) -> anyhow::Result<()> {
         let cell = format!("{:?} {fault:?} while {phase}", self.engine.kind);
         let before = self.backups()?;
-        let delta_passes = self.agent.logs().matches("delta pass started").count();
-        let in_phase = self.vol.join(format!("in-{phase}"));
-        if phase == "stopping" {
-            std::fs::write(self.vol.join("stop-mib"), "16\n")?;
-            std::fs::write(self.vol.join("hold-stopping"), "")?;
-        } else {
-            std::fs::write(self.vol.join("stop-mib"), "128\n")?;
+        let seen = |agent: &AgentProcess, what: &str| agent.logs().matches(what).count();
+        let delta_passes = seen(&self.agent, "delta pass started");
+        let (pre_copies, runs_again) = (
+            seen(&self.agent, "pre-copy started"),
+            seen(&self.agent, "the app runs again"),
+        );
+        let gated = matches!(phase, "stopping" | "uploading");
+        let in_phase = self.vol.join("in-stopping");
+        match phase {
+            "stopping" => std::fs::write(self.vol.join("stop-mib"), "16\n")?,
+            "stopped" => std::fs::write(self.vol.join("stop-mib"), "128\n")?,
+            // The delta fits the agent's 1 MiB buffer: nothing is stored
+            // while db is down.
+            "uploading" => std::fs::write(self.vol.join("stop-mib"), "0\n")?,
+            _ => {
+                // Data the repository does not hold yet: packs to upload.
+                // (xorshift: it does not compress.)
+                let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ before as u64;
+                let filler: Vec<u8> = (0..4usize << 20)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                std::fs::write(self.vol.join(format!("filler-{before}")), filler)?;
+                std::fs::write(self.vol.join("stop-mib"), "0\n")?;
+                self.s3.stall_after(1 << 20);
+            }
         }
-        let (code, out, err) = backup_shop(&self.ctl, &["--detach"])?;
+        if gated {
+            std::fs::write(self.vol.join("hold-stopping"), "")?;
+        }
+        let (code, out, err) = backup_shop(&self.ctl, &["--detach", "--storage", "objects"])?;
         anyhow::ensure!(code == 0, "{cell}: {out}{err}");
         let id = json(&out)?["id"].as_u64().expect("job").to_string();
         let agent = &self.agent;
         wait_for(&format!("{cell}: the phase"), DEADLINE, || {
-            let there = if phase == "stopping" {
-                in_phase.exists()
-            } else {
-                agent.logs().matches("delta pass started").count() > delta_passes
+            let there = match phase {
+                "stopped" => seen(agent, "delta pass started") > delta_passes,
+                "pre-copy" => self.s3.held() > 0 && seen(agent, "pre-copy started") > pre_copies,
+                _ => in_phase.exists(),
             };
             async move { there.then_some(()) }
         })
-        .await?;
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.logs()))?;
+        if phase == "uploading" {
+            self.s3.stall_after(0);
+            std::fs::write(self.vol.join("go-stopping"), "")?;
+            let (agent, engine) = (&self.agent, &self.engine);
+            wait_for(&format!("{cell}: the uploads held"), DEADLINE, || {
+                let there = self.s3.held() > 0
+                    && seen(agent, "the app runs again") > runs_again
+                    && self.journal_entries() == 0
+                    && engine
+                        .inspect("shop-db", "{{.State.Running}}")
+                        .ok()
+                        .as_deref()
+                        == Some("true");
+                async move { there.then_some(()) }
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.logs()))?;
+        }
+        // What lets the held phase go on: the gate, or the storage.
         let vol = self.vol.clone();
-        let go = || std::fs::write(vol.join("go-stopping"), "");
+        let go = |s3: &ferry_tests::lab::Forward| -> std::io::Result<()> {
+            match phase {
+                "stopping" => std::fs::write(vol.join("go-stopping"), "")?,
+                "pre-copy" | "uploading" => s3.release(),
+                _ => {}
+            }
+            Ok(())
+        };
         match fault {
             Fault::AgentKill => {
                 self.agent.kill();
+                if phase != "stopping" {
+                    go(&self.s3)?;
+                }
                 self.respawn()?;
                 if phase == "stopping" {
                     // The agent is back while the stop it began still goes
@@ -653,30 +753,31 @@ impl Bed {
                     })
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}\n{}", self.agent.logs()))?;
-                    go()?;
+                    go(&self.s3)?;
                 }
             }
             Fault::AgentTerm => {
                 self.agent.terminate()?;
-                if phase == "stopping" {
-                    go()?;
-                }
+                go(&self.s3)?;
                 self.agent.stop().await?;
                 self.respawn()?;
             }
             Fault::ControllerKill => {
                 self.ctl.kill();
-                if phase == "stopping" {
-                    go()?;
-                }
+                go(&self.s3)?;
                 self.ctl.start().await?;
             }
             Fault::Cancel => {
                 let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
                 anyhow::ensure!(code == 0, "{cell}: {out}{err}");
-                if phase == "stopping" {
-                    go()?;
+                // A cancel does not wait for storage that has stopped
+                // answering: the job ends while the stall still holds.
+                if matches!(phase, "pre-copy" | "uploading") {
+                    let ended = crate::jobs::job_ended(&self.ctl, &id, DEADLINE).await;
+                    go(&self.s3)?;
+                    ended.map_err(|e| anyhow::anyhow!("{cell}: {e}\n{}", self.agent.logs()))?;
                 }
+                go(&self.s3)?;
             }
         }
         let ended =
@@ -744,6 +845,35 @@ async fn faults(kind: Kind) -> anyhow::Result<()> {
     bed.cell("stopped", Fault::Cancel, &["cancelled"]).await?;
     bed.agent.stop().await?;
     Ok(())
+}
+
+/// The containers driver's `pre-copy` and `uploading` rows on one engine:
+/// every fault struck while the storage holds the backup, db running.
+async fn faults_at_the_storage(kind: Kind) -> anyhow::Result<()> {
+    let mut bed = Bed::new(kind).await?;
+    // A first backup stores the app's images: the pre-copy cells' stall
+    // then falls in the volumes' first pass, not in the images' capture.
+    let (code, out, err) = backup_shop(&bed.ctl, &["--storage", "objects"])?;
+    anyhow::ensure!(code == 0, "{out}{err}");
+    let ok = &["succeeded"][..];
+    for phase in ["pre-copy", "uploading"] {
+        bed.cell(phase, Fault::AgentKill, ok).await?;
+        bed.cell(phase, Fault::AgentTerm, ok).await?;
+        bed.cell(phase, Fault::ControllerKill, ok).await?;
+        bed.cell(phase, Fault::Cancel, &["cancelled"]).await?;
+    }
+    bed.agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_faults_while_pre_copying_and_uploading() -> anyhow::Result<()> {
+    faults_at_the_storage(Kind::Docker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_faults_while_pre_copying_and_uploading() -> anyhow::Result<()> {
+    faults_at_the_storage(Kind::Podman).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
