@@ -20,7 +20,7 @@ use anyhow::{Context, bail, ensure};
 use ferry_tests::lab::{Forward, Lab};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, run, setup, wait_for};
 
-use crate::jobs::{Fault, alive, enrol_at, ferryctl, json, wait_app, wait_online};
+use crate::jobs::{Fault, alive, enrol_at, ferryctl, files_under, json, wait_app, wait_online};
 
 const TEAM: &str = "fin";
 const APP: &str = "ledger";
@@ -846,7 +846,7 @@ async fn a_controller_killed_mid_backup_reconciles_the_job_at_start() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_lost_mid_upload_fails_the_backup_commits_nothing_and_restarts_postgres()
+async fn storage_lost_mid_upload_fails_the_backup_commits_nothing_and_restarts_postgres_and_a_restore_leaves_nothing()
 -> anyhow::Result<()> {
     let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
     let vol = site.vol();
@@ -866,6 +866,48 @@ async fn storage_lost_mid_upload_fails_the_backup_commits_nothing_and_restarts_p
     assert!(Servers::postmaster(&vol).is_some());
     assert_eq!(db.query("select count(*) from known")?, "2000");
     assert_eq!(site.journal_entries(), 0);
+
+    // A restore that loses the storage mid-way fails and leaves nothing:
+    // no copy registered, and none of the volumes it had begun to write.
+    let (code, job, out) = site.backup(&[])?;
+    assert_eq!(code, 0, "{out}");
+    let backup = job["backup_id"].as_u64().context("backup id")?.to_string();
+    let (code, out, err) = ferryctl(
+        &site.ctl,
+        &[
+            "backup",
+            "restore",
+            &backup,
+            "--to-cluster",
+            "b",
+            "--to-team",
+            "qa",
+            "--detach",
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 0, "{out}{err}");
+    let id = json(&out)?["id"].as_u64().context("job id")?.to_string();
+    let home = copies(&site.b, "qa/ledger");
+    wait_for("the restore writing its volume", DEADLINE, || {
+        let begun = files_under(&home).iter().any(|f| {
+            f.components()
+                .any(|c| c.as_os_str().to_string_lossy().ends_with(".partial"))
+        });
+        async move { begun.then_some(()) }
+    })
+    .await?;
+    site.s3.stall_after(0);
+    site.s3.cut();
+    let job = site.job_end(&id).await?;
+    site.s3.restore();
+    site.s3.release();
+    assert_eq!(job["state"], "failed", "{job}");
+    let (_, out, _) = ferryctl(&site.ctl, &["app", "ls", "--cluster", "b", "-o", "json"])?;
+    assert!(!out.contains("\"qa\""), "{out}");
+    let left = files_under(&home);
+    assert!(left.is_empty(), "{left:?}");
     site.agent_a.stop().await?;
     site.agent_b.stop().await?;
     Ok(())
