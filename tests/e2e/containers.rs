@@ -767,6 +767,22 @@ impl Bed {
                 go(&self.s3)?;
                 self.ctl.start().await?;
             }
+            Fault::EngineRestart => {
+                // The engine stops its containers (db's held stop is cut
+                // short: the engine kills it) and starts again those whose
+                // policy says so; db's is Ferry's set-aside `no` once the
+                // stop has begun.
+                self.engine.halt();
+                self.engine.resume()?;
+                if phase == "stopping" {
+                    // The container's trap was killed at the gate.
+                    for f in ["in-stopping", "hold-stopping"] {
+                        let _ = std::fs::remove_file(self.vol.join(f));
+                    }
+                } else {
+                    go(&self.s3)?;
+                }
+            }
             Fault::Cancel => {
                 let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
                 anyhow::ensure!(code == 0, "{cell}: {out}{err}");
@@ -869,6 +885,23 @@ async fn faults_at_the_storage(kind: Kind) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_faults_while_pre_copying_and_uploading() -> anyhow::Result<()> {
     faults_at_the_storage(Kind::Docker).await
+}
+
+/// The engine-restart column on Docker (Podman has no daemon whose restart
+/// stops or starts containers): dockerd stopped and started again while
+/// db is pre-copied, stopping, or running again while the backup uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_engine_restarted_while_pre_copying_stopping_and_uploading() -> anyhow::Result<()> {
+    let mut bed = Bed::new(Kind::Docker).await?;
+    let (code, out, err) = backup_shop(&bed.ctl, &["--storage", "objects"])?;
+    anyhow::ensure!(code == 0, "{out}{err}");
+    let ok = &["succeeded"][..];
+    bed.cell("pre-copy", Fault::EngineRestart, ok).await?;
+    bed.cell("stopping", Fault::EngineRestart, &["succeeded", "failed"])
+        .await?;
+    bed.cell("uploading", Fault::EngineRestart, ok).await?;
+    bed.agent.stop().await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,9 @@ pub(crate) enum Fault {
     AgentTerm,
     ControllerKill,
     Cancel,
+    /// The container engine stopped and started again (its containers
+    /// with it); not on the host driver.
+    EngineRestart,
 }
 
 /// Asserts that the backup job `job` made reads back whole

@@ -1083,6 +1083,7 @@ impl Site {
                 go()?;
                 self.ctl.start().await?;
             }
+            Fault::EngineRestart => bail!("{cell}: the host driver has no engine"),
             Fault::Cancel => {
                 let (code, out, err) = ferryctl(&self.ctl, &["job", "cancel", &id])?;
                 ensure!(code == 0, "{cell}: {out}{err}");
