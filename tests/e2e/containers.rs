@@ -106,9 +106,25 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
 
 /// db alone: stateful (a named volume), restart always.
 fn db_alone(engine: &Engine) -> anyhow::Result<()> {
-    engine.docker_ok(&[
-        "run",
-        "-d",
+    db_alone_with(engine, &[])
+}
+
+/// A healthcheck that fails while `/data/hold-starting` exists (saying so
+/// with `/data/in-starting`): Ferry's start of db, which waits until db is
+/// healthy, is held at it.
+const HEALTH_GATE: [&str; 6] = [
+    "--health-cmd",
+    "if [ -e /data/hold-starting ]; then touch /data/in-starting; exit 1; fi; rm -f /data/in-starting",
+    "--health-interval",
+    "1s",
+    "--health-retries",
+    "10000",
+];
+
+fn db_alone_with(engine: &Engine, extra: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["run", "-d"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
         "--name",
         "shop-db",
         "--network",
@@ -125,7 +141,8 @@ fn db_alone(engine: &Engine) -> anyhow::Result<()> {
         "sh",
         "-c",
         WRITER,
-    ])?;
+    ]);
+    engine.docker_ok(&args)?;
     Ok(())
 }
 
@@ -566,10 +583,15 @@ struct Bed {
 
 impl Bed {
     async fn new(kind: Kind) -> anyhow::Result<Self> {
+        Self::with_db(kind, &[]).await
+    }
+
+    /// db run with `extra` arguments.
+    async fn with_db(kind: Kind, extra: &[&str]) -> anyhow::Result<Self> {
         setup();
         let engine = Engine::start(kind)?;
         engine.import_base_image()?;
-        db_alone(&engine)?;
+        db_alone_with(&engine, extra)?;
         let db_id = engine.inspect("shop-db", "{{.Id}}")?;
         let (engine, ctl, a, agent) = connect(engine, "journal_retry_secs = 1").await?;
         // The backups go to SeaweedFS, through a forward the pre-copy and
@@ -670,6 +692,10 @@ impl Bed {
             // The delta fits the agent's 1 MiB buffer: nothing is stored
             // while db is down.
             "uploading" => std::fs::write(self.vol.join("stop-mib"), "0\n")?,
+            "starting" => {
+                std::fs::write(self.vol.join("stop-mib"), "0\n")?;
+                std::fs::write(self.vol.join("hold-starting"), "")?;
+            }
             _ => {
                 // Data the repository does not hold yet: packs to upload.
                 // (xorshift: it does not compress.)
@@ -695,8 +721,16 @@ impl Bed {
         let id = json(&out)?["id"].as_u64().expect("job").to_string();
         let agent = &self.agent;
         wait_for(&format!("{cell}: the phase"), DEADLINE, || {
+            let engine = &self.engine;
             let there = match phase {
                 "stopped" => seen(agent, "delta pass started") > delta_passes,
+                // Started again by Ferry, which waits for its health.
+                "starting" => {
+                    seen(agent, "delta pass started") > delta_passes
+                        && engine
+                            .inspect("shop-db", "{{.State.Running}} {{.State.Health.Status}}")
+                            .is_ok_and(|s| s == "true starting")
+                }
                 "pre-copy" => self.s3.held() > 0 && seen(agent, "pre-copy started") > pre_copies,
                 _ => in_phase.exists(),
             };
@@ -727,6 +761,7 @@ impl Bed {
         let go = |s3: &ferry_tests::lab::Forward| -> std::io::Result<()> {
             match phase {
                 "stopping" => std::fs::write(vol.join("go-stopping"), "")?,
+                "starting" => std::fs::remove_file(vol.join("hold-starting"))?,
                 "pre-copy" | "uploading" => s3.release(),
                 _ => {}
             }
@@ -885,6 +920,24 @@ async fn faults_at_the_storage(kind: Kind) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_faults_while_pre_copying_and_uploading() -> anyhow::Result<()> {
     faults_at_the_storage(Kind::Docker).await
+}
+
+/// The `starting` row on Docker: every fault struck while Ferry waits for
+/// db, started again, to be healthy (its healthcheck held at a gate).
+/// Podman's service here runs no healthchecks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_faults_while_starting() -> anyhow::Result<()> {
+    let mut bed = Bed::with_db(Kind::Docker, &HEALTH_GATE).await?;
+    let ok = &["succeeded"][..];
+    bed.cell("starting", Fault::AgentKill, ok).await?;
+    bed.cell("starting", Fault::AgentTerm, ok).await?;
+    bed.cell("starting", Fault::ControllerKill, ok).await?;
+    bed.cell("starting", Fault::Cancel, &["cancelled", "succeeded"])
+        .await?;
+    bed.cell("starting", Fault::EngineRestart, &["succeeded", "failed"])
+        .await?;
+    bed.agent.stop().await?;
+    Ok(())
 }
 
 /// The engine-restart column on Docker (Podman has no daemon whose restart
