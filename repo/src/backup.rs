@@ -66,6 +66,9 @@ use super::snapshot::{BackupSummary, Snapshot};
 use super::tree::{Extent, Node, NodeKind, Timestamp, Tree};
 use super::{RepoError, Repository, object_key};
 
+/// How long a failed backup waits for its lock's removal.
+const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Default)]
 pub struct BackupOptions {
     pub tags: BTreeMap<String, String>,
@@ -111,9 +114,15 @@ pub struct Prepared {
     dedup: Option<Index>,
     parent: Option<(SnapshotId, Snapshot)>,
     parent_tree: Option<Tree>,
-    /// Every tree below the parent's root, by id.
-    trees: HashMap<BlobId, Tree>,
+    /// Every tree below the parent's root, by id, with how many times the
+    /// walk meets it (identical directories share a tree): each is handed
+    /// out that many times, then dropped.
+    trees: PreparedTrees,
 }
+
+/// Parent trees read beforehand, each with the number of times the walk
+/// still needs it.
+type PreparedTrees = HashMap<BlobId, (Tree, u32)>;
 
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -319,12 +328,12 @@ impl Repository {
         let path = std::fs::canonicalize(path).map_err(|e| RepoError::io("resolve", path, e))?;
         let (index, dedup, parent, parent_tree) = self.read_ahead_of_walk(&path, opts).await?;
         // The parent's trees, a level at a time, each level's at once.
-        let mut trees: HashMap<BlobId, Tree> = HashMap::new();
+        let mut loaded_trees: HashMap<BlobId, Tree> = HashMap::new();
         let mut level: Vec<BlobId> = parent_tree.iter().flat_map(subtree_ids).collect();
         while !level.is_empty() {
             level.sort_unstable();
             level.dedup();
-            level.retain(|id| !trees.contains_key(id));
+            level.retain(|id| !loaded_trees.contains_key(id));
             let loaded: Vec<(BlobId, Tree)> = futures::stream::iter(level)
                 .map(|id| {
                     let index = &index;
@@ -334,8 +343,24 @@ impl Repository {
                 .try_collect()
                 .await?;
             level = loaded.iter().flat_map(|(_, t)| subtree_ids(t)).collect();
-            trees.extend(loaded);
+            loaded_trees.extend(loaded);
         }
+        // How many times the walk meets each: once per path to it.
+        let mut uses: HashMap<BlobId, u32> = HashMap::new();
+        let mut stack: Vec<BlobId> = parent_tree.iter().flat_map(subtree_ids).collect();
+        while let Some(id) = stack.pop() {
+            *uses.entry(id).or_default() += 1;
+            if let Some(t) = loaded_trees.get(&id) {
+                stack.extend(subtree_ids(t));
+            }
+        }
+        let trees = loaded_trees
+            .into_iter()
+            .map(|(id, t)| {
+                let n = uses.get(&id).copied().unwrap_or(1);
+                (id, (t, n))
+            })
+            .collect();
         Ok(Prepared {
             path,
             index,
@@ -433,10 +458,22 @@ impl Repository {
                 lock.release().await;
                 Ok(out)
             }
-            // A backup that failed or was cancelled does not wait for its
-            // lock's removal (storage that stopped answering would hold
-            // it): the lock goes in the background, or goes stale.
-            (Some(lock), Err(e)) => Err(lock.explain(e)),
+            // A backup that failed or was cancelled waits a few seconds at
+            // most for its lock's removal (storage that stopped answering
+            // would hold it for the attempt timeout): past that the lock
+            // goes stale on its own.
+            (Some(lock), Err(e)) => {
+                let e = lock.explain(e);
+                if tokio::time::timeout(LOCK_RELEASE_WAIT, lock.release())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the failed backup's lock was not removed in time; it goes stale on its own"
+                    );
+                }
+                Err(e)
+            }
             (None, res) => res,
         }
     }
@@ -463,12 +500,17 @@ impl Repository {
         let host = opts.host.clone().unwrap_or_else(super::hostname);
         let path_str = path.display().to_string();
 
-        // Read beforehand for this path, or now.
-        let prepared = opts
-            .prepared
-            .take()
-            .map(|p| Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone()))
-            .filter(|p| p.path == *path);
+        // Read beforehand for this path and parent, or now (said: the
+        // caller meant the walk not to wait for the storage).
+        let prepared = opts.prepared.take().and_then(|p| {
+            let parent = p.parent.as_ref().map(|(id, _)| *id);
+            let fits = p.path == *path && (opts.parent.is_none() || opts.parent == parent);
+            if !fits {
+                tracing::warn!(path = %path.display(), prepared = ?p, "prepared for another source or parent; read again");
+                return None;
+            }
+            Some(Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone()))
+        });
         let (index, dedup, parent, parent_tree, trees) = match prepared {
             Some(p) => (p.index, p.dedup, p.parent, p.parent_tree, p.trees),
             None => {
@@ -530,7 +572,7 @@ impl Repository {
         path: &Path,
         index: Index,
         dedup: Option<Index>,
-        (parent_tree, trees): (Option<Tree>, HashMap<BlobId, Tree>),
+        (parent_tree, trees): (Option<Tree>, PreparedTrees),
         opts: &BackupOptions,
         progress: Option<Arc<dyn Progress>>,
         started: Instant,
@@ -959,7 +1001,7 @@ struct Walker<'a, 's> {
     /// Full index, to read parent trees.
     index: &'a Index,
     /// Parent trees read beforehand ([`Prepared`]); the others are fetched.
-    trees: HashMap<BlobId, Tree>,
+    trees: PreparedTrees,
     handle: tokio::runtime::Handle,
     /// Files for the readers; dropped once the walk has handed out every
     /// file (the readers then know no more come).
@@ -1511,6 +1553,16 @@ fn subtree_ids(tree: &Tree) -> impl Iterator<Item = BlobId> + '_ {
 }
 
 impl Walker<'_, '_> {
+    /// A parent tree read beforehand: the last of its uses takes it.
+    fn take_prepared(&mut self, id: &BlobId) -> Option<Tree> {
+        let (tree, left) = self.trees.get_mut(id)?;
+        if *left > 1 {
+            *left -= 1;
+            return Some(tree.clone());
+        }
+        self.trees.remove(id).map(|(t, _)| t)
+    }
+
     fn unchanged(&self, prev: &Node, md: &Metadata) -> bool {
         prev.kind.is_file()
             && prev.size == md.len()
@@ -1523,14 +1575,21 @@ impl Walker<'_, '_> {
     /// The parent's trees of the subdirectories of `parent`, fetched
     /// concurrently (one request after another is what makes a remote
     /// repository slow).
-    fn prefetch_subtrees(&self, parent: Option<&Tree>) -> Result<HashMap<BlobId, Tree>, RepoError> {
+    fn prefetch_subtrees(
+        &mut self,
+        parent: Option<&Tree>,
+    ) -> Result<HashMap<BlobId, Tree>, RepoError> {
         let mut found = HashMap::new();
-        let ids: Vec<BlobId> = parent
+        // Each tree once (two empty directories share one): the scan takes
+        // the others from the prepared trees, or fetches them.
+        let mut ids: Vec<BlobId> = parent.into_iter().flat_map(subtree_ids).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let ids: Vec<BlobId> = ids
             .into_iter()
-            .flat_map(subtree_ids)
-            .filter(|id| match self.trees.get(id) {
+            .filter(|id| match self.take_prepared(id) {
                 Some(t) => {
-                    found.insert(*id, t.clone());
+                    found.insert(*id, t);
                     false
                 }
                 None => true,
@@ -1626,7 +1685,7 @@ impl Walker<'_, '_> {
                 let prev_tree = match prev.map(|n| &n.kind) {
                     Some(NodeKind::Dir { subtree }) => match subtrees
                         .remove(subtree)
-                        .or_else(|| self.trees.get(subtree).cloned())
+                        .or_else(|| self.take_prepared(subtree))
                     {
                         Some(t) => Some(t),
                         // The same tree twice in one directory (two empty

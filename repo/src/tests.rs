@@ -814,6 +814,73 @@ where
     }
 }
 
+/// A backup prepared beforehand (a cold backup's delta pass, while the app
+/// is down) reads nothing from the storage: with every read failing it
+/// still walks the tree, identical directories at several depths included,
+/// and stores the same tree an unprepared backup stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_backup_reads_nothing_from_the_storage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let src = tmp.path().join("src");
+    for d in [
+        "a/empty",
+        "b/empty",
+        "c/x/empty",
+        "d/x/empty",
+        "e/deep/er/empty",
+        "f/empty1",
+        "f/empty2",
+        "f/empty3",
+    ] {
+        fs::create_dir_all(src.join(d)).expect("mkdir");
+    }
+    for (f, body) in [
+        ("a/one", "1"),
+        ("c/x/two", "2"),
+        ("d/x/two", "2"),
+        ("top", "t"),
+    ] {
+        fs::write(src.join(f), body).expect("write");
+    }
+    let store = faulty(Arc::new(LocalStore::new(tmp.path().join("repo"))));
+    let repo = init(store.clone(), 1 << 20).await;
+    let first = repo
+        .backup(&src, backup_opts(), None)
+        .await
+        .expect("first backup");
+    fs::write(src.join("a/one"), "changed").expect("write");
+    let parent = first.id.expect("id");
+    let opts = BackupOptions {
+        parent: Some(parent),
+        ..backup_opts()
+    };
+    let prepared = repo.prepare_backup(&src, &opts).await.expect("prepared");
+    let lock = repo
+        .lock_shared("backup", repo.cancel_token().clone())
+        .await
+        .expect("lock");
+    for op in [Op::Get, Op::GetRange, Op::List, Op::Size] {
+        store.inject(Rule::new(Fault::Permanent).op(op));
+    }
+    let prepared_run = repo
+        .backup_under(
+            &lock,
+            &src,
+            BackupOptions {
+                prepared: Some(Arc::new(prepared)),
+                ..opts.clone()
+            },
+            None,
+        )
+        .await
+        .expect("a prepared backup needs no read");
+    store.recover();
+    lock.release().await;
+    let plain = repo.backup(&src, opts, None).await.expect("plain backup");
+    assert_eq!(prepared_run.snapshot.tree, plain.snapshot.tree);
+    assert_eq!(prepared_run.snapshot.parent, Some(parent));
+}
+
 pub(crate) fn faulty(inner: Arc<dyn ObjectStore>) -> Arc<FaultyStore> {
     Arc::new(FaultyStore::new(inner, 17))
 }

@@ -348,11 +348,14 @@ impl Drop for AbortGuard {
         runtime.spawn(async move {
             // A part still in flight when the first abort lands may make
             // the upload reappear (S3 says to abort again): abort until
-            // the server says there is no such upload, a few times at most.
+            // the server says there is no such upload, for about half a
+            // minute at most (a part in flight on a loaded machine may take
+            // that long to land).
             let mut last_error = None;
-            for attempt in 0..4u32 {
+            for attempt in 0..10u32 {
                 if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                    let ms = (500 * u64::from(attempt)).min(5_000);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
                 match client
                     .abort_multipart_upload()

@@ -216,7 +216,16 @@ impl Stall {
             if left >= n {
                 continue;
             }
-            self.left.store(0, Ordering::SeqCst);
+            // What is left of the budget goes; a release (or a new
+            // budget) meanwhile wins.
+            if left != 0
+                && self
+                    .left
+                    .compare_exchange(left, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+            {
+                continue;
+            }
             self.held.fetch_add(1, Ordering::SeqCst);
             released.await;
             self.held.fetch_sub(1, Ordering::SeqCst);

@@ -721,14 +721,21 @@ impl Copies for HostPlatform {
             apps.retired.push((team.clone(), app.clone()));
             Ok(None)
         })?;
-        // Only a copy's volumes under the copies root are Ferry's to
-        // delete: the volumes, then their job's directory once it is empty.
-        if let (true, Some(copy), Some(root)) = (delete_data, copy, self.copies_root.clone()) {
+        // Only a copy's volumes under the copies root (or, restored by an
+        // older agent, under `DATA_DIR/copies`) are Ferry's to delete: the
+        // volumes, then their job's directory once it is empty.
+        let roots: Vec<PathBuf> = self
+            .copies_root
+            .iter()
+            .cloned()
+            .chain(self.data_dir.as_ref().map(|d| d.join("copies")))
+            .collect();
+        if let (true, Some(copy)) = (delete_data, copy) {
             let volumes: Vec<PathBuf> = copy
                 .volumes
                 .iter()
                 .map(|v| v.path.as_path().to_path_buf())
-                .filter(|p| p.starts_with(&root))
+                .filter(|p| roots.iter().any(|r| p.starts_with(r) && p != r))
                 .collect();
             tokio::task::spawn_blocking(move || {
                 for v in &volumes {
@@ -742,7 +749,7 @@ impl Copies for HostPlatform {
                             });
                         }
                     }
-                    if let Some(home) = v.parent().filter(|h| *h != root) {
+                    if let Some(home) = v.parent().filter(|h| !roots.iter().any(|r| h == r)) {
                         let _ = std::fs::remove_dir(home);
                     }
                 }
@@ -947,6 +954,59 @@ stop = "true"
             "{err}"
         );
         assert!(!dir.path().join("pid").exists(), "nothing was started");
+    }
+
+    /// `--delete-data` deletes a copy's volumes under the copies root and
+    /// those an older agent restored under `DATA_DIR/copies`; nothing
+    /// elsewhere.
+    #[tokio::test]
+    async fn delete_data_reaches_copies_an_older_agent_made_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = HostPlatform::with_copies(
+            Vec::new(),
+            Duration::from_secs(5),
+            dir.path(),
+            &dir.path().join("new-copies"),
+        )
+        .expect("driver");
+        let template = platform(dir.path(), Duration::from_secs(5))
+            .app(&"web".parse().expect("team"), &"shop".parse().expect("app"))
+            .await
+            .expect("app")
+            .expect("declared");
+        let team: TeamName = "qa".parse().expect("team");
+        let legacy = dir.path().join("copies/qa/old/v0");
+        let current = dir.path().join("new-copies/qa/new/job-2/v0");
+        let elsewhere = dir.path().join("elsewhere");
+        for (name, path, job) in [
+            ("old", &legacy, 1),
+            ("new", &current, 2),
+            ("other", &elsewhere, 3),
+        ] {
+            std::fs::create_dir_all(path).expect("volume");
+            std::fs::write(path.join("data"), "rows").expect("data");
+            let name: AppName = name.parse().expect("name");
+            p.add(NewCopy {
+                original: &template,
+                team: &team,
+                name: &name,
+                paths: std::slice::from_ref(path),
+                job,
+            })
+            .await
+            .expect("added");
+        }
+        for name in ["old", "new", "other"] {
+            let name: AppName = name.parse().expect("name");
+            assert!(p.remove(&team, &name, true).await.expect("removed"));
+        }
+        assert!(!legacy.exists(), "an older agent's copy is deleted");
+        assert!(
+            !dir.path().join("copies/qa/old").exists(),
+            "its empty home too"
+        );
+        assert!(!current.exists(), "a copy under the copies root is deleted");
+        assert!(elsewhere.join("data").exists(), "data elsewhere is kept");
     }
 
     /// Two steps on different apps change the registry at once: neither

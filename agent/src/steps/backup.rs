@@ -182,6 +182,9 @@ pub async fn backup_app(
         if cancel.is_cancelled() {
             return Err(fail(ErrorCode::Cancelled, "cancelled; nothing was stopped"));
         }
+        // A lock lost meanwhile fails the backup now, not once the app is
+        // down.
+        shared.check().map_err(|e| repo_err(&target, e))?;
         // What each stop will have to put back, read while the app runs,
         // and recorded durably before anything stops; the entry is this
         // attempt's own.
@@ -237,15 +240,12 @@ pub async fn backup_app(
                 components = stopped.len(),
                 "stopped; delta pass started"
             );
-            let passes = volumes
-                .iter()
-                .zip(&pre)
-                .zip(&read_dones)
-                .zip(&prepared)
-                .map(|(((v, (parent, _)), done), prepared)| {
+            let passes = volumes.iter().zip(&pre).zip(&read_dones).zip(prepared).map(
+                |(((v, (parent, _)), done), prepared)| {
                     let opts = BackupOptions {
                         read_ahead: Some(read_ahead),
-                        prepared: Some(prepared.clone()),
+                        // Moved in: the pass takes it without a copy.
+                        prepared: Some(prepared),
                         ..pass_options(tags("final", v), Some(*parent), Some(done.clone()))
                     };
                     copy_volume(
@@ -257,7 +257,8 @@ pub async fn backup_app(
                         "delta pass",
                         &report,
                     )
-                });
+                },
+            );
             let passes = futures::future::try_join_all(passes).await;
             if passes.is_err() {
                 // The other volumes' passes stop too, not only their futures.
