@@ -604,33 +604,8 @@ impl Bed {
             .context("seaweedfs endpoint")?;
         let s3 = ferry_tests::lab::Forward::start(std::net::Ipv4Addr::LOCALHOST, weed_addr).await?;
         let bucket = weed.new_bucket().await;
-        let creds = ctl.dir.path().join("s3.env");
-        std::fs::write(
-            &creds,
-            format!(
-                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-                ferry_store::testing::ACCESS_KEY,
-                ferry_store::testing::SECRET_KEY
-            ),
-        )?;
         let endpoint = format!("http://{}", s3.addr);
-        let creds_arg = creds.display().to_string();
-        let (code, out, err) = ferryctl(
-            &ctl,
-            &[
-                "storage",
-                "add",
-                "objects",
-                "s3",
-                "--endpoint",
-                &endpoint,
-                "--bucket",
-                &bucket,
-                "--credentials-file",
-                &creds_arg,
-            ],
-        )?;
-        anyhow::ensure!(code == 0, "storage add: {out}{err}");
+        crate::jobs::add_s3_storage(&ctl, "objects", &endpoint, &bucket)?;
         let vol = PathBuf::from(engine.docker_ok(&[
             "volume",
             "inspect",

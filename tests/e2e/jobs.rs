@@ -42,6 +42,44 @@ pub(crate) fn backup_shop(
     ferryctl(ctl, &args)
 }
 
+/// Adds the S3 location `name`: SeaweedFS's `bucket`, reached at
+/// `endpoint`, with the test server's keys in a credentials file in the
+/// controller's directory.
+pub(crate) fn add_s3_storage(
+    ctl: &Controller,
+    name: &str,
+    endpoint: &str,
+    bucket: &str,
+) -> anyhow::Result<()> {
+    let creds = ctl.dir.path().join(format!("{name}-s3.env"));
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            ferry_store::testing::ACCESS_KEY,
+            ferry_store::testing::SECRET_KEY
+        ),
+    )?;
+    let creds = creds.display().to_string();
+    let (code, out, err) = ferryctl(
+        ctl,
+        &[
+            "storage",
+            "add",
+            name,
+            "s3",
+            "--endpoint",
+            endpoint,
+            "--bucket",
+            bucket,
+            "--credentials-file",
+            &creds,
+        ],
+    )?;
+    anyhow::ensure!(code == 0, "storage add {name}: {out}{err}");
+    Ok(())
+}
+
 /// A fault the fault matrix injects (`postgres.rs`, `containers.rs`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Fault {

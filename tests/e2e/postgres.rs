@@ -321,33 +321,8 @@ impl Site {
         // The S3 location: agents reach SeaweedFS through the forward.
         let bucket = weed.new_bucket().await;
         site.bucket = bucket.clone();
-        let creds = site.ctl.dir.path().join("s3.env");
-        std::fs::write(
-            &creds,
-            format!(
-                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
-                ferry_store::testing::ACCESS_KEY,
-                ferry_store::testing::SECRET_KEY
-            ),
-        )?;
         let endpoint = format!("http://{}", site.s3.addr);
-        let creds_arg = creds.display().to_string();
-        let (code, out, err) = ferryctl(
-            &site.ctl,
-            &[
-                "storage",
-                "add",
-                "objects",
-                "s3",
-                "--endpoint",
-                &endpoint,
-                "--bucket",
-                &bucket,
-                "--credentials-file",
-                &creds_arg,
-            ],
-        )?;
-        ensure!(code == 0, "storage add: {out}{err}");
+        crate::jobs::add_s3_storage(&site.ctl, "objects", &endpoint, &bucket)?;
 
         // PostgreSQL runs before the backup, started as Ferry would.
         let start = app_start(&site.servers.bin, &vol, &site.sock);
@@ -957,6 +932,23 @@ async fn a_cancel_pending_when_the_controller_restarts_still_ends_the_job() -> a
 }
 
 impl Site {
+    /// One row of the fault matrix: every fault struck in `phase`, each
+    /// backup succeeding but a cancelled one (which ends in one of
+    /// `cancelled`); then the agents stop.
+    async fn fault_row(mut self, phase: &str, cancelled: &[&str]) -> anyhow::Result<()> {
+        let ok = &["succeeded"][..];
+        self.fault_cell(phase, Fault::AgentKill, ok, "agent-2.log")
+            .await?;
+        self.fault_cell(phase, Fault::AgentTerm, ok, "agent-3.log")
+            .await?;
+        self.fault_cell(phase, Fault::ControllerKill, ok, "")
+            .await?;
+        self.fault_cell(phase, Fault::Cancel, cancelled, "").await?;
+        self.agent_a.stop().await?;
+        self.agent_b.stop().await?;
+        Ok(())
+    }
+
     /// One cell of the fault matrix: a cold backup held in `phase`, `fault`
     /// struck there, then everything let go and brought back. The phases:
     /// - `pre-copy`: the first pass is uploading while PostgreSQL runs
@@ -1131,19 +1123,10 @@ impl Site {
 /// struck). Nothing was stopped, so nothing may stay stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_while_postgres_is_pre_copied() -> anyhow::Result<()> {
-    let mut site = Site::new("", &[]).await?;
-    let ok = &["succeeded"][..];
-    site.fault_cell("pre-copy", Fault::AgentKill, ok, "agent-2.log")
-        .await?;
-    site.fault_cell("pre-copy", Fault::AgentTerm, ok, "agent-3.log")
-        .await?;
-    site.fault_cell("pre-copy", Fault::ControllerKill, ok, "")
-        .await?;
-    site.fault_cell("pre-copy", Fault::Cancel, &["cancelled"], "")
-        .await?;
-    site.agent_a.stop().await?;
-    site.agent_b.stop().await?;
-    Ok(())
+    Site::new("", &[])
+        .await?
+        .fault_row("pre-copy", &["cancelled"])
+        .await
 }
 
 /// The fault matrix's `uploading` row: every fault struck once PostgreSQL
@@ -1151,19 +1134,10 @@ async fn faults_while_postgres_is_pre_copied() -> anyhow::Result<()> {
 /// waits for storage that has stopped answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_while_a_postgres_backup_uploads() -> anyhow::Result<()> {
-    let mut site = Site::new("", &[]).await?;
-    let ok = &["succeeded"][..];
-    site.fault_cell("uploading", Fault::AgentKill, ok, "agent-2.log")
-        .await?;
-    site.fault_cell("uploading", Fault::AgentTerm, ok, "agent-3.log")
-        .await?;
-    site.fault_cell("uploading", Fault::ControllerKill, ok, "")
-        .await?;
-    site.fault_cell("uploading", Fault::Cancel, &["cancelled"], "")
-        .await?;
-    site.agent_a.stop().await?;
-    site.agent_b.stop().await?;
-    Ok(())
+    Site::new("", &[])
+        .await?
+        .fault_row("uploading", &["cancelled"])
+        .await
 }
 
 /// The fault matrix's `stopping` row on the host driver, PostgreSQL
@@ -1172,19 +1146,10 @@ async fn faults_while_a_postgres_backup_uploads() -> anyhow::Result<()> {
 /// tests above.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_while_postgres_is_stopping() -> anyhow::Result<()> {
-    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
-    let ok = &["succeeded"][..];
-    site.fault_cell("stopping", Fault::AgentKill, ok, "agent-2.log")
-        .await?;
-    site.fault_cell("stopping", Fault::AgentTerm, ok, "agent-3.log")
-        .await?;
-    site.fault_cell("stopping", Fault::ControllerKill, ok, "")
-        .await?;
-    site.fault_cell("stopping", Fault::Cancel, &["cancelled"], "")
-        .await?;
-    site.agent_a.stop().await?;
-    site.agent_b.stop().await?;
-    Ok(())
+    Site::new(NEW_DATA_ON_STOP, &[])
+        .await?
+        .fault_row("stopping", &["cancelled"])
+        .await
 }
 
 /// The fault matrix's `starting` row: every fault struck while Ferry's
@@ -1192,17 +1157,8 @@ async fn faults_while_postgres_is_stopping() -> anyhow::Result<()> {
 /// was complete once the delta pass had read everything).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_while_postgres_is_starting() -> anyhow::Result<()> {
-    let mut site = Site::new(NEW_DATA_ON_STOP, &[]).await?;
-    let ok = &["succeeded"][..];
-    site.fault_cell("starting", Fault::AgentKill, ok, "agent-2.log")
-        .await?;
-    site.fault_cell("starting", Fault::AgentTerm, ok, "agent-3.log")
-        .await?;
-    site.fault_cell("starting", Fault::ControllerKill, ok, "")
-        .await?;
-    site.fault_cell("starting", Fault::Cancel, &["cancelled", "succeeded"], "")
-        .await?;
-    site.agent_a.stop().await?;
-    site.agent_b.stop().await?;
-    Ok(())
+    Site::new(NEW_DATA_ON_STOP, &[])
+        .await?
+        .fault_row("starting", &["cancelled", "succeeded"])
+        .await
 }
