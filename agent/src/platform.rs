@@ -209,6 +209,9 @@ pub trait Copies: Send + Sync {
     /// The job that restored the copy `team/app`; none if it is no copy.
     fn job_of(&self, team: &TeamName, app: &AppName) -> Option<u64>;
 
+    /// The ports moved when the copy `team/app` was made (`NAME=PORT`).
+    fn remapped_ports_of(&self, team: &TeamName, app: &AppName) -> Vec<String>;
+
     /// Removes `team/app`, already stopped: a copy is unregistered (its
     /// volumes deleted with `delete_data`), a declared app retired (hidden
     /// from then on, its data never deleted). Whether it was there.

@@ -63,6 +63,10 @@ struct Copy {
     app: App,
     /// The job that restored it.
     job: u64,
+    /// The ports moved off the original's (`NAME=PORT`), for a job that
+    /// asks again.
+    #[serde(default)]
+    remapped_ports: Vec<String>,
 }
 
 impl Apps {
@@ -688,6 +692,7 @@ impl Copies for HostPlatform {
             apps.copies.push(Copy {
                 app: copied.app.clone(),
                 job: new.job,
+                remapped_ports: copied.remapped_ports.clone(),
             });
             Ok(copied)
         })
@@ -699,6 +704,15 @@ impl Copies for HostPlatform {
             .iter()
             .find(|c| c.app.team == *team && c.app.name == *app)
             .map(|c| c.job)
+    }
+
+    fn remapped_ports_of(&self, team: &TeamName, app: &AppName) -> Vec<String> {
+        self.read()
+            .copies
+            .iter()
+            .find(|c| c.app.team == *team && c.app.name == *app)
+            .map(|c| c.remapped_ports.clone())
+            .unwrap_or_default()
     }
 
     async fn remove(
@@ -1172,6 +1186,9 @@ stop = "true"
             start(&copies[0])
         );
         assert!(copies[0].remapped_ports.is_empty());
+        // A job that asks again (its answer lost) is told the same ports.
+        let two: AppName = "two".parse().expect("name");
+        assert_eq!(p.remapped_ports_of(&team, &two), copies[1].remapped_ports);
         // The second copy's port is the first's: it moves to the next free.
         assert_eq!(copies[1].remapped_ports.len(), 1);
         let moved: u16 = copies[1].remapped_ports[0]

@@ -63,15 +63,16 @@ pub async fn restore_app(
         let ours = ctx
             .platform
             .copies_of(&team, &app_name)
-            .is_ok_and(|c| c.job_of(&team, &app_name) == Some(job));
-        if ours {
+            .ok()
+            .filter(|c| c.job_of(&team, &app_name) == Some(job));
+        if let Some(copies) = ours {
             return Ok(Restored {
                 volume_paths: existing
                     .volumes
                     .iter()
                     .map(|v| v.path.to_string())
                     .collect(),
-                remapped_ports: Vec::new(),
+                remapped_ports: copies.remapped_ports_of(&team, &app_name),
             });
         }
         return Err(fail(

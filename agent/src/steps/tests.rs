@@ -358,6 +358,8 @@ async fn copies_get_a_home_of_their_own_and_kept_data_is_never_reused() {
     let bed = Bed::new(&["db"]).await;
     let manifest = bed.backup(CancellationToken::new()).await.expect("backup");
     let first = bed.restore(&manifest, 8).await.expect("restored");
+    // The same job asking again (its answer lost) gets the same answer.
+    assert_eq!(bed.restore(&manifest, 8).await.expect("asked again"), first);
     let copies = bed.dir.path().join("agent-copies");
     let v0 = PathBuf::from(&first.volume_paths[0]);
     assert_eq!(v0, copies.join("qa/shop/job-8/v0"));
