@@ -521,3 +521,154 @@ fn local_cluster(kind: &StorageKind) -> String {
         _ => "(none)".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Engine, Timestamp};
+    use ferry_core::{
+        Argv, Component, ComponentKind, ComponentName, ComponentState, ContainerComponent,
+        HostComponent, NodeName, UnitName,
+    };
+
+    fn agent(id: &str, cluster: &str, restores: &[&str]) -> AgentRecord {
+        AgentRecord {
+            id: id.parse().expect("agent id"),
+            cluster: cluster.parse().expect("cluster"),
+            node: NodeName::new(format!("node-{id}")).expect("node"),
+            version: "0.1.0".into(),
+            platform: "host".into(),
+            restores: restores.iter().map(|r| (*r).to_owned()).collect(),
+            enrolled_at: Timestamp::from_unix_millis(1),
+            last_seen: Timestamp::from_unix_millis(1),
+            cert_serial: format!("{id}-serial"),
+            cert_fingerprint: format!("{id}-fp"),
+        }
+    }
+
+    /// An app of one component of each kind given.
+    fn app(kinds: &[ComponentKind]) -> App {
+        App {
+            name: "shop".parse().expect("app"),
+            team: "web".parse().expect("team"),
+            volumes: vec![],
+            components: kinds
+                .iter()
+                .enumerate()
+                .map(|(i, kind)| Component {
+                    state: ComponentState::Running,
+                    hooks: Default::default(),
+                    name: ComponentName::new(format!("c{i}")).expect("component"),
+                    kind: kind.clone(),
+                    stateful: false,
+                    volumes: vec![],
+                    depends_on: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn commands() -> ComponentKind {
+        ComponentKind::Host(HostComponent::Commands {
+            start: Argv::new(vec!["/usr/bin/web".into()]).expect("argv"),
+            stop: Argv::new(vec!["/usr/bin/true".into()]).expect("argv"),
+            status: None,
+        })
+    }
+
+    fn container() -> ComponentKind {
+        ComponentKind::Container(ContainerComponent {
+            id: "abc".into(),
+            name: "shop-db".into(),
+            image: "busybox".into(),
+            image_id: "sha256:00".into(),
+        })
+    }
+
+    /// Which agent of cluster `b` restores a copy of `app`, among `agents`
+    /// (none online).
+    async fn restorer_of(
+        agents: Vec<AgentRecord>,
+        app: &App,
+    ) -> Result<(NodeName, AgentId), PlanError> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let catalog = crate::catalog::open(Engine::Redb, &dir.path().join("catalog.redb"))
+            .await
+            .expect("catalog");
+        for a in agents {
+            catalog
+                .create_cluster(&a.cluster, Timestamp::from_unix_millis(1))
+                .await
+                .expect("cluster");
+            catalog.upsert_agent(a).await.expect("agent");
+        }
+        let fleet = Fleet::new();
+        let planner = Planner {
+            catalog: catalog.as_ref(),
+            fleet: &fleet,
+        };
+        planner.restorer(&"b".parse().expect("cluster"), app).await
+    }
+
+    /// The restoring agent is one whose drivers restore every component's
+    /// kind; an agent that says nothing (older than `restores`) restores
+    /// host apps; the refusal names what is needed and what there is.
+    #[tokio::test]
+    async fn a_copy_goes_to_an_agent_that_restores_its_kind_or_is_refused_with_why() {
+        let agents = || {
+            vec![
+                agent("a1", "b", &["host"]),
+                agent("a2", "b", &["host", "containers"]),
+                agent("a3", "other", &["containers"]),
+            ]
+        };
+        let (_, id) = restorer_of(agents(), &app(&[container()]))
+            .await
+            .expect("a2 restores containers");
+        assert_eq!(id.as_str(), "a2");
+        let (_, id) = restorer_of(agents(), &app(&[commands(), container()]))
+            .await
+            .expect("a2 restores both");
+        assert_eq!(id.as_str(), "a2");
+
+        let (_, id) = restorer_of(vec![agent("old", "b", &[])], &app(&[commands()]))
+            .await
+            .expect("an older agent restores host apps");
+        assert_eq!(id.as_str(), "old");
+
+        let refused = restorer_of(
+            vec![agent("old", "b", &[]), agent("a1", "b", &["host"])],
+            &app(&[container()]),
+        )
+        .await
+        .expect_err("no agent restores containers");
+        assert!(matches!(refused, PlanError::Invalid(_)), "{refused}");
+        assert_eq!(
+            refused.to_string(),
+            "no agent of cluster b restores copies of containers apps (its agents restore: host); nothing was started"
+        );
+
+        let none = restorer_of(vec![agent("a3", "other", &["host"])], &app(&[commands()]))
+            .await
+            .expect_err("cluster b has no agent");
+        assert!(matches!(none, PlanError::NotFound(_)), "{none}");
+    }
+
+    /// A systemd unit cannot run twice: its copy is refused before anything
+    /// stops, whatever the agents.
+    #[tokio::test]
+    async fn a_copy_of_a_systemd_unit_is_refused() {
+        let unit = ComponentKind::Host(HostComponent::Systemd {
+            unit: UnitName::new("postgresql@15-main.service").expect("unit"),
+        });
+        let refused = restorer_of(vec![agent("a1", "b", &["host"])], &app(&[unit]))
+            .await
+            .expect_err("refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("is a systemd unit, which cannot run twice"),
+            "{refused}"
+        );
+    }
+}
