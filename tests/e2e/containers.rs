@@ -6,7 +6,6 @@
 //! is stopped starts it again from its journal, and an engine that cannot
 //! be reached gives a clear error.
 
-use anyhow::Context;
 use ferry_tests::engines::{BASE_IMAGE, Engine, Kind};
 use ferry_tests::{AgentProcess, Controller, DEADLINE, setup, wait_for};
 use std::path::{Path, PathBuf};
@@ -596,14 +595,8 @@ impl Bed {
         let (engine, ctl, a, agent) = connect(engine, "journal_retry_secs = 1").await?;
         // The backups go to SeaweedFS, through a forward the pre-copy and
         // uploading cells stall.
-        let weed = ferry_store::testing::seaweed().await;
-        let weed_addr: std::net::SocketAddr = weed
-            .endpoint()
-            .trim_start_matches("http://")
-            .parse()
-            .context("seaweedfs endpoint")?;
-        let s3 = ferry_tests::lab::Forward::start(std::net::Ipv4Addr::LOCALHOST, weed_addr).await?;
-        let bucket = weed.new_bucket().await;
+        let s3 = crate::jobs::seaweed_forward(std::net::Ipv4Addr::LOCALHOST).await?;
+        let bucket = ferry_store::testing::seaweed().await.new_bucket().await;
         let endpoint = format!("http://{}", s3.addr);
         crate::jobs::add_s3_storage(&ctl, "objects", &endpoint, &bucket)?;
         let vol = PathBuf::from(engine.docker_ok(&[

@@ -42,6 +42,21 @@ pub(crate) fn backup_shop(
     ferryctl(ctl, &args)
 }
 
+/// A forward on `ip` to the tests' SeaweedFS (the S3 server), which a test
+/// can cut or stall.
+pub(crate) async fn seaweed_forward(
+    ip: std::net::Ipv4Addr,
+) -> anyhow::Result<ferry_tests::lab::Forward> {
+    use anyhow::Context;
+    let weed = ferry_store::testing::seaweed().await;
+    let addr: std::net::SocketAddr = weed
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .context("seaweedfs endpoint")?;
+    ferry_tests::lab::Forward::start(ip, addr).await
+}
+
 /// Adds the S3 location `name`: SeaweedFS's `bucket`, reached at
 /// `endpoint`, with the test server's keys in a credentials file in the
 /// controller's directory.

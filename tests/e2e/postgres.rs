@@ -235,12 +235,7 @@ impl Site {
         let addr = ctl.start().await?;
         let ctl_fwd = Forward::start(host, addr).await?;
         let weed = ferry_store::testing::seaweed().await;
-        let weed_addr: std::net::SocketAddr = weed
-            .endpoint()
-            .trim_start_matches("http://")
-            .parse()
-            .context("seaweedfs endpoint")?;
-        let s3 = Forward::start(host, weed_addr).await?;
+        let s3 = crate::jobs::seaweed_forward(host).await?;
 
         // The host's directory for the app's files (like /srv): PostgreSQL,
         // running as postgres, passes through it to its data and socket
