@@ -254,6 +254,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(c.stop_timeout_secs),
             start_timeout: self.command_timeout(),
             state_dir: crate::platform::containers::state_dir(&self.data_dir),
+            copies_root: crate::platform::CopiesRoot::new(self.copies_dir()),
         }))
     }
 

@@ -11,15 +11,18 @@
 //!   which the journal keeps, and starting it again from that receipt;
 //! - *capture* ([`Capture`]): the config and images of an app, stored in
 //!   the backup beside its volumes;
-//! - *copies* ([`Copies`]): a home for a copy's restored volumes, a copy
-//!   made from a backup's manifest with identities of its own, and removing
+//! - *volume access* ([`Volumes`], every driver): a readable source for
+//!   each volume a backup copies (a host directory, a container volume's
+//!   mount point) and a writable target for each volume a restore fills
+//!   (a directory under the copies root, a container volume made for the
+//!   copy);
+//! - *copies* ([`Copies`]): a copy made from a backup's manifest with
+//!   identities of its own, its volumes the targets restored, and removing
 //!   an app.
 //!
-//! A volume's readable source for a backup is the path its driver reports
-//! ([`ferry_core::Volume::path`]); its writable target for a restore is
-//! under the copy's home. [`Platforms`] is the agent's list of drivers:
-//! an app belongs to the first that says it owns it. Adding a driver
-//! touches its own module, the agent config and its component kind.
+//! [`Platforms`] is the agent's list of drivers: an app belongs to the
+//! first that says it owns it. Adding a driver touches its own module, the
+//! agent config and its component kind.
 
 pub mod containers;
 pub mod host;
@@ -29,7 +32,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 pub use ferry_core::{App, ComponentRef, ComponentState};
-use ferry_core::{AppName, CodedError, ErrorCode, TeamName};
+use ferry_core::{AppName, CodedError, ErrorCode, TeamName, Volume};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,8 @@ pub enum PlatformError {
     /// A copy's definition cannot be made from the original's.
     #[error("a copy of app {app}: {reason}")]
     BadCopy { app: String, reason: String },
+    #[error("volume {volume} of {app} is gone")]
+    VolumeGone { app: String, volume: String },
     #[error("no free port above {from} for {name}")]
     NoFreePort { name: String, from: u16 },
     /// A journal's receipt its driver cannot read.
@@ -89,7 +94,7 @@ pub enum PlatformError {
 impl CodedError for PlatformError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::UnknownComponent { .. } => ErrorCode::NotFound,
+            Self::UnknownComponent { .. } | Self::VolumeGone { .. } => ErrorCode::NotFound,
             // The program is missing or cannot run, or it ran and failed:
             // the host must change before a retry helps.
             Self::Spawn { .. } | Self::CommandFailed { .. } => ErrorCode::FailedPrecondition,
@@ -166,6 +171,9 @@ pub trait Driver: Send + Sync {
         argv: &ferry_core::Argv,
     ) -> Result<(), PlatformError>;
 
+    /// The driver's volume access.
+    fn volumes(&self) -> &dyn Volumes;
+
     /// The driver's capture capability, if it has one.
     fn capture(&self) -> Option<&dyn Capture> {
         None
@@ -191,17 +199,139 @@ pub trait Capture: Send + Sync {
     ) -> Result<Option<(Vec<String>, u64)>, PlatformError>;
 }
 
+/// The copy `team/name` that the restoring job `job` makes.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyId<'a> {
+    pub team: &'a TeamName,
+    pub name: &'a AppName,
+    pub job: u64,
+}
+
+/// Volume access: where a backup reads an app's volumes, and where a
+/// restore writes a copy's.
+#[async_trait]
+pub trait Volumes: Send + Sync {
+    /// Where a backup reads `volume` of `app` now: a directory the agent
+    /// can read. Asked before anything stops; a volume that is gone is an
+    /// error naming it.
+    async fn source(&self, app: &App, volume: &Volume) -> Result<PathBuf, PlatformError>;
+
+    /// An empty directory the agent can write, for the volume of `copy`
+    /// made from volume number `index` of `original` (the backed-up app),
+    /// reachable by the copy's own user. What an earlier attempt of the
+    /// same job left there is cleared; anything else by that name is
+    /// refused, never cleared.
+    async fn target(
+        &self,
+        copy: CopyId<'_>,
+        original: &App,
+        index: usize,
+    ) -> Result<PathBuf, PlatformError>;
+
+    /// Deletes every target made for `copy`, which was never registered
+    /// (its restore failed).
+    async fn discard(&self, copy: CopyId<'_>) -> Result<(), PlatformError>;
+}
+
+/// The directory under which copies' volumes that are plain directories
+/// are restored (every host copy's, a container copy's binds): one home
+/// per copy and restoring job, `ROOT/TEAM/APP/job-N`, so an attempt of the
+/// job clears only what it left, never what another job left (a copy
+/// removed with its data kept).
+#[derive(Clone, Debug)]
+pub struct CopiesRoot(PathBuf);
+
+impl CopiesRoot {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self(root.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn home(&self, copy: CopyId<'_>) -> PathBuf {
+        self.0
+            .join(copy.team.as_str())
+            .join(copy.name.as_str())
+            .join(format!("job-{}", copy.job))
+    }
+
+    /// `HOME/vINDEX`, empty: every directory Ferry makes on the way is
+    /// 0711 (whatever the umask), so the copy's own user passes through to
+    /// its volumes (which get the backed-up directories' owners and modes)
+    /// without listing anything.
+    pub async fn target(&self, copy: CopyId<'_>, index: usize) -> Result<PathBuf, PlatformError> {
+        let root = self.0.clone();
+        let home = self.home(copy);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::PermissionsExt;
+            let app_dir = home.parent().expect("invariant: job-N has a parent");
+            let team_dir = app_dir.parent().expect("invariant: APP has a parent");
+            for dir in [&root, team_dir, app_dir, &home] {
+                if dir.is_dir() {
+                    continue;
+                }
+                std::fs::create_dir_all(dir)
+                    .and_then(|()| {
+                        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                    })
+                    .map_err(|e| PlatformError::Registry {
+                        path: dir.to_path_buf(),
+                        reason: format!("cannot create the copies directory: {e}"),
+                    })?;
+            }
+            let target = home.join(format!("v{index}"));
+            // What an interrupted attempt of this job left goes first.
+            match std::fs::remove_dir_all(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(PlatformError::Registry {
+                        path: target,
+                        reason: format!("cannot clear an earlier attempt's volume: {e}"),
+                    });
+                }
+            }
+            std::fs::create_dir(&target).map_err(|e| PlatformError::Registry {
+                path: target.clone(),
+                reason: format!("cannot create the copy's volume: {e}"),
+            })?;
+            Ok(target)
+        })
+        .await
+        .map_err(|e| PlatformError::Registry {
+            path: self.0.clone(),
+            reason: e.to_string(),
+        })?
+    }
+
+    /// Deletes the home of `copy` with everything in it (only what its
+    /// job's restore wrote).
+    pub async fn discard(&self, copy: CopyId<'_>) -> Result<(), PlatformError> {
+        let home = self.home(copy);
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&home) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PlatformError::Registry {
+                path: home,
+                reason: format!("cannot delete a failed restore's volumes: {e}"),
+            }),
+        })
+        .await
+        .map_err(|e| PlatformError::Registry {
+            path: self.0.clone(),
+            reason: e.to_string(),
+        })?
+    }
+}
+
 /// Copies: restored apps of the driver's kind, and removing apps.
 #[async_trait]
 pub trait Copies: Send + Sync {
-    /// The home of the copy `team/app` that job `job` restores, made if
-    /// new: its volumes are restored under it, reachable by the copy's own
-    /// user.
-    fn home(&self, team: &TeamName, app: &AppName, job: u64) -> Result<PathBuf, PlatformError>;
-
-    /// Makes `original` (from a backup's manifest) a copy named `team/name`
-    /// for job `job`: the driver derives the copy's definition (its volumes
-    /// at `paths`, and whatever identities its platform needs anew: for the
+    /// Makes `original` (from a backup's manifest) the copy `copy`: the
+    /// driver derives the copy's definition (its volumes at `paths`, the
+    /// targets [`Volumes::target`] gave, and whatever identities its platform needs anew: for the
     /// host driver, volume paths in commands and `{port:…}` templates moved
     /// off ports in use) and registers it durably. Not started yet.
     async fn add(&self, copy: NewCopy<'_>) -> Result<Copied, PlatformError>;
@@ -226,11 +356,9 @@ pub trait Copies: Send + Sync {
 /// What a restore asks a driver to make a copy of.
 pub struct NewCopy<'a> {
     pub original: &'a App,
-    pub team: &'a TeamName,
-    pub name: &'a AppName,
+    pub copy: CopyId<'a>,
     /// The restored volumes, in the order of the original's.
     pub paths: &'a [PathBuf],
-    pub job: u64,
 }
 
 /// A copy as registered: its definition, and the ports moved
@@ -409,6 +537,16 @@ impl Platforms {
         self.owner_of(c)?.hook(c, which, argv).await
     }
 
+    /// Where a backup reads `volume` of `app` ([`Volumes::source`]).
+    pub async fn source(&self, app: &App, volume: &Volume) -> Result<PathBuf, PlatformError> {
+        let d = self
+            .owner(&app.team, &app.name)
+            .ok_or_else(|| PlatformError::Unsupported {
+                what: format!("{}/{}: no driver of this agent has it", app.team, app.name),
+            })?;
+        d.volumes().source(app, volume).await
+    }
+
     /// Captures `app`'s config and images into `dest` when its driver can;
     /// none when it has nothing to capture.
     pub async fn capture(
@@ -422,11 +560,11 @@ impl Platforms {
         }
     }
 
-    /// The copies capability of the driver named `driver`, for a restore
-    /// of one of its apps.
-    pub fn copies_by(&self, driver: &str) -> Result<&dyn Copies, PlatformError> {
+    /// The volume access and copies of the driver named `driver`, for a
+    /// restore of one of its apps.
+    pub fn copies_by(&self, driver: &str) -> Result<(&dyn Volumes, &dyn Copies), PlatformError> {
         self.named(driver)
-            .and_then(|d| d.copies())
+            .and_then(|d| Some((d.volumes(), d.copies()?)))
             .ok_or_else(|| PlatformError::Unsupported {
                 what: format!("restoring apps of the {driver} driver on this agent"),
             })

@@ -939,3 +939,108 @@ async fn docker_faults_while_stopping_and_stopped() -> anyhow::Result<()> {
 async fn podman_faults_while_stopping_and_stopped() -> anyhow::Result<()> {
     faults(Kind::Podman).await
 }
+
+/// The containers driver's volume access on a real engine: a backup reads
+/// a named volume at the engine's mount point; a copy's volume is an
+/// engine volume of its own, labelled with its restoring job, emptied when
+/// that job asks again, and deleted by a discard; a volume by that name
+/// that is not this restore's is refused and left as it was.
+async fn copy_volumes_are_engine_volumes_of_their_own(kind: Kind) -> anyhow::Result<()> {
+    use ferry_agent::platform::containers::{ContainerPlatform, EngineSettings};
+    use ferry_agent::platform::{CopiesRoot, CopyId, Driver};
+    use anyhow::Context as _;
+    setup();
+    let engine = Engine::start(kind)?;
+    engine.import_base_image()?;
+    db_alone(&engine)?;
+    let tmp = tempfile::tempdir()?;
+    let driver = ContainerPlatform::new(EngineSettings {
+        socket: format!("unix://{}", engine.socket().display()),
+        default_team: "web".parse()?,
+        stop_timeout: std::time::Duration::from_secs(20),
+        start_timeout: std::time::Duration::from_secs(60),
+        state_dir: tmp.path().join("state"),
+        copies_root: CopiesRoot::new(tmp.path().join("copies")),
+    });
+    let app = driver
+        .app(&"web".parse()?, &"shop".parse()?)
+        .await?
+        .context("web/shop is listed")?;
+    let index = app
+        .volumes
+        .iter()
+        .position(|v| v.name.as_str() == "shopdata")
+        .context("shopdata is a volume of web/shop")?;
+    let mountpoint =
+        |name: &str| engine.docker_ok(&["volume", "inspect", "-f", "{{.Mountpoint}}", name]);
+
+    let source = driver.volumes().source(&app, &app.volumes[index]).await?;
+    assert_eq!(source, PathBuf::from(mountpoint("shopdata")?));
+    wait_for("db writing its log", DEADLINE, || {
+        let written = source.join("log").exists();
+        async move { written.then_some(()) }
+    })
+    .await?;
+
+    let (qa, shop2, shop3) = ("qa".parse()?, "shop2".parse()?, "shop3".parse()?);
+    let copy = CopyId {
+        team: &qa,
+        name: &shop2,
+        job: 7,
+    };
+    let target = driver.volumes().target(copy, &app, index).await?;
+    assert_eq!(target, PathBuf::from(mountpoint("shop2_shopdata")?));
+    assert_eq!(
+        engine.docker_ok(&[
+            "volume",
+            "inspect",
+            "-f",
+            "{{index .Labels \"ferry.copy\"}}",
+            "shop2_shopdata"
+        ])?,
+        "qa/shop2/job-7"
+    );
+    assert!(std::fs::read_dir(&target)?.next().is_none(), "empty");
+    std::fs::create_dir(target.join("half"))?;
+    std::fs::write(target.join("half/written"), "an interrupted attempt")?;
+    // The same job again: the same volume, emptied.
+    assert_eq!(driver.volumes().target(copy, &app, index).await?, target);
+    assert!(std::fs::read_dir(&target)?.next().is_none(), "emptied");
+    // Another job, the same name: refused, the volume left as it was.
+    std::fs::write(target.join("rows"), "the copy's own")?;
+    let other = CopyId { job: 8, ..copy };
+    let refused = driver
+        .volumes()
+        .target(other, &app, index)
+        .await
+        .expect_err("another job's volume is refused");
+    assert!(refused.to_string().contains("already exists"), "{refused}");
+    assert_eq!(std::fs::read_to_string(target.join("rows"))?, "the copy's own");
+    // A volume someone made by the copy's name: refused, and no discard
+    // touches it.
+    engine.docker_ok(&["volume", "create", "shop3_shopdata"])?;
+    let theirs = CopyId {
+        team: &qa,
+        name: &shop3,
+        job: 9,
+    };
+    assert!(driver.volumes().target(theirs, &app, index).await.is_err());
+    driver.volumes().discard(theirs).await?;
+    driver.volumes().discard(copy).await?;
+    let names = engine.docker_ok(&["volume", "ls", "-q"])?;
+    let names: Vec<&str> = names.lines().collect();
+    assert!(names.contains(&"shop3_shopdata"), "{names:?}");
+    assert!(names.contains(&"shopdata"), "{names:?}");
+    assert!(!names.contains(&"shop2_shopdata"), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_copy_volumes_are_engine_volumes_of_their_own() -> anyhow::Result<()> {
+    copy_volumes_are_engine_volumes_of_their_own(Kind::Docker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_copy_volumes_are_engine_volumes_of_their_own() -> anyhow::Result<()> {
+    copy_volumes_are_engine_volumes_of_their_own(Kind::Podman).await
+}

@@ -30,7 +30,7 @@ use ferry_core::{
 };
 use tokio::sync::OnceCell;
 
-use super::{Capture, Driver, PlatformError, Receipt};
+use super::{Capture, CopiesRoot, CopyId, Driver, PlatformError, Receipt, Volumes};
 
 /// Label naming a container's app (when it is no Compose project).
 pub const APP_LABEL: &str = "ferry.app";
@@ -57,6 +57,8 @@ pub struct EngineSettings {
     pub start_timeout: Duration,
     /// Where the driver keeps what it changed (`DATA_DIR/containers`).
     pub state_dir: PathBuf,
+    /// Where copies' binds are restored (the agent's copies directory).
+    pub copies_root: CopiesRoot,
 }
 
 pub struct ContainerPlatform {
@@ -786,9 +788,173 @@ impl Driver for ContainerPlatform {
         Ok(())
     }
 
+    fn volumes(&self) -> &dyn Volumes {
+        self
+    }
+
     fn capture(&self) -> Option<&dyn Capture> {
         Some(self)
     }
+}
+
+/// Label on the engine volumes made for a copy: `TEAM/APP/job-N`, the copy
+/// and the job that restored it.
+pub const COPY_LABEL: &str = "ferry.copy";
+
+fn copy_label(copy: CopyId<'_>) -> String {
+    format!("{}/{}/job-{}", copy.team, copy.name, copy.job)
+}
+
+/// A bind's volume is named by its host path; a named volume by its name.
+fn is_bind(v: &Volume) -> bool {
+    v.name.as_str().starts_with('/')
+}
+
+/// The engine volume of `copy` made from `original` of app `of`: the
+/// original's name with its app's prefix (Compose's `PROJECT_`) taken for
+/// the copy's, else the copy's name and `_` before it.
+pub fn copy_volume_name(of: &AppName, copy: &AppName, original: &VolumeName) -> String {
+    let rest = original
+        .as_str()
+        .strip_prefix(&format!("{of}_"))
+        .unwrap_or(original.as_str());
+    format!("{copy}_{rest}")
+}
+
+#[async_trait]
+impl Volumes for ContainerPlatform {
+    /// A bind's host path; a named volume's mount point, as the engine
+    /// has it now.
+    async fn source(&self, app: &App, volume: &Volume) -> Result<PathBuf, PlatformError> {
+        if is_bind(volume) {
+            return Ok(volume.path.as_path().to_path_buf());
+        }
+        match self
+            .docker()
+            .await?
+            .inspect_volume(volume.name.as_str())
+            .await
+        {
+            Ok(v) if !v.mountpoint.is_empty() => Ok(PathBuf::from(v.mountpoint)),
+            Ok(v) => Err(PlatformError::Unsupported {
+                what: format!(
+                    "volume {} of {}/{} (driver {}) has no mount point on this host",
+                    volume.name, app.team, app.name, v.driver
+                ),
+            }),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(PlatformError::VolumeGone {
+                app: format!("{}/{}", app.team, app.name),
+                volume: volume.name.to_string(),
+            }),
+            Err(e) => Err(self.engine_err(e)),
+        }
+    }
+
+    /// A bind's copy is a directory under the copies root; a named
+    /// volume's, an engine volume made for the copy (labelled with it and
+    /// its job), its mount point emptied when an earlier attempt of the
+    /// same job made it.
+    async fn target(
+        &self,
+        copy: CopyId<'_>,
+        original: &App,
+        index: usize,
+    ) -> Result<PathBuf, PlatformError> {
+        let volume = original.volumes.get(index).ok_or_else(|| PlatformError::BadCopy {
+            app: format!("{}/{}", original.team, original.name),
+            reason: format!("it has no volume number {index}"),
+        })?;
+        if is_bind(volume) {
+            return self.settings.copies_root.target(copy, index).await;
+        }
+        let docker = self.docker().await?;
+        let name = copy_volume_name(&original.name, copy.name, &volume.name);
+        let label = copy_label(copy);
+        let existing = match docker.inspect_volume(&name).await {
+            Ok(v) => Some(v),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => None,
+            Err(e) => return Err(self.engine_err(e)),
+        };
+        let volume = match existing {
+            Some(v) if v.labels.get(COPY_LABEL) == Some(&label) => {
+                let dir = PathBuf::from(&v.mountpoint);
+                tokio::task::spawn_blocking(move || empty_dir(&dir))
+                    .await
+                    .map_err(|e| self.engine_err(e))?
+                    .map_err(|e| PlatformError::Registry {
+                        path: PathBuf::from(&v.mountpoint),
+                        reason: format!("cannot clear an earlier attempt's volume {name}: {e}"),
+                    })?;
+                v
+            }
+            Some(_) => {
+                return Err(PlatformError::BadCopy {
+                    app: format!("{}/{}", copy.team, copy.name),
+                    reason: format!(
+                        "volume {name} already exists on the engine and is not this restore's; \
+                         restore under another name, or remove the volume"
+                    ),
+                });
+            }
+            None => docker
+                .create_volume(bollard::models::VolumeCreateRequest {
+                    name: Some(name.clone()),
+                    labels: Some(HashMap::from([(COPY_LABEL.to_owned(), label)])),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| self.engine_err(e))?,
+        };
+        if volume.mountpoint.is_empty() {
+            return Err(PlatformError::Unsupported {
+                what: format!("volume {name} has no mount point on this host"),
+            });
+        }
+        Ok(PathBuf::from(volume.mountpoint))
+    }
+
+    /// Removes the engine volumes labelled with `copy` and its job, and its
+    /// binds' directories.
+    async fn discard(&self, copy: CopyId<'_>) -> Result<(), PlatformError> {
+        let docker = self.docker().await?;
+        let filter = format!("{COPY_LABEL}={}", copy_label(copy));
+        let listed = docker
+            .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                filters: Some(HashMap::from([("label".to_owned(), vec![filter])])),
+            }))
+            .await
+            .map_err(|e| self.engine_err(e))?;
+        for v in listed.volumes.into_iter().flatten() {
+            match docker
+                .remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>)
+                .await
+            {
+                Ok(())
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                Err(e) => return Err(self.engine_err(format!("removing volume {}: {e}", v.name))),
+            }
+        }
+        self.settings.copies_root.discard(copy).await
+    }
+}
+
+/// Removes everything in `dir`, leaving it.
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -1053,6 +1219,21 @@ mod tests {
 mod capture_tests {
     use super::*;
     use bollard::models::{ContainerConfig, ImageConfig};
+
+    #[test]
+    fn a_copy_volume_takes_the_copy_name_for_the_app_prefix() {
+        let name = |of: &str, copy: &str, v: &str| {
+            copy_volume_name(
+                &of.parse().expect("app"),
+                &copy.parse().expect("copy"),
+                &VolumeName::new(v).expect("volume"),
+            )
+        };
+        // Compose names a project's volumes PROJECT_VOLUME.
+        assert_eq!(name("shop", "shop-copy", "shop_pgdata"), "shop-copy_pgdata");
+        assert_eq!(name("shop", "shop2", "shopdata"), "shop2_shopdata");
+        assert_eq!(name("shop", "b", "other_data"), "b_other_data");
+    }
 
     #[test]
     fn what_the_image_sets_is_not_copied_into_the_container_config() {

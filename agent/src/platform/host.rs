@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName};
+use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName, Volume};
 
 use super::{
-    ComponentRef, ComponentState, Copied, Copies, Driver, NewCopy, PlatformError, Receipt,
+    ComponentRef, ComponentState, Copied, Copies, CopiesRoot, CopyId, Driver, NewCopy,
+    PlatformError, Receipt, Volumes,
 };
 
 /// What a component's commands get of the agent's environment; nothing
@@ -44,7 +45,7 @@ pub struct HostPlatform {
     /// made.
     data_dir: Option<PathBuf>,
     /// Where copies' volumes go (the agent config's `copies_dir`).
-    copies_root: Option<PathBuf>,
+    copies_root: Option<CopiesRoot>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -205,8 +206,8 @@ fn copy_of(new: &NewCopy<'_>, taken: &[u16]) -> Result<Copied, PlatformError> {
             .map_err(|e| bad(e.to_string()))
     };
     let mut copy = app.clone();
-    copy.team = new.team.clone();
-    copy.name = new.name.clone();
+    copy.team = new.copy.team.clone();
+    copy.name = new.copy.name.clone();
     for (v, p) in copy.volumes.iter_mut().zip(new.paths) {
         v.path =
             ferry_core::HostPath::new(p.display().to_string()).map_err(|e| bad(e.to_string()))?;
@@ -297,7 +298,7 @@ impl HostPlatform {
             editing: std::sync::Mutex::new(()),
             timeout,
             data_dir: Some(data_dir.to_owned()),
-            copies_root: Some(copies_root.to_owned()),
+            copies_root: Some(CopiesRoot::new(copies_root)),
         })
     }
 
@@ -518,7 +519,7 @@ impl HostPlatform {
     }
 
     /// Copies' volumes live under the copies root; none: no copies.
-    fn copies_root(&self) -> Result<&Path, PlatformError> {
+    fn copies_root(&self) -> Result<&CopiesRoot, PlatformError> {
         self.copies_root
             .as_deref()
             .ok_or_else(|| PlatformError::Unsupported {
@@ -638,50 +639,50 @@ impl Driver for HostPlatform {
         self.run_checked(which, r, argv.as_slice()).await
     }
 
+    fn volumes(&self) -> &dyn Volumes {
+        self
+    }
+
     fn copies(&self) -> Option<&dyn Copies> {
         self.copies_root.as_ref().map(|_| self as &dyn Copies)
     }
 }
 
 #[async_trait]
-impl Copies for HostPlatform {
-    /// `ROOT/TEAM/APP/job-N`: every directory Ferry makes on the way is
-    /// 0711 (whatever the umask), so the copy's own user passes through to
-    /// its volumes (which get the backed-up directories' owners and modes)
-    /// without listing anything.
-    fn home(&self, team: &TeamName, app: &AppName, job: u64) -> Result<PathBuf, PlatformError> {
-        use std::os::unix::fs::PermissionsExt;
-        let root = self.copies_root()?;
-        let team_dir = root.join(team.as_str());
-        let app_dir = team_dir.join(app.as_str());
-        let home = app_dir.join(format!("job-{job}"));
-        for dir in [root, &team_dir, &app_dir, &home] {
-            if dir.is_dir() {
-                continue;
-            }
-            std::fs::create_dir_all(dir)
-                .and_then(|()| {
-                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-                })
-                .map_err(|e| PlatformError::Registry {
-                    path: dir.to_path_buf(),
-                    reason: format!("cannot create the copies directory: {e}"),
-                })?;
-        }
-        Ok(home)
+impl Volumes for HostPlatform {
+    /// The declared path.
+    async fn source(&self, _app: &App, volume: &Volume) -> Result<PathBuf, PlatformError> {
+        Ok(volume.path.as_path().to_path_buf())
     }
 
+    /// `ROOT/TEAM/APP/job-N/vINDEX` ([`CopiesRoot::target`]).
+    async fn target(
+        &self,
+        copy: CopyId<'_>,
+        _original: &App,
+        index: usize,
+    ) -> Result<PathBuf, PlatformError> {
+        self.copies_root()?.target(copy, index).await
+    }
+
+    async fn discard(&self, copy: CopyId<'_>) -> Result<(), PlatformError> {
+        self.copies_root()?.discard(copy).await
+    }
+}
+
+#[async_trait]
+impl Copies for HostPlatform {
     async fn add(&self, new: NewCopy<'_>) -> Result<Copied, PlatformError> {
         // Under the registry's edit: two copies restored at once never
         // pick the same port.
         self.edit(|apps| {
             if apps
                 .all()
-                .any(|a| a.team == *new.team && a.name == *new.name)
+                .any(|a| a.team == *new.copy.team && a.name == *new.copy.name)
             {
                 return Err(PlatformError::AppExists {
-                    team: new.team.clone(),
-                    app: new.name.clone(),
+                    team: new.copy.team.clone(),
+                    app: new.copy.name.clone(),
                 });
             }
             let taken: Vec<u16> = apps
@@ -691,7 +692,7 @@ impl Copies for HostPlatform {
             let copied = copy_of(&new, &taken)?;
             apps.copies.push(Copy {
                 app: copied.app.clone(),
-                job: new.job,
+                job: new.copy.job,
                 remapped_ports: copied.remapped_ports.clone(),
             });
             Ok(copied)
@@ -741,7 +742,7 @@ impl Copies for HostPlatform {
         let roots: Vec<PathBuf> = self
             .copies_root
             .iter()
-            .cloned()
+            .map(|r| r.path().to_path_buf())
             .chain(self.data_dir.as_ref().map(|d| d.join("copies")))
             .collect();
         if let (true, Some(copy)) = (delete_data, copy) {
@@ -1002,10 +1003,12 @@ stop = "true"
             let name: AppName = name.parse().expect("name");
             p.add(NewCopy {
                 original: &template,
-                team: &team,
-                name: &name,
+                copy: super::CopyId {
+                    team: &team,
+                    name: &name,
+                    job,
+                },
                 paths: std::slice::from_ref(path),
-                job,
             })
             .await
             .expect("added");
@@ -1051,10 +1054,12 @@ stop = "true"
                 let name = format!("copy{i}").parse().expect("name");
                 p.add(NewCopy {
                     original: &template,
-                    team: &team,
-                    name: &name,
+                    copy: super::CopyId {
+                        team: &team,
+                        name: &name,
+                        job: i + 1,
+                    },
                     paths: &paths,
-                    job: i + 1,
                 })
                 .await
                 .map(|_| ())
@@ -1164,10 +1169,12 @@ stop = "true"
             copies.push(
                 p.add(NewCopy {
                     original: &original,
-                    team: &team,
-                    name: &name,
+                    copy: super::CopyId {
+                        team: &team,
+                        name: &name,
+                        job,
+                    },
                     paths: &paths,
-                    job,
                 })
                 .await
                 .expect("copy"),

@@ -96,7 +96,17 @@ pub async fn backup_app(
             format!("{r} runs, and mode refuse backs up only stopped apps; nothing was stopped"),
         ));
     }
-    let volumes = app.volumes.clone();
+    // Where each volume is read, asked of its driver before anything
+    // stops (a volume that is gone fails the backup now).
+    let mut volumes = Vec::new();
+    for v in &app.volumes {
+        let source = ctx.platform.source(&app, v).await?;
+        volumes.push(Volume {
+            name: v.name.clone(),
+            path: HostPath::new(source.display().to_string())
+                .map_err(|e| invalid(format!("volume {}: {e}", v.name)))?,
+        });
+    }
     let tags = |pass: &str, v: &Volume| {
         BTreeMap::from([
             ("ferry.backup".to_owned(), backup.to_string()),

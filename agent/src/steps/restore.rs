@@ -1,7 +1,10 @@
-//! Restore a backup as a copy: fresh volumes in a home of the copy's own,
-//! new identities and ports, registered with the agent and started.
+//! Restore a backup as a copy: fresh volumes (targets the copy's driver
+//! gives), new identities and ports, registered with the agent and
+//! started.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use crate::platform::{CopyId, NewCopy, Volumes};
 
 use super::*;
 
@@ -57,7 +60,7 @@ pub async fn restore_app(
             c.kind.driver()
         )));
     }
-    let copies = ctx.platform.copies_by(driver)?;
+    let (volumes, copies) = ctx.platform.copies_by(driver)?;
     // Done before (the answer was lost)?
     if let Some(existing) = ctx.platform.app(&team, &app_name).await? {
         let ours = ctx
@@ -85,41 +88,33 @@ pub async fn restore_app(
     }
     let (repo, target) = repo.open().await?;
     let repo = repo.with_cancel(cancel);
-    // One directory per restoring job: an attempt of this job clears what
-    // an earlier one left there, and never touches what another job left
-    // (a copy removed with its data kept).
-    let base = copies.home(&team, &app_name, job)?;
-    let filled = fill(&repo, &target, &manifest, &base, &report).await;
+    let id = CopyId {
+        team: &team,
+        name: &app_name,
+        job,
+    };
+    let filled = fill(volumes, id, &repo, &target, &manifest, &report).await;
     // The driver makes the copy's definition (new identities and ports)
     // and registers it.
     let copied = match filled {
-        Ok(all_paths) => copies
-            .add(crate::platform::NewCopy {
+        Ok(paths) => copies
+            .add(NewCopy {
                 original: &manifest.app,
-                team: &team,
-                name: &app_name,
-                paths: &all_paths,
-                job,
+                copy: id,
+                paths: &paths,
             })
             .await
-            .map(|c| (c, all_paths))
+            .map(|c| (c, paths))
             .map_err(StepFailure::from),
         Err(e) => Err(e),
     };
     let (copied, all_paths) = match copied {
         Ok(c) => c,
         Err(e) => {
-            // Nothing registered: this job's home holds only what this
-            // restore wrote, and goes (a later attempt starts afresh).
-            let home = base.clone();
-            let cleared = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&home))
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-            if let Err(err) = cleared
-                && err.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %base.display(), error = %err, "a failed restore's volumes were not cleared");
+            // Nothing registered: the targets hold only what this restore
+            // wrote, and go (a later attempt starts afresh).
+            if let Err(err) = volumes.discard(id).await {
+                tracing::warn!(error = %err, "a failed restore's volumes were not deleted");
             }
             return Err(e);
         }
@@ -137,68 +132,35 @@ pub async fn restore_app(
     })
 }
 
-/// Restores the manifest's volumes under `base` (`v0`, `v1`, …; volumes
+/// Restores the manifest's volumes into targets the driver gives (volumes
 /// without a snapshot start empty): their directories, in the order of the
 /// app's volumes.
 async fn fill(
+    volumes: &dyn Volumes,
+    copy: CopyId<'_>,
     repo: &Repository,
     target: &str,
     manifest: &AppManifest,
-    base: &Path,
     report: &Report,
 ) -> StepResult<Vec<PathBuf>> {
     let mut paths = Vec::new();
-    for (i, v) in manifest.volumes.iter().enumerate() {
-        let dir = base.join(format!("v{i}"));
-        let partial = base.join(format!(".v{i}.partial"));
-        // What an interrupted attempt of this job left goes first.
-        for p in [partial.clone(), dir.clone()] {
-            if p.exists() {
-                tokio::task::spawn_blocking(move || {
-                    std::fs::remove_dir_all(&p).map_err(|e| (p, e))
-                })
+    for (i, original) in manifest.app.volumes.iter().enumerate() {
+        let dir = volumes.target(copy, &manifest.app, i).await?;
+        if let Some(v) = manifest.volumes.iter().find(|s| s.volume == original.name) {
+            let snap: SnapshotId = v
+                .snapshot
+                .parse()
+                .map_err(|_| invalid(format!("snapshot id of volume {}", v.volume)))?;
+            let line = format!("restore {} to {}", v.volume, dir.display());
+            report(0, v.bytes, line.clone());
+            let rep = report.clone();
+            let total = v.bytes;
+            let progress = Arc::new(move |p: &ProgressInfo| rep(p.bytes, total, line.clone()));
+            repo.restore(snap, None, &dir, Some(progress))
                 .await
-                .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?
-                .map_err(|(p, e)| {
-                    fail(
-                        ErrorCode::Internal,
-                        format!("cannot clear {}: {e}", p.display()),
-                    )
-                })?;
-            }
+                .map_err(|e| repo_err(target, e))?;
         }
-        let snap: SnapshotId = v
-            .snapshot
-            .parse()
-            .map_err(|_| invalid(format!("snapshot id of volume {}", v.volume)))?;
-        let line = format!("restore {} to {}", v.volume, dir.display());
-        report(0, v.bytes, line.clone());
-        let rep = report.clone();
-        let total = v.bytes;
-        let progress = Arc::new(move |p: &ProgressInfo| rep(p.bytes, total, line.clone()));
-        repo.restore(snap, None, &partial, Some(progress))
-            .await
-            .map_err(|e| repo_err(target, e))?;
-        std::fs::rename(&partial, &dir).map_err(|e| {
-            fail(
-                ErrorCode::Internal,
-                format!("cannot move {} into place: {e}", dir.display()),
-            )
-        })?;
         paths.push(dir);
     }
-    // Volumes the manifest has no snapshot for (none today) start empty.
-    let mut all_paths = Vec::new();
-    for v in &manifest.app.volumes {
-        match manifest.volumes.iter().position(|s| s.volume == v.name) {
-            Some(i) => all_paths.push(paths[i].clone()),
-            None => {
-                let d = base.join(format!("empty-{}", all_paths.len()));
-                std::fs::create_dir_all(&d)
-                    .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
-                all_paths.push(d);
-            }
-        }
-    }
-    Ok(all_paths)
+    Ok(paths)
 }
