@@ -214,6 +214,18 @@ struct BackupRow {
     delta_bytes_read: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     images: Option<ImagesRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<MountRow>,
+}
+
+#[derive(Serialize)]
+struct MountRow {
+    component: String,
+    destination: String,
+    source: String,
+    kind: String,
+    read_only: bool,
+    backup: String,
 }
 
 #[derive(Serialize)]
@@ -257,6 +269,18 @@ impl From<&v1::Backup> for BackupRow {
                 bytes: i.bytes,
                 bytes_new: i.bytes_new,
             }),
+            mounts: b
+                .mounts
+                .iter()
+                .map(|m| MountRow {
+                    component: m.component.clone(),
+                    destination: m.destination.clone(),
+                    source: m.source.clone(),
+                    kind: m.kind.clone(),
+                    read_only: m.read_only,
+                    backup: m.backup.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -607,6 +631,20 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
                     bytes(i.bytes),
                     bytes(i.bytes_new),
                     &i.snapshot[..i.snapshot.len().min(12)]
+                ));
+            }
+            for m in &r.mounts {
+                let from = if m.source.is_empty() {
+                    m.kind.clone()
+                } else {
+                    format!("{} {}", m.kind, m.source)
+                };
+                text.push_str(&format!(
+                    "  mount:    {} {}{} ({from}): {}\n",
+                    m.component,
+                    m.destination,
+                    if m.read_only { " ro" } else { "" },
+                    m.backup
                 ));
             }
             emit(&text)

@@ -25,8 +25,9 @@ pub use clock::{Timestamp, now_ms};
 pub use duration::{DurationError, HumanDuration};
 pub use error::{CodedError, ErrorCode, RetryClass};
 pub use model::{
-    App, Argv, Component, ComponentKind, ComponentRef, ComponentState, ContainerComponent, Hooks,
-    HostComponent, HostPath, Inventory, ModelError, ModelProblem, UnitName, Volume,
+    App, Argv, Component, ComponentKind, ComponentRef, ComponentState, ContainerComponent,
+    ContainerMount, Hooks, HostComponent, HostPath, Inventory, ModelError, ModelProblem,
+    MountBackup, UnitName, Volume,
 };
 pub use name::{
     AgentId, AppName, BackupId, ClusterName, ComponentName, JobId, LocationName, NameError,

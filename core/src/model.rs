@@ -245,6 +245,58 @@ pub struct ContainerComponent {
     pub image: String,
     /// The image's id (`sha256:…`).
     pub image_id: String,
+    /// Its mounts, each with what a backup does with it, decided when the
+    /// driver lists the app (before anything stops).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<ContainerMount>,
+}
+
+/// A container's mount, as its engine reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerMount {
+    /// Where the container sees it.
+    pub destination: String,
+    /// A named volume's name, or a bind's host path (empty for a tmpfs).
+    #[serde(default)]
+    pub source: String,
+    /// The engine's type: `volume`, `bind`, `tmpfs`, …
+    pub kind: String,
+    #[serde(default)]
+    pub read_only: bool,
+    pub backup: MountBackup,
+}
+
+/// What a backup does with a mount.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "as", content = "why")]
+pub enum MountBackup {
+    /// Backed up as one of the app's volumes (a named volume, a bind of a
+    /// directory).
+    Volume,
+    /// A bind of a single file, captured with the app's config.
+    File,
+    /// Recorded with the app's config, its data not backed up (a
+    /// read-only bind of a host directory).
+    Config,
+    /// Left out, and why (a socket, a device, a tmpfs, a label).
+    Skipped(String),
+    /// Ferry cannot back it up, and why: a backup of the app is refused
+    /// before anything stops.
+    Refused(String),
+}
+
+impl MountBackup {
+    /// A few words for people: `volume`, `file`, `config`,
+    /// `skipped: a socket`, `refused: …`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Volume => "backed up as a volume".into(),
+            Self::File => "file captured with the config".into(),
+            Self::Config => "recorded as config, data not backed up".into(),
+            Self::Skipped(why) => format!("left out: {why}"),
+            Self::Refused(why) => format!("cannot be backed up: {why}"),
+        }
+    }
 }
 
 /// Whether a component was running when its driver looked.
@@ -401,6 +453,23 @@ impl App {
     /// The component called `name`.
     pub fn component(&self, name: &ComponentName) -> Option<&Component> {
         self.components.iter().find(|c| c.name == *name)
+    }
+
+    /// The mounts a backup of the app cannot take, each with its
+    /// component and why (`db: /data: its source … does not exist`);
+    /// empty when it can take them all.
+    pub fn refused_mounts(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.components {
+            if let ComponentKind::Container(k) = &c.kind {
+                for m in &k.mounts {
+                    if let MountBackup::Refused(why) = &m.backup {
+                        out.push(format!("{}: {}: {why}", c.name, m.destination));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The volume called `name`.

@@ -25,6 +25,8 @@ pub enum ConvertError {
     Missing { field: String },
     #[error("{field}: {reason}")]
     TooLarge { field: String, reason: String },
+    #[error("{field}: unknown value {value:?}")]
+    Unknown { field: String, value: String },
     #[error("{field}: {source}")]
     Inconsistent {
         field: String,
@@ -40,6 +42,7 @@ impl ConvertError {
             Self::Invalid { field, .. }
             | Self::Missing { field }
             | Self::TooLarge { field, .. }
+            | Self::Unknown { field, .. }
             | Self::Inconsistent { field, .. } => field,
         }
     }

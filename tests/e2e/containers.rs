@@ -34,6 +34,9 @@ const SHOP: [&str; 4] = ["-l", "ferry.app=shop", "-l", "ferry.team=web"];
 /// An environment value of db's: kept in the encrypted repository only.
 const SECRET: &str = "correct-horse-battery-staple";
 
+/// web's config file, bind-mounted read-only.
+const WEB_CONF: &str = "listen 8080\nroot /srv\n";
+
 async fn site(kind: Kind) -> anyhow::Result<Site> {
     let engine = Engine::start(kind)?;
     engine.import_base_image()?;
@@ -69,6 +72,14 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "-c",
         WRITER,
     ])?;
+    // web mounts what Compose apps mount: a config file (read-only), a
+    // host directory read-only, and the engine's socket; none of them is
+    // data of the app.
+    let conf = engine.dir().join("conf");
+    std::fs::create_dir_all(&conf)?;
+    std::fs::write(conf.join("web.conf"), WEB_CONF)?;
+    let conf_bind = format!("{}:/etc/web.conf:ro", conf.join("web.conf").display());
+    let socket_bind = format!("{}:/var/run/docker.sock", engine.socket().display());
     engine.docker_ok(&[
         "run",
         "-d",
@@ -76,6 +87,12 @@ async fn site(kind: Kind) -> anyhow::Result<Site> {
         "shop-web",
         "--network",
         "container:shop-db",
+        "-v",
+        &conf_bind,
+        "-v",
+        "/usr:/usr-host:ro",
+        "-v",
+        &socket_bind,
         SHOP[0],
         SHOP[1],
         SHOP[2],
@@ -266,6 +283,59 @@ async fn cold_backup_keeps_the_containers(kind: Kind) -> anyhow::Result<()> {
     assert!(env.contains(&format!("SHOP_TOKEN={SECRET}")), "{db}");
     assert_eq!(db["host_config"]["RestartPolicy"]["Name"], "always", "{db}");
     assert_eq!(captured.as_array().map(Vec::len), Some(3), "{captured}");
+    // web's config file, captured beside its config; the read-only host
+    // directory and the socket are recorded, not backed up, and are no
+    // volumes of the app.
+    let web = captured
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "shop-web"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(web["files"][0]["destination"], "/etc/web.conf", "{web}");
+    let file = web["files"][0]["file"].as_str().unwrap_or_default();
+    assert_eq!(std::fs::read_to_string(inside.join(file))?, WEB_CONF);
+    let volumes: Vec<&str> = shown["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v[0].as_str())
+        .collect();
+    assert!(
+        volumes
+            .iter()
+            .all(|v| !v.starts_with("/usr") && !v.ends_with(".sock") && !v.ends_with(".conf")),
+        "{volumes:?}"
+    );
+    let mount = |dest: &str| {
+        shown["mounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["destination"] == dest)
+            .map(|m| m["backup"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        mount("/etc/web.conf"),
+        "file captured with the config",
+        "{shown}"
+    );
+    assert_eq!(
+        mount("/usr-host"),
+        "recorded as config, data not backed up",
+        "{shown}"
+    );
+    assert_eq!(
+        mount("/var/run/docker.sock"),
+        "left out: a socket",
+        "{shown}"
+    );
+    assert_eq!(mount("/data"), "backed up as a volume", "{shown}");
+    let (_, text, _) = ferryctl(&ctl, &["backup", "show", &bid])?;
+    assert!(
+        text.contains("mount:    shop-web /usr-host ro (bind /usr): recorded as config"),
+        "{text}"
+    );
     // …and nowhere else: not in the backup's record, the job, the logs or
     // the controller's files (its catalog among them).
     let (_, listed, _) = ferryctl(&ctl, &["backup", "show", &bid])?;
@@ -504,7 +574,9 @@ async fn docker_engine_restarted_in_the_stopped_window() -> anyhow::Result<()> {
     let halting = std::time::Instant::now();
     engine.halt();
     eprintln!("the engine stopped in {:?}", halting.elapsed());
-    wait_for("Ferry's start of db to fail", DEADLINE, || {
+    // The delta pass reads 256 MiB through a 1 MiB buffer first: slow
+    // in a debug build on a loaded machine.
+    wait_for("Ferry's start of db to fail", 5 * DEADLINE, || {
         let seen = agent.logs().contains("did not all start again");
         async move { seen.then_some(()) }
     })
@@ -940,15 +1012,60 @@ async fn podman_faults_while_stopping_and_stopped() -> anyhow::Result<()> {
     faults(Kind::Podman).await
 }
 
+/// A mount Ferry cannot back up (a bind of a file larger than a file bind
+/// may be) refuses the backup before anything runs, naming the mount; db
+/// is never stopped. Labelled `ferry.backup=false`, the same mount is left
+/// out and the backup goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_ferry_cannot_back_up_refuses_the_backup_before_anything_stops()
+-> anyhow::Result<()> {
+    setup();
+    let engine = Engine::start(Kind::Docker)?;
+    engine.import_base_image()?;
+    db_alone(&engine)?;
+    let big = engine.dir().join("disk.img");
+    std::fs::File::create(&big)?.set_len(100 << 20)?;
+    let bind = format!("{}:/disk.img", big.display());
+    let sidecar = |engine: &Engine, extra: &[&str]| {
+        let mut args = vec!["run", "-d", "--name", "shop-disk", "--network", "none"];
+        args.extend_from_slice(&["-v", &bind]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&SHOP);
+        args.extend_from_slice(&[BASE_IMAGE, "sleep", "100000"]);
+        engine.docker_ok(&args).map(|_| ())
+    };
+    sidecar(&engine, &[])?;
+    let started = engine.inspect("shop-db", "{{.State.StartedAt}}")?;
+    let (engine, ctl, _a, mut agent) = connect(engine, "").await?;
+    let (code, out, err) = backup_shop(&ctl, &[])?;
+    assert_ne!(code, 0, "{out}{err}");
+    let said = format!("{out}{err}");
+    assert!(said.contains("shop-disk: /disk.img"), "{said}");
+    assert!(said.contains("nothing was stopped"), "{said}");
+    assert_eq!(engine.inspect("shop-db", "{{.State.StartedAt}}")?, started);
+    assert!(
+        !agent.logs().contains("pre-copy started"),
+        "{}",
+        agent.logs()
+    );
+    engine.docker_ok(&["rm", "-f", "shop-disk"])?;
+    // (The agent reads the app from the engine when the backup begins.)
+    sidecar(&engine, &["-l", "ferry.backup=false"])?;
+    let (code, out, err) = backup_shop(&ctl, &[])?;
+    assert_eq!(code, 0, "{out}{err}\n{}", agent.logs());
+    agent.stop().await?;
+    Ok(())
+}
+
 /// The containers driver's volume access on a real engine: a backup reads
 /// a named volume at the engine's mount point; a copy's volume is an
 /// engine volume of its own, labelled with its restoring job, emptied when
 /// that job asks again, and deleted by a discard; a volume by that name
 /// that is not this restore's is refused and left as it was.
 async fn copy_volumes_are_engine_volumes_of_their_own(kind: Kind) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use ferry_agent::platform::containers::{ContainerPlatform, EngineSettings};
     use ferry_agent::platform::{CopiesRoot, CopyId, Driver};
-    use anyhow::Context as _;
     setup();
     let engine = Engine::start(kind)?;
     engine.import_base_image()?;
@@ -1015,7 +1132,10 @@ async fn copy_volumes_are_engine_volumes_of_their_own(kind: Kind) -> anyhow::Res
         .await
         .expect_err("another job's volume is refused");
     assert!(refused.to_string().contains("already exists"), "{refused}");
-    assert_eq!(std::fs::read_to_string(target.join("rows"))?, "the copy's own");
+    assert_eq!(
+        std::fs::read_to_string(target.join("rows"))?,
+        "the copy's own"
+    );
     // A volume someone made by the copy's name: refused, and no discard
     // touches it.
     engine.docker_ok(&["volume", "create", "shop3_shopdata"])?;

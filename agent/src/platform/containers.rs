@@ -26,7 +26,7 @@ use bollard::models::{
 use bollard::query_parameters::{ListContainersOptionsBuilder, StopContainerOptionsBuilder};
 use ferry_core::{
     App, AppName, Argv, Component, ComponentKind, ComponentName, ComponentRef, ComponentState,
-    ContainerComponent, Hooks, HostPath, TeamName, Volume, VolumeName,
+    ContainerComponent, ContainerMount, Hooks, HostPath, MountBackup, TeamName, Volume, VolumeName,
 };
 use tokio::sync::OnceCell;
 
@@ -38,6 +38,14 @@ pub const APP_LABEL: &str = "ferry.app";
 pub const TEAM_LABEL: &str = "ferry.team";
 /// Label overriding whether a component is stateful (`true` / `false`).
 pub const STATEFUL_LABEL: &str = "ferry.stateful";
+/// Label choosing what a backup does with a container's mounts (on a
+/// container: `true` backs up its read-only binds of directories too,
+/// `false` leaves every mount out) or with a named volume (`false` leaves
+/// it out).
+pub const BACKUP_LABEL: &str = "ferry.backup";
+/// The largest file a bind of a single file may be: it is captured with
+/// the app's config, through the agent's data directory.
+const FILE_BIND_MAX: u64 = 64 << 20;
 const PROJECT_LABEL: &str = "com.docker.compose.project";
 const SERVICE_LABEL: &str = "com.docker.compose.service";
 const DEPENDS_LABEL: &str = "com.docker.compose.depends_on";
@@ -189,14 +197,55 @@ impl ContainerPlatform {
                 .or_default()
                 .push(s);
         }
+        let facts = self.facts(groups.values().flatten()).await?;
         let mut apps = Vec::new();
         for ((team, name), members) in groups {
-            match build_app(team, name, &members) {
+            match build_app(team, name, &members, &facts) {
                 Ok(app) => apps.push(app),
                 Err(reason) => tracing::warn!(%reason, "container app skipped"),
             }
         }
         Ok(apps)
+    }
+
+    /// What is at the mounts' sources: each bind's host path, and which
+    /// named volumes are labelled to be left out.
+    async fn facts(&self, seen: impl Iterator<Item = &Seen>) -> Result<Facts, PlatformError> {
+        let mut binds = Vec::new();
+        let mut volumes = Vec::new();
+        for m in seen.flat_map(|s| s.inspect.mounts.iter().flatten()) {
+            match (m.typ.as_deref(), &m.name, &m.source) {
+                (Some("bind"), _, Some(src)) if !binds.contains(src) => binds.push(src.clone()),
+                (Some("volume"), Some(n), _) if !volumes.contains(n) => volumes.push(n.clone()),
+                _ => {}
+            }
+        }
+        let docker = self.docker().await?;
+        let mut left_out = std::collections::HashSet::new();
+        for name in volumes {
+            match docker.inspect_volume(&name).await {
+                Ok(v) if v.labels.get(BACKUP_LABEL).map(String::as_str) == Some("false") => {
+                    left_out.insert(name);
+                }
+                Ok(_)
+                | Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                Err(e) => return Err(self.engine_err(e)),
+            }
+        }
+        let paths = tokio::task::spawn_blocking(move || {
+            binds
+                .into_iter()
+                .map(|b| {
+                    let kind = SourceKind::of(Path::new(&b));
+                    (b, kind)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| self.engine_err(e))?;
+        Ok(Facts { paths, left_out })
     }
 
     /// The container that is a component, as the engine has it now; two
@@ -351,6 +400,39 @@ pub struct CapturedContainer {
     pub host_config: Option<bollard::models::HostConfig>,
     /// Networks the container is attached to, by name.
     pub networks: Vec<String>,
+    /// The files its binds of single files mount, captured beside this
+    /// config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CapturedFile>,
+}
+
+/// A bind-mounted file, captured with the config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CapturedFile {
+    /// Where the container sees it.
+    pub destination: String,
+    /// Its host path.
+    pub source: String,
+    /// Where it is in the captured config's directory (`files/N`).
+    pub file: String,
+}
+
+/// Copies the file at `from` to `to`, with its mode and owner.
+fn capture_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(from)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is no longer a file",
+            from.display()
+        )));
+    }
+    if let Some(dir) = to.parent() {
+        crate::durable::private_dir(dir)?;
+    }
+    std::fs::copy(from, to)?;
+    std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid()))?;
+    Ok(())
 }
 
 /// A container's config less what its image sets: equal scalar settings
@@ -420,8 +502,105 @@ fn label_hook(labels: &HashMap<String, String>, which: &str) -> Result<Option<Ar
         .transpose()
 }
 
+/// What the driver found out about mounts' sources, before deciding what a
+/// backup does with them.
+#[derive(Debug, Default)]
+struct Facts {
+    /// What is at each bind's host path.
+    paths: HashMap<String, SourceKind>,
+    /// Named volumes labelled `ferry.backup=false`.
+    left_out: std::collections::HashSet<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SourceKind {
+    Dir,
+    File(u64),
+    Socket,
+    Device,
+    Other,
+    Missing,
+    Unreadable(String),
+}
+
+impl SourceKind {
+    fn of(path: &Path) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => Self::Dir,
+            Ok(m) if m.is_file() => Self::File(m.len()),
+            Ok(m) if m.file_type().is_socket() => Self::Socket,
+            Ok(m) if m.file_type().is_char_device() || m.file_type().is_block_device() => {
+                Self::Device
+            }
+            Ok(_) => Self::Other,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::Missing,
+            Err(e) => Self::Unreadable(e.to_string()),
+        }
+    }
+}
+
+/// What a backup does with mount `m` of a container with `labels`.
+fn decide(
+    m: &bollard::models::MountPoint,
+    labels: &HashMap<String, String>,
+    facts: &Facts,
+) -> MountBackup {
+    let label = labels.get(BACKUP_LABEL).map(String::as_str);
+    let read_only = m.rw == Some(false);
+    match m.typ.as_deref() {
+        Some("volume") => {
+            let name = m.name.as_deref().unwrap_or_default();
+            if label == Some("false") {
+                MountBackup::Skipped("the container's label ferry.backup=false".into())
+            } else if facts.left_out.contains(name) {
+                MountBackup::Skipped("the volume's label ferry.backup=false".into())
+            } else if m.source.as_deref().unwrap_or_default().is_empty() {
+                MountBackup::Refused(format!(
+                    "volume {name} has no mount point on this host (label the container ferry.backup=false to leave its mounts out)"
+                ))
+            } else {
+                MountBackup::Volume
+            }
+        }
+        Some("bind") => {
+            let src = m.source.as_deref().unwrap_or_default();
+            let kind = facts.paths.get(src).cloned().unwrap_or(SourceKind::Missing);
+            match kind {
+                SourceKind::Socket => MountBackup::Skipped("a socket".into()),
+                SourceKind::Device => MountBackup::Skipped("a device".into()),
+                SourceKind::Other => MountBackup::Skipped("neither a file nor a directory".into()),
+                _ if label == Some("false") => {
+                    MountBackup::Skipped("the container's label ferry.backup=false".into())
+                }
+                SourceKind::File(n) if n > FILE_BIND_MAX => MountBackup::Refused(format!(
+                    "{src} is a file of {} MiB, more than the {} MiB a file bind may be; bind its directory instead, or label the container ferry.backup=false",
+                    n >> 20,
+                    FILE_BIND_MAX >> 20
+                )),
+                SourceKind::File(_) => MountBackup::File,
+                SourceKind::Dir if read_only && label != Some("true") => MountBackup::Config,
+                SourceKind::Dir => MountBackup::Volume,
+                SourceKind::Missing => {
+                    MountBackup::Refused(format!("its source {src} does not exist on this host"))
+                }
+                SourceKind::Unreadable(e) => {
+                    MountBackup::Refused(format!("its source {src} cannot be read: {e}"))
+                }
+            }
+        }
+        Some("tmpfs") => MountBackup::Skipped("a tmpfs: nothing outlives the container".into()),
+        other => MountBackup::Skipped(format!("a {} mount", other.unwrap_or("typeless"))),
+    }
+}
+
 /// One app from its containers.
-fn build_app(team: TeamName, name: AppName, members: &[Seen]) -> Result<App, String> {
+fn build_app(
+    team: TeamName,
+    name: AppName,
+    members: &[Seen],
+    facts: &Facts,
+) -> Result<App, String> {
     // Container names and ids → component names, for links and the like.
     let mut by_ref: HashMap<String, ComponentName> = HashMap::new();
     for s in members {
@@ -437,10 +616,28 @@ fn build_app(team: TeamName, name: AppName, members: &[Seen]) -> Result<App, Str
         let i = &s.inspect;
         let labels = labels(i);
         let mut uses = Vec::new();
+        let mut mounts = Vec::new();
         for m in i.mounts.iter().flatten() {
-            let (vol_name, path) = match (m.typ.as_deref(), &m.name, &m.source) {
-                (Some("volume"), Some(n), Some(src)) => (n.clone(), src.clone()),
-                (Some("bind"), _, Some(src)) => (src.clone(), src.clone()),
+            let backup = decide(m, &labels, facts);
+            let kind = m.typ.as_deref().unwrap_or_default();
+            let source = match kind {
+                "volume" => m.name.clone(),
+                _ => m.source.clone(),
+            }
+            .unwrap_or_default();
+            mounts.push(ContainerMount {
+                destination: m.destination.clone().unwrap_or_default(),
+                source: source.clone(),
+                kind: kind.to_owned(),
+                read_only: m.rw == Some(false),
+                backup: backup.clone(),
+            });
+            if backup != MountBackup::Volume {
+                continue;
+            }
+            let (vol_name, path) = match (kind, &m.source) {
+                ("volume", Some(src)) => (source, src.clone()),
+                ("bind", Some(src)) => (src.clone(), src.clone()),
                 _ => continue,
             };
             let vol_name = VolumeName::new(&vol_name).map_err(|e| e.to_string())?;
@@ -513,6 +710,7 @@ fn build_app(team: TeamName, name: AppName, members: &[Seen]) -> Result<App, Str
                     .and_then(|c| c.image.clone())
                     .unwrap_or_default(),
                 image_id: i.image.clone().unwrap_or_default(),
+                mounts,
             }),
             stateful,
             volumes: uses,
@@ -862,10 +1060,13 @@ impl Volumes for ContainerPlatform {
         original: &App,
         index: usize,
     ) -> Result<PathBuf, PlatformError> {
-        let volume = original.volumes.get(index).ok_or_else(|| PlatformError::BadCopy {
-            app: format!("{}/{}", original.team, original.name),
-            reason: format!("it has no volume number {index}"),
-        })?;
+        let volume = original
+            .volumes
+            .get(index)
+            .ok_or_else(|| PlatformError::BadCopy {
+                app: format!("{}/{}", original.team, original.name),
+                reason: format!("it has no volume number {index}"),
+            })?;
         if is_bind(volume) {
             return self.settings.copies_root.target(copy, index).await;
         }
@@ -930,7 +1131,10 @@ impl Volumes for ContainerPlatform {
             .map_err(|e| self.engine_err(e))?;
         for v in listed.volumes.into_iter().flatten() {
             match docker
-                .remove_volume(&v.name, None::<bollard::query_parameters::RemoveVolumeOptions>)
+                .remove_volume(
+                    &v.name,
+                    None::<bollard::query_parameters::RemoveVolumeOptions>,
+                )
                 .await
             {
                 Ok(())
@@ -1001,12 +1205,35 @@ impl Capture for ContainerPlatform {
             path: dest.to_path_buf(),
             reason: e.to_string(),
         };
-        // Each container's config, beside the images.
+        // Each container's config, beside the images, with the files its
+        // binds of single files mount.
         let mut captured = Vec::new();
+        let mut file_count = 0usize;
         for c in &app.components {
             let ComponentKind::Container(k) = &c.kind else {
                 continue;
             };
+            let mut files = Vec::new();
+            for m in k.mounts.iter().filter(|m| m.backup == MountBackup::File) {
+                let file = format!("files/{file_count}");
+                file_count += 1;
+                let (from, to) = (PathBuf::from(&m.source), dest.with_file_name(&file));
+                tokio::task::spawn_blocking(move || capture_file(&from, &to))
+                    .await
+                    .map_err(|e| io(std::io::Error::other(e)))?
+                    .map_err(|e| PlatformError::Registry {
+                        path: PathBuf::from(&m.source),
+                        reason: format!(
+                            "cannot capture the file {} of {} mounts: {e}",
+                            m.destination, c.name
+                        ),
+                    })?;
+                files.push(CapturedFile {
+                    destination: m.destination.clone(),
+                    source: m.source.clone(),
+                    file,
+                });
+            }
             let i = self.inspect(&k.id).await?;
             let image = docker.inspect_image(&k.image_id).await.ok();
             let config = i.config.clone().unwrap_or_default();
@@ -1030,6 +1257,7 @@ impl Capture for ContainerPlatform {
                         v
                     })
                     .unwrap_or_default(),
+                files,
             });
         }
         let config_path = dest.with_file_name("containers.json");
@@ -1137,12 +1365,21 @@ mod tests {
         ]
     }
 
+    /// What the host has at shop's bind sources.
+    fn shop_facts() -> Facts {
+        Facts {
+            paths: HashMap::from([("/srv/static".to_owned(), SourceKind::Dir)]),
+            ..Facts::default()
+        }
+    }
+
     #[test]
     fn containers_make_one_app_with_their_volumes_dependencies_and_hooks() {
         let app = build_app(
             "web".parse().expect("team"),
             "shop".parse().expect("app"),
             &shop(),
+            &shop_facts(),
         )
         .expect("app");
         let names: Vec<&str> = app.components.iter().map(|c| c.name.as_str()).collect();
@@ -1163,6 +1400,13 @@ mod tests {
                 name: "shop-db-1".into(),
                 image: "postgres:15".into(),
                 image_id: "sha256:aa".into(),
+                mounts: vec![ContainerMount {
+                    destination: "/var/lib/postgresql/data".into(),
+                    source: "shop_pgdata".into(),
+                    kind: "volume".into(),
+                    read_only: false,
+                    backup: MountBackup::Volume,
+                }],
             })
         );
         assert_eq!(db.volumes[0].as_str(), "shop_pgdata");
@@ -1209,9 +1453,144 @@ mod tests {
             "web".parse().expect("team"),
             "shop".parse().expect("app"),
             &members,
+            &shop_facts(),
         )
         .expect_err("refused");
         assert!(!err.is_empty());
+    }
+
+    /// Every kind of mount gets its decision from what is at its source,
+    /// whether it is read-only, and the labels; only volumes become the
+    /// app's volumes.
+    #[test]
+    fn mounts_are_decided_by_their_source_their_mode_and_the_labels() {
+        let bind = |src: &str, dest: &str, rw: bool| bollard::models::MountPoint {
+            typ: Some("bind".into()),
+            source: Some(src.into()),
+            destination: Some(dest.into()),
+            rw: Some(rw),
+            ..Default::default()
+        };
+        let volume = |name: &str, dest: &str| bollard::models::MountPoint {
+            typ: Some("volume".into()),
+            name: Some(name.into()),
+            source: Some(format!("/var/lib/docker/volumes/{name}/_data")),
+            destination: Some(dest.into()),
+            rw: Some(true),
+            ..Default::default()
+        };
+        let facts = Facts {
+            paths: HashMap::from([
+                ("/srv/data".into(), SourceKind::Dir),
+                ("/usr".into(), SourceKind::Dir),
+                ("/srv/nginx.conf".into(), SourceKind::File(1200)),
+                ("/srv/big.img".into(), SourceKind::File(100 << 20)),
+                ("/var/run/docker.sock".into(), SourceKind::Socket),
+                ("/dev/fuse".into(), SourceKind::Device),
+            ]),
+            left_out: ["scratch".to_owned()].into(),
+        };
+        let none = HashMap::new();
+        let yes = HashMap::from([(BACKUP_LABEL.to_owned(), "true".to_owned())]);
+        let no = HashMap::from([(BACKUP_LABEL.to_owned(), "false".to_owned())]);
+        let skipped = |d: &MountBackup| matches!(d, MountBackup::Skipped(_));
+        let refused = |d: &MountBackup| matches!(d, MountBackup::Refused(_));
+        type Expect<'a> = &'a dyn Fn(&MountBackup) -> bool;
+        let cases: Vec<(
+            bollard::models::MountPoint,
+            &HashMap<String, String>,
+            Expect,
+        )> = vec![
+            (volume("pgdata", "/var/lib/postgresql/data"), &none, &|d| {
+                *d == MountBackup::Volume
+            }),
+            (volume("scratch", "/scratch"), &none, &skipped),
+            (volume("pgdata", "/data"), &no, &skipped),
+            (bind("/srv/data", "/data", true), &none, &|d| {
+                *d == MountBackup::Volume
+            }),
+            (bind("/usr", "/usr", false), &none, &|d| {
+                *d == MountBackup::Config
+            }),
+            (bind("/usr", "/usr", false), &yes, &|d| {
+                *d == MountBackup::Volume
+            }),
+            (
+                bind("/srv/nginx.conf", "/etc/nginx/nginx.conf", false),
+                &none,
+                &|d| *d == MountBackup::File,
+            ),
+            (
+                bind("/srv/nginx.conf", "/etc/nginx/nginx.conf", true),
+                &none,
+                &|d| *d == MountBackup::File,
+            ),
+            (
+                bind("/srv/nginx.conf", "/etc/nginx/nginx.conf", false),
+                &no,
+                &skipped,
+            ),
+            (bind("/srv/big.img", "/disk.img", true), &none, &refused),
+            (
+                bind("/var/run/docker.sock", "/var/run/docker.sock", true),
+                &yes,
+                &skipped,
+            ),
+            (bind("/dev/fuse", "/dev/fuse", true), &none, &skipped),
+            (bind("/srv/gone", "/gone", true), &none, &refused),
+            (bind("/srv/gone", "/gone", true), &no, &skipped),
+            (
+                bollard::models::MountPoint {
+                    typ: Some("tmpfs".into()),
+                    destination: Some("/tmp".into()),
+                    ..Default::default()
+                },
+                &none,
+                &skipped,
+            ),
+        ];
+        for (m, labels, expected) in cases {
+            let d = decide(&m, labels, &facts);
+            assert!(expected(&d), "{:?} {labels:?}: {d:?}", m.destination);
+        }
+        // Only what is backed up as a volume is one of the app's volumes.
+        let mut members = shop();
+        members[0].inspect.mounts = Some(vec![
+            volume("shop_pgdata", "/var/lib/postgresql/data"),
+            bind("/srv/nginx.conf", "/etc/nginx/nginx.conf", false),
+            bind("/usr", "/usr", false),
+            bind("/var/run/docker.sock", "/var/run/docker.sock", true),
+        ]);
+        let app = build_app(
+            "web".parse().expect("team"),
+            "shop".parse().expect("app"),
+            &members,
+            &facts,
+        )
+        .expect("app");
+        let vols: Vec<&str> = app.volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            vols,
+            ["shop_pgdata"],
+            "/srv/static is missing: refused, not a volume"
+        );
+        let db = app
+            .components
+            .iter()
+            .find(|c| c.name.as_str() == "db")
+            .expect("db");
+        let ComponentKind::Container(k) = &db.kind else {
+            panic!("a container")
+        };
+        let decided: Vec<(&str, &MountBackup)> = k
+            .mounts
+            .iter()
+            .map(|m| (m.destination.as_str(), &m.backup))
+            .collect();
+        assert_eq!(decided[1], ("/etc/nginx/nginx.conf", &MountBackup::File));
+        assert_eq!(decided[2], ("/usr", &MountBackup::Config));
+        assert!(skipped(decided[3].1));
+        assert_eq!(db.volumes.len(), 1);
     }
 }
 

@@ -521,7 +521,7 @@ impl HostPlatform {
     /// Copies' volumes live under the copies root; none: no copies.
     fn copies_root(&self) -> Result<&CopiesRoot, PlatformError> {
         self.copies_root
-            .as_deref()
+            .as_ref()
             .ok_or_else(|| PlatformError::Unsupported {
                 what: "copies on an agent without a copies directory".into(),
             })

@@ -96,6 +96,17 @@ pub async fn backup_app(
             format!("{r} runs, and mode refuse backs up only stopped apps; nothing was stopped"),
         ));
     }
+    // A mount the backup cannot take refuses it before anything runs.
+    let refused = app.refused_mounts();
+    if !refused.is_empty() {
+        return Err(fail(
+            ErrorCode::FailedPrecondition,
+            format!(
+                "{team}/{app_name} has mounts Ferry cannot back up ({}); nothing was stopped",
+                refused.join("; ")
+            ),
+        ));
+    }
     // Where each volume is read, asked of its driver before anything
     // stops (a volume that is gone fails the backup now).
     let mut volumes = Vec::new();

@@ -148,6 +148,26 @@ pub(super) fn backup_pb(b: &BackupRecord) -> pb::Backup {
             bytes: i.bytes,
             bytes_new: i.bytes_new,
         }),
+        mounts: m
+            .app
+            .components
+            .iter()
+            .flat_map(|c| match &c.kind {
+                ferry_core::ComponentKind::Container(k) => k
+                    .mounts
+                    .iter()
+                    .map(|mt| pb::BackupMount {
+                        component: c.name.to_string(),
+                        destination: mt.destination.clone(),
+                        source: mt.source.clone(),
+                        kind: mt.kind.clone(),
+                        read_only: mt.read_only,
+                        backup: mt.backup.describe(),
+                    })
+                    .collect(),
+                ferry_core::ComponentKind::Host(_) => Vec::new(),
+            })
+            .collect(),
     }
 }
 

@@ -582,6 +582,7 @@ mod tests {
             name: "shop-db".into(),
             image: "busybox".into(),
             image_id: "sha256:00".into(),
+            mounts: Vec::new(),
         })
     }
 

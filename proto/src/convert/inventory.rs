@@ -1,8 +1,8 @@
 //! Inventory: apps, components, volumes.
 
 use ferry_core::{
-    App, Argv, Component, ComponentKind, ComponentState, ContainerComponent, Hooks, HostComponent,
-    Inventory, Timestamp, Volume,
+    App, Argv, Component, ComponentKind, ComponentState, ContainerComponent, ContainerMount, Hooks,
+    HostComponent, Inventory, MountBackup, Timestamp, Volume,
 };
 
 use super::{ConvertError, parse};
@@ -96,6 +96,7 @@ impl From<Component> for pb::Component {
                 name: c.name,
                 image: c.image,
                 image_id: c.image_id,
+                mounts: c.mounts.into_iter().map(mount_to_pb).collect(),
             }),
         };
         Self {
@@ -112,6 +113,47 @@ impl From<Component> for pb::Component {
     }
 }
 
+fn mount_to_pb(m: ContainerMount) -> pb::ContainerMount {
+    let (backup, why) = match m.backup {
+        MountBackup::Volume => ("volume", String::new()),
+        MountBackup::File => ("file", String::new()),
+        MountBackup::Config => ("config", String::new()),
+        MountBackup::Skipped(why) => ("skipped", why),
+        MountBackup::Refused(why) => ("refused", why),
+    };
+    pb::ContainerMount {
+        destination: m.destination,
+        source: m.source,
+        kind: m.kind,
+        read_only: m.read_only,
+        backup: backup.to_owned(),
+        why,
+    }
+}
+
+fn mount_from_pb(m: pb::ContainerMount, field: &str) -> Result<ContainerMount, ConvertError> {
+    let backup = match m.backup.as_str() {
+        "volume" => MountBackup::Volume,
+        "file" => MountBackup::File,
+        "config" => MountBackup::Config,
+        "skipped" => MountBackup::Skipped(m.why),
+        "refused" => MountBackup::Refused(m.why),
+        other => {
+            return Err(ConvertError::Unknown {
+                field: format!("{field}.backup"),
+                value: other.to_owned(),
+            });
+        }
+    };
+    Ok(ContainerMount {
+        destination: m.destination,
+        source: m.source,
+        kind: m.kind,
+        read_only: m.read_only,
+        backup,
+    })
+}
+
 fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, ConvertError> {
     let kind = match c.kind {
         Some(pb::component::Kind::Host(h)) => {
@@ -123,11 +165,18 @@ fn component_from_pb(c: pb::Component, field: &str) -> Result<Component, Convert
                     field: format!("{field}.container.id"),
                 });
             }
+            let mounts = c
+                .mounts
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| mount_from_pb(m, &format!("{field}.container.mounts[{i}]")))
+                .collect::<Result<_, _>>()?;
             ComponentKind::Container(ContainerComponent {
                 id: c.id,
                 name: c.name,
                 image: c.image,
                 image_id: c.image_id,
+                mounts,
             })
         }
         None => {
@@ -462,6 +511,43 @@ mod tests {
             name: "shop-worker-1".into(),
             image: "ferry-test/base:1".into(),
             image_id: "sha256:8ed490d977df".into(),
+            mounts: vec![
+                ContainerMount {
+                    destination: "/data".into(),
+                    source: "shop_data".into(),
+                    kind: "volume".into(),
+                    read_only: false,
+                    backup: MountBackup::Volume,
+                },
+                ContainerMount {
+                    destination: "/etc/app.conf".into(),
+                    source: "/srv/shop/app.conf".into(),
+                    kind: "bind".into(),
+                    read_only: true,
+                    backup: MountBackup::File,
+                },
+                ContainerMount {
+                    destination: "/usr".into(),
+                    source: "/usr".into(),
+                    kind: "bind".into(),
+                    read_only: true,
+                    backup: MountBackup::Config,
+                },
+                ContainerMount {
+                    destination: "/var/run/docker.sock".into(),
+                    source: "/var/run/docker.sock".into(),
+                    kind: "bind".into(),
+                    read_only: false,
+                    backup: MountBackup::Skipped("a socket".into()),
+                },
+                ContainerMount {
+                    destination: "/gone".into(),
+                    source: "/srv/gone".into(),
+                    kind: "bind".into(),
+                    read_only: false,
+                    backup: MountBackup::Refused("its source is missing".into()),
+                },
+            ],
         });
         let wire = pb::Inventory::from(containers.clone());
         assert_eq!(
