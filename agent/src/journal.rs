@@ -343,17 +343,22 @@ fn now_ms() -> u64 {
 /// restored); stops at the first that fails to start (what follows depends on it). A component the
 /// agent no longer has (its app was removed, its container re-created by
 /// someone else) has nothing to start.
-pub async fn restart(platform: &Platforms, stopped: &[Receipt]) -> Result<(), PlatformError> {
+/// Returns what the starts had to say ([`crate::platform::Remark`]).
+pub async fn restart(
+    platform: &Platforms,
+    stopped: &[Receipt],
+) -> Result<Vec<String>, PlatformError> {
+    let mut remarks = Vec::new();
     for receipt in stopped.iter().rev() {
         match platform.start(receipt).await {
-            Ok(()) => {}
+            Ok(remark) => remarks.extend(remark),
             Err(PlatformError::UnknownComponent { .. }) => {
                 tracing::warn!(component = %receipt.component, "no longer on this agent; nothing to start");
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(remarks)
 }
 
 /// Replays every entry no running step holds: restarts what an interrupted
@@ -473,7 +478,7 @@ async fn restart_checked(platform: &Platforms, entry: &Entry) -> Result<bool, Pl
         };
         found_running |= state == ferry_core::ComponentState::Running;
         match platform.start(receipt).await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(PlatformError::UnknownComponent { .. }) => {
                 tracing::warn!(component = %receipt.component, "no longer on this agent; nothing to start");
             }

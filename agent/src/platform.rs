@@ -75,6 +75,10 @@ pub enum PlatformError {
     BadCopy { app: String, reason: String },
     #[error("volume {volume} of {app} is gone")]
     VolumeGone { app: String, volume: String },
+    #[error(
+        "volume {name} already exists and is not this restore's; restore under another name, or remove the volume"
+    )]
+    VolumeTaken { name: String },
     #[error("no free port above {from} for {name}")]
     NoFreePort { name: String, from: u16 },
     /// A journal's receipt its driver cannot read.
@@ -94,7 +98,9 @@ pub enum PlatformError {
 impl CodedError for PlatformError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::UnknownComponent { .. } | Self::VolumeGone { .. } => ErrorCode::NotFound,
+            Self::UnknownComponent { .. } => ErrorCode::NotFound,
+            Self::VolumeGone { .. } => ErrorCode::FailedPrecondition,
+            Self::VolumeTaken { .. } => ErrorCode::AlreadyExists,
             // The program is missing or cannot run, or it ran and failed:
             // the host must change before a retry helps.
             Self::Spawn { .. } | Self::CommandFailed { .. } => ErrorCode::FailedPrecondition,
@@ -122,6 +128,11 @@ pub struct Receipt {
     pub detail: serde_json::Value,
 }
 
+/// What a stop or a start that succeeded has to say, for the backup's
+/// record, beyond "done as asked" (`the engine killed it at the 20 s stop
+/// timeout`); none when it went as asked.
+pub type Remark = Option<String>;
+
 /// Workloads: what every driver does.
 #[async_trait]
 pub trait Driver: Send + Sync {
@@ -147,13 +158,15 @@ pub trait Driver: Send + Sync {
     /// anything changes (the journal records it before the stop).
     async fn receipt(&self, component: &ComponentRef) -> Result<Receipt, PlatformError>;
 
-    /// Stops the component of `receipt`; returns when it has stopped.
-    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError>;
+    /// Stops the component of `receipt`; returns when it has stopped,
+    /// with what the record should say of how (the engine killed it).
+    async fn stop(&self, receipt: &Receipt) -> Result<Remark, PlatformError>;
 
     /// Puts the component of `receipt` back: starts it unless it already
     /// runs (someone else started it), and restores whatever the stop set
-    /// aside. Returns once it runs as the driver defines it.
-    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError>;
+    /// aside. Returns once it runs as the driver defines it, with what the
+    /// record should say of how (its health was never known).
+    async fn start(&self, receipt: &Receipt) -> Result<Remark, PlatformError>;
 
     /// The longest a stop this driver began may still go on after the
     /// caller stopped waiting for it (the agent was killed, or the call
@@ -499,7 +512,7 @@ impl Platforms {
             })
     }
 
-    pub async fn stop(&self, r: &Receipt) -> Result<(), PlatformError> {
+    pub async fn stop(&self, r: &Receipt) -> Result<Remark, PlatformError> {
         self.maker(r)?.stop(r).await
     }
 
@@ -518,12 +531,12 @@ impl Platforms {
         }
     }
 
-    pub async fn start(&self, r: &Receipt) -> Result<(), PlatformError> {
+    pub async fn start(&self, r: &Receipt) -> Result<Remark, PlatformError> {
         self.maker(r)?.start(r).await
     }
 
     /// Starts a component Ferry did not stop (a copy just registered).
-    pub async fn start_component(&self, c: &ComponentRef) -> Result<(), PlatformError> {
+    pub async fn start_component(&self, c: &ComponentRef) -> Result<Remark, PlatformError> {
         let receipt = self.receipt(c).await?;
         self.start(&receipt).await
     }

@@ -216,6 +216,8 @@ struct BackupRow {
     images: Option<ImagesRow>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     mounts: Vec<MountRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    remarks: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -225,7 +227,10 @@ struct MountRow {
     source: String,
     kind: String,
     read_only: bool,
+    /// volume | file | config | skipped | refused
     backup: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    why: String,
 }
 
 #[derive(Serialize)]
@@ -279,8 +284,10 @@ impl From<&v1::Backup> for BackupRow {
                     kind: m.kind.clone(),
                     read_only: m.read_only,
                     backup: m.backup.clone(),
+                    why: m.why.clone(),
                 })
                 .collect(),
+            remarks: b.remarks.clone(),
         }
     }
 }
@@ -633,6 +640,9 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
                     &i.snapshot[..i.snapshot.len().min(12)]
                 ));
             }
+            for remark in &r.remarks {
+                text.push_str(&format!("  remark:   {remark}\n"));
+            }
             for m in &r.mounts {
                 let from = if m.source.is_empty() {
                     m.kind.clone()
@@ -644,7 +654,8 @@ pub async fn backup(eff: &Effective, out: Format, verb: BackupVerb) -> Result<()
                     m.component,
                     m.destination,
                     if m.read_only { " ro" } else { "" },
-                    m.backup
+                    ferry_core::MountBackup::from_code(&m.backup, m.why.clone())
+                        .map_or_else(|| format!("{} {}", m.backup, m.why), |b| b.describe())
                 ));
             }
             emit(&text)

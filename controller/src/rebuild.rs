@@ -530,6 +530,7 @@ mod tests {
             stopped: vec![],
             volumes: vec![],
             images: None,
+            remarks: Vec::new(),
             started_at: Timestamp::from_unix_millis(1),
             finished_at: Timestamp::from_unix_millis(2),
             timings: BackupTimings::default(),

@@ -128,6 +128,11 @@ pub struct AppManifest {
     /// The containers' images; none for apps that have none (host apps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<ImagesSnapshot>,
+    /// What the stops and starts had to say beyond "done as asked" (a
+    /// container the engine killed at its stop timeout; one whose health
+    /// was never known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remarks: Vec<String>,
     pub started_at: Timestamp,
     pub finished_at: Timestamp,
     pub timings: BackupTimings,
@@ -242,6 +247,7 @@ mod tests {
                 bytes: 10,
             }],
             images: None,
+            remarks: Vec::new(),
             started_at: Timestamp::from_unix_millis(1),
             finished_at: Timestamp::from_unix_millis(2),
             timings: BackupTimings::default(),

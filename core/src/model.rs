@@ -286,8 +286,34 @@ pub enum MountBackup {
 }
 
 impl MountBackup {
-    /// A few words for people: `volume`, `file`, `config`,
-    /// `skipped: a socket`, `refused: …`.
+    /// Its code (`volume`, `file`, `config`, `skipped`, `refused`) and its
+    /// reason (empty but for `skipped` and `refused`), as the wire and
+    /// `-o json` carry it.
+    pub fn code(&self) -> (&'static str, &str) {
+        match self {
+            Self::Volume => ("volume", ""),
+            Self::File => ("file", ""),
+            Self::Config => ("config", ""),
+            Self::Skipped(why) => ("skipped", why),
+            Self::Refused(why) => ("refused", why),
+        }
+    }
+
+    /// The decision a code and a reason stand for; none for a code this
+    /// version does not know.
+    pub fn from_code(code: &str, why: String) -> Option<Self> {
+        Some(match code {
+            "volume" => Self::Volume,
+            "file" => Self::File,
+            "config" => Self::Config,
+            "skipped" => Self::Skipped(why),
+            "refused" => Self::Refused(why),
+            _ => return None,
+        })
+    }
+
+    /// A few words for people: `backed up as a volume`, `left out: a
+    /// socket`, …
     pub fn describe(&self) -> String {
         match self {
             Self::Volume => "backed up as a volume".into(),

@@ -180,9 +180,18 @@ impl Repository {
                     }
                     let reason = match repo.store().size(&key).await {
                         Ok(Some(_)) => {
-                            info.expires = repo.clock().now_unix() + stale;
+                            // Extended from the time it was seen live, never
+                            // from a later one (the process may stall
+                            // between the check and the write); a write
+                            // that lands after the old expiry is too late.
+                            let old = info.expires;
+                            info.expires = now + stale;
                             match repo.write_lock(&key, &info).await {
-                                Ok(()) => continue,
+                                Ok(()) if repo.clock().now_unix() < old => continue,
+                                Ok(()) => format!(
+                                    "it expired before its refresh was written ({} s late; the process stalled)",
+                                    repo.clock().now_unix() - old
+                                ),
                                 // Keep trying while the lock is still live.
                                 Err(e) if repo.clock().now_unix() < info.expires - 1 => {
                                     tracing::warn!(lock = %key, error = %e, "could not refresh lock; retrying");

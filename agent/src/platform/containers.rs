@@ -30,7 +30,7 @@ use ferry_core::{
 };
 use tokio::sync::OnceCell;
 
-use super::{Capture, CopiesRoot, CopyId, Driver, PlatformError, Receipt, Volumes};
+use super::{Capture, CopiesRoot, CopyId, Driver, PlatformError, Receipt, Remark, Volumes};
 
 /// Label naming a container's app (when it is no Compose project).
 pub const APP_LABEL: &str = "ferry.app";
@@ -133,21 +133,50 @@ impl ContainerPlatform {
             .await
     }
 
-    /// Every container that belongs to an app, inspected.
-    async fn scan(&self) -> Result<Vec<Seen>, PlatformError> {
+    /// Every container that belongs to an app (to app `only`, asked of
+    /// the engine by its labels), inspected.
+    async fn scan(&self, only: Option<&AppName>) -> Result<Vec<Seen>, PlatformError> {
         let docker = self.docker().await?;
-        let list = docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default().all(true).build(),
-            ))
-            .await
-            .map_err(|e| self.engine_err(e))?;
+        let filters: Vec<Option<HashMap<String, Vec<String>>>> = match only {
+            None => vec![None],
+            Some(app) => [APP_LABEL, PROJECT_LABEL]
+                .iter()
+                .map(|l| {
+                    Some(HashMap::from([(
+                        "label".to_owned(),
+                        vec![format!("{l}={app}")],
+                    )]))
+                })
+                .collect(),
+        };
+        let mut list = Vec::new();
+        for f in filters {
+            let mut options = ListContainersOptionsBuilder::default().all(true);
+            if let Some(f) = &f {
+                options = options.filters(f);
+            }
+            for c in docker
+                .list_containers(Some(options.build()))
+                .await
+                .map_err(|e| self.engine_err(e))?
+            {
+                if !list
+                    .iter()
+                    .any(|o: &bollard::models::ContainerSummary| o.id == c.id)
+                {
+                    list.push(c);
+                }
+            }
+        }
         let mut seen = Vec::new();
         for summary in list {
             let labels = summary.labels.unwrap_or_default();
             let Some(app) = labels.get(APP_LABEL).or_else(|| labels.get(PROJECT_LABEL)) else {
                 continue;
             };
+            if only.is_some_and(|o| o.as_str() != app) {
+                continue;
+            }
             if labels
                 .get(ONEOFF_LABEL)
                 .is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -188,10 +217,10 @@ impl ContainerPlatform {
         Ok(seen)
     }
 
-    /// The apps the containers make up.
-    async fn apps(&self) -> Result<Vec<App>, PlatformError> {
+    /// The apps the containers make up (only app `only`, when given).
+    async fn apps(&self, only: Option<&AppName>) -> Result<Vec<App>, PlatformError> {
         let mut groups: BTreeMap<(TeamName, AppName), Vec<Seen>> = BTreeMap::new();
-        for s in self.scan().await? {
+        for s in self.scan(only).await? {
             groups
                 .entry((s.team.clone(), s.app.clone()))
                 .or_default()
@@ -252,7 +281,7 @@ impl ContainerPlatform {
     /// containers claiming to be it are refused rather than guessed at.
     async fn locate(&self, r: &ComponentRef) -> Result<ContainerInspectResponse, PlatformError> {
         let mut found = self
-            .scan()
+            .scan(Some(&r.app))
             .await?
             .into_iter()
             .filter(|s| s.team == r.team && s.app == r.app && s.component == r.component);
@@ -415,12 +444,23 @@ pub struct CapturedFile {
     pub source: String,
     /// Where it is in the captured config's directory (`files/N`).
     pub file: String,
+    /// Its mode, owner and group on the host.
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
 }
 
-/// Copies the file at `from` to `to`, with its mode and owner.
-fn capture_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(from)?;
+/// Copies the file at `from` to `to` (at most [`FILE_BIND_MAX`] bytes),
+/// with its mode, and its owner where the agent may set it; returns its
+/// mode and owner.
+fn capture_file(from: &Path, to: &Path) -> std::io::Result<(u32, u32, u32)> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut src = std::fs::File::open(from)?;
+    let meta = src.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other(format!(
             "{} is no longer a file",
@@ -430,9 +470,23 @@ fn capture_file(from: &Path, to: &Path) -> std::io::Result<()> {
     if let Some(dir) = to.parent() {
         crate::durable::private_dir(dir)?;
     }
-    std::fs::copy(from, to)?;
-    std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid()))?;
-    Ok(())
+    let mut out = crate::durable::create_private(to)?;
+    let copied = std::io::copy(&mut (&mut src).take(FILE_BIND_MAX + 1), &mut out)?;
+    if copied > FILE_BIND_MAX {
+        return Err(std::io::Error::other(format!(
+            "it has grown past the {} MiB a file bind may be",
+            FILE_BIND_MAX >> 20
+        )));
+    }
+    out.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    match std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid())) {
+        Ok(()) => {}
+        // An agent that is not root keeps the file as its own; the
+        // owner is recorded.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(e),
+    }
+    Ok((meta.mode() & 0o7777, meta.uid(), meta.gid()))
 }
 
 /// A container's config less what its image sets: equal scalar settings
@@ -746,12 +800,12 @@ impl Driver for ContainerPlatform {
     }
 
     async fn inventory(&self) -> Result<Vec<App>, PlatformError> {
-        self.apps().await
+        self.apps(None).await
     }
 
     async fn app(&self, team: &TeamName, app: &AppName) -> Result<Option<App>, PlatformError> {
         Ok(self
-            .apps()
+            .apps(Some(app))
             .await?
             .into_iter()
             .find(|a| a.team == *team && a.name == *app))
@@ -790,7 +844,7 @@ impl Driver for ContainerPlatform {
         })
     }
 
-    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+    async fn stop(&self, receipt: &Receipt) -> Result<Remark, PlatformError> {
         let r = &receipt.component;
         let (i, policy) = self.receipt_container(receipt).await?;
         let id = i.id.clone().unwrap_or_default();
@@ -826,7 +880,8 @@ impl Driver for ContainerPlatform {
             )
             .await
             .map_err(|e| self.engine_err(e))?;
-        if is_running(&self.inspect(&id).await?) {
+        let after = self.inspect(&id).await?;
+        if is_running(&after) {
             return Err(PlatformError::CommandFailed {
                 action: "stop",
                 component: Box::new(r.clone()),
@@ -834,11 +889,21 @@ impl Driver for ContainerPlatform {
                 stderr: String::new(),
             });
         }
+        // Exit 137 is SIGKILL: the engine's, at the stop timeout, when
+        // the container ran before this stop (not an earlier exit).
+        let killed = is_running(&i) && after.state.as_ref().and_then(|s| s.exit_code) == Some(137);
+        if killed {
+            tracing::warn!(component = %r, container = %id, timeout_secs = secs, "the container did not stop on its stop signal; the engine killed it");
+            return Ok(Some(format!(
+                "{} did not stop on its stop signal within {secs} s and the engine killed it (exit 137); its data was copied as after a crash (give it a better stop: a ferry.pre_stop hook, or a STOPSIGNAL it stops on)",
+                r.component
+            )));
+        }
         tracing::info!(component = %r, container = %id, action = "stop", "component command succeeded");
-        Ok(())
+        Ok(None)
     }
 
-    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+    async fn start(&self, receipt: &Receipt) -> Result<Remark, PlatformError> {
         let r = &receipt.component;
         let (i, policy) = self.receipt_container(receipt).await?;
         let id = i.id.clone().unwrap_or_default();
@@ -865,7 +930,7 @@ impl Driver for ContainerPlatform {
         };
         if is_running(&i) {
             // Running again (whoever started it): only the policy goes back.
-            return put_back.await;
+            return put_back.await.map(|()| None);
         }
         // One that runs already answers 304: success too.
         self.docker()
@@ -874,14 +939,44 @@ impl Driver for ContainerPlatform {
             .await
             .map_err(|e| self.engine_err(e))?;
         put_back.await?;
-        // Running, and healthy where it has a healthcheck.
-        let has_check = i
+        // Running, and healthy where it has a healthcheck: waited for
+        // until the check has had its chances (its start period, and an
+        // interval per retry and one more), then a running container
+        // counts as started, and the record says so. An engine that runs
+        // no checks at all (Podman's service without systemd) is seen
+        // after two intervals without a new result.
+        let check = i
             .config
             .as_ref()
             .and_then(|c| c.healthcheck.as_ref())
-            .and_then(|h| h.test.as_ref())
-            .is_some_and(|t| t.first().is_some_and(|k| k != "NONE"));
-        let deadline = Instant::now() + self.settings.start_timeout;
+            .filter(|h| {
+                h.test
+                    .as_ref()
+                    .is_some_and(|t| t.first().is_some_and(|k| k != "NONE"))
+            });
+        let began = Instant::now();
+        let deadline = began + self.settings.start_timeout;
+        let last_result = |i: &ContainerInspectResponse| {
+            i.state
+                .as_ref()
+                .and_then(|s| s.health.as_ref())
+                .and_then(|h| h.log.as_ref())
+                .and_then(|l| l.last())
+                .map(|r| format!("{:?}", r.start))
+        };
+        let before = last_result(&i);
+        let health_wait = check.map(|h| {
+            let ns = |v: Option<i64>, default: u64| {
+                Duration::from_nanos(v.filter(|n| *n > 0).map_or(default, |n| n as u64))
+            };
+            let interval = ns(h.interval, 30_000_000_000);
+            let retries = u32::try_from(h.retries.filter(|n| *n > 0).unwrap_or(3)).unwrap_or(3);
+            let start_period = ns(h.start_period, 0);
+            (
+                start_period + interval * (retries + 1),
+                start_period + interval * 2 + Duration::from_secs(2),
+            )
+        });
         loop {
             let now = self.inspect(&id).await?;
             let health = now
@@ -889,9 +984,8 @@ impl Driver for ContainerPlatform {
                 .as_ref()
                 .and_then(|s| s.health.as_ref())
                 .and_then(|h| h.status);
-            let ready = is_running(&now)
-                && (!has_check || matches!(health, Some(HealthStatusEnum::HEALTHY)));
-            if ready {
+            let running = is_running(&now);
+            if running && (check.is_none() || matches!(health, Some(HealthStatusEnum::HEALTHY))) {
                 break;
             }
             if matches!(health, Some(HealthStatusEnum::UNHEALTHY)) {
@@ -901,6 +995,28 @@ impl Driver for ContainerPlatform {
                     status: "the container is unhealthy".into(),
                     stderr: String::new(),
                 });
+            }
+            if let (true, Some((all_chances, no_checks))) = (running, health_wait) {
+                let waited = began.elapsed();
+                let remark = if waited >= no_checks && last_result(&now) == before {
+                    Some(format!(
+                        "{} runs; the engine ran no healthcheck in {} s, so it counts as started",
+                        r.component,
+                        waited.as_secs()
+                    ))
+                } else if waited >= all_chances {
+                    Some(format!(
+                        "{} runs; not yet healthy after {} s (its healthcheck's start period and retries), so it counts as started",
+                        r.component,
+                        waited.as_secs()
+                    ))
+                } else {
+                    None
+                };
+                if let Some(remark) = remark {
+                    tracing::warn!(component = %r, container = %id, "{remark}");
+                    return Ok(Some(remark));
+                }
             }
             if Instant::now() >= deadline {
                 return Err(PlatformError::Timeout {
@@ -912,7 +1028,7 @@ impl Driver for ContainerPlatform {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tracing::info!(component = %r, container = %id, action = "start", "component command succeeded");
-        Ok(())
+        Ok(None)
     }
 
     /// The engine kills a stopping container at the stop timeout.
@@ -1070,8 +1186,23 @@ impl Volumes for ContainerPlatform {
         if is_bind(volume) {
             return self.settings.copies_root.target(copy, index).await;
         }
-        let docker = self.docker().await?;
         let name = copy_volume_name(&original.name, copy.name, &volume.name);
+        // Two volumes of the original must not become one of the copy's
+        // (`shop_data` and `data`, for app `shop`).
+        if let Some((_, other)) = original.volumes.iter().enumerate().find(|(i, v)| {
+            *i != index
+                && !is_bind(v)
+                && copy_volume_name(&original.name, copy.name, &v.name) == name
+        }) {
+            return Err(PlatformError::BadCopy {
+                app: format!("{}/{}", copy.team, copy.name),
+                reason: format!(
+                    "volumes {} and {} would both be its volume {name}",
+                    volume.name, other.name
+                ),
+            });
+        }
+        let docker = self.docker().await?;
         let label = copy_label(copy);
         let existing = match docker.inspect_volume(&name).await {
             Ok(v) => Some(v),
@@ -1092,23 +1223,24 @@ impl Volumes for ContainerPlatform {
                     })?;
                 v
             }
-            Some(_) => {
-                return Err(PlatformError::BadCopy {
-                    app: format!("{}/{}", copy.team, copy.name),
-                    reason: format!(
-                        "volume {name} already exists on the engine and is not this restore's; \
-                         restore under another name, or remove the volume"
-                    ),
-                });
+            Some(_) => return Err(PlatformError::VolumeTaken { name }),
+            None => {
+                let made = docker
+                    .create_volume(bollard::models::VolumeCreateRequest {
+                        name: Some(name.clone()),
+                        labels: Some(HashMap::from([(COPY_LABEL.to_owned(), label.clone())])),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| self.engine_err(e))?;
+                // The engine answers a create of a name that exists with
+                // that volume: one made meanwhile by another restore is
+                // not ours.
+                if made.labels.get(COPY_LABEL) != Some(&label) {
+                    return Err(PlatformError::VolumeTaken { name });
+                }
+                made
             }
-            None => docker
-                .create_volume(bollard::models::VolumeCreateRequest {
-                    name: Some(name.clone()),
-                    labels: Some(HashMap::from([(COPY_LABEL.to_owned(), label)])),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| self.engine_err(e))?,
         };
         if volume.mountpoint.is_empty() {
             return Err(PlatformError::Unsupported {
@@ -1218,20 +1350,23 @@ impl Capture for ContainerPlatform {
                 let file = format!("files/{file_count}");
                 file_count += 1;
                 let (from, to) = (PathBuf::from(&m.source), dest.with_file_name(&file));
-                tokio::task::spawn_blocking(move || capture_file(&from, &to))
-                    .await
-                    .map_err(|e| io(std::io::Error::other(e)))?
-                    .map_err(|e| PlatformError::Registry {
-                        path: PathBuf::from(&m.source),
-                        reason: format!(
-                            "cannot capture the file {} of {} mounts: {e}",
-                            m.destination, c.name
-                        ),
-                    })?;
+                let (mode, uid, gid) =
+                    tokio::task::spawn_blocking(move || capture_file(&from, &to))
+                        .await
+                        .map_err(|e| io(std::io::Error::other(e)))?
+                        .map_err(|e| PlatformError::Unsupported {
+                            what: format!(
+                                "capturing {} ({} of {}): {e}",
+                                m.source, m.destination, c.name
+                            ),
+                        })?;
                 files.push(CapturedFile {
                     destination: m.destination.clone(),
                     source: m.source.clone(),
                     file,
+                    mode,
+                    uid,
+                    gid,
                 });
             }
             let i = self.inspect(&k.id).await?;
@@ -1573,6 +1708,10 @@ mod tests {
             vols,
             ["shop_pgdata"],
             "/srv/static is missing: refused, not a volume"
+        );
+        assert_eq!(
+            app.refused_mounts(),
+            ["web: /usr/share/nginx/html: its source /srv/static does not exist on this host"]
         );
         let db = app
             .components

@@ -17,7 +17,7 @@ use ferry_core::{App, AppName, ComponentKind, HostComponent, TeamName, Volume};
 
 use super::{
     ComponentRef, ComponentState, Copied, Copies, CopiesRoot, CopyId, Driver, NewCopy,
-    PlatformError, Receipt, Volumes,
+    PlatformError, Receipt, Remark, Volumes,
 };
 
 /// What a component's commands get of the agent's environment; nothing
@@ -590,37 +590,39 @@ impl Driver for HostPlatform {
         })
     }
 
-    async fn stop(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+    async fn stop(&self, receipt: &Receipt) -> Result<Remark, PlatformError> {
         let r = &receipt.component;
         match self.target(receipt)? {
             HostComponent::Systemd { unit } => {
                 self.run_checked("stop", r, &Self::systemctl("stop", unit.as_str()))
-                    .await
+                    .await?;
             }
             HostComponent::Commands { stop, .. } => {
-                self.run_checked("stop", r, stop.as_slice()).await
+                self.run_checked("stop", r, stop.as_slice()).await?;
             }
         }
+        Ok(None)
     }
 
-    async fn start(&self, receipt: &Receipt) -> Result<(), PlatformError> {
+    async fn start(&self, receipt: &Receipt) -> Result<Remark, PlatformError> {
         let r = &receipt.component;
         let c = self.target(receipt)?;
         // Running already (someone else started it): nothing to do. A
         // component that cannot tell is started (its start command is
         // what Ferry has).
         if self.status_of(r, &c).await? == ComponentState::Running {
-            return Ok(());
+            return Ok(None);
         }
         match c {
             HostComponent::Systemd { unit } => {
                 self.run_checked("start", r, &Self::systemctl("start", unit.as_str()))
-                    .await
+                    .await?;
             }
             HostComponent::Commands { start, .. } => {
-                self.run_checked("start", r, start.as_slice()).await
+                self.run_checked("start", r, start.as_slice()).await?;
             }
         }
+        Ok(None)
     }
 
     /// A stop command is killed at the command timeout; one left behind

@@ -162,6 +162,8 @@ pub async fn backup_app(
     let pre_copy_ms = ms(pass_started.elapsed());
 
     let mut stopped: Vec<Receipt> = Vec::new();
+    // What the stops and starts had to say, for the record.
+    let mut remarks: Vec<String> = Vec::new();
     let mut timings = BackupTimings {
         pre_copy_ms,
         ..BackupTimings::default()
@@ -244,7 +246,7 @@ pub async fn backup_app(
                 // times out while the platform goes on) is started again
                 // all the same (a start checks first whether it runs).
                 stopped.push(receipt.clone());
-                ctx.platform.stop(receipt).await?;
+                remarks.extend(ctx.platform.stop(receipt).await?);
             }
             Ok::<_, StepFailure>(())
         }
@@ -322,7 +324,7 @@ pub async fn backup_app(
         // Waited for only once started: one that could not be started is
         // said at once (the journal's replays go on with it).
         let wait = match &restarted {
-            Ok(()) => {
+            Ok(_) => {
                 wait_running(
                     ctx.platform.as_ref(),
                     &stopped_refs,
@@ -336,18 +338,18 @@ pub async fn backup_app(
         timings.downtime_ms = ms(stop_at.elapsed());
         tracing::info!(downtime_ms = timings.downtime_ms, "the app runs again");
         match (&restarted, &wait, held) {
-            (Ok(()), Ok(()), Some(held)) if stop_failed => {
+            (Ok(_), Ok(()), Some(held)) if stop_failed => {
                 tracing::warn!(
                     journal = held.key(),
                     "a stop failed and may still go on; the journal's replays see that what it stopped stays running"
                 );
             }
-            (Ok(()), Ok(()), Some(held)) => {
+            (Ok(_), Ok(()), Some(held)) => {
                 if let Err(e) = held.clear() {
                     tracing::error!(error = %e, "journal entry not cleared");
                 }
             }
-            (Ok(()), Ok(()), None) => {}
+            (Ok(_), Ok(()), None) => {}
             (_, _, held) => {
                 // Released: the journal's replays start them once they can.
                 tracing::error!(journal = ?held.as_ref().map(|h| h.key()), "components Ferry stopped did not all start again; the journal keeps them")
@@ -389,7 +391,7 @@ pub async fn backup_app(
             ));
         }
         let finals = finals?;
-        restarted?;
+        remarks.extend(restarted?);
         wait.map_err(|m| fail(ErrorCode::FailedPrecondition, m))?;
         timings.delta_bytes_read = finals.iter().map(|(_, s)| s.bytes_read).sum();
         bytes_new += finals.iter().map(|(_, s)| s.bytes_new).sum::<u64>();
@@ -437,6 +439,7 @@ pub async fn backup_app(
             .collect(),
         volumes: vols,
         images,
+        remarks,
         started_at,
         finished_at: Timestamp::now(),
         timings,

@@ -81,7 +81,7 @@ pub async fn remove_app(
     .await;
     if let Err(e) = removed {
         match journal::restart(ctx.platform.as_ref(), &stopped).await {
-            Ok(()) => {
+            Ok(_) => {
                 if let Some(held) = held
                     && let Err(e) = held.clear()
                 {

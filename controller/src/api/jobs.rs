@@ -148,6 +148,7 @@ pub(super) fn backup_pb(b: &BackupRecord) -> pb::Backup {
             bytes: i.bytes,
             bytes_new: i.bytes_new,
         }),
+        remarks: m.remarks.clone(),
         mounts: m
             .app
             .components
@@ -162,7 +163,8 @@ pub(super) fn backup_pb(b: &BackupRecord) -> pb::Backup {
                         source: mt.source.clone(),
                         kind: mt.kind.clone(),
                         read_only: mt.read_only,
-                        backup: mt.backup.describe(),
+                        backup: mt.backup.code().0.to_owned(),
+                        why: mt.backup.code().1.to_owned(),
                     })
                     .collect(),
                 ferry_core::ComponentKind::Host(_) => Vec::new(),

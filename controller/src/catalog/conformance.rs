@@ -1120,6 +1120,7 @@ fn manifest(id: u64, app_name: &str, storage: &str) -> ferry_core::AppManifest {
         stopped: Vec::new(),
         volumes: Vec::new(),
         images: None,
+        remarks: Vec::new(),
         started_at: t(1),
         finished_at: t(2),
         timings: ferry_core::BackupTimings::default(),

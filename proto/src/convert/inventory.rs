@@ -114,37 +114,22 @@ impl From<Component> for pb::Component {
 }
 
 fn mount_to_pb(m: ContainerMount) -> pb::ContainerMount {
-    let (backup, why) = match m.backup {
-        MountBackup::Volume => ("volume", String::new()),
-        MountBackup::File => ("file", String::new()),
-        MountBackup::Config => ("config", String::new()),
-        MountBackup::Skipped(why) => ("skipped", why),
-        MountBackup::Refused(why) => ("refused", why),
-    };
+    let (backup, why) = m.backup.code();
     pb::ContainerMount {
+        backup: backup.to_owned(),
+        why: why.to_owned(),
         destination: m.destination,
         source: m.source,
         kind: m.kind,
         read_only: m.read_only,
-        backup: backup.to_owned(),
-        why,
     }
 }
 
 fn mount_from_pb(m: pb::ContainerMount, field: &str) -> Result<ContainerMount, ConvertError> {
-    let backup = match m.backup.as_str() {
-        "volume" => MountBackup::Volume,
-        "file" => MountBackup::File,
-        "config" => MountBackup::Config,
-        "skipped" => MountBackup::Skipped(m.why),
-        "refused" => MountBackup::Refused(m.why),
-        other => {
-            return Err(ConvertError::Unknown {
-                field: format!("{field}.backup"),
-                value: other.to_owned(),
-            });
-        }
-    };
+    let backup = MountBackup::from_code(&m.backup, m.why).ok_or_else(|| ConvertError::Unknown {
+        field: format!("{field}.backup"),
+        value: m.backup.clone(),
+    })?;
     Ok(ContainerMount {
         destination: m.destination,
         source: m.source,
