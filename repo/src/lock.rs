@@ -184,10 +184,18 @@ impl Repository {
                             // from a later one (the process may stall
                             // between the check and the write); a write
                             // that lands after the old expiry is too late.
+                            // `info` keeps the expiry the store has until
+                            // the new one is written.
                             let old = info.expires;
-                            info.expires = now + stale;
-                            match repo.write_lock(&key, &info).await {
-                                Ok(()) if repo.clock().now_unix() < old => continue,
+                            let refreshed = LockInfo {
+                                expires: now + stale,
+                                ..info.clone()
+                            };
+                            match repo.write_lock(&key, &refreshed).await {
+                                Ok(()) if repo.clock().now_unix() < old => {
+                                    info = refreshed;
+                                    continue;
+                                }
                                 Ok(()) => format!(
                                     "it expired before its refresh was written ({} s late; the process stalled)",
                                     repo.clock().now_unix() - old

@@ -128,11 +128,13 @@ fn db_alone(engine: &Engine) -> anyhow::Result<()> {
 /// A healthcheck that fails while `/data/hold-starting` exists (saying so
 /// with `/data/in-starting`): Ferry's start of db, which waits until db is
 /// healthy, is held at it.
-const HEALTH_GATE: [&str; 6] = [
+const HEALTH_GATE: [&str; 8] = [
     "--health-cmd",
     "if [ -e /data/hold-starting ]; then touch /data/in-starting; exit 1; fi; rm -f /data/in-starting",
     "--health-interval",
     "1s",
+    "--health-timeout",
+    "2s",
     "--health-retries",
     "10000",
 ];

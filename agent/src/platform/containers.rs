@@ -459,32 +459,41 @@ pub struct CapturedFile {
 fn capture_file(from: &Path, to: &Path) -> std::io::Result<(u32, u32, u32)> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let mut src = std::fs::File::open(from)?;
-    let meta = src.metadata()?;
-    if !meta.is_file() {
+    // A file (after symlinks: /etc/localtime is one), never a FIFO that
+    // would block the open.
+    if !std::fs::metadata(from)?.is_file() {
         return Err(std::io::Error::other(format!(
             "{} is no longer a file",
             from.display()
         )));
     }
+    let mut src = std::fs::File::open(from)?;
+    let meta = src.metadata()?;
     if let Some(dir) = to.parent() {
         crate::durable::private_dir(dir)?;
     }
-    let mut out = crate::durable::create_private(to)?;
-    let copied = std::io::copy(&mut (&mut src).take(FILE_BIND_MAX + 1), &mut out)?;
-    if copied > FILE_BIND_MAX {
-        return Err(std::io::Error::other(format!(
-            "it has grown past the {} MiB a file bind may be",
-            FILE_BIND_MAX >> 20
-        )));
-    }
-    out.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-    match std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid())) {
-        Ok(()) => {}
-        // An agent that is not root keeps the file as its own; the
-        // owner is recorded.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
-        Err(e) => return Err(e),
+    let mut copy = || -> std::io::Result<()> {
+        let mut out = crate::durable::create_private(to)?;
+        let copied = std::io::copy(&mut (&mut src).take(FILE_BIND_MAX + 1), &mut out)?;
+        if copied > FILE_BIND_MAX {
+            return Err(std::io::Error::other(format!(
+                "it has grown past the {} MiB a file bind may be",
+                FILE_BIND_MAX >> 20
+            )));
+        }
+        // The owner first: a chown clears setuid and setgid.
+        match std::os::unix::fs::chown(to, Some(meta.uid()), Some(meta.gid())) {
+            Ok(()) => {}
+            // An agent that is not root keeps the file as its own; the
+            // owner is recorded.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(e),
+        }
+        out.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+    };
+    if let Err(e) = copy() {
+        let _ = std::fs::remove_file(to);
+        return Err(e);
     }
     Ok((meta.mode() & 0o7777, meta.uid(), meta.gid()))
 }
@@ -870,6 +879,7 @@ impl Driver for ContainerPlatform {
             }
         }
         let secs = i32::try_from(self.settings.stop_timeout.as_secs()).unwrap_or(i32::MAX);
+        let stop_began = Instant::now();
         // A container that was not running answers 304, which the client
         // takes as success.
         self.docker()
@@ -889,9 +899,21 @@ impl Driver for ContainerPlatform {
                 stderr: String::new(),
             });
         }
-        // Exit 137 is SIGKILL: the engine's, at the stop timeout, when
-        // the container ran before this stop (not an earlier exit).
-        let killed = is_running(&i) && after.state.as_ref().and_then(|s| s.exit_code) == Some(137);
+        // Exit 137 is SIGKILL: the engine's at the stop timeout when the
+        // container ran before this stop and the stop took that long (not
+        // an earlier exit, not a stop signal of SIGKILL).
+        let state = after.state.as_ref();
+        let ran = is_running(&i);
+        if ran && state.and_then(|s| s.oom_killed) == Some(true) {
+            tracing::warn!(component = %r, container = %id, "the container ran out of memory while it stopped");
+            return Ok(Some(format!(
+                "{} was killed for want of memory while it stopped; its data was copied as after a crash",
+                r.component
+            )));
+        }
+        let killed = ran
+            && state.and_then(|s| s.exit_code) == Some(137)
+            && stop_began.elapsed() + Duration::from_secs(1) >= self.settings.stop_timeout;
         if killed {
             tracing::warn!(component = %r, container = %id, timeout_secs = secs, "the container did not stop on its stop signal; the engine killed it");
             return Ok(Some(format!(
@@ -955,7 +977,6 @@ impl Driver for ContainerPlatform {
                     .is_some_and(|t| t.first().is_some_and(|k| k != "NONE"))
             });
         let began = Instant::now();
-        let deadline = began + self.settings.start_timeout;
         let last_result = |i: &ContainerInspectResponse| {
             i.state
                 .as_ref()
@@ -965,18 +986,34 @@ impl Driver for ContainerPlatform {
                 .map(|r| format!("{:?}", r.start))
         };
         let before = last_result(&i);
+        // (Docker's defaults: every 30 s, 30 s each, 3 retries.)
         let health_wait = check.map(|h| {
             let ns = |v: Option<i64>, default: u64| {
                 Duration::from_nanos(v.filter(|n| *n > 0).map_or(default, |n| n as u64))
             };
             let interval = ns(h.interval, 30_000_000_000);
+            let timeout = ns(h.timeout, 30_000_000_000);
             let retries = u32::try_from(h.retries.filter(|n| *n > 0).unwrap_or(3)).unwrap_or(3);
             let start_period = ns(h.start_period, 0);
             (
-                start_period + interval * (retries + 1),
-                start_period + interval * 2 + Duration::from_secs(2),
+                start_period.saturating_add(interval.saturating_mul(retries.saturating_add(1))),
+                // The first result lands an interval and a probe in.
+                start_period
+                    .saturating_add(interval.saturating_mul(2))
+                    .saturating_add(timeout)
+                    .saturating_add(Duration::from_secs(2)),
             )
         });
+        // The start timeout, or longer (15 minutes at most) when the check
+        // needs longer to have had its chances: it then counts as started,
+        // not as failed.
+        let deadline = began
+            + health_wait.map_or(self.settings.start_timeout, |(all, _)| {
+                self.settings.start_timeout.max(
+                    all.saturating_add(Duration::from_secs(5))
+                        .min(Duration::from_secs(15 * 60)),
+                )
+            });
         loop {
             let now = self.inspect(&id).await?;
             let health = now

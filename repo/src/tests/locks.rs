@@ -78,17 +78,20 @@ async fn a_backup_that_outlives_hours_is_never_pruned_under() {
     let r = repo.prune(Duration::from_secs(3600)).await.expect("mark");
     assert!(r.packs_newly_marked >= 1, "{r:?}");
     // Hours later, past any fixed lock lifetime, the backup runs on: the
-    // clock moves in steps shorter than the lock's lifetime, each one
-    // followed by a refresh (as a live process refreshes).
-    for _ in 0..8 {
-        clock.advance(25 * 60);
+    // clock moves in steps under half the lock's lifetime, each one
+    // followed by a refresh from after it (as a live process refreshes).
+    // (A refresh whose write is seen after its old expiry loses the lock,
+    // and the test may move the clock just after seeing the write land:
+    // two steps must stay inside one lifetime.)
+    for _ in 0..9 {
+        clock.advance(14 * 60);
         let now = clock.now_unix();
         wait_until(30, "the backup's lock to be refreshed", || async {
             repo.live_locks()
                 .await
                 .expect("locks")
                 .iter()
-                .any(|(_, l)| l.kind == "backup" && l.expires > now + 25 * 60)
+                .any(|(_, l)| l.kind == "backup" && l.expires >= now + 30 * 60)
         })
         .await;
     }
